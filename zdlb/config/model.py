@@ -1,0 +1,146 @@
+"""The configuration model: frozen, slotted dataclasses, built once by ``config.load``.
+
+Components receive only their slice of this model as constructor arguments; nothing here reads
+a file, the environment or a clock.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+# Timeout defaults follow HAProxy's recommended values (`timeout connect 5s`, `client 30s`,
+# `server 30s`, `http-request 10s`).
+DEFAULT_CONNECT_S = 5.0
+DEFAULT_CLIENT_S = 30.0
+DEFAULT_HTTP_REQUEST_S = 10.0
+DEFAULT_SERVER_S = 30.0
+DEFAULT_GRACE_S = 10.0
+# Idle pooled upstream connections are closed after this long. It must stay below the servers'
+# own keep-alive timeout so zdlb, not the server, closes them: gunicorn defaults to 2 s, uvicorn
+# to 5 s, Apache to 5 s, nginx to 75 s. A race is still possible, hence the retry-once rule.
+DEFAULT_UPSTREAM_IDLE_S = 1.5
+
+# Head limits. nginx rejects a request line over 8 KiB (large_client_header_buffers 4 8k) with
+# 414; h11 refuses heads over 16 KiB; we allow 32 KiB of head in total and 100 header fields
+# (Apache's LimitRequestFields default) before answering 431.
+DEFAULT_MAX_LINE_BYTES = 8192
+DEFAULT_MAX_HEAD_BYTES = 32768
+DEFAULT_MAX_HEADERS = 100
+
+# Idle keep-alive connections kept per server. Enough for a busy client pool on one process
+# without letting a burst leave thousands of sockets open on the server.
+DEFAULT_MAX_IDLE_PER_SERVER = 64
+DEFAULT_WEIGHT = 100
+MAX_WEIGHT = 256  # HAProxy's range for `weight`
+DEFAULT_RETRIES = 2
+
+
+class ListenerMode(enum.Enum):
+    HTTP = "http"
+    TCP = "tcp"
+
+
+class Balance(enum.Enum):
+    ROUNDROBIN = "roundrobin"  # smooth weighted round robin (nginx's algorithm)
+    LEASTCONN = "leastconn"  # fewest in-flight requests per unit of weight
+    RANDOM = "random"  # weighted power of two random choices
+    SOURCE = "source"  # hash of the client address: L4 stickiness
+
+
+class PoolName(enum.Enum):
+    MAIN = "main"
+    BACKUP = "backup"
+
+
+class LogFormat(enum.Enum):
+    TEXT = "text"
+    JSON = "json"
+
+
+@dataclass(frozen=True, slots=True)
+class Timeouts:
+    """Deadlines in seconds. Any listener or backend may override any of them."""
+
+    connect_s: float = DEFAULT_CONNECT_S
+    client_s: float = DEFAULT_CLIENT_S  # idle between requests on a client keep-alive connection
+    http_request_s: float = DEFAULT_HTTP_REQUEST_S  # the whole request head must arrive in this
+    server_s: float = DEFAULT_SERVER_S  # response head, and each read or write of a body
+    grace_s: float = DEFAULT_GRACE_S  # on shutdown, how long in-flight requests may finish
+    upstream_idle_s: float = DEFAULT_UPSTREAM_IDLE_S  # pooled idle upstream connection lifetime
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """Per-request head limits enforced before anything is forwarded."""
+
+    max_line_bytes: int = DEFAULT_MAX_LINE_BYTES  # request line; over it: 414
+    max_head_bytes: int = DEFAULT_MAX_HEAD_BYTES  # whole head; over it: 431
+    max_headers: int = DEFAULT_MAX_HEADERS  # header fields; over it: 431
+
+
+@dataclass(frozen=True, slots=True)
+class Address:
+    """A TCP endpoint. ``host`` is an IP literal or a name; IPv6 without brackets."""
+
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    name: str
+    address: Address
+    weight: int = DEFAULT_WEIGHT  # 0..256; 0 takes no new requests
+    pool: PoolName = PoolName.MAIN
+    max_idle: int = DEFAULT_MAX_IDLE_PER_SERVER  # idle keep-alive connections kept to it
+
+
+@dataclass(frozen=True, slots=True)
+class BackendConfig:
+    name: str
+    servers: tuple[ServerConfig, ...]
+    balance: Balance = Balance.ROUNDROBIN
+    retries: int = DEFAULT_RETRIES  # connect failures retried on another server
+    all_backups: bool = False  # False: only the first usable backup serves (HAProxy's default)
+    timeouts: Timeouts = field(default_factory=Timeouts)
+
+
+@dataclass(frozen=True, slots=True)
+class ListenerConfig:
+    name: str
+    bind: Address
+    backend: str
+    mode: ListenerMode = ListenerMode.HTTP
+    timeouts: Timeouts = field(default_factory=Timeouts)
+    limits: Limits = field(default_factory=Limits)
+    backlog: int = 1024
+    x_forwarded_proto: str = "http"  # the scheme clients used; "https" behind a TLS terminator
+
+
+@dataclass(frozen=True, slots=True)
+class LoggingConfig:
+    access_log: bool = True  # one line per request on the `zdlb.access` logger
+    level: str = "info"
+    format: LogFormat = LogFormat.TEXT
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    """The whole validated configuration. ``source`` is the file it came from, for messages."""
+
+    source: str
+    listeners: tuple[ListenerConfig, ...]
+    backends: tuple[BackendConfig, ...]
+    defaults: Timeouts = field(default_factory=Timeouts)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def backend(self, name: str) -> BackendConfig:
+        """The backend called ``name``; load.py guarantees every listener's backend exists."""
+        for backend in self.backends:
+            if backend.name == name:
+                return backend
+        raise KeyError(name)

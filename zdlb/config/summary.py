@@ -1,0 +1,72 @@
+"""A one-screen human summary of a validated config, printed by ``zdlb check``.
+
+Pure text formatting of the model: no I/O, no validation (``config.load`` has done it), and
+nothing that a program should parse; the format may change between releases.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from zdlb.config.model import BackendConfig, Config, ListenerConfig
+
+_INDENT = "  "
+_COLUMN_GAP = "  "
+
+
+def describe(config: Config) -> str:
+    """Listeners (name, mode, bind, backend) then backends (balance, retries, servers).
+
+    Servers are listed with address, pool, weight and idle-connection cap. Returns lines joined
+    by newlines, without a trailing newline.
+    """
+    lines = [
+        f"{config.source}: {_count(config.listeners, 'listener')}, "
+        f"{_count(config.backends, 'backend')}",
+        "listeners:",
+        *_columns([_listener_row(listener) for listener in config.listeners], depth=1),
+        "backends:",
+    ]
+    used = {listener.backend for listener in config.listeners}
+    for backend in config.backends:
+        lines.append(_INDENT + _backend_line(backend, is_used=backend.name in used))
+        rows = [
+            (s.name, str(s.address), s.pool.value, f"weight={s.weight}", f"max_idle={s.max_idle}")
+            for s in backend.servers
+        ]
+        lines.extend(_columns(rows, depth=2))
+    return "\n".join(lines)
+
+
+def _count(items: Sequence[object], noun: str) -> str:
+    return f"{len(items)} {noun}" + ("" if len(items) == 1 else "s")
+
+
+def _listener_row(listener: ListenerConfig) -> tuple[str, ...]:
+    bind = str(listener.bind)
+    if listener.bind.port == 0:
+        bind += " (any free port)"
+    return (listener.name, listener.mode.value, bind, f"-> {listener.backend}")
+
+
+def _backend_line(backend: BackendConfig, is_used: bool) -> str:
+    parts = [backend.name, f"balance={backend.balance.value}", f"retries={backend.retries}"]
+    if backend.all_backups:
+        parts.append("all_backups")
+    if not is_used:
+        parts.append("(no listener uses it)")
+    return " ".join(parts)
+
+
+def _columns(rows: Sequence[tuple[str, ...]], depth: int) -> list[str]:
+    """Rows as left-aligned columns, indented ``depth`` levels, without trailing spaces."""
+    if not rows:
+        return [_INDENT * depth + "(none)"]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return [
+        (
+            _INDENT * depth
+            + _COLUMN_GAP.join(cell.ljust(w) for cell, w in zip(row, widths, strict=True))
+        ).rstrip()
+        for row in rows
+    ]

@@ -1,0 +1,158 @@
+"""The ``zdlb`` command: ``run``, ``check`` and ``demo`` (``ctl`` arrives with the control socket).
+
+Exit codes: 0 success, 2 invalid config or usage (argparse's convention), 1 a runtime failure
+such as a busy port. Errors are one readable message, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from collections.abc import Callable, Coroutine, Sequence
+from pathlib import Path
+from typing import Any
+
+from zdlb import __version__
+from zdlb.config.load import load_config
+from zdlb.config.model import Config, LogFormat
+from zdlb.config.summary import describe
+from zdlb.daemon.lifecycle import (
+    build_runtime,
+    install_signal_handlers,
+    raise_open_file_limit,
+    serve,
+)
+from zdlb.daemon.logs import setup_logging
+from zdlb.errors import ConfigError, ZdlbError
+
+log = logging.getLogger(__name__)
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_CONFIG = 2
+# The repository's config.toml is the demo's config (and the reference for every key).
+DEMO_CONFIG = Path(__file__).resolve().parents[2] / "config.toml"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="zdlb", description="zdlb: a zero-downtime HTTP/1.1 and TCP load balancer."
+    )
+    parser.add_argument("--version", action="version", version=f"zdlb {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = commands.add_parser("run", help="run the load balancer in the foreground")
+    run.add_argument("-c", "--config", required=True, type=Path, metavar="FILE")
+    _add_runtime_options(run)
+
+    check = commands.add_parser("check", help="validate a config file and summarise it")
+    check.add_argument("-c", "--config", required=True, type=Path, metavar="FILE")
+
+    demo = commands.add_parser(
+        "demo", help="start two demo hosts (main + backup vhosts) behind zdlb on :8000"
+    )
+    demo.add_argument("-c", "--config", type=Path, default=DEMO_CONFIG, metavar="FILE")
+    _add_runtime_options(demo)
+    return parser
+
+
+def _add_runtime_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--loop", choices=["uvloop", "asyncio"], default="uvloop", help="event loop (uvloop)"
+    )
+    parser.add_argument(
+        "--log-format", choices=[f.value for f in LogFormat], help="overrides [logging] format"
+    )
+    parser.add_argument(
+        "--log-level",
+        choices=["debug", "info", "warning", "error"],
+        help="overrides [logging] level",
+    )
+    parser.add_argument(
+        "--no-access-log", action="store_true", help="overrides [logging] access_log"
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        print(f"zdlb: invalid config {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    match args.command:
+        case "check":
+            print(describe(config))
+            print("config OK")
+            return EXIT_OK
+        case "run":
+            return _run(args, config, _run_daemon)
+        case "demo":
+            return _run(args, config, _run_demo)
+    raise AssertionError(args.command)  # argparse only accepts the commands above
+
+
+def _run(
+    args: argparse.Namespace,
+    config: Config,
+    body: Callable[[Config], Coroutine[Any, Any, None]],
+) -> int:
+    logging_config = config.logging
+    setup_logging(
+        args.log_level or logging_config.level,
+        LogFormat(args.log_format) if args.log_format else logging_config.format,
+        access_log=logging_config.access_log and not args.no_access_log,
+    )
+    raise_open_file_limit()
+    try:
+        if args.loop == "uvloop":
+            import uvloop
+
+            uvloop.run(body(config))
+        else:
+            asyncio.run(body(config))
+    except ZdlbError as exc:
+        log.error("startup_failed error=%s", exc)
+        return EXIT_FAILURE
+    except KeyboardInterrupt:  # a second Ctrl-C during shutdown
+        return EXIT_FAILURE
+    return EXIT_OK
+
+
+async def _run_daemon(config: Config) -> None:
+    runtime = build_runtime(config)
+    stop = asyncio.Event()
+    install_signal_handlers(stop)
+    log.info("started config=%s pid_listeners=%d", config.source, len(runtime.routes))
+    await serve(runtime, stop)
+    log.info("stopped")
+
+
+async def _run_demo(config: Config) -> None:
+    from zdlb.daemon.demo_app import start_demo_hosts
+
+    hosts = await start_demo_hosts()
+    try:
+        runtime = build_runtime(config)
+        stop = asyncio.Event()
+        install_signal_handlers(stop)
+        print(DEMO_HELP.format(config=config.source), file=sys.stderr, flush=True)
+        await serve(runtime, stop)
+    finally:
+        hosts.close()
+        await hosts.wait_closed()
+
+
+DEMO_HELP = """\
+zdlb demo: load balancer on http://127.0.0.1:8000 (config {config})
+  demo hosts: front-1 main 127.0.0.1:8081, backup :8091; front-2 main :8082, backup :8092
+Try:
+  curl -s http://127.0.0.1:8000/          # answered by front-1 or front-2, main vhost
+  curl -s http://127.0.0.1:8000/          # again: round robin moves to the other host
+Stop with Ctrl-C."""
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,145 @@
+"""The daemon's life: build the runtime from a config, serve, and stop gracefully.
+
+Start: bind every listener first (a busy port fails the start before anything runs), then
+serve. Stop (SIGTERM/SIGINT): close the listeners, close idle keep-alive connections, let busy
+ones finish their current response within ``grace_s``, abort what remains, exit 0 -- uvicorn's
+order. A sweeper task enforces every connection's deadline (see http/proxy.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import resource
+import signal
+import socket
+from dataclasses import dataclass, field
+
+from zdlb.balancer.pool import Backend
+from zdlb.config.model import Config, ListenerMode
+from zdlb.http.proxy import ClientConnection, Route
+from zdlb.http.upstream import ServerConnections
+from zdlb.tcp.listener import bind_listener, bound_address
+
+log = logging.getLogger(__name__)
+
+# The sweeper ticks at a tenth of the shortest timeout, so a deadline is enforced at most ~10%
+# late, but not more often than every 5 ms (tests use tiny timeouts) nor less than every 1 s.
+MIN_SWEEP_S = 0.005
+MAX_SWEEP_S = 1.0
+
+
+def raise_open_file_limit() -> int:
+    """Raise RLIMIT_NOFILE's soft limit to the hard limit (each client costs 2 fds)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return hard
+
+
+@dataclass
+class Runtime:
+    """Everything one running configuration owns."""
+
+    config: Config
+    backends: dict[str, Backend]
+    routes: list[Route] = field(default_factory=list)
+    sockets: list[tuple[Route, socket.socket]] = field(default_factory=list)
+    servers: list[asyncio.Server] = field(default_factory=list)
+
+
+def build_runtime(config: Config) -> Runtime:
+    """Create backends, pools and routes, and bind every listener. Raises ListenerError."""
+    backends = {b.name: Backend(b) for b in config.backends}
+    runtime = Runtime(config, backends)
+    try:
+        for listener in config.listeners:
+            if listener.mode is not ListenerMode.HTTP:
+                raise NotImplementedError("tcp listeners arrive with issue 4")
+            backend = backends[listener.backend]
+            timeouts = backend.config.timeouts
+            upstreams = {
+                s.name: ServerConnections(s, timeouts.connect_s, timeouts.upstream_idle_s)
+                for s in backend.servers
+            }
+            route = Route(listener, backend, upstreams, log_access=config.logging.access_log)
+            runtime.routes.append(route)
+            runtime.sockets.append((route, bind_listener(listener.bind, listener.backlog)))
+    except BaseException:
+        for _, sock in runtime.sockets:
+            sock.close()
+        raise
+    return runtime
+
+
+def sweep_interval_s(config: Config) -> float:
+    shortest = min(
+        min(t.client_s, t.http_request_s, t.server_s, t.upstream_idle_s)
+        for t in [listener.timeouts for listener in config.listeners]
+        + [backend.timeouts for backend in config.backends]
+    )
+    return max(MIN_SWEEP_S, min(MAX_SWEEP_S, shortest / 10))
+
+
+async def serve(runtime: Runtime, stop: asyncio.Event) -> None:
+    """Serve until ``stop`` is set, then shut down gracefully."""
+    loop = asyncio.get_running_loop()
+    for route, sock in runtime.sockets:
+        server = await loop.create_server(
+            lambda route=route: ClientConnection(route, loop),  # type: ignore[misc]
+            sock=sock,
+            backlog=route.listener.backlog,
+        )
+        runtime.servers.append(server)
+        log.info(
+            "listener_started listener=%s addr=%s backend=%s",
+            route.listener.name,
+            bound_address(sock),
+            route.backend.name,
+        )
+    interval_s = sweep_interval_s(runtime.config)
+    async with asyncio.TaskGroup() as tasks:
+        sweeper = tasks.create_task(_sweep_forever(runtime.routes, interval_s))
+        await stop.wait()
+        await shutdown(runtime)
+        sweeper.cancel()
+
+
+async def _sweep_forever(routes: list[Route], interval_s: float) -> None:
+    loop = asyncio.get_running_loop()
+    while True:
+        await asyncio.sleep(interval_s)
+        now = loop.time()
+        for route in routes:
+            route.sweep(now)
+
+
+async def shutdown(runtime: Runtime) -> None:
+    """Stop accepting, let in-flight requests finish within grace_s, then abort the rest."""
+    for server in runtime.servers:
+        server.close()
+    for route in runtime.routes:
+        route.stop_accepting()
+    grace_s = runtime.config.defaults.grace_s
+    busy = sum(len(route.connections) for route in runtime.routes)
+    log.info("shutdown_started connections=%d grace_s=%s", busy, grace_s)
+    try:
+        async with asyncio.timeout(grace_s):
+            for route in runtime.routes:
+                await route.drained.wait()
+    except TimeoutError:
+        pass
+    left = sum(len(route.connections) for route in runtime.routes)
+    for route in runtime.routes:
+        route.abort_all()
+        for pool in route.upstreams.values():
+            pool.close_idle()
+    for server in runtime.servers:
+        await server.wait_closed()
+    log.info("shutdown_finished aborted=%d", left)
+
+
+def install_signal_handlers(stop: asyncio.Event) -> None:
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)

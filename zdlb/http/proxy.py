@@ -1,0 +1,591 @@
+"""The HTTP/1.1 hot path: one protocol object per client connection, glue and nothing else.
+
+Bytes from the client go through ``RequestReader`` (head.py), are rewritten by rewrite.py and
+written to a pooled ``UpstreamConnection``; the response comes back the same way. Decisions
+live in the pure modules; this module moves bytes, keeps deadlines and accounts.
+
+Why protocols and callbacks, not streams and a coroutine per request: through a proxy every
+request already costs ~15 us of kernel time on loopback, and a Task plus coroutine per upstream
+connect measured ~42 us on its own (PERFORMANCE.md). Writes are coalesced: each readiness
+event produces at most one ``transport.write`` per direction.
+
+Deadlines are not timer handles: each connection keeps one ``deadline`` and a sweeper task
+(``Route.sweep``) closes the ones past it. Re-arming a float costs nothing on the hot path,
+where a ``call_later`` per request would cost a heap push and a cancel.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import time
+from collections import deque
+from typing import TYPE_CHECKING, cast
+
+from zdlb.config.model import ListenerConfig
+from zdlb.errors import DownstreamProtocolError, UpstreamError, UpstreamProtocolError
+from zdlb.http import rewrite
+from zdlb.http.head import Framing, Headers, RequestHead, RequestReader, ResponseHead
+from zdlb.http.upstream import ServerConnections, UpstreamConnection
+
+if TYPE_CHECKING:
+    from zdlb.balancer.pool import Backend
+    from zdlb.balancer.server import Server
+
+log = logging.getLogger(__name__)
+access_log = logging.getLogger("zdlb.access")
+
+# Request bytes held while the upstream connection is being opened, before the client is
+# paused: a whole typical request fits, a large upload waits for the connect.
+MAX_PENDING_BYTES = 65536
+# A request is replayed on a fresh connection only if all its bytes are still held.
+MAX_REPLAY_BYTES = 65536
+# Pipelined requests queued behind the one in flight before the client is paused: RFC 9112
+# section 9.3.2 allows pipelining; bounding it keeps memory per connection bounded.
+MAX_BACKLOG_EVENTS = 64
+
+
+class Phase(enum.Enum):
+    IDLE = "idle"  # keep-alive, waiting for a request: deadline client_s
+    HEAD = "head"  # a request head is arriving: deadline http_request_s
+    EXCHANGE = "exchange"  # a request is being forwarded or answered: deadline server_s
+    CLOSING = "closing"  # the last answer is written; the connection closes after it
+
+
+class _Pause(enum.IntFlag):
+    """Why reading from the client is paused; reading resumes when no reason is left."""
+
+    UPSTREAM_FULL = 1
+    CONNECTING = 2
+    BACKLOG = 4
+
+
+class Route:
+    """What every connection of one HTTP listener shares: its backend, pools and settings."""
+
+    def __init__(
+        self,
+        listener: ListenerConfig,
+        backend: Backend,
+        upstreams: dict[str, ServerConnections],
+        *,
+        log_access: bool,
+    ) -> None:
+        self.listener = listener
+        self.backend = backend
+        self.upstreams = upstreams
+        self.log_access = log_access
+        self.timeouts = listener.timeouts
+        self.server_s = backend.config.timeouts.server_s
+        self.retries = backend.config.retries
+        self.proto = listener.x_forwarded_proto.encode()
+        self.connections: set[ClientConnection] = set()
+        self.is_stopping = False
+        self.drained = asyncio.Event()  # set once stopping and the last connection closed
+
+    def __repr__(self) -> str:
+        return f"<Route {self.listener.name} -> {self.backend.name} conns={len(self.connections)}>"
+
+    def sweep(self, now: float) -> None:
+        """Enforce every connection's deadline and expire idle upstream connections."""
+        for conn in [c for c in self.connections if c.deadline <= now]:
+            conn.deadline_passed()
+        for pool in self.upstreams.values():
+            pool.close_expired(now)
+
+    def stop_accepting(self) -> None:
+        """Shutdown, step 1: idle keep-alive connections close now, busy ones after their
+        current response (which then says ``Connection: close``)."""
+        self.is_stopping = True
+        for conn in list(self.connections):
+            conn.close_when_idle()
+        if not self.connections:
+            self.drained.set()
+
+    def forget(self, conn: ClientConnection) -> None:
+        self.connections.discard(conn)
+        if self.is_stopping and not self.connections:
+            self.drained.set()
+
+    def abort_all(self) -> None:
+        for conn in list(self.connections):
+            conn.abort()
+
+
+class ClientConnection(asyncio.Protocol):
+    """One client (downstream) connection: reads requests, forwards them, relays answers.
+
+    A long class on purpose: it is the connection task of STYLE.md, and every method is one
+    event from one side. The request being forwarded is the *exchange*; its fields are reset by
+    ``_reset_exchange``.
+    """
+
+    def __init__(self, route: Route, loop: asyncio.AbstractEventLoop) -> None:
+        self.route = route
+        self.loop = loop
+        self.transport: asyncio.Transport | None = None
+        self.client_ip = b"-"
+        self.reader = RequestReader(self, route.listener.limits)
+        self.phase = Phase.IDLE
+        self.deadline = 0.0
+        self._paused = _Pause(0)
+        self._writes_paused = False
+        self._backlog: deque[tuple[int, object]] = deque()
+        self._wbuf: list[bytes] = []  # bytes for the client, written once per event
+        self._close_after_write = False
+        self._reset_exchange()
+
+    def _reset_exchange(self) -> None:
+        self.head: RequestHead | None = None
+        self.server: Server | None = None
+        self.upstream: UpstreamConnection | None = None
+        self._ubuf: list[bytes] = []  # bytes for the server not yet written
+        self._ubuf_bytes = 0
+        self._replay: list[bytes] | None = None
+        self._replay_bytes = 0
+        self._tried: list[Server] = []
+        self._connect_task: asyncio.Task[None] | None = None
+        self._request_done = False
+        self._response_started = False
+        self._chunked_down = False
+        self._keep_alive_down = False
+        self._status = 0
+        self._bytes_out = 0
+        self._started_at = 0.0
+        self._retried_stale = False
+
+    def __repr__(self) -> str:
+        server = self.server.name if self.server else "-"
+        return f"<ClientConnection {self.client_ip.decode()} {self.phase.value} server={server}>"
+
+    # --- client side: asyncio.Protocol ---------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports implement asyncio.Transport without subclassing it.
+        self.transport = cast(asyncio.Transport, transport)
+        peer = transport.get_extra_info("peername")
+        if peer:
+            self.client_ip = str(peer[0]).encode()
+        self.route.connections.add(self)
+        self.deadline = self.loop.time() + self.route.timeouts.client_s
+
+    def data_received(self, data: bytes) -> None:
+        phase = self.phase
+        if phase is Phase.IDLE:
+            self.phase = Phase.HEAD
+            self.deadline = self.loop.time() + self.route.timeouts.http_request_s
+        elif phase is Phase.EXCHANGE:
+            self.deadline = self.loop.time() + self.route.server_s
+        elif phase is Phase.CLOSING:
+            return  # the answer that closes this connection is already decided
+        try:
+            self.reader.feed(data)
+        except DownstreamProtocolError as exc:
+            self._reject(exc)
+            return
+        self._flush_upstream()
+        self._flush_client()
+
+    def eof_received(self) -> bool:
+        # A client that half-closes after a complete request still gets its answer.
+        if self.phase is Phase.EXCHANGE and self._request_done:
+            self._keep_alive_down = False
+            return True
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.route.forget(self)
+        self.phase = Phase.CLOSING
+        if self._connect_task is not None:
+            self._connect_task.cancel()
+        upstream = self.upstream
+        if upstream is not None:  # an answer was still coming: that connection is unusable
+            self.upstream = None
+            upstream.owner = None
+            upstream.abort()
+        self._end_server_request()
+
+    def pause_writing(self) -> None:
+        # The client reads slower than the server sends: stop reading the server.
+        self._writes_paused = True
+        if self.upstream is not None:
+            self.upstream.pause_reading()
+
+    def resume_writing(self) -> None:
+        self._writes_paused = False
+        if self.upstream is not None:
+            self.upstream.resume_reading()
+
+    # --- requests from the client: RequestSink ---------------------------------------------
+
+    def request_head(self, head: RequestHead) -> None:
+        if self.head is not None or self._backlog:
+            self._queue(0, head)
+            return
+        self._begin(head)
+
+    def request_body(self, data: bytes) -> None:
+        if self._backlog:
+            self._queue(1, data)
+            return
+        self._send_upstream(rewrite.encode_chunk(data) if self._is_chunked_up() else data)
+
+    def request_end(self, trailers: Headers) -> None:
+        if self._backlog:
+            self._queue(2, trailers)
+            return
+        if self._is_chunked_up():
+            self._send_upstream(rewrite.encode_last_chunk(trailers))
+        self._request_done = True
+        if self.upstream is not None:
+            self._flush_upstream()  # before a pooled connection can be released
+
+    def _is_chunked_up(self) -> bool:
+        return self.head is not None and self.head.framing is Framing.CHUNKED
+
+    def _queue(self, kind: int, item: object) -> None:
+        self._backlog.append((kind, item))
+        if len(self._backlog) >= MAX_BACKLOG_EVENTS:
+            self._pause_reading(_Pause.BACKLOG)
+
+    def _drain_backlog(self) -> None:
+        backlog = self._backlog
+        while backlog and self.phase is not Phase.CLOSING:
+            kind, item = backlog[0]
+            if kind == 0 and self.head is not None:
+                break  # the next request waits for the current answer
+            backlog.popleft()
+            if kind == 0:
+                self._begin(item)  # type: ignore[arg-type]  # kinds are written by _queue
+            elif kind == 1:
+                self.request_body(item)  # type: ignore[arg-type]
+            else:
+                self.request_end(item)  # type: ignore[arg-type]
+        self._flush_upstream()
+        if len(backlog) < MAX_BACKLOG_EVENTS:
+            self._resume_reading(_Pause.BACKLOG)
+
+    # --- choosing a server and connecting ----------------------------------------------------
+
+    def _begin(self, head: RequestHead) -> None:
+        route = self.route
+        self.head = head
+        self.phase = Phase.EXCHANGE
+        self.deadline = self.loop.time() + route.server_s
+        if route.log_access:
+            self._started_at = time.monotonic()  # uvloop's loop.time() ticks in whole ms
+        server = route.backend.select(self.client_ip)
+        if server is None:
+            self._fail(503)
+            return
+        self._ubuf.append(
+            rewrite.build_request_head(
+                head, self.client_ip, route.proto, str(server.address).encode()
+            )
+        )
+        self._ubuf_bytes = len(self._ubuf[0])
+        if head.is_idempotent:
+            self._replay = []
+        self._use_server(server)
+
+    def _use_server(self, server: Server) -> None:
+        self.server = server
+        server.request_started()
+        pool = self.route.upstreams[server.name]
+        upstream = pool.acquire()
+        if upstream is not None:
+            self._attach(upstream)
+        else:
+            self._connect(pool)
+
+    def _connect(self, pool: ServerConnections) -> None:
+        if self._ubuf_bytes > MAX_PENDING_BYTES:
+            self._pause_reading(_Pause.CONNECTING)
+        self._connect_task = self.loop.create_task(self._open(pool))
+
+    async def _open(self, pool: ServerConnections) -> None:
+        try:
+            upstream = await pool.connect(self.loop)
+        except UpstreamError as exc:
+            self._connect_task = None
+            self._connect_failed(pool.server, exc)
+            return
+        self._connect_task = None
+        if self.phase is Phase.CLOSING or self.server is not pool.server:
+            pool.release(upstream, self.loop.time())  # the client left meanwhile: keep it warm
+            return
+        self._attach(upstream)
+        self._flush_upstream()
+
+    def _connect_failed(self, server: Server, exc: UpstreamError) -> None:
+        log.warning("upstream_connect_failed server=%s error=%s", server.name, exc)
+        self._end_server_request()
+        self._tried.append(server)
+        if len(self._tried) <= self.route.retries:
+            retry = self.route.backend.select(self.client_ip, self._tried)
+            if retry is not None:
+                self._use_server(retry)
+                return
+        self._fail(exc.status if exc.status != 504 else 502)
+
+    def _attach(self, upstream: UpstreamConnection) -> None:
+        head = self.head
+        assert head is not None
+        self.upstream = upstream
+        upstream.attach(self, head.method == b"HEAD")
+        if self._writes_paused:
+            upstream.pause_reading()
+        self._resume_reading(_Pause.CONNECTING)
+
+    def _send_upstream(self, data: bytes) -> None:
+        self._ubuf.append(data)
+        self._ubuf_bytes += len(data)
+        if self.upstream is None and self._ubuf_bytes > MAX_PENDING_BYTES:
+            self._pause_reading(_Pause.CONNECTING)
+
+    def _flush_upstream(self) -> None:
+        upstream = self.upstream
+        if upstream is None or not self._ubuf:
+            return
+        data = b"".join(self._ubuf) if len(self._ubuf) > 1 else self._ubuf[0]
+        self._ubuf.clear()
+        self._ubuf_bytes = 0
+        replay = self._replay
+        if replay is not None:
+            self._replay_bytes += len(data)
+            if self._replay_bytes <= MAX_REPLAY_BYTES:
+                replay.append(data)
+            else:
+                self._replay = None
+        upstream.write(data)
+
+    # --- the server's answer: ResponseSink and UpstreamOwner ------------------------------
+
+    def response_head(self, head: ResponseHead) -> None:
+        request = self.head
+        assert request is not None
+        if head.is_informational:
+            if request.http_minor == 1:  # RFC 9110 section 15.2: never 1xx to HTTP/1.0
+                self._wbuf.append(rewrite.build_response_head(head, Framing.NONE, True, 1))
+            return
+        framing = rewrite.downstream_framing(head, request.http_minor)
+        keep_alive = (
+            request.keep_alive
+            and self._request_done
+            and framing is not Framing.CLOSE
+            and not self.route.is_stopping
+        )
+        self._response_started = True
+        self._keep_alive_down = keep_alive
+        self._chunked_down = framing is Framing.CHUNKED
+        self._status = head.status
+        self._wbuf.append(
+            rewrite.build_response_head(head, framing, keep_alive, request.http_minor)
+        )
+
+    def response_body(self, data: bytes) -> None:
+        self._bytes_out += len(data)
+        self._wbuf.append(rewrite.encode_chunk(data) if self._chunked_down else data)
+
+    def response_end(self, trailers: Headers, keep_alive: bool) -> None:
+        if self._chunked_down:
+            self._wbuf.append(rewrite.encode_last_chunk(trailers))
+        upstream = self.upstream
+        server = self.server
+        self.upstream = None
+        if upstream is not None and server is not None:
+            if keep_alive and self._request_done and not upstream.is_closed:
+                self.route.upstreams[server.name].release(upstream, self.loop.time())
+            else:
+                upstream.owner = None
+                upstream.close()
+        self._finish_exchange()
+
+    def upstream_flushed(self) -> None:
+        if self.phase is Phase.EXCHANGE:
+            self.deadline = self.loop.time() + self.route.server_s
+        self._flush_client()
+
+    def upstream_lost(self, conn: UpstreamConnection, exc: Exception | None) -> None:
+        if conn is not self.upstream:
+            return
+        if self._response_started:
+            if not conn.reader.feed_eof():  # not a close-delimited body: the answer is cut
+                self.upstream = None
+                self._status = self._status or 502
+                self._abort_exchange()
+            self._flush_client()
+            return
+        self.upstream = None
+        replay = self._replay
+        if conn.reused and not conn.got_data and replay is not None and not self._retried_stale:
+            # The server closed an idle pooled connection as we reused it; nothing was answered
+            # and the request is idempotent and held whole: replay it once on a new connection.
+            self._retried_stale = True
+            self._ubuf[:0] = replay
+            self._ubuf_bytes = sum(len(b) for b in self._ubuf)
+            self._replay, self._replay_bytes = [], 0
+            assert self.server is not None
+            self._connect(self.route.upstreams[self.server.name])
+            return
+        status = exc.status if isinstance(exc, UpstreamProtocolError) else 502
+        if self.server is not None:
+            log.warning(
+                "upstream_failed server=%s status=%d error=%s", self.server.name, status, exc
+            )
+        self._fail(status)
+
+    def pause_upstream_writes(self) -> None:
+        self._pause_reading(_Pause.UPSTREAM_FULL)
+
+    def resume_upstream_writes(self) -> None:
+        self._resume_reading(_Pause.UPSTREAM_FULL)
+
+    # --- ending an exchange ------------------------------------------------------------------
+
+    def _finish_exchange(self) -> None:
+        if self.route.log_access:
+            self._log_access()
+        self._end_server_request()
+        if not self._keep_alive_down or self.route.is_stopping:
+            self.phase = Phase.CLOSING
+            self._close_after_write = True
+            # transport.close() still flushes: bound how long a client that does not read may
+            # hold the socket.
+            self.deadline = self.loop.time() + self.route.timeouts.client_s
+            return
+        self._reset_exchange()
+        self.phase = Phase.HEAD if not self.reader.is_idle else Phase.IDLE
+        self.deadline = self.loop.time() + (
+            self.route.timeouts.client_s
+            if self.phase is Phase.IDLE
+            else self.route.timeouts.http_request_s
+        )
+        if self._backlog:
+            self.loop.call_soon(self._drain_backlog)
+
+    def _end_server_request(self) -> None:
+        server = self.server
+        if server is not None:
+            self.server = None
+            server.request_finished()
+
+    def _fail(self, status: int) -> None:
+        """Answer an error zdlb generated (no byte of a server answer was sent yet)."""
+        head = self.head
+        keep_alive = (
+            head is not None and head.keep_alive and self._request_done and not self._backlog
+        )
+        keep_alive = keep_alive and not self.route.is_stopping
+        self._status = status
+        self._keep_alive_down = keep_alive
+        self._wbuf.append(rewrite.error_response(status, close=not keep_alive))
+        self._finish_exchange()
+        self._flush_client()
+
+    def _abort_exchange(self) -> None:
+        """The answer was cut after it started: the client can only learn it by a close."""
+        self._keep_alive_down = False
+        self._finish_exchange()
+
+    def _reject(self, exc: DownstreamProtocolError) -> None:
+        """The client broke the protocol: answer ``exc.status`` if no answer started, close."""
+        log.info("bad_request client=%s status=%d error=%s", self.client_ip, exc.status, exc)
+        upstream = self.upstream
+        if upstream is not None:
+            self.upstream = None
+            upstream.owner = None
+            upstream.abort()
+        if not self._response_started:
+            self._wbuf.append(rewrite.error_response(exc.status))
+        self._status = exc.status
+        self._keep_alive_down = False
+        self._backlog.clear()
+        self._finish_exchange()
+        self._flush_client()
+
+    def _log_access(self) -> None:
+        head = self.head
+        server = self.server_name_for_log
+        elapsed_ms = (time.monotonic() - self._started_at) * 1000.0 if self._started_at else 0.0
+        access_log.info(
+            "request client=%s method=%s target=%s status=%d bytes=%d server=%s pool=%s ms=%.1f",
+            self.client_ip.decode(),
+            head.method.decode("latin-1") if head else "-",
+            head.target.decode("latin-1") if head else "-",
+            self._status,
+            self._bytes_out,
+            server[0],
+            server[1],
+            elapsed_ms,
+        )
+
+    @property
+    def server_name_for_log(self) -> tuple[str, str]:
+        tried = self._tried[-1] if self._tried else None
+        server = self.server or tried
+        return (server.name, server.pool.value) if server else ("-", "-")
+
+    def _flush_client(self) -> None:
+        transport = self.transport
+        if transport is None:
+            return
+        wbuf = self._wbuf
+        if wbuf:
+            transport.write(b"".join(wbuf) if len(wbuf) > 1 else wbuf[0])
+            wbuf.clear()
+        if self._close_after_write:
+            transport.close()
+
+    # --- flow control, deadlines, shutdown -------------------------------------------------
+
+    def _pause_reading(self, reason: _Pause) -> None:
+        if not self._paused and self.transport is not None:
+            self.transport.pause_reading()
+        self._paused |= reason
+
+    def _resume_reading(self, reason: _Pause) -> None:
+        if not self._paused & reason:
+            return
+        self._paused &= ~reason
+        if not self._paused and self.transport is not None and self.phase is not Phase.CLOSING:
+            self.transport.resume_reading()
+
+    def deadline_passed(self) -> None:
+        """Called by ``Route.sweep``: the current wait took longer than its timeout."""
+        match self.phase:
+            case Phase.IDLE | Phase.CLOSING:
+                self.abort() if self.phase is Phase.CLOSING else self._close_now()
+            case Phase.HEAD:
+                self._reject(DownstreamProtocolError("request head timed out", 408))
+            case Phase.EXCHANGE:
+                if self._response_started or self.server is None:
+                    self._abort_exchange()
+                    self._flush_client()
+                    self.abort()
+                    return
+                log.warning("upstream_timeout server=%s", self.server.name)
+                upstream, self.upstream = self.upstream, None
+                if upstream is not None:
+                    upstream.owner = None
+                    upstream.abort()
+                if self._connect_task is not None:
+                    self._connect_task.cancel()
+                    self._connect_task = None
+                self._keep_alive_down = False
+                self._request_done = False  # the client may still be sending: close after
+                self._fail(504)
+
+    def close_when_idle(self) -> None:
+        if self.phase is Phase.IDLE:
+            self._close_now()
+
+    def _close_now(self) -> None:
+        self.phase = Phase.CLOSING
+        if self.transport is not None:
+            self.transport.close()
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
