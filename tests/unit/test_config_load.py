@@ -66,7 +66,7 @@ max_line_bytes = 4096
 
 [listeners."db.v6"]
 bind = "[::1]:5432"
-mode = "tcp"
+mode = "http"
 backend = "db"
 
 [backends.app]
@@ -224,6 +224,11 @@ REJECTED = [
         [("listeners.web.mode", "udp")],
         ["listeners.web.mode: expected one of 'http', 'tcp', got 'udp'"],
         id="mode-enum",
+    ),
+    pytest.param(
+        [("listeners.web.mode", "tcp")],
+        ["listeners.web.mode: 'tcp' listeners are not implemented yet; use 'http'"],
+        id="mode-tcp-not-yet",
     ),
     pytest.param(
         [("backends.app.balance", "RoundRobin")],
@@ -543,7 +548,7 @@ def test_full_file_round_trip(tmp_path: Path) -> None:
                 name="db.v6",
                 bind=Address("::1", 5432),
                 backend="db",
-                mode=ListenerMode.TCP,
+                mode=ListenerMode.HTTP,
                 timeouts=defaults,
                 limits=Limits(max_headers=50),
             ),
@@ -586,7 +591,7 @@ def test_describe_summarises_listeners_backends_and_servers(tmp_path: Path) -> N
             f"{path}: 2 listeners, 2 backends",
             "listeners:",
             "  web    http  0.0.0.0:80  -> app",
-            "  db.v6  tcp   [::1]:5432  -> db",
+            "  db.v6  http  [::1]:5432  -> db",
             "backends:",
             "  app balance=leastconn retries=0 all_backups",
             "    main-1    front-1.internal:8080  main    weight=50   max_idle=8",

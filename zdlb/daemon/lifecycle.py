@@ -54,8 +54,7 @@ def build_runtime(config: Config) -> Runtime:
     runtime = Runtime(config, backends)
     try:
         for listener in config.listeners:
-            if listener.mode is not ListenerMode.HTTP:
-                raise NotImplementedError("tcp listeners arrive with issue 4")
+            assert listener.mode is ListenerMode.HTTP  # load.py refuses tcp until issue 4
             backend = backends[listener.backend]
             timeouts = backend.config.timeouts
             upstreams = {
@@ -120,7 +119,8 @@ async def shutdown(runtime: Runtime) -> None:
         server.close()
     for route in runtime.routes:
         route.stop_accepting()
-    grace_s = runtime.config.defaults.grace_s
+    # Each listener may set its own grace_s; the longest one bounds the whole drain.
+    grace_s = max((route.timeouts.grace_s for route in runtime.routes), default=0.0)
     busy = sum(len(route.connections) for route in runtime.routes)
     log.info("shutdown_started connections=%d grace_s=%s", busy, grace_s)
     try:

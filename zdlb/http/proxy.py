@@ -53,12 +53,11 @@ class Phase(enum.Enum):
     CLOSING = "closing"  # the last answer is written; the connection closes after it
 
 
-class _Pause(enum.IntFlag):
-    """Why reading from the client is paused; reading resumes when no reason is left."""
-
-    UPSTREAM_FULL = 1
-    CONNECTING = 2
-    BACKLOG = 4
+# Why reading from the client is paused (bits of one int); reading resumes when none is left.
+# Plain ints, not an IntFlag: enum arithmetic cost ~1.5 us per request in cProfile.
+PAUSED_UPSTREAM_FULL = 1  # the server's socket buffer is full
+PAUSED_CONNECTING = 2  # too many request bytes held while the server connection opens
+PAUSED_BACKLOG = 4  # too many pipelined requests queued
 
 
 class Route:
@@ -129,7 +128,7 @@ class ClientConnection(asyncio.Protocol):
         self.reader = RequestReader(self, route.listener.limits)
         self.phase = Phase.IDLE
         self.deadline = 0.0
-        self._paused = _Pause(0)
+        self._paused = 0
         self._writes_paused = False
         self._backlog: deque[tuple[int, object]] = deque()
         self._wbuf: list[bytes] = []  # bytes for the client, written once per event
@@ -247,7 +246,7 @@ class ClientConnection(asyncio.Protocol):
     def _queue(self, kind: int, item: object) -> None:
         self._backlog.append((kind, item))
         if len(self._backlog) >= MAX_BACKLOG_EVENTS:
-            self._pause_reading(_Pause.BACKLOG)
+            self._pause_reading(PAUSED_BACKLOG)
 
     def _drain_backlog(self) -> None:
         backlog = self._backlog
@@ -264,7 +263,7 @@ class ClientConnection(asyncio.Protocol):
                 self.request_end(item)  # type: ignore[arg-type]
         self._flush_upstream()
         if len(backlog) < MAX_BACKLOG_EVENTS:
-            self._resume_reading(_Pause.BACKLOG)
+            self._resume_reading(PAUSED_BACKLOG)
 
     # --- choosing a server and connecting ----------------------------------------------------
 
@@ -301,7 +300,7 @@ class ClientConnection(asyncio.Protocol):
 
     def _connect(self, pool: ServerConnections) -> None:
         if self._ubuf_bytes > MAX_PENDING_BYTES:
-            self._pause_reading(_Pause.CONNECTING)
+            self._pause_reading(PAUSED_CONNECTING)
         self._connect_task = self.loop.create_task(self._open(pool))
 
     async def _open(self, pool: ServerConnections) -> None:
@@ -326,6 +325,7 @@ class ClientConnection(asyncio.Protocol):
             retry = self.route.backend.select(self.client_ip, self._tried)
             if retry is not None:
                 self._use_server(retry)
+                self._flush_upstream()  # a pooled connection is attached at once: send now
                 return
         self._fail(exc.status if exc.status != 504 else 502)
 
@@ -336,13 +336,13 @@ class ClientConnection(asyncio.Protocol):
         upstream.attach(self, head.method == b"HEAD")
         if self._writes_paused:
             upstream.pause_reading()
-        self._resume_reading(_Pause.CONNECTING)
+        self._resume_reading(PAUSED_CONNECTING)
 
     def _send_upstream(self, data: bytes) -> None:
         self._ubuf.append(data)
         self._ubuf_bytes += len(data)
         if self.upstream is None and self._ubuf_bytes > MAX_PENDING_BYTES:
-            self._pause_reading(_Pause.CONNECTING)
+            self._pause_reading(PAUSED_CONNECTING)
 
     def _flush_upstream(self) -> None:
         upstream = self.upstream
@@ -437,10 +437,10 @@ class ClientConnection(asyncio.Protocol):
         self._fail(status)
 
     def pause_upstream_writes(self) -> None:
-        self._pause_reading(_Pause.UPSTREAM_FULL)
+        self._pause_reading(PAUSED_UPSTREAM_FULL)
 
     def resume_upstream_writes(self) -> None:
-        self._resume_reading(_Pause.UPSTREAM_FULL)
+        self._resume_reading(PAUSED_UPSTREAM_FULL)
 
     # --- ending an exchange ------------------------------------------------------------------
 
@@ -540,12 +540,12 @@ class ClientConnection(asyncio.Protocol):
 
     # --- flow control, deadlines, shutdown -------------------------------------------------
 
-    def _pause_reading(self, reason: _Pause) -> None:
+    def _pause_reading(self, reason: int) -> None:
         if not self._paused and self.transport is not None:
             self.transport.pause_reading()
         self._paused |= reason
 
-    def _resume_reading(self, reason: _Pause) -> None:
+    def _resume_reading(self, reason: int) -> None:
         if not self._paused & reason:
             return
         self._paused &= ~reason

@@ -1,0 +1,359 @@
+"""The demo's app servers: small keep-alive HTTP/1.1 backends that say who answered.
+
+``zdlb demo`` runs four of them (two hosts, each with a main and a backup vhost) behind zdlb,
+so a person can watch balancing, stickiness and failover with ``curl``. Each answers ``GET /``
+with a text page naming its host, vhost and version and the request's ``X-Forwarded-For``,
+``GET /health`` with ``200 ok``, any other path with 404 and methods other than GET, HEAD, POST
+and PUT with 405; HEAD works, request bodies are read, discarded and counted.
+
+Built on h11 over asyncio streams: correctness over speed, it is a demo, not a benchmark target.
+This module must not import the proxy: it is a stand-in for someone else's application, and it
+talks to zdlb only over sockets.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+from collections.abc import Sequence
+from dataclasses import dataclass
+from http import HTTPStatus
+
+import h11
+
+from zdlb.errors import ListenerError
+
+log = logging.getLogger(__name__)
+
+# Keep-alive idle and per-read deadline. uvicorn and Apache close idle keep-alive connections
+# after 5 s; zdlb's pooled-connection lifetime (DEFAULT_UPSTREAM_IDLE_S, 1.5 s) stays below it,
+# as it must below any real server's.
+DEFAULT_DEMO_IDLE_S = 5.0
+# A client that stops reading the answer is dropped after this long instead of pinning a task.
+DEFAULT_DEMO_WRITE_S = 10.0
+# One read per readiness; 64 KiB matches asyncio's default stream buffer limit.
+READ_CHUNK_BYTES = 65536
+# Connections accepted per readiness callback, so a burst cannot starve the other callbacks.
+ACCEPT_BATCH = 16
+# Pause before accepting again after EMFILE and the like; asyncio's accept loop waits 1 s too.
+ACCEPT_RETRY_S = 1.0
+# Listen backlog of each demo socket: the demo sees a handful of curl or wrk clients at most.
+DEMO_BACKLOG = 128
+
+HEALTH_PATH = b"/health"
+PAGE_PATH = b"/"
+
+
+@dataclass(frozen=True, slots=True)
+class DemoVhost:
+    """One demo app server: the host it pretends to be, its vhost, its version and its port."""
+
+    host: str  # e.g. "front-1"
+    vhost: str  # "main" or "backup"
+    version: str  # e.g. "v1"
+    port: int  # 0 picks a free port (tests)
+
+
+# The demo layout the README describes: two hosts, main on 808x running v1, backup on 809x
+# running v2, so a failover is visible in the answer's version.
+FRONT_1_MAIN_PORT = 8081
+FRONT_1_BACKUP_PORT = 8091
+FRONT_2_MAIN_PORT = 8082
+FRONT_2_BACKUP_PORT = 8092
+DEMO_VHOSTS: tuple[DemoVhost, ...] = (
+    DemoVhost("front-1", "main", "v1", FRONT_1_MAIN_PORT),
+    DemoVhost("front-1", "backup", "v2", FRONT_1_BACKUP_PORT),
+    DemoVhost("front-2", "main", "v1", FRONT_2_MAIN_PORT),
+    DemoVhost("front-2", "backup", "v2", FRONT_2_BACKUP_PORT),
+)
+
+
+class DemoVhostServer:
+    """One demo vhost serving on a listening socket it owns; ``close()`` ends every connection.
+
+    Each connection is a task this object tracks, so ``wait_closed()`` returns only when no
+    socket of it is left open.
+    """
+
+    def __init__(
+        self,
+        spec: DemoVhost,
+        sock: socket.socket,
+        *,
+        idle_s: float = DEFAULT_DEMO_IDLE_S,
+        write_s: float = DEFAULT_DEMO_WRITE_S,
+    ) -> None:
+        self.spec = spec
+        self._sock = sock
+        self._idle_s = idle_s
+        self._write_s = write_s
+        self.addr: tuple[str, int] = sock.getsockname()[:2]
+        self.requests = 0
+        self._is_accepting = False
+        self._retry_accept: asyncio.TimerHandle | None = None
+        self._conn_tasks: set[asyncio.Task[None]] = set()
+        # Accepted sockets no connection task has wrapped in a transport yet: closed by
+        # wait_closed() if their task was cancelled before it started.
+        self._unowned_socks: set[socket.socket] = set()
+
+    def __repr__(self) -> str:
+        s = self.spec
+        return (
+            f"<DemoVhostServer {s.host}/{s.vhost} {s.version} on {self.addr[0]}:{self.addr[1]}"
+            f" conns={len(self._conn_tasks)} requests={self.requests}>"
+        )
+
+    def start(self) -> None:
+        """Start accepting on the running loop; the socket must be listening and non-blocking."""
+        if not self._is_accepting:
+            asyncio.get_running_loop().add_reader(self._sock.fileno(), self._accept_ready)
+            self._is_accepting = True
+
+    def close(self) -> None:
+        """Stop accepting and cancel every connection; ``wait_closed()`` awaits the end."""
+        if self._is_accepting:
+            asyncio.get_running_loop().remove_reader(self._sock.fileno())
+            self._is_accepting = False
+        if self._retry_accept is not None:
+            self._retry_accept.cancel()
+            self._retry_accept = None
+        for task in self._conn_tasks:
+            task.cancel()
+
+    async def wait_closed(self) -> None:
+        """Return once every connection has ended and every socket is closed; call close() first."""
+        await asyncio.gather(*self._conn_tasks, return_exceptions=True)
+        for sock in self._unowned_socks:
+            sock.close()
+        self._unowned_socks.clear()
+        self._sock.close()
+
+    def _accept_ready(self) -> None:
+        # Accepting synchronously in the readiness callback means no accepted socket can be lost
+        # between the accept and the task that owns it, whatever close() interrupts.
+        loop = asyncio.get_running_loop()
+        for _ in range(ACCEPT_BATCH):
+            try:
+                conn_sock, _ = self._sock.accept()
+            except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+                return
+            except OSError as exc:
+                # EMFILE, ENFILE, ENOBUFS: the listening socket stays readable, so pause
+                # instead of spinning, as asyncio's own accept loop does.
+                log.warning(
+                    "demo.accept_paused vhost=%s/%s error=%s", self.spec.host, self.spec.vhost, exc
+                )
+                self._pause_accepting(loop, ACCEPT_RETRY_S)
+                return
+            conn_sock.setblocking(False)
+            self._unowned_socks.add(conn_sock)
+            task = loop.create_task(self._serve_connection(conn_sock))
+            self._conn_tasks.add(task)
+            task.add_done_callback(self._conn_tasks.discard)
+
+    def _pause_accepting(self, loop: asyncio.AbstractEventLoop, pause_s: float) -> None:
+        """Stop accepting for ``pause_s`` seconds, then resume unless close() came first."""
+        loop.remove_reader(self._sock.fileno())
+        self._is_accepting = False
+        self._retry_accept = loop.call_later(pause_s, self._resume_accepting)
+
+    def _resume_accepting(self) -> None:
+        self._retry_accept = None
+        self.start()
+
+    async def _serve_connection(self, conn_sock: socket.socket) -> None:
+        # The top of a connection task: log once, close, never let an error reach the loop.
+        writer: asyncio.StreamWriter | None = None
+        try:
+            reader, writer = await asyncio.open_connection(sock=conn_sock)
+            self._unowned_socks.discard(conn_sock)  # the transport owns it now
+            await self._serve_requests(reader, writer)
+        except (ConnectionError, TimeoutError):
+            pass  # the client left or idled out: routine for keep-alive connections
+        except Exception:
+            log.exception("demo.connection_error vhost=%s/%s", self.spec.host, self.spec.vhost)
+        finally:
+            if writer is None:
+                self._unowned_socks.discard(conn_sock)
+                conn_sock.close()
+            else:
+                writer.close()
+                with contextlib.suppress(ConnectionError):
+                    await writer.wait_closed()
+
+    async def _serve_requests(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        conn = h11.Connection(h11.SERVER)
+        while True:
+            try:
+                received = await self._next_request(conn, reader, writer)
+            except h11.RemoteProtocolError as exc:
+                if conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
+                    await self._send(conn, writer, exc.error_status_hint, b"bad request\n", [])
+                return
+            if received is None:
+                return
+            request, body_bytes = received
+            self.requests += 1
+            status, body, extra = self._answer(request, body_bytes)
+            await self._send(conn, writer, status, body, extra, is_head=request.method == b"HEAD")
+            if conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
+                return  # Connection: close from either side, or HTTP/1.0
+            conn.start_next_cycle()
+
+    async def _next_request(
+        self, conn: h11.Connection, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> tuple[h11.Request, int] | None:
+        """Read one whole request, discarding its body; ``None`` on a clean close before one."""
+        request: h11.Request | None = None
+        body_bytes = 0
+        while True:
+            event = conn.next_event()
+            if event is h11.NEED_DATA:
+                if conn.they_are_waiting_for_100_continue:
+                    info = h11.InformationalResponse(status_code=100, headers=[])
+                    writer.write(conn.send(info))
+                async with asyncio.timeout(self._idle_s):
+                    data = await reader.read(READ_CHUNK_BYTES)
+                conn.receive_data(data)
+            elif isinstance(event, h11.Request):
+                request = event
+            elif isinstance(event, h11.Data):
+                body_bytes += len(event.data)
+            elif isinstance(event, h11.EndOfMessage):
+                assert request is not None  # h11 emits Request before EndOfMessage
+                return request, body_bytes
+            elif isinstance(event, h11.ConnectionClosed):
+                return None
+            # h11.PAUSED cannot happen: we answer before calling next_event again.
+
+    def _answer(
+        self, request: h11.Request, body_bytes: int
+    ) -> tuple[int, bytes, list[tuple[bytes, bytes]]]:
+        if request.method not in (b"GET", b"HEAD", b"POST", b"PUT"):
+            return 405, b"method not allowed\n", [(b"allow", b"GET, HEAD, POST, PUT")]
+        path = request.target.split(b"?", 1)[0]
+        if path == HEALTH_PATH:
+            return 200, b"ok\n", []
+        if path != PAGE_PATH:
+            return 404, b"not found\n", []
+        forwarded_for = b", ".join(v for k, v in request.headers if k == b"x-forwarded-for")
+        return 200, render_page(self.spec, request.method, forwarded_for, body_bytes), []
+
+    async def _send(
+        self,
+        conn: h11.Connection,
+        writer: asyncio.StreamWriter,
+        status: int,
+        body: bytes,
+        extra: list[tuple[bytes, bytes]],
+        *,
+        is_head: bool = False,
+    ) -> None:
+        s = self.spec
+        headers = [
+            (b"content-type", b"text/plain; charset=utf-8"),
+            (b"content-length", str(len(body)).encode()),
+            (b"x-demo-server", f"{s.host}/{s.vhost}/{s.version}".encode()),
+            *extra,
+        ]
+        out = conn.send(
+            h11.Response(status_code=status, headers=headers, reason=HTTPStatus(status).phrase)
+        )
+        if not is_head:
+            out += conn.send(h11.Data(data=body))
+        out += conn.send(h11.EndOfMessage())
+        writer.write(out)
+        async with asyncio.timeout(self._write_s):
+            await writer.drain()
+
+
+def render_page(spec: DemoVhost, method: bytes, forwarded_for: bytes, body_bytes: int) -> bytes:
+    """The ``GET /`` page: one ``key: value`` line per fact, readable in curl and a browser."""
+    lines = [
+        f"host: {spec.host}",
+        f"vhost: {spec.vhost}",
+        f"version: {spec.version}",
+        f"method: {method.decode('ascii', 'replace')}",
+        f"x-forwarded-for: {forwarded_for.decode('latin-1') or '-'}",
+        f"body-bytes: {body_bytes}",
+    ]
+    return ("\n".join(lines) + "\n").encode()
+
+
+async def serve_demo_vhost(
+    host: str, vhost: str, version: str, sock: socket.socket
+) -> DemoVhostServer:
+    """Serve one demo vhost on ``sock`` (bound, listening) on the running loop; return it started.
+
+    The server takes ownership of ``sock`` and closes it in ``wait_closed()``.
+    """
+    sock.setblocking(False)
+    server = DemoVhostServer(DemoVhost(host, vhost, version, sock.getsockname()[1]), sock)
+    server.start()
+    return server
+
+
+def bind_demo_socket(bind_host: str, port: int) -> socket.socket:
+    """A listening, non-blocking TCP socket on ``bind_host:port``.
+
+    Raises ``ListenerError`` if the address cannot be bound (in use, bad interface).
+    """
+    family = socket.AF_INET6 if ":" in bind_host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        # A restarted demo must rebind while the last run's connections sit in TIME_WAIT.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((bind_host, port))
+        sock.listen(DEMO_BACKLOG)
+        sock.setblocking(False)
+    except OSError as exc:
+        sock.close()
+        raise ListenerError(exc.errno, f"demo server cannot listen on {bind_host}:{port}") from exc
+    return sock
+
+
+class DemoHosts:
+    """All the demo's vhost servers, started together and closed together."""
+
+    def __init__(self, servers: Sequence[DemoVhostServer]) -> None:
+        self.servers = tuple(servers)
+
+    def __repr__(self) -> str:
+        return f"<DemoHosts {list(self.servers)!r}>"
+
+    def close(self) -> None:
+        """Stop every server and cancel its connections; ``wait_closed()`` awaits the end."""
+        for server in self.servers:
+            server.close()
+
+    async def wait_closed(self) -> None:
+        """Return once every server's sockets are closed."""
+        await asyncio.gather(*(server.wait_closed() for server in self.servers))
+
+
+async def start_demo_hosts(
+    bind_host: str = "127.0.0.1", vhosts: Sequence[DemoVhost] = DEMO_VHOSTS
+) -> DemoHosts:
+    """Bind and start every demo vhost on the running loop.
+
+    Raises ``ListenerError`` if any port cannot be bound; the ones already bound are closed.
+    """
+    socks: list[socket.socket] = []
+    try:
+        for spec in vhosts:
+            socks.append(bind_demo_socket(bind_host, spec.port))
+    except ListenerError:
+        for sock in socks:
+            sock.close()
+        raise
+    servers = []
+    for spec, sock in zip(vhosts, socks, strict=True):
+        port = sock.getsockname()[1]
+        server = DemoVhostServer(DemoVhost(spec.host, spec.vhost, spec.version, port), sock)
+        server.start()
+        servers.append(server)
+    return DemoHosts(servers)
