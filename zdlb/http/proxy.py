@@ -26,7 +26,8 @@ from typing import TYPE_CHECKING, cast
 from zdlb.config.model import ListenerConfig
 from zdlb.errors import DownstreamProtocolError, UpstreamError, UpstreamProtocolError
 from zdlb.http import rewrite
-from zdlb.http.head import Framing, Headers, RequestHead, RequestReader, ResponseHead
+from zdlb.http.head import Framing, Headers, RequestHead, ResponseHead
+from zdlb.http.stream import RequestReader
 from zdlb.http.upstream import ServerConnections, UpstreamConnection
 
 if TYPE_CHECKING:
@@ -131,6 +132,7 @@ class ClientConnection(asyncio.Protocol):
         self._paused = 0
         self._writes_paused = False
         self._backlog: deque[tuple[int, object]] = deque()
+        self._client_done = False  # the client half-closed: no request follows
         self._wbuf: list[bytes] = []  # bytes for the client, written once per event
         self._close_after_write = False
         self._reset_exchange()
@@ -181,7 +183,13 @@ class ClientConnection(asyncio.Protocol):
         try:
             self.reader.feed(data)
         except DownstreamProtocolError as exc:
-            self._reject(exc)
+            if self.head is not None and self._request_done:
+                # A bad request pipelined behind one still being answered: that answer goes
+                # out first, then the error, then the close (RFC 9112 section 9.3.2: in order).
+                self._queue(3, exc)
+                self._pause_reading(PAUSED_BACKLOG)
+            else:
+                self._reject(exc)
             return
         self._flush_upstream()
         self._flush_client()
@@ -189,7 +197,7 @@ class ClientConnection(asyncio.Protocol):
     def eof_received(self) -> bool:
         # A client that half-closes after a complete request still gets its answer.
         if self.phase is Phase.EXCHANGE and self._request_done:
-            self._keep_alive_down = False
+            self._client_done = True  # the answer is its last: Connection: close
             return True
         return False
 
@@ -228,12 +236,18 @@ class ClientConnection(asyncio.Protocol):
         if self._backlog:
             self._queue(1, data)
             return
-        self._send_upstream(rewrite.encode_chunk(data) if self._is_chunked_up() else data)
+        self._forward_body(data)
 
     def request_end(self, trailers: Headers) -> None:
         if self._backlog:
             self._queue(2, trailers)
             return
+        self._forward_end(trailers)
+
+    def _forward_body(self, data: bytes) -> None:
+        self._send_upstream(rewrite.encode_chunk(data) if self._is_chunked_up() else data)
+
+    def _forward_end(self, trailers: Headers) -> None:
         if self._is_chunked_up():
             self._send_upstream(rewrite.encode_last_chunk(trailers))
         self._request_done = True
@@ -255,12 +269,16 @@ class ClientConnection(asyncio.Protocol):
             if kind == 0 and self.head is not None:
                 break  # the next request waits for the current answer
             backlog.popleft()
+            # The item types follow the kinds written by _queue.
             if kind == 0:
-                self._begin(item)  # type: ignore[arg-type]  # kinds are written by _queue
+                self._begin(item)  # type: ignore[arg-type]
             elif kind == 1:
-                self.request_body(item)  # type: ignore[arg-type]
+                self._forward_body(item)  # type: ignore[arg-type]
+            elif kind == 2:
+                self._forward_end(item)  # type: ignore[arg-type]
             else:
-                self.request_end(item)  # type: ignore[arg-type]
+                self._reject(item)  # type: ignore[arg-type]
+                return
         self._flush_upstream()
         if len(backlog) < MAX_BACKLOG_EVENTS:
             self._resume_reading(PAUSED_BACKLOG)
@@ -287,6 +305,10 @@ class ClientConnection(asyncio.Protocol):
         if head.is_idempotent:
             self._replay = []
         self._use_server(server)
+
+    def _upstream_head(self, head: RequestHead, server: Server) -> bytes:
+        address = str(server.address).encode()
+        return rewrite.build_request_head(head, self.client_ip, self.route.proto, address)
 
     def _use_server(self, server: Server) -> None:
         self.server = server
@@ -324,6 +346,9 @@ class ClientConnection(asyncio.Protocol):
         if len(self._tried) <= self.route.retries:
             retry = self.route.backend.select(self.client_ip, self._tried)
             if retry is not None:
+                head = self.head
+                if head is not None and not head.has_host:  # the stand-in Host names the server
+                    self._ubuf[0] = self._upstream_head(head, retry)
                 self._use_server(retry)
                 self._flush_upstream()  # a pooled connection is attached at once: send now
                 return
@@ -375,6 +400,7 @@ class ClientConnection(asyncio.Protocol):
             and self._request_done
             and framing is not Framing.CLOSE
             and not self.route.is_stopping
+            and not self._client_done
         )
         self._response_started = True
         self._keep_alive_down = keep_alive
@@ -491,7 +517,9 @@ class ClientConnection(asyncio.Protocol):
 
     def _reject(self, exc: DownstreamProtocolError) -> None:
         """The client broke the protocol: answer ``exc.status`` if no answer started, close."""
-        log.info("bad_request client=%s status=%d error=%s", self.client_ip, exc.status, exc)
+        log.info(
+            "bad_request client=%s status=%d error=%s", self.client_ip.decode(), exc.status, exc
+        )
         upstream = self.upstream
         if upstream is not None:
             self.upstream = None

@@ -56,13 +56,21 @@ def build_request_head(
     ``server_host`` is used as Host only for an HTTP/1.0 request that had none, because
     HTTP/1.1 requires it.
     """
+    if head.is_plain and head.http_minor == 1:  # only Host is notable: append ours, forward
+        return b"%sX-Forwarded-For: %s\r\nX-Forwarded-Proto: %s\r\n\r\n" % (
+            head.raw[:-2],
+            client_ip,
+            proto,
+        )
     named = _connection_tokens(head.headers)
     forwarded_for = b""
     lines = [b"%s %s HTTP/1.1\r\n" % (head.method, head.target)]
     append = lines.append
     for name, value in head.headers:
         lname = name.lower()
-        if lname in HOP_BY_HOP or lname in named or lname == _X_FORWARDED_PROTO:
+        if lname in HOP_BY_HOP or lname == _X_FORWARDED_PROTO:
+            continue
+        if lname in named and lname != b"host":  # "Connection: host" must not strip Host
             continue
         if lname == _X_FORWARDED_FOR:
             forwarded_for = value if not forwarded_for else forwarded_for + b", " + value
@@ -91,6 +99,9 @@ def build_response_head(
     head: ResponseHead, framing: Framing, keep_alive: bool, client_http_minor: int
 ) -> bytes:
     """Serialise ``head`` for the client, with the framing and persistence zdlb decided."""
+    if head.is_plain and keep_alive and client_http_minor == 1 and head.http_minor == 1:
+        # Nothing to edit: a passed-on "Connection: keep-alive" says what zdlb does anyway.
+        return head.raw
     named = _connection_tokens(head.headers)
     lines = [b"HTTP/1.1 %d %s\r\n" % (head.status, head.reason)]
     append = lines.append
@@ -114,7 +125,10 @@ def build_response_head(
 
 
 def encode_chunk(data: bytes) -> bytes:
-    """One chunk of a chunked body (RFC 9112 section 7.1)."""
+    """One chunk of a chunked body (RFC 9112 section 7.1); empty data encodes to nothing,
+    since a zero-size chunk is the last-chunk and would end the body early."""
+    if not data:
+        return b""
     return b"%x\r\n%s\r\n" % (len(data), data)
 
 

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Protocol, cast
 
 from zdlb.balancer.server import Server
 from zdlb.errors import UpstreamConnectError, UpstreamProtocolError, UpstreamTimeout
-from zdlb.http.head import ResponseReader, ResponseSink
+from zdlb.http.stream import ResponseReader, ResponseSink
 
 if TYPE_CHECKING:
     from zdlb.http.head import Headers, ResponseHead

@@ -19,9 +19,12 @@ def bind_listener(address: Address, backlog: int) -> socket.socket:
     sockets are v6-only so ``[::]:80`` and ``0.0.0.0:80`` can be configured side by side.
     """
     family = socket.AF_INET6 if ":" in address.host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    # proto=IPPROTO_TCP, not 0: the stdlib loop sets TCP_NODELAY on accepted sockets only when
+    # sock.proto says TCP; without it a head and body written apart wait ~40 ms for an ACK.
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # inherited by accept()
         if family == socket.AF_INET6:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         sock.bind((address.host, address.port))

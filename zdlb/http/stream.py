@@ -1,0 +1,322 @@
+"""Sans-IO HTTP/1.1 message streams: bytes in, head/body/end events out, no sockets.
+
+``RequestReader`` and ``ResponseReader`` split a connection's byte stream into messages: a head
+runs up to CRLF CRLF (validated whole by head.py), then a body framed by Content-Length, by the
+chunked coding (chunked.py) or, for responses, by the server closing. zdlb frames bodies itself
+because llhttp reports no offsets: only this way does it know where one message ends and the
+next pipelined one begins. Bodies are emitted decoded; the proxy re-encodes for the other side.
+
+Memory is bounded: a head that arrives in pieces is kept in one bytearray and scanned only from
+where the last scan stopped (linear, not quadratic: h11's receivebuffer lesson), and refused
+once past its limit; chunk lines and trailers are bounded by chunked.py.
+No I/O, no clock, no logging here.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Protocol
+
+from zdlb.config.model import Limits
+from zdlb.errors import DownstreamProtocolError, ProtocolError, UpstreamProtocolError
+from zdlb.http.chunked import ChunkedDecoder
+from zdlb.http.head import (
+    DEFAULT_MAX_RESPONSE_FIELDS,
+    DEFAULT_MAX_RESPONSE_HEAD_BYTES,
+    Framing,
+    Headers,
+    RequestHead,
+    RequestHeadParser,
+    ResponseHead,
+    parse_response_head,
+)
+
+_HEAD_END = b"\r\n\r\n"
+
+
+class RequestSink(Protocol):
+    """Receives a request reader's events, in wire order, possibly several requests per feed."""
+
+    def request_head(self, head: RequestHead) -> None: ...
+    def request_body(self, data: bytes) -> None: ...
+    def request_end(self, trailers: Headers) -> None: ...
+
+
+class ResponseSink(Protocol):
+    def response_head(self, head: ResponseHead) -> None: ...
+    def response_body(self, data: bytes) -> None: ...
+    def response_end(self, trailers: Headers, keep_alive: bool) -> None: ...
+
+
+class _State(enum.Enum):
+    HEAD = "head"  # between messages or inside a head
+    LENGTH = "length"  # a Content-Length body
+    CHUNKED = "chunked"  # a chunked body
+    CLOSE = "close"  # a body that ends when the server closes (responses only)
+    DONE = "done"  # nothing more may follow (a response, or a request that closes)
+
+
+def check_line_ends(chunk: bytes, error: type[ProtocolError]) -> None:
+    """Refuse a bare CR or LF in a head still arriving: without it, "\\n\\n" would never end a
+    head and the connection would wait for CRLF CRLF until its limit (RFC 9112 section 2.2)."""
+    tail = chunk[:-1] if chunk.endswith(b"\r") else chunk  # its LF may be in the next read
+    crlf = tail.count(b"\r\n")
+    if tail.count(b"\n") != crlf or tail.count(b"\r") != crlf:
+        raise error("bare CR or LF in a head")
+
+
+class _HeadBuffer:
+    """The start of a head that arrived without its end, kept until CRLF CRLF shows up."""
+
+    __slots__ = ("_buf", "_error", "_scan_from")
+
+    def __init__(self, error: type[ProtocolError]) -> None:
+        self._buf = bytearray()
+        self._scan_from = 0
+        self._error = error
+
+    def __len__(self) -> int:
+        return len(self._buf)
+
+    def add(self, data: bytes) -> bytes | None:
+        """Append ``data``; return everything buffered once it holds a whole head, else None."""
+        buf = self._buf
+        old = len(buf)
+        buf += data
+        if buf.find(_HEAD_END, self._scan_from) < 0:
+            self._scan_from = max(0, len(buf) - 3)
+            # Check only what is new, plus a CR left pending at the end of the last read.
+            start = old - 1 if old and buf[old - 1] == 0x0D else old
+            check_line_ends(bytes(buf[start:]), self._error)
+            return None
+        joined = bytes(buf)
+        self.clear()
+        return joined
+
+    def has_line_end(self) -> bool:
+        return b"\r\n" in self._buf
+
+    def clear(self) -> None:
+        self._buf.clear()
+        self._scan_from = 0
+
+
+class RequestReader:
+    """Splits client bytes into requests and emits their events to ``sink``.
+
+    ``feed`` raises ``DownstreamProtocolError`` (400, 414, 431, 501 or 505) on the first
+    violation; the connection must then be answered and closed, never fed again. Bytes after a
+    request that closes the connection are ignored (RFC 9112 section 9.6).
+    """
+
+    __slots__ = (
+        "_chunked",
+        "_head_parser",
+        "_keep_alive",
+        "_limits",
+        "_partial",
+        "_remaining",
+        "_sink",
+        "_state",
+    )
+
+    def __init__(self, sink: RequestSink, limits: Limits) -> None:
+        self._sink = sink
+        self._limits = limits
+        self._head_parser = RequestHeadParser(limits)
+        self._state = _State.HEAD
+        self._partial = _HeadBuffer(DownstreamProtocolError)
+        self._remaining = 0  # Content-Length bytes still to come
+        self._chunked: ChunkedDecoder | None = None
+        self._keep_alive = True
+
+    @property
+    def is_idle(self) -> bool:
+        """True between requests: no byte of a next request has been seen."""
+        return self._state in (_State.HEAD, _State.DONE) and not self._partial
+
+    def feed(self, data: bytes) -> None:
+        pos = 0
+        end = len(data)
+        sink = self._sink
+        while pos < end:
+            state = self._state
+            if state is _State.HEAD:
+                if self._partial:
+                    joined = self._partial.add(data[pos:] if pos else data)
+                    if joined is None:
+                        self._check_partial()
+                        return
+                    data, pos, end = joined, 0, len(joined)
+                if data.startswith(b"\r\n", pos):  # RFC 9112 section 2.2: a stray CRLF
+                    pos += 2
+                    continue
+                head_end = data.find(_HEAD_END, pos)
+                if head_end < 0:
+                    self._partial.add(data[pos:] if pos else data)
+                    self._check_partial()
+                    return
+                head_end += 4
+                raw = data if pos == 0 and head_end == end else data[pos:head_end]
+                pos = head_end
+                self._start_body(self._head_parser.parse(raw))
+            elif state is _State.LENGTH:
+                take = min(self._remaining, end - pos)
+                sink.request_body(data if pos == 0 and take == end else data[pos : pos + take])
+                pos += take
+                self._remaining -= take
+                if not self._remaining:
+                    self._end([])
+            elif state is _State.CHUNKED:
+                decoder = self._chunked
+                assert decoder is not None
+                pos = decoder.feed(data, pos, sink.request_body)
+                if decoder.is_done:
+                    self._chunked = None
+                    self._end(decoder.trailers)
+            else:
+                return  # after a request that closes the connection: never processed
+
+    def _start_body(self, head: RequestHead) -> None:
+        self._keep_alive = head.keep_alive
+        self._sink.request_head(head)
+        match head.framing:
+            case Framing.LENGTH:
+                self._remaining = head.content_length or 0
+                self._state = _State.LENGTH
+            case Framing.CHUNKED:
+                limits = self._limits
+                self._chunked = ChunkedDecoder(
+                    DownstreamProtocolError, 431, limits.max_head_bytes, limits.max_headers
+                )
+                self._state = _State.CHUNKED
+            case _:
+                self._end([])
+
+    def _end(self, trailers: Headers) -> None:
+        self._state = _State.HEAD if self._keep_alive else _State.DONE
+        self._sink.request_end(trailers)
+
+    def _check_partial(self) -> None:
+        limits = self._limits
+        size = len(self._partial)
+        if size > limits.max_line_bytes and not self._partial.has_line_end():
+            raise DownstreamProtocolError("request line too long", 414)
+        if size > limits.max_head_bytes:
+            raise DownstreamProtocolError("request head too large", 431)
+
+
+class ResponseReader:
+    """Splits server bytes into responses and emits their events to ``sink``.
+
+    Raises ``UpstreamProtocolError`` (answer 502) on garbage. Only the proxy knows that a
+    response answers HEAD, so it says so with ``expect_response(is_head=True)``; such a
+    response ends with its head. A close-delimited body ends when the proxy calls ``feed_eof``.
+    """
+
+    __slots__ = ("_chunked", "_is_head", "_keep_alive", "_partial", "_remaining", "_state", "sink")
+
+    def __init__(self, sink: ResponseSink) -> None:
+        self.sink = sink
+        self._state = _State.DONE
+        self._partial = _HeadBuffer(UpstreamProtocolError)
+        self._remaining = 0
+        self._chunked: ChunkedDecoder | None = None
+        self._is_head = False
+        self._keep_alive = False
+
+    def expect_response(self, is_head: bool) -> None:
+        """Prepare for the response to the request just sent."""
+        self._is_head = is_head
+        self._state = _State.HEAD
+        self._partial.clear()
+
+    @property
+    def in_body(self) -> bool:
+        return self._state in (_State.LENGTH, _State.CHUNKED, _State.CLOSE)
+
+    @property
+    def is_close_delimited(self) -> bool:
+        return self._state is _State.CLOSE
+
+    def feed_eof(self) -> bool:
+        """The server closed. True if that ended a close-delimited body (a complete response)."""
+        if self._state is _State.CLOSE:
+            self._state = _State.DONE
+            self.sink.response_end([], False)
+            return True
+        return False
+
+    def feed(self, data: bytes) -> None:
+        pos = 0
+        end = len(data)
+        while pos < end:
+            state = self._state
+            if state is _State.HEAD:
+                if self._partial:
+                    joined = self._partial.add(data[pos:] if pos else data)
+                    if joined is None:
+                        self._check_partial()
+                        return
+                    data, pos, end = joined, 0, len(joined)
+                head_end = data.find(_HEAD_END, pos)
+                if head_end < 0:
+                    self._partial.add(data[pos:] if pos else data)
+                    self._check_partial()
+                    return
+                head_end += 4
+                self._on_head(data if pos == 0 and head_end == end else data[pos:head_end])
+                pos = head_end
+            elif state is _State.LENGTH:
+                take = min(self._remaining, end - pos)
+                self.sink.response_body(
+                    data if pos == 0 and take == end else data[pos : pos + take]
+                )
+                pos += take
+                self._remaining -= take
+                if not self._remaining:
+                    self._end([])
+            elif state is _State.CHUNKED:
+                decoder = self._chunked
+                assert decoder is not None
+                pos = decoder.feed(data, pos, self.sink.response_body)
+                if decoder.is_done:
+                    self._chunked = None
+                    self._end(decoder.trailers)
+            elif state is _State.CLOSE:
+                self.sink.response_body(data[pos:] if pos else data)
+                return
+            else:
+                raise UpstreamProtocolError("bytes after the end of a response")
+
+    def _on_head(self, raw: bytes) -> None:
+        head = parse_response_head(raw, self._is_head)
+        if head.is_informational:
+            self.sink.response_head(head)  # the final response follows in the same stream
+            return
+        self._keep_alive = head.keep_alive
+        self.sink.response_head(head)
+        match head.framing:
+            case Framing.LENGTH:
+                self._remaining = head.content_length or 0
+                self._state = _State.LENGTH
+            case Framing.CHUNKED:
+                self._chunked = ChunkedDecoder(
+                    UpstreamProtocolError,
+                    502,
+                    DEFAULT_MAX_RESPONSE_HEAD_BYTES,
+                    DEFAULT_MAX_RESPONSE_FIELDS,
+                )
+                self._state = _State.CHUNKED
+            case Framing.CLOSE:
+                self._state = _State.CLOSE
+            case Framing.NONE:
+                self._end([])
+
+    def _end(self, trailers: Headers) -> None:
+        self._state = _State.DONE
+        self.sink.response_end(trailers, self._keep_alive)
+
+    def _check_partial(self) -> None:
+        if len(self._partial) > DEFAULT_MAX_RESPONSE_HEAD_BYTES:
+            raise UpstreamProtocolError("response head too large")
