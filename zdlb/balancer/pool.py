@@ -37,7 +37,19 @@ class Backend:
     change server state between awaits.
     """
 
-    __slots__ = ("_by_name", "_current", "_rng", "_salt", "balance", "config", "name", "servers")
+    __slots__ = (
+        "_by_name",
+        "_current",
+        "_rng",
+        "_rr_generation",
+        "_rr_next",
+        "_rr_schedule",
+        "_salt",
+        "balance",
+        "config",
+        "name",
+        "servers",
+    )
 
     def __init__(self, config: BackendConfig, rng: random.Random | None = None) -> None:
         self.config = config
@@ -52,6 +64,11 @@ class Backend:
         # Source hashing salts derive from the server *name*, not its address: renaming moves a
         # server's clients, re-addressing it does not.
         self._salt: dict[Server, bytes] = {s: _name_salt(s.name) for s in self.servers}
+        # Round robin without retries replays one period of the smooth weighted sequence,
+        # computed once per Server.generation: ~0.15 us a pick instead of ~1.2 us.
+        self._rr_schedule: list[Server] = []
+        self._rr_next = 0
+        self._rr_generation = -1
 
     def server(self, name: str) -> Server | None:
         """The server called ``name`` in this backend, or None."""
@@ -71,6 +88,15 @@ class Backend:
         BLAKE2b and one log each). Measured with 4 idle servers: ROUNDROBIN 1.2 us, LEASTCONN
         2 us, RANDOM 1.7 us, SOURCE 5 us per call.
         """
+        if not exclude and self.balance is Balance.ROUNDROBIN:
+            if self._rr_generation != Server.generation:
+                self._build_schedule()
+            schedule = self._rr_schedule
+            if not schedule:
+                return None
+            position = self._rr_next
+            self._rr_next = position + 1 if position + 1 < len(schedule) else 0
+            return schedule[position]
         candidates = self._candidates(exclude)
         if len(candidates) <= 1:
             # One candidate: every algorithm picks it, and smooth round robin would add and
@@ -90,19 +116,30 @@ class Backend:
             case _:
                 assert_never(self.balance)
 
+    def _build_schedule(self) -> None:
+        """One period of smooth weighted round robin over today's candidates: sum of weights
+        divided by their gcd picks (2 for two equal servers, at most 256 per server)."""
+        candidates = self._candidates(())
+        weights = [s.weight for s in candidates]
+        period = sum(weights) // math.gcd(*weights) if weights else 0
+        self._rr_schedule = [self._pick_roundrobin(candidates) for _ in range(period)]
+        self._rr_next = 0
+        self._rr_generation = Server.generation
+
     def _candidates(self, exclude: Collection[Server]) -> list[Server]:
         """Main servers taking new traffic, else backups (only the first unless all_backups)."""
-        # The test is Server.takes_new_traffic inlined, with the enum members in locals: the
-        # property call cost ~0.3 us per server, half of this method (measured, 4 servers).
+        # The test is Server.takes_new_traffic inlined, reading the fields behind the properties
+        # (which exist to bump Server.generation on writes): the property calls cost ~0.3 us
+        # per server, half of this method (measured, 4 servers).
         ready, up = AdminState.READY, Health.UP
         main = PoolName.MAIN
         found = []
         for s in self.servers:
             if (
-                s.pool is main
-                and s.admin is ready
-                and s.health is up
-                and s.weight > 0
+                s._pool is main
+                and s._admin is ready
+                and s._health is up
+                and s._weight > 0
                 and s not in exclude
             ):
                 found.append(s)
@@ -111,10 +148,10 @@ class Backend:
         backup, only_first = PoolName.BACKUP, not self.config.all_backups
         for s in self.servers:
             if (
-                s.pool is backup
-                and s.admin is ready
-                and s.health is up
-                and s.weight > 0
+                s._pool is backup
+                and s._admin is ready
+                and s._health is up
+                and s._weight > 0
                 and s not in exclude
             ):
                 found.append(s)

@@ -45,29 +45,69 @@ class Server:
     """
 
     __slots__ = (
+        "_admin",
+        "_health",
+        "_pool",
+        "_weight",
         "address",
-        "admin",
         "backend",
         "config",
         "conns",
-        "health",
         "inflight",
         "name",
-        "pool",
-        "weight",
     )
+
+    # Bumped by every change of pool, admin state, health or weight, in any server: balancers
+    # cache what they derive from those (the round-robin schedule) and compare this number.
+    generation = 0
 
     def __init__(self, config: ServerConfig, backend: str) -> None:
         self.config = config
         self.name: str = config.name
         self.backend = backend
         self.address: Address = config.address
-        self.pool: PoolName = config.pool
-        self.weight: int = config.weight
-        self.admin = AdminState.READY
-        self.health = Health.UP
+        self._pool: PoolName = config.pool
+        self._weight: int = config.weight
+        self._admin = AdminState.READY
+        self._health = Health.UP
         self.inflight = 0
         self.conns = 0
+
+    @property
+    def pool(self) -> PoolName:
+        return self._pool
+
+    @pool.setter
+    def pool(self, pool: PoolName) -> None:
+        self._pool = pool
+        Server.generation += 1
+
+    @property
+    def weight(self) -> int:
+        return self._weight
+
+    @weight.setter
+    def weight(self, weight: int) -> None:
+        self._weight = weight
+        Server.generation += 1
+
+    @property
+    def admin(self) -> AdminState:
+        return self._admin
+
+    @admin.setter
+    def admin(self, state: AdminState) -> None:
+        self._admin = state
+        Server.generation += 1
+
+    @property
+    def health(self) -> Health:
+        return self._health
+
+    @health.setter
+    def health(self, health: Health) -> None:
+        self._health = health
+        Server.generation += 1
 
     @property
     def is_usable(self) -> bool:

@@ -41,11 +41,10 @@ DEFAULT_MAX_RESPONSE_FIELDS = 200
 # The fields zdlb must look at or may have to edit; anything else passes through untouched.
 # llhttp has already refused whitespace before the colon, so "\r\nname:" is exact.
 _NOTABLE_FIELD = re.compile(
-    rb"\r\n(content[-_]length|transfer[-_]encoding|connection|keep-alive|proxy-connection|te"
-    rb"|trailer|upgrade|x-forwarded-for|x-forwarded-proto|expect|host):[ \t]*([^\r]*?)[ \t]*"
-    rb"(?=\r\n)",
+    rb"\n(content[-_]length|transfer[-_]encoding|connection|keep-alive|proxy-connection|te"
+    rb"|trailer|upgrade|x-forwarded-for|x-forwarded-proto|expect|host):[ \t]*([^\r]*)\r",
     re.IGNORECASE,
-)
+)  # values keep trailing whitespace (stripped where used): a lazy match measured 2.5x slower
 _FIELD_LINE = re.compile(rb"([^:\r\n]+):[ \t]*([^\r\n]*?)[ \t]*\r\n")
 
 
@@ -100,7 +99,6 @@ class RequestHead:
         framing: Framing,
         content_length: int | None,
         keep_alive: bool,
-        *,
         expects_continue: bool = False,
         has_host: bool = True,
         is_plain: bool = False,
@@ -160,7 +158,6 @@ class ResponseHead:
         framing: Framing,
         content_length: int | None,
         keep_alive: bool,
-        *,
         is_plain: bool = False,
     ) -> None:
         self.raw = raw
@@ -222,45 +219,65 @@ class RequestHeadParser:
 
     def parse(self, raw: bytes) -> RequestHead:
         """Validate ``raw`` (a whole head). Raises DownstreamProtocolError: 400, 414, 431, 501,
-        505."""
+        505.
+
+        The hot path of every request (~1.5 us for a plain GET): one llhttp pass, slicing at the
+        spaces of the request line, one regex pass over the fields. Fields are not split out.
+        """
         limits = self._limits
-        line_end = raw.find(b"\r\n")
         if len(raw) > limits.max_head_bytes:
             raise DownstreamProtocolError("request head too large", 431)
         if raw.count(b"\r\n") - 2 > limits.max_headers:
             raise DownstreamProtocolError("too many header fields", 431)
         self._validate(raw)
-        line = raw[:line_end]
-        if not line.endswith((b" HTTP/1.1", b" HTTP/1.0")):
-            # llhttp also takes "GET /" (HTTP/0.9) and "HTTP/2.0" heads (RFC 9112 section 2.3)
+        line_end = raw.find(b"\r\n")
+        version = raw[line_end - 9 : line_end]
+        if version == b" HTTP/1.1":
+            http_minor = 1
+        elif version == b" HTTP/1.0":
+            http_minor = 0
+        else:  # llhttp also takes "GET /" (HTTP/0.9) and "HTTP/2.0" (RFC 9112 section 2.3)
             raise DownstreamProtocolError("only HTTP/1.0 and HTTP/1.1 are supported", 505)
-        parts = line.split(b" ")
-        if len(parts) != 3 or raw[0] in b"\r\n":
+        method_end = raw.find(b" ")
+        if raw.find(b" ", method_end + 1) != line_end - 9 or raw[0] in b"\r\n":
             # llhttp tolerates runs of spaces and a stray CR before the method; zdlb forwards
             # the request line as received, so it must be unambiguous (RFC 9112 section 3).
             raise DownstreamProtocolError("malformed request line")
-        method, target, version = parts
-        http_minor = 1 if version == b"HTTP/1.1" else 0
+        target = raw[method_end + 1 : line_end - 9]
         if len(target) > limits.max_line_bytes:
             raise DownstreamProtocolError("request target too long", 414)
+        fields = _NOTABLE_FIELD.findall(raw)
+        if http_minor and len(fields) == 1 and fields[0][0].lower() == b"host":
+            # The common case: nothing to edit, no body, persistent.
+            return RequestHead(
+                raw, raw[:method_end], target, 1, Framing.NONE, None, True, False, True, True
+            )
+        return self._parse_fields(raw, raw[:method_end], target, http_minor, fields)
+
+    def _parse_fields(
+        self,
+        raw: bytes,
+        method: bytes,
+        target: bytes,
+        http_minor: int,
+        fields: list[tuple[bytes, bytes]],
+    ) -> RequestHead:
+        """The general case: framing, persistence and the other notable fields."""
         hosts = 0
         content_length: int | None = None
         codings: list[bytes] = []
         connection: list[bytes] = []
         expects_continue = False
-        is_plain = True
-        for name, value in _NOTABLE_FIELD.findall(raw):
+        for name, value in fields:
             lname = name.lower()
             if lname == b"host":
                 hosts += 1
-                continue
-            is_plain = False
-            if lname == b"content-length":
+            elif lname == b"content-length":
                 content_length = int(value)  # llhttp proved: digits, and only one such field
             elif lname == b"transfer-encoding":
                 codings.append(value)
             elif lname == b"expect":
-                expects_continue = value.lower() == b"100-continue"
+                expects_continue = value.rstrip().lower() == b"100-continue"
             elif lname == b"connection":
                 connection.append(value)
             elif lname == b"transfer_encoding" or lname == b"content_length":
@@ -288,9 +305,9 @@ class RequestHeadParser:
             framing,
             content_length,
             is_persistent(http_minor, connection),
-            expects_continue=expects_continue,
-            has_host=hosts == 1,
-            is_plain=is_plain,
+            expects_continue,
+            hosts == 1,
+            http_minor == 1 and len(fields) == hosts,
         )
 
     def _validate(self, raw: bytes) -> None:
@@ -309,13 +326,19 @@ class RequestHeadParser:
             raise DownstreamProtocolError(f"malformed request: {exc}") from None
 
 
-def parse_response_head(raw: bytes, answers_head: bool) -> ResponseHead:
-    """Validate one whole response head. Raises UpstreamProtocolError (answer 502)."""
+def new_response_parser() -> httptools.HttpResponseParser:
+    return httptools.HttpResponseParser(_NO_CALLBACKS)
+
+
+def parse_response_head(
+    raw: bytes, parser: httptools.HttpResponseParser, answers_head: bool
+) -> ResponseHead:
+    """Validate one whole response head with ``parser`` (fresh, or back at a message start).
+    Raises UpstreamProtocolError (answer 502)."""
     if len(raw) > DEFAULT_MAX_RESPONSE_HEAD_BYTES:
         raise UpstreamProtocolError("response head too large")
     if raw.count(b"\r\n") - 2 > DEFAULT_MAX_RESPONSE_FIELDS:
         raise UpstreamProtocolError("too many response header fields")
-    parser = httptools.HttpResponseParser(_NO_CALLBACKS)
     try:
         parser.feed_data(raw)
     except (httptools.HttpParserError, httptools.HttpParserUpgrade) as exc:
@@ -326,13 +349,44 @@ def parse_response_head(raw: bytes, answers_head: bool) -> ResponseHead:
     if status == 101:
         raise UpstreamProtocolError("server switched protocols without being asked")
     line_end = raw.find(b"\r\n")
-    parts = raw[:line_end].split(b" ", 2)
-    reason = parts[2] if len(parts) == 3 else b""
+    http_minor = 1 if raw.startswith(b"HTTP/1.1") else 0
+    reason = raw[13:line_end]  # llhttp proved "HTTP/1.x NNN" and a space before any reason
+    fields = _NOTABLE_FIELD.findall(raw)
+    if (
+        len(fields) <= 2
+        and http_minor
+        and 200 <= status
+        and status not in (204, 304)
+        and not answers_head
+    ):
+        # The common case: Content-Length and perhaps "Connection: keep-alive", nothing else.
+        content_length: int | None = None
+        for name, value in fields:
+            if name.lower() == b"content-length":
+                content_length = int(value)
+            elif name.lower() != b"connection" or value.rstrip().lower() != b"keep-alive":
+                break
+        else:
+            if content_length is not None:
+                framing = Framing.LENGTH if content_length else Framing.NONE
+                return ResponseHead(raw, status, reason, 1, framing, content_length, True, True)
+    return _parse_response_fields(raw, status, reason, http_minor, fields, answers_head)
+
+
+def _parse_response_fields(
+    raw: bytes,
+    status: int,
+    reason: bytes,
+    http_minor: int,
+    fields: list[tuple[bytes, bytes]],
+    answers_head: bool,
+) -> ResponseHead:
+    """The general case: chunked, close-delimited, bodiless, other hop-by-hop fields."""
     content_length: int | None = None
     codings: list[bytes] = []
     connection: list[bytes] = []
     is_plain = True
-    for name, value in _NOTABLE_FIELD.findall(raw):
+    for name, value in fields:
         lname = name.lower()
         if lname == b"content-length":
             content_length = int(value)
@@ -341,7 +395,7 @@ def parse_response_head(raw: bytes, answers_head: bool) -> ResponseHead:
             is_plain = False
         elif lname == b"connection":
             connection.append(value)
-            is_plain = is_plain and value.lower() == b"keep-alive"
+            is_plain = is_plain and value.rstrip().lower() == b"keep-alive"
         else:
             is_plain = False
     if codings and _codings(codings) != [b"chunked"]:
@@ -356,8 +410,7 @@ def parse_response_head(raw: bytes, answers_head: bool) -> ResponseHead:
         framing = Framing.LENGTH if content_length else Framing.NONE
     else:
         framing = Framing.CLOSE
-    http_minor = 1 if raw.startswith(b"HTTP/1.1") else 0
     keep_alive = framing is not Framing.CLOSE and is_persistent(http_minor, connection)
     return ResponseHead(
-        raw, status, reason, http_minor, framing, content_length, keep_alive, is_plain=is_plain
+        raw, status, reason, http_minor, framing, content_length, keep_alive, is_plain
     )

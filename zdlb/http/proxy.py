@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, cast
 from zdlb.config.model import ListenerConfig
 from zdlb.errors import DownstreamProtocolError, UpstreamError, UpstreamProtocolError
 from zdlb.http import rewrite
-from zdlb.http.head import Framing, Headers, RequestHead, ResponseHead
+from zdlb.http.head import IDEMPOTENT_METHODS, Framing, Headers, RequestHead, ResponseHead
 from zdlb.http.stream import RequestReader
 from zdlb.http.upstream import ServerConnections, UpstreamConnection
 
@@ -148,6 +148,7 @@ class ClientConnection(asyncio.Protocol):
         self._tried: list[Server] = []
         self._connect_task: asyncio.Task[None] | None = None
         self._request_done = False
+        self._chunked_up = False  # the request body is chunked: re-encode what is forwarded
         self._response_started = False
         self._chunked_down = False
         self._keep_alive_down = False
@@ -191,8 +192,10 @@ class ClientConnection(asyncio.Protocol):
             else:
                 self._reject(exc)
             return
-        self._flush_upstream()
-        self._flush_client()
+        if self._ubuf:
+            self._flush_upstream()
+        if self._wbuf or self._close_after_write:
+            self._flush_client()
 
     def eof_received(self) -> bool:
         # A client that half-closes after a complete request still gets its answer.
@@ -245,17 +248,14 @@ class ClientConnection(asyncio.Protocol):
         self._forward_end(trailers)
 
     def _forward_body(self, data: bytes) -> None:
-        self._send_upstream(rewrite.encode_chunk(data) if self._is_chunked_up() else data)
+        self._send_upstream(rewrite.encode_chunk(data) if self._chunked_up else data)
 
     def _forward_end(self, trailers: Headers) -> None:
-        if self._is_chunked_up():
+        if self._chunked_up:
             self._send_upstream(rewrite.encode_last_chunk(trailers))
         self._request_done = True
         if self.upstream is not None:
             self._flush_upstream()  # before a pooled connection can be released
-
-    def _is_chunked_up(self) -> bool:
-        return self.head is not None and self.head.framing is Framing.CHUNKED
 
     def _queue(self, kind: int, item: object) -> None:
         self._backlog.append((kind, item))
@@ -296,24 +296,18 @@ class ClientConnection(asyncio.Protocol):
         if server is None:
             self._fail(503)
             return
-        self._ubuf.append(
-            rewrite.build_request_head(
-                head, self.client_ip, route.proto, str(server.address).encode()
-            )
-        )
-        self._ubuf_bytes = len(self._ubuf[0])
-        if head.is_idempotent:
+        pool = route.upstreams[server.name]
+        data = rewrite.build_request_head(head, self.client_ip, route.proto, pool.host_header)
+        self._ubuf.append(data)
+        self._ubuf_bytes = len(data)
+        self._chunked_up = head.framing is Framing.CHUNKED
+        if head.method in IDEMPOTENT_METHODS:
             self._replay = []
-        self._use_server(server)
+        self._use_server(server, pool)
 
-    def _upstream_head(self, head: RequestHead, server: Server) -> bytes:
-        address = str(server.address).encode()
-        return rewrite.build_request_head(head, self.client_ip, self.route.proto, address)
-
-    def _use_server(self, server: Server) -> None:
+    def _use_server(self, server: Server, pool: ServerConnections) -> None:
         self.server = server
         server.request_started()
-        pool = self.route.upstreams[server.name]
         upstream = pool.acquire()
         if upstream is not None:
             self._attach(upstream)
@@ -347,9 +341,13 @@ class ClientConnection(asyncio.Protocol):
             retry = self.route.backend.select(self.client_ip, self._tried)
             if retry is not None:
                 head = self.head
+                pool = self.route.upstreams[retry.name]
                 if head is not None and not head.has_host:  # the stand-in Host names the server
-                    self._ubuf[0] = self._upstream_head(head, retry)
-                self._use_server(retry)
+                    route = self.route
+                    self._ubuf[0] = rewrite.build_request_head(
+                        head, self.client_ip, route.proto, pool.host_header
+                    )
+                self._use_server(retry, pool)
                 self._flush_upstream()  # a pooled connection is attached at once: send now
                 return
         self._fail(exc.status if exc.status != 504 else 502)
@@ -361,7 +359,8 @@ class ClientConnection(asyncio.Protocol):
         upstream.attach(self, head.method == b"HEAD")
         if self._writes_paused:
             upstream.pause_reading()
-        self._resume_reading(PAUSED_CONNECTING)
+        if self._paused & PAUSED_CONNECTING:
+            self._resume_reading(PAUSED_CONNECTING)
 
     def _send_upstream(self, data: bytes) -> None:
         self._ubuf.append(data)
@@ -390,11 +389,13 @@ class ClientConnection(asyncio.Protocol):
     def response_head(self, head: ResponseHead) -> None:
         request = self.head
         assert request is not None
-        if head.is_informational:
+        if head.status < 200:  # 1xx
             if request.http_minor == 1:  # RFC 9110 section 15.2: never 1xx to HTTP/1.0
                 self._wbuf.append(rewrite.build_response_head(head, Framing.NONE, True, 1))
             return
-        framing = rewrite.downstream_framing(head, request.http_minor)
+        framing = head.framing
+        if framing is Framing.CHUNKED and request.http_minor == 0:
+            framing = rewrite.downstream_framing(head, 0)
         keep_alive = (
             request.keep_alive
             and self._request_done
@@ -422,7 +423,7 @@ class ClientConnection(asyncio.Protocol):
         self.upstream = None
         if upstream is not None and server is not None:
             if keep_alive and self._request_done and not upstream.is_closed:
-                self.route.upstreams[server.name].release(upstream, self.loop.time())
+                upstream.pool.release(upstream, self.loop.time())
             else:
                 upstream.owner = None
                 upstream.close()

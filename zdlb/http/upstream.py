@@ -153,10 +153,12 @@ class UpstreamConnection(asyncio.Protocol):
 class ServerConnections:
     """The idle keep-alive connections to one server, most recently used last."""
 
-    __slots__ = ("_connect_s", "_idle", "_idle_s", "_max_idle", "server")
+    __slots__ = ("_connect_s", "_idle", "_idle_s", "_max_idle", "host_header", "server")
 
     def __init__(self, server: Server, connect_s: float, idle_s: float) -> None:
         self.server = server
+        # Host for an HTTP/1.0 request that had none (HTTP/1.1 to the server requires one).
+        self.host_header = str(server.address).encode()
         self._connect_s = connect_s
         self._idle_s = idle_s
         self._max_idle = server.config.max_idle
