@@ -34,8 +34,8 @@ IDEMPOTENT_METHODS = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b
 # A response head may be larger than a request head (cookies, CSP), but a server streaming an
 # endless head must not grow our memory: 4x HAProxy's default 16 KiB buffer.
 DEFAULT_MAX_RESPONSE_HEAD_BYTES = 65536
-# Response header fields; a server sending more is broken or hostile. HAProxy's default
-# tune.http.maxhdr is 101.
+# Trailer fields of a chunked response; a server sending more is broken or hostile. HAProxy's
+# default tune.http.maxhdr is 101. (Response heads are bounded by their size alone.)
 DEFAULT_MAX_RESPONSE_FIELDS = 200
 
 # The fields zdlb must look at or may have to edit; anything else passes through untouched.
@@ -337,8 +337,6 @@ def parse_response_head(
     Raises UpstreamProtocolError (answer 502)."""
     if len(raw) > DEFAULT_MAX_RESPONSE_HEAD_BYTES:
         raise UpstreamProtocolError("response head too large")
-    if raw.count(b"\r\n") - 2 > DEFAULT_MAX_RESPONSE_FIELDS:
-        raise UpstreamProtocolError("too many response header fields")
     try:
         parser.feed_data(raw)
     except (httptools.HttpParserError, httptools.HttpParserUpgrade) as exc:

@@ -245,7 +245,11 @@ class ClientConnection(asyncio.Protocol):
         if self._backlog:
             self._queue(2, trailers)
             return
-        self._forward_end(trailers)
+        if self._chunked_up:
+            self._send_upstream(rewrite.encode_last_chunk(trailers))
+        self._request_done = True
+        if self.upstream is not None:
+            self._flush_upstream()  # before a pooled connection can be released
 
     def _forward_body(self, data: bytes) -> None:
         self._send_upstream(rewrite.encode_chunk(data) if self._chunked_up else data)
@@ -307,7 +311,7 @@ class ClientConnection(asyncio.Protocol):
 
     def _use_server(self, server: Server, pool: ServerConnections) -> None:
         self.server = server
-        server.request_started()
+        server.inflight += 1  # Server.request_started(), inlined: once per request
         upstream = pool.acquire()
         if upstream is not None:
             self._attach(upstream)
@@ -483,12 +487,13 @@ class ClientConnection(asyncio.Protocol):
             self.deadline = self.loop.time() + self.route.timeouts.client_s
             return
         self._reset_exchange()
-        self.phase = Phase.HEAD if not self.reader.is_idle else Phase.IDLE
-        self.deadline = self.loop.time() + (
-            self.route.timeouts.client_s
-            if self.phase is Phase.IDLE
-            else self.route.timeouts.http_request_s
-        )
+        timeouts = self.route.timeouts
+        if self.reader.pending_head:  # the next request's head has begun
+            self.phase = Phase.HEAD
+            self.deadline = self.loop.time() + timeouts.http_request_s
+        else:
+            self.phase = Phase.IDLE
+            self.deadline = self.loop.time() + timeouts.client_s
         if self._backlog:
             self.loop.call_soon(self._drain_backlog)
 
@@ -496,7 +501,7 @@ class ClientConnection(asyncio.Protocol):
         server = self.server
         if server is not None:
             self.server = None
-            server.request_finished()
+            server.inflight -= 1  # Server.request_finished(), inlined: once per request
 
     def _fail(self, status: int) -> None:
         """Answer an error zdlb generated (no byte of a server answer was sent yet)."""

@@ -137,6 +137,11 @@ class RequestReader:
         """True between requests: no byte of a next request has been seen."""
         return self._state in (_State.HEAD, _State.DONE) and not self._partial.buf
 
+    @property
+    def pending_head(self) -> bytearray:
+        """The start of a head still arriving (empty if none): tested once per request."""
+        return self._partial.buf
+
     def feed(self, data: bytes) -> None:
         pos = 0
         end = len(data)
