@@ -7,6 +7,8 @@ expected fields.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import h11
 import pytest
 
@@ -437,3 +439,81 @@ def test_error_response_is_valid_http(status: int, close: bool) -> None:
     assert body.startswith(b"%d " % status)
     assert (headers.get(b"connection") == b"close") is close
     assert data.endswith(body)  # nothing after the body: the next response would start there
+
+
+# --- raw edits agree with rebuilding ------------------------------------------------------------
+# build_*_head forward a head as received (plain) or with Connection/Keep-Alive lines cut out of
+# the raw bytes (hop_lines_only). Both shortcuts must say exactly what rebuilding says.
+
+RAW_EDIT_REQUESTS = [
+    pytest.param(b"GET / HTTP/1.1\r\nHost: a\r\nUser-Agent: x\r\n\r\n", id="plain"),
+    pytest.param(b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n", id="close"),
+    pytest.param(
+        b"GET / HTTP/1.1\r\nConnection: Keep-Alive\r\nHost: a\r\nKeep-Alive: 300\r\n\r\n",
+        id="keep-alive-and-its-field",
+    ),
+    pytest.param(b"GET /x HTTP/1.0\r\nHost: a\r\nConnection: keep-alive\r\n\r\n", id="http10"),
+    pytest.param(
+        b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nconnection: close\r\n\r\n",
+        id="body-and-close",
+    ),
+]
+
+
+def _fields(headers: Iterable[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    """An h11 event's headers, lower-cased names, in a comparable order."""
+    return sorted((name.lower(), value) for name, value in headers)
+
+
+@pytest.mark.parametrize("raw", RAW_EDIT_REQUESTS)
+def test_raw_request_edit_matches_rebuild(raw: bytes) -> None:
+    from zdlb.http.head import RequestHeadParser
+
+    head = RequestHeadParser(Limits()).parse(raw)
+    assert head.hop_lines_only
+    edited = build_request(head)
+    head.is_plain = head.hop_lines_only = False
+    rebuilt = build_request(head)
+    ours, theirs = h11_request(edited), h11_request(rebuilt)
+    assert (ours.method, ours.target, ours.http_version) == (
+        theirs.method,
+        theirs.target,
+        theirs.http_version,
+    )
+    assert _fields(ours.headers) == _fields(theirs.headers)
+    assert values(edited, b"Connection") == values(edited, b"Keep-Alive") == []
+
+
+RAW_EDIT_RESPONSES = [
+    pytest.param(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nServer: s\r\n\r\n", id="plain"),
+    pytest.param(
+        b"HTTP/1.1 200 OK\r\nConnection: keep-alive\r\nContent-Length: 2\r\n\r\n", id="keep-alive"
+    ),
+    pytest.param(
+        b"HTTP/1.1 404 Not Found\r\nContent-Length: 2\r\nKeep-Alive: timeout=5\r\n\r\n",
+        id="keep-alive-field",
+    ),
+]
+
+
+@pytest.mark.parametrize("raw", RAW_EDIT_RESPONSES)
+@pytest.mark.parametrize(
+    ("keep_alive", "client_minor"),
+    [(True, 1), (False, 1), (True, 0), (False, 0)],
+    ids=["keep-alive", "close", "http10-keep-alive", "http10-close"],
+)
+def test_raw_response_edit_matches_rebuild(raw: bytes, keep_alive: bool, client_minor: int) -> None:
+    from zdlb.http.head import new_response_parser, parse_response_head
+
+    head = parse_response_head(raw, new_response_parser(), answers_head=False)
+    assert head.hop_lines_only
+    edited = rewrite.build_response_head(head, head.framing, keep_alive, client_minor)
+    head.is_plain = head.hop_lines_only = False
+    rebuilt = rewrite.build_response_head(head, head.framing, keep_alive, client_minor)
+    ours, theirs = h11_response(edited + b"ok"), h11_response(rebuilt + b"ok")
+    assert ours[0].status_code == theirs[0].status_code  # type: ignore[attr-defined]
+    ours_fields = _fields(ours[0].headers)  # type: ignore[attr-defined]
+    theirs_fields = _fields(theirs[0].headers)  # type: ignore[attr-defined]
+    if keep_alive and client_minor == 1:  # a passed-on "Connection: keep-alive" is harmless
+        ours_fields = [f for f in ours_fields if f != (b"connection", b"keep-alive")]
+    assert ours_fields == theirs_fields

@@ -73,7 +73,8 @@ class RequestHead:
     """A validated request head. ``raw`` is the head as received, final CRLF CRLF included.
 
     ``is_plain``: no field zdlb must edit is present (only Host), so the head is forwarded as
-    it is with X-Forwarded-* appended.
+    it is with X-Forwarded-* appended. ``hop_lines_only``: the only edit needed is dropping
+    Connection (naming only close/keep-alive) and Keep-Alive lines, done on the raw bytes.
     """
 
     __slots__ = (
@@ -82,6 +83,7 @@ class RequestHead:
         "expects_continue",
         "framing",
         "has_host",
+        "hop_lines_only",
         "http_minor",
         "is_plain",
         "keep_alive",
@@ -102,6 +104,7 @@ class RequestHead:
         expects_continue: bool = False,
         has_host: bool = True,
         is_plain: bool = False,
+        hop_lines_only: bool = False,
     ) -> None:
         self.raw = raw
         self.method = method
@@ -113,6 +116,7 @@ class RequestHead:
         self.expects_continue = expects_continue
         self.has_host = has_host
         self.is_plain = is_plain
+        self.hop_lines_only = hop_lines_only or is_plain
         self._headers: Headers | None = None
 
     @property
@@ -135,12 +139,14 @@ class RequestHead:
 
 class ResponseHead:
     """A validated response head. ``is_plain``: among hop-by-hop and framing fields only
-    Content-Length and ``Connection: keep-alive``, so it may be forwarded as it is."""
+    Content-Length and ``Connection: keep-alive``, so it may be forwarded as it is.
+    ``hop_lines_only``: besides, only Connection (close/keep-alive) and Keep-Alive lines."""
 
     __slots__ = (
         "_headers",
         "content_length",
         "framing",
+        "hop_lines_only",
         "http_minor",
         "is_plain",
         "keep_alive",
@@ -159,6 +165,7 @@ class ResponseHead:
         content_length: int | None,
         keep_alive: bool,
         is_plain: bool = False,
+        hop_lines_only: bool = False,
     ) -> None:
         self.raw = raw
         self.status = status
@@ -168,6 +175,7 @@ class ResponseHead:
         self.content_length = content_length
         self.keep_alive = keep_alive
         self.is_plain = is_plain
+        self.hop_lines_only = hop_lines_only or is_plain
         self._headers: Headers | None = None
 
     @property
@@ -193,6 +201,17 @@ def is_persistent(http_minor: int, connection: list[bytes]) -> bool:
     if b"close" in tokens:
         return False
     return http_minor == 1 or b"keep-alive" in tokens
+
+
+# Fields a raw edit of the head copes with: kept as they are (Host, Content-Length) or dropped
+# whole (Connection, Keep-Alive). Anything else notable needs the head rebuilt.
+_RAW_EDITABLE = frozenset({b"host", b"content-length", b"connection", b"keep-alive"})
+_PERSISTENCE_TOKENS = frozenset({b"close", b"keep-alive"})
+
+
+def _names_only_persistence(connection: list[bytes]) -> bool:
+    """True if Connection names no other field (whose line would have to go too)."""
+    return not connection or _connection_tokens(connection) <= _PERSISTENCE_TOKENS
 
 
 def _connection_tokens(values: list[bytes]) -> frozenset[bytes]:
@@ -268,8 +287,11 @@ class RequestHeadParser:
         codings: list[bytes] = []
         connection: list[bytes] = []
         expects_continue = False
+        editable = 0  # fields that a raw edit cannot handle
         for name, value in fields:
             lname = name.lower()
+            if lname not in _RAW_EDITABLE:
+                editable += 1
             if lname == b"host":
                 hosts += 1
             elif lname == b"content-length":
@@ -308,6 +330,7 @@ class RequestHeadParser:
             expects_continue,
             hosts == 1,
             http_minor == 1 and len(fields) == hosts,
+            hosts == 1 and not editable and _names_only_persistence(connection),
         )
 
     def _validate(self, raw: bytes) -> None:
@@ -384,8 +407,11 @@ def _parse_response_fields(
     codings: list[bytes] = []
     connection: list[bytes] = []
     is_plain = True
+    editable = 0  # fields that a raw edit cannot handle
     for name, value in fields:
         lname = name.lower()
+        if lname not in _RAW_EDITABLE:
+            editable += 1
         if lname == b"content-length":
             content_length = int(value)
         elif lname == b"transfer-encoding":
@@ -409,6 +435,15 @@ def _parse_response_fields(
     else:
         framing = Framing.CLOSE
     keep_alive = framing is not Framing.CLOSE and is_persistent(http_minor, connection)
+    hop_lines_only = not editable and _names_only_persistence(connection)
     return ResponseHead(
-        raw, status, reason, http_minor, framing, content_length, keep_alive, is_plain
+        raw,
+        status,
+        reason,
+        http_minor,
+        framing,
+        content_length,
+        keep_alive,
+        is_plain,
+        hop_lines_only,
     )

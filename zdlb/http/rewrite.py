@@ -10,6 +10,7 @@ No I/O here.
 
 from __future__ import annotations
 
+import re
 from http import HTTPStatus
 
 from zdlb.http.head import Framing, Headers, RequestHead, ResponseHead
@@ -27,6 +28,8 @@ HOP_BY_HOP = frozenset(
     }
 )
 # Fields zdlb sets itself; any copy from the client is dropped or merged, never trusted.
+# A Connection or Keep-Alive field line, with the CRLF before it: removed from raw heads.
+_HOP_LINE = re.compile(rb"\r\n(?:connection|keep-alive):[^\r]*", re.IGNORECASE)
 _X_FORWARDED_FOR = b"x-forwarded-for"
 _X_FORWARDED_PROTO = b"x-forwarded-proto"
 
@@ -59,6 +62,16 @@ def build_request_head(
     if head.is_plain and head.http_minor == 1:  # only Host is notable: append ours, forward
         return b"%sX-Forwarded-For: %s\r\nX-Forwarded-Proto: %s\r\n\r\n" % (
             head.raw[:-2],
+            client_ip,
+            proto,
+        )
+    if head.hop_lines_only:  # drop Connection/Keep-Alive lines from the raw head
+        raw = head.raw
+        if head.http_minor == 0:  # the server is spoken to in HTTP/1.1
+            line_end = raw.find(b"\r\n")
+            raw = raw[: line_end - 1] + b"1" + raw[line_end:]
+        return b"%sX-Forwarded-For: %s\r\nX-Forwarded-Proto: %s\r\n\r\n" % (
+            _HOP_LINE.sub(b"", raw[:-2]),
             client_ip,
             proto,
         )
@@ -102,6 +115,14 @@ def build_response_head(
     if head.is_plain and keep_alive and client_http_minor == 1 and head.http_minor == 1:
         # Nothing to edit: a passed-on "Connection: keep-alive" says what zdlb does anyway.
         return head.raw
+    if head.hop_lines_only and head.http_minor == 1 and framing is head.framing:
+        persistence = b""
+        if head.status >= 200:
+            if not keep_alive:
+                persistence = b"Connection: close\r\n"
+            elif client_http_minor == 0:
+                persistence = b"Connection: keep-alive\r\n"
+        return b"%s%s\r\n" % (_HOP_LINE.sub(b"", head.raw[:-2]), persistence)
     named = _connection_tokens(head.headers)
     lines = [b"HTTP/1.1 %d %s\r\n" % (head.status, head.reason)]
     append = lines.append

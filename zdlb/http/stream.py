@@ -51,6 +51,22 @@ class ResponseSink(Protocol):
     def response_end(self, trailers: Headers, keep_alive: bool) -> None: ...
 
 
+class _DetachedSink:
+    """Where a reader whose connection closed sends events: nowhere."""
+
+    def request_head(self, head: RequestHead) -> None:
+        pass
+
+    def request_body(self, data: bytes) -> None:
+        pass
+
+    def request_end(self, trailers: Headers) -> None:
+        pass
+
+
+_DETACHED = _DetachedSink()
+
+
 class _State(enum.Enum):
     HEAD = "head"  # between messages or inside a head
     LENGTH = "length"  # a Content-Length body
@@ -136,6 +152,10 @@ class RequestReader:
     def is_idle(self) -> bool:
         """True between requests: no byte of a next request has been seen."""
         return self._state in (_State.HEAD, _State.DONE) and not self._partial.buf
+
+    def detach(self) -> None:
+        """Forget the sink (the connection is gone): breaks the reader <-> sink cycle."""
+        self._sink = _DETACHED
 
     @property
     def pending_head(self) -> bytearray:

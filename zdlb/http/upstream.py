@@ -132,6 +132,8 @@ class UpstreamConnection(asyncio.Protocol):
             self.pool.discard(self)
         else:
             owner.upstream_lost(self, exc)
+        self.reader.sink = _IDLE_SINK  # break the cycles, as ClientConnection.connection_lost
+        self.transport = None
 
     def pause_writing(self) -> None:
         if self.owner is not None:
