@@ -148,9 +148,13 @@ async def _run_demo(config: Config) -> None:
 DEMO_HELP = """\
 zdlb demo: load balancer on http://127.0.0.1:8000 (config {config})
   demo hosts: front-1 main 127.0.0.1:8081, backup :8091; front-2 main :8082, backup :8092
-Try:
-  curl -s http://127.0.0.1:8000/          # answered by front-1 or front-2, main vhost
-  curl -s http://127.0.0.1:8000/          # again: round robin moves to the other host
+Fail over (a stopped vhost refuses connections; zdlb retries the next server, then a backup):
+  curl -s http://127.0.0.1:8000/                                # front-1 or front-2, main vhost
+  curl -s -X POST 'http://127.0.0.1:8081/demo/stop?seconds=30'  # take front-1's main down
+  curl -s http://127.0.0.1:8000/                                # front-2's main answers
+  curl -s -X POST 'http://127.0.0.1:8082/demo/stop?seconds=30'  # both mains down
+  curl -s http://127.0.0.1:8000/                                # front-1's backup vhost (v2)
+  A stopped vhost serves again after its seconds (1..600, default 30).
 Stop with Ctrl-C."""
 
 

@@ -6,6 +6,10 @@ with a text page naming its host, vhost and version and the request's ``X-Forwar
 ``GET /health`` with ``200 ok``, any other path with 404 and methods other than GET, HEAD, POST
 and PUT with 405; HEAD works, request bodies are read, discarded and counted.
 
+``POST /demo/stop?seconds=N`` is the demo's failover switch: the vhost answers 202, closes its
+listening socket (new connections are refused) and its idle keep-alive connections, and after N
+seconds binds the same address again. Any other method on ``/demo/*`` gets 405.
+
 Built on h11 over asyncio streams: correctness over speed, it is a demo, not a benchmark target.
 This module must not import the proxy: it is a stand-in for someone else's application, and it
 talks to zdlb only over sockets.
@@ -15,8 +19,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import logging
+import re
 import socket
+import urllib.parse
 from collections.abc import Sequence
 from dataclasses import dataclass
 from http import HTTPStatus
@@ -42,8 +49,20 @@ ACCEPT_RETRY_S = 1.0
 # Listen backlog of each demo socket: the demo sees a handful of curl or wrk clients at most.
 DEMO_BACKLOG = 128
 
+# How long POST /demo/stop keeps a vhost down without ?seconds=: time enough to run a few curls.
+DEFAULT_STOP_S = 30.0
+# Bounds of ?seconds=: a stop must outlast a curl, and a forgotten one must end within 10 min.
+MIN_STOP_S = 1.0
+MAX_STOP_S = 600.0
+
 HEALTH_PATH = b"/health"
 PAGE_PATH = b"/"
+DEMO_PREFIX = b"/demo/"
+STOP_PATH = b"/demo/stop"
+# A plain decimal: float() alone would also take "inf", "nan", "1e3" and "1_0".
+_SECONDS_RE = re.compile(r"[0-9]{1,6}(?:\.[0-9]{1,6})?")
+
+Answer = tuple[int, bytes, list[tuple[bytes, bytes]]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,11 +89,21 @@ DEMO_VHOSTS: tuple[DemoVhost, ...] = (
 )
 
 
+class DemoVhostState(enum.Enum):
+    """Whether a demo vhost listens: ``STOPPED`` after POST /demo/stop, until it binds again."""
+
+    SERVING = "serving"
+    STOPPED = "stopped"
+    CLOSED = "closed"
+
+
 class DemoVhostServer:
     """One demo vhost serving on a listening socket it owns; ``close()`` ends every connection.
 
     Each connection is a task this object tracks, so ``wait_closed()`` returns only when no
-    socket of it is left open.
+    socket of it is left open. ``stop()`` (POST /demo/stop) closes the listening socket for a
+    while; the timer that binds it again is owned here and cancelled by ``close()``.
+    ``min_stop_s`` is the least ``?seconds=`` accepted; tests lower it below a second.
     """
 
     def __init__(
@@ -84,15 +113,24 @@ class DemoVhostServer:
         *,
         idle_s: float = DEFAULT_DEMO_IDLE_S,
         write_s: float = DEFAULT_DEMO_WRITE_S,
+        min_stop_s: float = MIN_STOP_S,
     ) -> None:
         self.spec = spec
         self._sock = sock
         self._idle_s = idle_s
         self._write_s = write_s
+        self._min_stop_s = min_stop_s
         self.addr: tuple[str, int] = sock.getsockname()[:2]
         self.requests = 0
+        self._state = DemoVhostState.SERVING
         self._is_accepting = False
         self._retry_accept: asyncio.TimerHandle | None = None
+        self._restart_timer: asyncio.TimerHandle | None = None
+        # Resolved when a stop ends: True once serving again, False if the re-bind failed or
+        # close() came first. A future, not a task: nothing runs while the vhost is down.
+        self._stop_over: asyncio.Future[bool] | None = None
+        # Writers of keep-alive connections waiting for their next request: stop() closes them.
+        self._idle_writers: set[asyncio.StreamWriter] = set()
         self._conn_tasks: set[asyncio.Task[None]] = set()
         # Accepted sockets no connection task has wrapped in a transport yet: closed by
         # wait_closed() if their task was cancelled before it started.
@@ -102,23 +140,67 @@ class DemoVhostServer:
         s = self.spec
         return (
             f"<DemoVhostServer {s.host}/{s.vhost} {s.version} on {self.addr[0]}:{self.addr[1]}"
-            f" conns={len(self._conn_tasks)} requests={self.requests}>"
+            f" {self._state.value} conns={len(self._conn_tasks)} requests={self.requests}>"
         )
+
+    @property
+    def state(self) -> DemoVhostState:
+        return self._state
+
+    @property
+    def is_stopped(self) -> bool:
+        """True from ``stop()`` until the address is bound again (forever if that failed)."""
+        return self._state is DemoVhostState.STOPPED
 
     def start(self) -> None:
         """Start accepting on the running loop; the socket must be listening and non-blocking."""
-        if not self._is_accepting:
+        if self._state is DemoVhostState.SERVING and not self._is_accepting:
             asyncio.get_running_loop().add_reader(self._sock.fileno(), self._accept_ready)
             self._is_accepting = True
 
+    def stop(self, duration_s: float) -> None:
+        """Refuse connections for ``duration_s`` seconds, then bind the same address again.
+
+        Closes the listening socket and the idle keep-alive connections at once; connections
+        busy with a request finish it (answered with ``Connection: close``) and end. If the
+        address cannot be bound again, the vhost logs it and stays stopped. Does nothing unless
+        serving.
+        """
+        if self._state is not DemoVhostState.SERVING:
+            return
+        loop = asyncio.get_running_loop()
+        self._stop_accepting(loop)
+        self._sock.close()
+        self._state = DemoVhostState.STOPPED
+        for writer in self._idle_writers:
+            writer.close()  # the connection task reads EOF and ends
+        self._idle_writers.clear()
+        self._stop_over = loop.create_future()
+        self._restart_timer = loop.call_later(duration_s, self._restart)
+        log.info(
+            "demo.stopped vhost=%s/%s port=%d seconds=%g",
+            self.spec.host,
+            self.spec.vhost,
+            self.addr[1],
+            duration_s,
+        )
+
+    async def wait_restarted(self) -> bool:
+        """Wait for the current stop to end: True if serving again, False if the re-bind failed
+        or ``close()`` came first. Returns at once when no stop is pending."""
+        if self._stop_over is None:
+            return self._state is DemoVhostState.SERVING
+        # Shielded: a cancelled waiter must not cancel the future other waiters share.
+        return await asyncio.shield(self._stop_over)
+
     def close(self) -> None:
         """Stop accepting and cancel every connection; ``wait_closed()`` awaits the end."""
-        if self._is_accepting:
-            asyncio.get_running_loop().remove_reader(self._sock.fileno())
-            self._is_accepting = False
-        if self._retry_accept is not None:
-            self._retry_accept.cancel()
-            self._retry_accept = None
+        self._stop_accepting(asyncio.get_running_loop())
+        if self._restart_timer is not None:
+            self._restart_timer.cancel()
+            self._restart_timer = None
+        self._state = DemoVhostState.CLOSED
+        self._end_stop(is_serving=False)
         for task in self._conn_tasks:
             task.cancel()
 
@@ -152,6 +234,34 @@ class DemoVhostServer:
             task = loop.create_task(self._serve_connection(conn_sock))
             self._conn_tasks.add(task)
             task.add_done_callback(self._conn_tasks.discard)
+
+    def _stop_accepting(self, loop: asyncio.AbstractEventLoop) -> None:
+        if self._is_accepting:
+            loop.remove_reader(self._sock.fileno())
+            self._is_accepting = False
+        if self._retry_accept is not None:
+            self._retry_accept.cancel()
+            self._retry_accept = None
+
+    def _restart(self) -> None:
+        self._restart_timer = None
+        host, port = self.addr
+        vhost = f"{self.spec.host}/{self.spec.vhost}"
+        try:
+            sock = bind_demo_socket(host, port)
+        except ListenerError as exc:
+            log.warning("demo.restart_failed vhost=%s port=%d error=%s", vhost, port, exc)
+            self._end_stop(is_serving=False)
+            return
+        self._sock = sock
+        self._state = DemoVhostState.SERVING
+        self.start()
+        log.info("demo.restarted vhost=%s port=%d", vhost, port)
+        self._end_stop(is_serving=True)
+
+    def _end_stop(self, *, is_serving: bool) -> None:
+        if self._stop_over is not None and not self._stop_over.done():
+            self._stop_over.set_result(is_serving)
 
     def _pause_accepting(self, loop: asyncio.AbstractEventLoop, pause_s: float) -> None:
         """Stop accepting for ``pause_s`` seconds, then resume unless close() came first."""
@@ -187,9 +297,10 @@ class DemoVhostServer:
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
         conn = h11.Connection(h11.SERVER)
+        is_keep_alive = False
         while True:
             try:
-                received = await self._next_request(conn, reader, writer)
+                received = await self._next_request(conn, reader, writer, is_keep_alive)
             except h11.RemoteProtocolError as exc:
                 if conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
                     await self._send(conn, writer, exc.error_status_hint, b"bad request\n", [])
@@ -203,9 +314,14 @@ class DemoVhostServer:
             if conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
                 return  # Connection: close from either side, or HTTP/1.0
             conn.start_next_cycle()
+            is_keep_alive = True
 
     async def _next_request(
-        self, conn: h11.Connection, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+        self,
+        conn: h11.Connection,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        is_keep_alive: bool,
     ) -> tuple[h11.Request, int] | None:
         """Read one whole request, discarding its body; ``None`` on a clean close before one."""
         request: h11.Request | None = None
@@ -216,8 +332,20 @@ class DemoVhostServer:
                 if conn.they_are_waiting_for_100_continue:
                     info = h11.InformationalResponse(status_code=100, headers=[])
                     writer.write(conn.send(info))
-                async with asyncio.timeout(self._idle_s):
-                    data = await reader.read(READ_CHUNK_BYTES)
+                # Idle: a keep-alive connection with no byte of its next request yet. A fresh
+                # connection is not idle: its client is about to send the first request.
+                is_idle = (
+                    is_keep_alive and conn.their_state is h11.IDLE and not conn.trailing_data[0]
+                )
+                if is_idle and self._state is not DemoVhostState.SERVING:
+                    return None
+                if is_idle:
+                    self._idle_writers.add(writer)
+                try:
+                    async with asyncio.timeout(self._idle_s):
+                        data = await reader.read(READ_CHUNK_BYTES)
+                finally:
+                    self._idle_writers.discard(writer)
                 conn.receive_data(data)
             elif isinstance(event, h11.Request):
                 request = event
@@ -230,18 +358,40 @@ class DemoVhostServer:
                 return None
             # h11.PAUSED cannot happen: we answer before calling next_event again.
 
-    def _answer(
-        self, request: h11.Request, body_bytes: int
-    ) -> tuple[int, bytes, list[tuple[bytes, bytes]]]:
+    def _answer(self, request: h11.Request, body_bytes: int) -> Answer:
+        path, _, query = request.target.partition(b"?")
+        if path.startswith(DEMO_PREFIX):
+            return self._answer_demo(request.method, path, query)
         if request.method not in (b"GET", b"HEAD", b"POST", b"PUT"):
             return 405, b"method not allowed\n", [(b"allow", b"GET, HEAD, POST, PUT")]
-        path = request.target.split(b"?", 1)[0]
         if path == HEALTH_PATH:
             return 200, b"ok\n", []
         if path != PAGE_PATH:
             return 404, b"not found\n", []
         forwarded_for = b", ".join(v for k, v in request.headers if k == b"x-forwarded-for")
         return 200, render_page(self.spec, request.method, forwarded_for, body_bytes), []
+
+    def _answer_demo(self, method: bytes, path: bytes, query: bytes) -> Answer:
+        """The demo's control paths: ``POST /demo/stop`` stops this vhost (see ``stop()``)."""
+        if method != b"POST":
+            return 405, b"method not allowed\n", [(b"allow", b"POST")]
+        if path != STOP_PATH:
+            return 404, b"not found\n", []
+        seconds = parse_stop_seconds(query, self._min_stop_s, MAX_STOP_S)
+        if seconds is None:
+            text = f"seconds must be a number from {self._min_stop_s:g} to {MAX_STOP_S:g}\n"
+            return 400, text.encode(), []
+        if self._state is not DemoVhostState.SERVING:
+            return 409, b"already stopped\n", []
+        # Stopped before the 202 is written: a client that has read it sees the next connect
+        # refused, with no window in which the old socket still accepts.
+        self.stop(seconds)
+        s = self.spec
+        text = (
+            f"{s.host}/{s.vhost} stopped: port {self.addr[1]} refuses connections"
+            f" for {seconds:g} s, then serves again\n"
+        )
+        return 202, text.encode(), []
 
     async def _send(
         self,
@@ -260,6 +410,9 @@ class DemoVhostServer:
             (b"x-demo-server", f"{s.host}/{s.vhost}/{s.version}".encode()),
             *extra,
         ]
+        if self._state is not DemoVhostState.SERVING:
+            # A stopped vhost keeps no connection: h11 then ends this one after the answer.
+            headers.append((b"connection", b"close"))
         out = conn.send(
             h11.Response(status_code=status, headers=headers, reason=HTTPStatus(status).phrase)
         )
@@ -269,6 +422,20 @@ class DemoVhostServer:
         writer.write(out)
         async with asyncio.timeout(self._write_s):
             await writer.drain()
+
+
+def parse_stop_seconds(query: bytes, min_s: float, max_s: float) -> float | None:
+    """The ``seconds`` of a ``/demo/stop`` query string; ``DEFAULT_STOP_S`` when absent.
+
+    ``None`` when it is repeated, not a plain decimal number, or outside ``min_s..max_s``.
+    """
+    values = urllib.parse.parse_qs(query.decode("latin-1"), keep_blank_values=True).get("seconds")
+    if values is None:
+        return DEFAULT_STOP_S
+    if len(values) != 1 or _SECONDS_RE.fullmatch(values[0]) is None:
+        return None
+    seconds = float(values[0])
+    return seconds if min_s <= seconds <= max_s else None
 
 
 def render_page(spec: DemoVhost, method: bytes, forwarded_for: bytes, body_bytes: int) -> bytes:

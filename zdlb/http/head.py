@@ -69,7 +69,24 @@ def _codings(values: list[bytes]) -> list[bytes]:
     return [c for v in values for c in (t.strip().lower() for t in v.split(b",")) if c]
 
 
-class RequestHead:
+class _Head:
+    """What both heads share: the raw bytes, and the fields parsed from them on first use only
+    (the fast paths forward ``raw`` and never need them)."""
+
+    __slots__ = ("_headers", "raw")
+
+    def __init__(self, raw: bytes) -> None:
+        self.raw = raw
+        self._headers: Headers | None = None
+
+    @property
+    def headers(self) -> Headers:
+        if self._headers is None:
+            self._headers = parse_fields(self.raw)
+        return self._headers
+
+
+class RequestHead(_Head):
     """A validated request head. ``raw`` is the head as received, final CRLF CRLF included.
 
     ``is_plain``: no field zdlb must edit is present (only Host), so the head is forwarded as
@@ -78,7 +95,6 @@ class RequestHead:
     """
 
     __slots__ = (
-        "_headers",
         "content_length",
         "expects_continue",
         "framing",
@@ -88,7 +104,6 @@ class RequestHead:
         "is_plain",
         "keep_alive",
         "method",
-        "raw",
         "target",
     )
 
@@ -106,7 +121,7 @@ class RequestHead:
         is_plain: bool = False,
         hop_lines_only: bool = False,
     ) -> None:
-        self.raw = raw
+        _Head.__init__(self, raw)
         self.method = method
         self.target = target
         self.http_minor = http_minor
@@ -117,14 +132,6 @@ class RequestHead:
         self.has_host = has_host
         self.is_plain = is_plain
         self.hop_lines_only = hop_lines_only or is_plain
-        self._headers: Headers | None = None
-
-    @property
-    def headers(self) -> Headers:
-        """All fields, parsed on first use only (the fast path never needs them)."""
-        if self._headers is None:
-            self._headers = parse_fields(self.raw)
-        return self._headers
 
     @property
     def is_idempotent(self) -> bool:
@@ -137,20 +144,18 @@ class RequestHead:
         )
 
 
-class ResponseHead:
+class ResponseHead(_Head):
     """A validated response head. ``is_plain``: among hop-by-hop and framing fields only
     Content-Length and ``Connection: keep-alive``, so it may be forwarded as it is.
     ``hop_lines_only``: besides, only Connection (close/keep-alive) and Keep-Alive lines."""
 
     __slots__ = (
-        "_headers",
         "content_length",
         "framing",
         "hop_lines_only",
         "http_minor",
         "is_plain",
         "keep_alive",
-        "raw",
         "reason",
         "status",
     )
@@ -167,7 +172,7 @@ class ResponseHead:
         is_plain: bool = False,
         hop_lines_only: bool = False,
     ) -> None:
-        self.raw = raw
+        _Head.__init__(self, raw)
         self.status = status
         self.reason = reason
         self.http_minor = http_minor
@@ -176,13 +181,6 @@ class ResponseHead:
         self.keep_alive = keep_alive
         self.is_plain = is_plain
         self.hop_lines_only = hop_lines_only or is_plain
-        self._headers: Headers | None = None
-
-    @property
-    def headers(self) -> Headers:
-        if self._headers is None:
-            self._headers = parse_fields(self.raw)
-        return self._headers
 
     @property
     def is_informational(self) -> bool:

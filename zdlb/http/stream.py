@@ -111,6 +111,27 @@ class _HeadBuffer:
         self.clear()
         return joined
 
+    def split(self, data: bytes, pos: int, skip_crlf: bool) -> tuple[bytes | None, bytes, int]:
+        """The next whole head in what is buffered plus ``data[pos:]``: ``(head, source, end)``
+        where ``source[end:]`` is what follows it; ``(None, data, len(data))`` and everything
+        kept when the head is not complete yet. ``skip_crlf`` drops empty lines before a request
+        line (RFC 9112 section 2.2)."""
+        if self.buf:
+            joined = self.add(data[pos:] if pos else data)
+            if joined is None:
+                return None, data, len(data)
+            data, pos = joined, 0
+        while skip_crlf and data.startswith(b"\r\n", pos):
+            pos += 2
+        head_end = data.find(_HEAD_END, pos)
+        if head_end < 0:
+            if pos < len(data):
+                self.add(data[pos:] if pos else data)
+            return None, data, len(data)
+        head_end += 4
+        head = data if pos == 0 and head_end == len(data) else data[pos:head_end]
+        return head, data, head_end
+
     def has_line_end(self) -> bool:
         return b"\r\n" in self.buf
 
@@ -169,23 +190,11 @@ class RequestReader:
         while pos < end:
             state = self._state
             if state is _State.HEAD:
-                if self._partial.buf:
-                    joined = self._partial.add(data[pos:] if pos else data)
-                    if joined is None:
-                        self._check_partial()
-                        return
-                    data, pos, end = joined, 0, len(joined)
-                if data.startswith(b"\r\n", pos):  # RFC 9112 section 2.2: a stray CRLF
-                    pos += 2
-                    continue
-                head_end = data.find(_HEAD_END, pos)
-                if head_end < 0:
-                    self._partial.add(data[pos:] if pos else data)
+                raw, data, pos = self._partial.split(data, pos, skip_crlf=True)
+                end = len(data)
+                if raw is None:
                     self._check_partial()
                     return
-                head_end += 4
-                raw = data if pos == 0 and head_end == end else data[pos:head_end]
-                pos = head_end
                 self._start_body(self._head_parser.parse(raw))
             elif state is _State.LENGTH:
                 take = min(self._remaining, end - pos)
@@ -293,20 +302,12 @@ class ResponseReader:
         while pos < end:
             state = self._state
             if state is _State.HEAD:
-                if self._partial.buf:
-                    joined = self._partial.add(data[pos:] if pos else data)
-                    if joined is None:
-                        self._check_partial()
-                        return
-                    data, pos, end = joined, 0, len(joined)
-                head_end = data.find(_HEAD_END, pos)
-                if head_end < 0:
-                    self._partial.add(data[pos:] if pos else data)
+                raw, data, pos = self._partial.split(data, pos, skip_crlf=False)
+                end = len(data)
+                if raw is None:
                     self._check_partial()
                     return
-                head_end += 4
-                self._on_head(data if pos == 0 and head_end == end else data[pos:head_end])
-                pos = head_end
+                self._on_head(raw)
             elif state is _State.LENGTH:
                 take = min(self._remaining, end - pos)
                 body = data if pos == 0 and take == end else data[pos : pos + take]
