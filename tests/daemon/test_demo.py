@@ -1,10 +1,11 @@
 """``zdlb demo`` as a person runs it, and the demo's main/backup fallback on a config of our own.
 
 The demo binds fixed ports (127.0.0.1:8000, demo hosts on 8081/8082/8091/8092), so its test is
-skipped when any of them is taken. Its vhosts cannot be stopped one by one from outside the
-process, so the fallback is shown with ``zdlb run`` on a demo-like config whose main and backup
-vhosts are ``DemoVhostServer``s in the test's loop, each on a port reserved for the whole test
-so it can be stopped (connections refused) and started again on the same address.
+skipped when any of them is taken; it takes the mains down with ``POST /demo/stop`` as its help
+text says. The fallback rules in detail (first backup only vs all_backups, traffic returning to
+a main) are shown with ``zdlb run`` on a demo-like config whose main and backup vhosts are
+``DemoVhostServer``s in the test's loop, each on a port reserved for the whole test so it can be
+stopped (connections refused) and started again on the same address.
 """
 
 from __future__ import annotations
@@ -69,6 +70,13 @@ async def fetch_pages(addr: tuple[str, int], count: int) -> list[dict[str, str]]
     return pages
 
 
+async def stop_demo_vhost(port: int) -> None:
+    """Take one demo vhost down for a minute, as DEMO_HELP tells a person to."""
+    async with await H11Client.connect((LOOPBACK, port)) as client:
+        response = await client.request("POST", "/demo/stop?seconds=60")
+    assert response.status == 202, response
+
+
 def answered_by(pages: list[dict[str, str]]) -> set[tuple[str, str, str]]:
     return {(page["host"], page["vhost"], page["version"]) for page in pages}
 
@@ -94,6 +102,16 @@ async def test_demo_serves_both_hosts_and_stops_on_sigint(start_daemon: StartDae
     assert answered_by(pages) == {("front-1", "main", "v1"), ("front-2", "main", "v1")}
     assert [page["host"] for page in pages[:2]] in (["front-1", "front-2"], ["front-2", "front-1"])
     assert all(page["x-forwarded-for"] == LOOPBACK for page in pages)
+
+    # The story DEMO_HELP tells: stop front-1's main, then front-2's; the backups take over.
+    await stop_demo_vhost(DEMO_HOST_PORTS[0])
+    assert answered_by(await fetch_pages(addr, REQUESTS_PER_PHASE)) == {
+        ("front-2", "main", "v1")
+    }
+    await stop_demo_vhost(DEMO_HOST_PORTS[1])
+    assert answered_by(await fetch_pages(addr, REQUESTS_PER_PHASE)) == {
+        ("front-1", "backup", "v2")
+    }
 
     daemon.send_signal(signal.SIGINT)
     assert await daemon.wait_exit() == 0
