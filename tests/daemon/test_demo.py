@@ -105,13 +105,9 @@ async def test_demo_serves_both_hosts_and_stops_on_sigint(start_daemon: StartDae
 
     # The story DEMO_HELP tells: stop front-1's main, then front-2's; the backups take over.
     await stop_demo_vhost(DEMO_HOST_PORTS[0])
-    assert answered_by(await fetch_pages(addr, REQUESTS_PER_PHASE)) == {
-        ("front-2", "main", "v1")
-    }
+    assert answered_by(await fetch_pages(addr, REQUESTS_PER_PHASE)) == {("front-2", "main", "v1")}
     await stop_demo_vhost(DEMO_HOST_PORTS[1])
-    assert answered_by(await fetch_pages(addr, REQUESTS_PER_PHASE)) == {
-        ("front-1", "backup", "v2")
-    }
+    assert answered_by(await fetch_pages(addr, REQUESTS_PER_PHASE)) == {("front-1", "backup", "v2")}
 
     daemon.send_signal(signal.SIGINT)
     assert await daemon.wait_exit() == 0
