@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import enum
-import ipaddress
 import json
 import math
 import os
@@ -22,6 +21,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
+from zdlb.config.address import bind_clashes, parse_address
 from zdlb.config.model import (
     MAX_WEIGHT,
     Address,
@@ -42,15 +42,10 @@ from zdlb.errors import ConfigError, ConfigIssue
 # Listener, backend and server names appear in logs, metrics labels and control commands, so
 # they stay free of spaces, quotes and separators those formats would have to escape.
 NAME_RE = re.compile(r"[A-Za-z0-9._-]+")
-MAX_PORT = 65535
 LOG_LEVELS = ("debug", "info", "warning", "error")
 FORWARDED_PROTOS = ("http", "https")
 
 _BARE_KEY_RE = re.compile(r"[A-Za-z0-9_-]+")  # TOML bare keys; anything else is quoted in paths
-_HOST_PORT_RE = re.compile(r"(?:\[(?P<ipv6>[^\]]+)\]|(?P<host>[^:\[\]]+)):(?P<port>[0-9]+)")
-# RFC 1123 labels; "_" is tolerated because container runtimes hand out such names.
-_DNS_LABEL_RE = re.compile(r"(?!-)[A-Za-z0-9_-]{1,63}(?<!-)")
-_MAX_DNS_NAME_CHARS = 253  # RFC 1035 section 2.3.4, without the trailing dot
 _MAX_SHOWN_CHARS = 60  # bad values are echoed in messages; a huge string must not flood them
 
 _TOP_KEYS = ("defaults", "logging", "listeners", "backends")
@@ -385,50 +380,14 @@ def _check_server_names(tables: Sequence[_Table]) -> None:
 
 
 def _read_address(table: _Table, key: str, is_bind: bool) -> Address | None:
-    """``host:port`` or ``[ipv6]:port``. A bind host must be an IP literal and may use port 0."""
     text = table.required_string(key)
     if text is None:
         return None
-    match = _HOST_PORT_RE.fullmatch(text)
-    if match is None:
-        table.fail(key, f"{text!r} is not host:port")
-        return None
-    min_port = 0 if is_bind else 1
-    port = int(match["port"])
-    problem: str | None = None
-    if not min_port <= port <= MAX_PORT:
-        problem = f"port must be between {min_port} and {MAX_PORT}"
-    elif match["ipv6"] is not None:
-        host = match["ipv6"]
-        problem = None if _is_ip(host, version=6) else f"{host!r} is not an IPv6 address"
-    else:
-        host = match["host"]
-        if is_bind and not _is_ip(host, version=4):
-            problem = f"host must be an IPv4 or [IPv6] literal, got {host!r}"
-        elif not is_bind and not (_is_ip(host, version=4) or _is_dns_name(host)):
-            problem = f"{host!r} is neither an IPv4 address nor a DNS name"
-    if problem is not None:
-        table.fail(key, f"{text!r}: {problem}")
-        return None
-    return Address(host, port)
-
-
-def _is_ip(text: str, version: int) -> bool:
     try:
-        return ipaddress.ip_address(text).version == version
-    except ValueError:
-        return False
-
-
-def _is_dns_name(text: str) -> bool:
-    name = text.removesuffix(".")
-    labels = name.split(".")
-    # An all-numeric last label is a mistyped IPv4 address, not a name (RFC 3696 section 2).
-    return (
-        len(name) <= _MAX_DNS_NAME_CHARS
-        and all(_DNS_LABEL_RE.fullmatch(label) for label in labels)
-        and not labels[-1].isdigit()
-    )
+        return parse_address(text, is_bind)
+    except ValueError as exc:
+        table.fail(key, str(exc))
+        return None
 
 
 def _check_listener_backends(
@@ -443,23 +402,11 @@ def _check_listener_backends(
 
 
 def _check_binds(listeners: Sequence[ListenerConfig], issues: list[ConfigIssue]) -> None:
-    """Two listeners may not bind the same port on the same or an overlapping (wildcard) IP.
-
-    Port 0 never clashes: the kernel picks a distinct free port for each. IPv4 and IPv6
-    wildcards do not clash with each other: the IPv6 socket is expected to set IPV6_V6ONLY.
-    """
-    bound: list[tuple[ListenerConfig, ipaddress.IPv4Address | ipaddress.IPv6Address]] = []
-    for listener in listeners:
-        if listener.bind.port == 0:
-            continue
-        ip = ipaddress.ip_address(listener.bind.host)
-        for other, other_ip in bound:
-            is_wildcard = ip.is_unspecified or other_ip.is_unspecified
-            overlaps = ip == other_ip or (ip.version == other_ip.version and is_wildcard)
-            if other.bind.port == listener.bind.port and overlaps:
-                path = _join(_join("listeners", listener.name), "bind")
-                other_path = _join(_join("listeners", other.name), "bind")
-                message = f"{str(listener.bind)!r} clashes with {other_path} {str(other.bind)!r}"
-                issues.append(ConfigIssue(path, message))
-                break
-        bound.append((listener, ip))
+    """Two listeners may not bind the same port on the same or an overlapping (wildcard) IP."""
+    by_name = {listener.name: listener for listener in listeners}
+    for name, other_name in bind_clashes((listener.name, listener.bind) for listener in listeners):
+        path = _join(_join("listeners", name), "bind")
+        other_path = _join(_join("listeners", other_name), "bind")
+        bind, other = by_name[name].bind, by_name[other_name].bind
+        message = f"{str(bind)!r} clashes with {other_path} {str(other)!r}"
+        issues.append(ConfigIssue(path, message))
