@@ -633,13 +633,8 @@ class ClientResponse:
         return json.loads(self.body)
 
 
-class H11Client:
-    """One HTTP/1.1 client connection with h11 as the oracle; every read under ``timeout_s``.
-
-    ``request()`` raises ``h11.RemoteProtocolError`` for anything h11 would not accept
-    (including a connection closed mid-response), ``ConnectionError`` for a reset, and
-    ``TimeoutError`` when a read takes longer than ``timeout_s``.
-    """
+class StreamClient:
+    """A client connection over asyncio streams: connect under a deadline, close on exit."""
 
     def __init__(
         self,
@@ -650,13 +645,12 @@ class H11Client:
     ) -> None:
         self.reader = reader
         self.writer = writer
-        self.timeout_s = timeout_s
-        self.conn = h11.Connection(h11.CLIENT)
+        self.timeout_s = timeout_s  # per read
 
     @classmethod
     async def connect(
         cls, addr: tuple[str, int], *, timeout_s: float = DEFAULT_CLIENT_TIMEOUT_S
-    ) -> H11Client:
+    ) -> Self:
         async with asyncio.timeout(timeout_s):
             reader, writer = await asyncio.open_connection(*addr)
         return cls(reader, writer, timeout_s=timeout_s)
@@ -676,6 +670,25 @@ class H11Client:
         self.writer.close()
         with contextlib.suppress(ConnectionError):
             await self.writer.wait_closed()
+
+
+class H11Client(StreamClient):
+    """One HTTP/1.1 client connection with h11 as the oracle; every read under ``timeout_s``.
+
+    ``request()`` raises ``h11.RemoteProtocolError`` for anything h11 would not accept
+    (including a connection closed mid-response), ``ConnectionError`` for a reset, and
+    ``TimeoutError`` when a read takes longer than ``timeout_s``.
+    """
+
+    def __init__(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        *,
+        timeout_s: float = DEFAULT_CLIENT_TIMEOUT_S,
+    ) -> None:
+        super().__init__(reader, writer, timeout_s=timeout_s)
+        self.conn = h11.Connection(h11.CLIENT)
 
     @property
     def is_reusable(self) -> bool:

@@ -25,7 +25,6 @@ few milliseconds under a deadline. That waits on state; it never sleeps to "let 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import socket
 from collections.abc import Callable, Sequence
@@ -36,10 +35,12 @@ from typing import Any, Self
 import h11
 
 from tests.servers import (
+    DEFAULT_CLIENT_TIMEOUT_S,
     MAX_CHUNK_BYTES,
     READ_CHUNK_BYTES,
     ClientResponse,
     ReceivedRequest,
+    StreamClient,
     UpstreamServer,
     pattern_bytes,
 )
@@ -52,7 +53,7 @@ from zdlb.http.upstream import ServerConnections
 from zdlb.tcp.listener import bound_address
 
 # Every awaited expectation gets this deadline; pytest-timeout's 60 s is only the backstop.
-WAIT_S = 5.0
+WAIT_S = DEFAULT_CLIENT_TIMEOUT_S
 # How often ``eventually`` re-checks proxy state. Callbacks settle within a loop iteration or
 # two, so this only has to be short against WAIT_S.
 POLL_S = 0.002
@@ -203,7 +204,7 @@ def disable_nagle(server: UpstreamServer) -> None:
 # --- a client that can send anything -----------------------------------------------------------
 
 
-class RawClient:
+class RawClient(StreamClient):
     """Writes raw bytes; reads answers with an h11 client connection as the oracle.
 
     h11 only parses a response after it sent a request, so ``read_response`` first feeds it a
@@ -217,33 +218,9 @@ class RawClient:
         *,
         timeout_s: float = WAIT_S,
     ) -> None:
-        self.reader = reader
-        self.writer = writer
-        self.timeout_s = timeout_s  # per read
+        super().__init__(reader, writer, timeout_s=timeout_s)
         self.conn = h11.Connection(h11.CLIENT)
         self.informational: list[int] = []
-
-    @classmethod
-    async def connect(cls, addr: tuple[str, int], *, timeout_s: float = WAIT_S) -> RawClient:
-        async with asyncio.timeout(timeout_s):
-            reader, writer = await asyncio.open_connection(*addr)
-        return cls(reader, writer, timeout_s=timeout_s)
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
-
-    async def aclose(self) -> None:
-        self.writer.close()
-        with contextlib.suppress(ConnectionError):
-            await self.writer.wait_closed()
 
     async def send(self, data: bytes) -> None:
         self.writer.write(data)
