@@ -343,7 +343,10 @@ class ClientConnection(asyncio.Protocol):
         self._flush_upstream()
 
     def _connect_failed(self, server: Server, exc: UpstreamError) -> None:
-        log.warning("upstream_connect_failed server=%s error=%s", server.name, exc)
+        if count := self.route.upstreams[server.name].failures_to_log(self.loop.time()):
+            log.warning(
+                "upstream_connect_failed server=%s failures=%d error=%s", server.name, count, exc
+            )
         self._end_server_request()
         self._tried.append(server)
         if len(self._tried) <= self.route.retries:
@@ -466,10 +469,16 @@ class ClientConnection(asyncio.Protocol):
             self._connect(self.route.upstreams[self.server.name])
             return
         status = exc.status if isinstance(exc, UpstreamProtocolError) else 502
-        if self.server is not None:
-            log.warning(
-                "upstream_failed server=%s status=%d error=%s", self.server.name, status, exc
-            )
+        server = self.server
+        if server is not None:
+            if count := self.route.upstreams[server.name].failures_to_log(self.loop.time()):
+                log.warning(
+                    "upstream_failed server=%s failures=%d status=%d error=%s",
+                    server.name,
+                    count,
+                    status,
+                    exc,
+                )
         self._fail(status)
 
     def pause_upstream_writes(self) -> None:
@@ -604,7 +613,9 @@ class ClientConnection(asyncio.Protocol):
                     self._flush_client()
                     self.abort()
                     return
-                log.warning("upstream_timeout server=%s", self.server.name)
+                server = self.server
+                if count := self.route.upstreams[server.name].failures_to_log(self.loop.time()):
+                    log.warning("upstream_timeout server=%s failures=%d", server.name, count)
                 upstream, self.upstream = self.upstream, None
                 if upstream is not None:
                     upstream.owner = None

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol, cast
 
@@ -22,6 +23,10 @@ if TYPE_CHECKING:
     from zdlb.http.head import Headers, ResponseHead
 
 log = logging.getLogger(__name__)
+
+# A down server behind a busy listener fails every request routed to it, thousands a second:
+# its failures are logged as one line per this interval, with their count.
+FAILURE_LOG_INTERVAL_S = 5.0
 
 
 class UpstreamOwner(ResponseSink, Protocol):
@@ -155,7 +160,16 @@ class UpstreamConnection(asyncio.Protocol):
 class ServerConnections:
     """The idle keep-alive connections to one server, most recently used last."""
 
-    __slots__ = ("_connect_s", "_idle", "_idle_s", "_max_idle", "host_header", "server")
+    __slots__ = (
+        "_connect_s",
+        "_failure_logged_at",
+        "_failures",
+        "_idle",
+        "_idle_s",
+        "_max_idle",
+        "host_header",
+        "server",
+    )
 
     def __init__(self, server: Server, connect_s: float, idle_s: float) -> None:
         self.server = server
@@ -165,9 +179,21 @@ class ServerConnections:
         self._idle_s = idle_s
         self._max_idle = server.config.max_idle
         self._idle: list[UpstreamConnection] = []
+        self._failures = 0  # failures since the last one logged
+        self._failure_logged_at = -math.inf
 
     def __repr__(self) -> str:
         return f"<ServerConnections {self.server.name} idle={len(self._idle)}>"
+
+    def failures_to_log(self, now: float) -> int:
+        """Count one failure of this server; return how many to report in a log line now, or 0
+        to stay quiet (at most one line per FAILURE_LOG_INTERVAL_S)."""
+        self._failures += 1
+        if now - self._failure_logged_at < FAILURE_LOG_INTERVAL_S:
+            return 0
+        count, self._failures = self._failures, 0
+        self._failure_logged_at = now
+        return count
 
     @property
     def idle_count(self) -> int:
