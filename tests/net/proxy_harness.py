@@ -80,6 +80,7 @@ def proxy_config(
     limits: dict[str, int] | None = None,
     grace_s: float | None = None,
     x_forwarded_proto: str | None = None,
+    check: dict[str, Any] | None = None,
 ) -> Config:
     """A one-listener, one-backend config, validated by ``parse_config`` like a file would be.
 
@@ -101,6 +102,8 @@ def proxy_config(
         backend["retries"] = retries
     if backend_timeouts:
         backend["timeouts"] = dict(backend_timeouts)
+    if check is not None:
+        backend["check"] = dict(check)
     data: dict[str, Any] = {"listeners": {LISTENER: listener}, "backends": {BACKEND: backend}}
     return parse_config(data, "proxy_harness", Path(__file__).parent)
 

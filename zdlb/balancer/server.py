@@ -54,6 +54,7 @@ class Server:
         "config",
         "conns",
         "inflight",
+        "is_observed",
         "name",
     )
 
@@ -72,6 +73,8 @@ class Server:
         self._health = Health.UP
         self.inflight = 0
         self.conns = 0
+        # Live traffic reports its errors to the health checker (passive checks).
+        self.is_observed = config.check is not None and config.check.observe
 
     @property
     def pool(self) -> PoolName:

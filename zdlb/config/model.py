@@ -53,6 +53,24 @@ class PoolName(enum.Enum):
     BACKUP = "backup"
 
 
+class CheckKind(enum.Enum):
+    TCP = "tcp"  # the server accepts a TCP connection
+    HTTP = "http"  # the server answers an HTTP request as expected
+
+
+# Active check defaults are HAProxy's: `inter 2s`, `fastinter` (here 0.5 s, used while a server
+# is between states), `rise 2`, `fall 3`; a probe must answer within 1 s.
+DEFAULT_CHECK_INTERVAL_S = 2.0
+DEFAULT_CHECK_FAST_INTERVAL_S = 0.5
+DEFAULT_CHECK_TIMEOUT_S = 1.0
+DEFAULT_CHECK_RISE = 2
+DEFAULT_CHECK_FALL = 3
+# Passive observation: this many consecutive connect failures or 5xx answers on live traffic
+# mark a server down at once (HAProxy's `observe layer7` + `error-limit` defaults to 10; a
+# deploy wants a faster reaction).
+DEFAULT_OBSERVE_ERRORS = 3
+
+
 class LogFormat(enum.Enum):
     TEXT = "text"
     JSON = "json"
@@ -91,12 +109,34 @@ class Address:
 
 
 @dataclass(frozen=True, slots=True)
+class CheckConfig:
+    """How a server's health is checked. Statuses are inclusive ranges: (200, 399) by default."""
+
+    kind: CheckKind = CheckKind.TCP
+    interval_s: float = DEFAULT_CHECK_INTERVAL_S
+    fast_interval_s: float = DEFAULT_CHECK_FAST_INTERVAL_S  # while rising or falling
+    timeout_s: float = DEFAULT_CHECK_TIMEOUT_S
+    rise: int = DEFAULT_CHECK_RISE  # consecutive passes that bring a down server up
+    fall: int = DEFAULT_CHECK_FALL  # consecutive failures that take an up server down
+    method: str = "GET"  # http only
+    path: str = "/"  # http only
+    host: str | None = None  # http only: Host header; the server's address when unset
+    expect_status: tuple[tuple[int, int], ...] = ((200, 399),)  # http only
+    expect_body: str | None = None  # http only: a substring the body must contain
+    address: Address | None = None  # probe this endpoint instead of the server's address
+    port: int | None = None  # probe the server's host on this port
+    observe: bool = False  # passive: live-traffic errors also count
+    observe_errors: int = DEFAULT_OBSERVE_ERRORS  # consecutive ones that mark it down at once
+
+
+@dataclass(frozen=True, slots=True)
 class ServerConfig:
     name: str
     address: Address
     weight: int = DEFAULT_WEIGHT  # 0..256; 0 takes no new requests
     pool: PoolName = PoolName.MAIN
     max_idle: int = DEFAULT_MAX_IDLE_PER_SERVER  # idle keep-alive connections kept to it
+    check: CheckConfig | None = None  # None: never checked, always up (unless observed down)
 
 
 @dataclass(frozen=True, slots=True)

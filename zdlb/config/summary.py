@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from zdlb.config.model import BackendConfig, Config, ListenerConfig
+from zdlb.config.model import BackendConfig, CheckConfig, CheckKind, Config, ListenerConfig
 
 _INDENT = "  "
 _COLUMN_GAP = "  "
@@ -17,8 +17,8 @@ _COLUMN_GAP = "  "
 def describe(config: Config) -> str:
     """Listeners (name, mode, bind, backend) then backends (balance, retries, servers).
 
-    Servers are listed with address, pool, weight and idle-connection cap. Returns lines joined
-    by newlines, without a trailing newline.
+    Servers are listed with address, pool, weight, idle-connection cap and health check.
+    Returns lines joined by newlines, without a trailing newline.
     """
     lines = [
         f"{config.source}: {_count(config.listeners, 'listener')}, "
@@ -31,11 +31,30 @@ def describe(config: Config) -> str:
     for backend in config.backends:
         lines.append(_INDENT + _backend_line(backend, is_used=backend.name in used))
         rows = [
-            (s.name, str(s.address), s.pool.value, f"weight={s.weight}", f"max_idle={s.max_idle}")
+            (
+                s.name,
+                str(s.address),
+                s.pool.value,
+                f"weight={s.weight}",
+                f"max_idle={s.max_idle}",
+                _check_text(s.check),
+            )
             for s in backend.servers
         ]
         lines.extend(_columns(rows, depth=2))
     return "\n".join(lines)
+
+
+def _check_text(check: CheckConfig | None) -> str:
+    if check is None:
+        return ""  # unchecked: always up
+    what = check.kind.value
+    if check.kind is CheckKind.HTTP:
+        what += f" {check.method} {check.path}"
+    target = check.address or (f"port {check.port}" if check.port else None)
+    where = f" at {target}" if target else ""
+    observe = " +observe" if check.observe else ""
+    return f"check={what}{where} every {check.interval_s:g}s{observe}"
 
 
 def _count(items: Sequence[object], noun: str) -> str:

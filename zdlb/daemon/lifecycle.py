@@ -1,9 +1,10 @@
 """The daemon's life: build the runtime from a config, serve, and stop gracefully.
 
 Start: bind every listener first (a busy port fails the start before anything runs), then
-serve. Stop (SIGTERM/SIGINT): close the listeners, close idle keep-alive connections, let busy
-ones finish their current response within ``grace_s``, abort what remains, exit 0 -- uvicorn's
-order. A sweeper task enforces every connection's deadline (see http/proxy.py).
+serve, with the health checker probing every checked server. Stop (SIGTERM/SIGINT): close the
+listeners, close idle keep-alive connections, let busy ones finish their current response
+within ``grace_s``, abort what remains, exit 0 -- uvicorn's order. A sweeper task enforces every
+connection's deadline (see http/proxy.py).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from dataclasses import dataclass, field
 
 from zdlb.balancer.pool import Backend
 from zdlb.config.model import Config, ListenerMode
+from zdlb.health.scheduler import HealthChecker
 from zdlb.http.proxy import ClientConnection, Route
 from zdlb.http.upstream import ServerConnections
 from zdlb.tcp.listener import bind_listener, bound_address
@@ -57,6 +59,7 @@ class Runtime:
 
     config: Config
     backends: dict[str, Backend]
+    health: HealthChecker
     routes: list[Route] = field(default_factory=list)
     sockets: list[tuple[Route, socket.socket]] = field(default_factory=list)
     servers: list[asyncio.Server] = field(default_factory=list)
@@ -65,7 +68,8 @@ class Runtime:
 def build_runtime(config: Config) -> Runtime:
     """Create backends, pools and routes, and bind every listener. Raises ListenerError."""
     backends = {b.name: Backend(b) for b in config.backends}
-    runtime = Runtime(config, backends)
+    health = HealthChecker(server for backend in backends.values() for server in backend.servers)
+    runtime = Runtime(config, backends, health)
     try:
         for listener in config.listeners:
             assert listener.mode is ListenerMode.HTTP  # load.py refuses tcp until issue 4
@@ -75,7 +79,13 @@ def build_runtime(config: Config) -> Runtime:
                 s.name: ServerConnections(s, timeouts.connect_s, timeouts.upstream_idle_s)
                 for s in backend.servers
             }
-            route = Route(listener, backend, upstreams, log_access=config.logging.access_log)
+            route = Route(
+                listener,
+                backend,
+                upstreams,
+                log_access=config.logging.access_log,
+                observe=health.observe,
+            )
             runtime.routes.append(route)
             runtime.sockets.append((route, bind_listener(listener.bind, listener.backlog)))
     except BaseException:
@@ -114,9 +124,11 @@ async def serve(runtime: Runtime, stop: asyncio.Event) -> None:
     tune_gc()
     async with asyncio.TaskGroup() as tasks:
         sweeper = tasks.create_task(_sweep_forever(runtime.routes, interval_s))
+        checks = tasks.create_task(runtime.health.run())
         await stop.wait()
         await shutdown(runtime)
         sweeper.cancel()
+        checks.cancel()
 
 
 async def _sweep_forever(routes: list[Route], interval_s: float) -> None:

@@ -21,6 +21,7 @@ import enum
 import logging
 import time
 from collections import deque
+from collections.abc import Callable
 from typing import TYPE_CHECKING, cast
 
 from zdlb.config.model import ListenerConfig
@@ -61,6 +62,10 @@ PAUSED_CONNECTING = 2  # too many request bytes held while the server connection
 PAUSED_BACKLOG = 4  # too many pipelined requests queued
 
 
+def _ignore_observation(server: Server, ok: bool) -> None:
+    """The default when no health checker runs: live traffic reports to nobody."""
+
+
 class Route:
     """What every connection of one HTTP listener shares: its backend, pools and settings."""
 
@@ -71,8 +76,10 @@ class Route:
         upstreams: dict[str, ServerConnections],
         *,
         log_access: bool,
+        observe: Callable[[Server, bool], None] = _ignore_observation,
     ) -> None:
         self.listener = listener
+        self.observe = observe  # passive health: called for servers with is_observed only
         self.backend = backend
         self.upstreams = upstreams
         self.log_access = log_access
@@ -343,6 +350,8 @@ class ClientConnection(asyncio.Protocol):
         self._flush_upstream()
 
     def _connect_failed(self, server: Server, exc: UpstreamError) -> None:
+        if server.is_observed:
+            self.route.observe(server, False)
         if count := self.route.upstreams[server.name].failures_to_log(self.loop.time()):
             log.warning(
                 "upstream_connect_failed server=%s failures=%d error=%s", server.name, count, exc
@@ -415,6 +424,9 @@ class ClientConnection(asyncio.Protocol):
             and not self.route.is_stopping
             and not self._client_done
         )
+        server = self.server
+        if server is not None and server.is_observed:
+            self.route.observe(server, head.status < 500)
         self._response_started = True
         self._keep_alive_down = keep_alive
         self._chunked_down = framing is Framing.CHUNKED
@@ -471,6 +483,8 @@ class ClientConnection(asyncio.Protocol):
         status = exc.status if isinstance(exc, UpstreamProtocolError) else 502
         server = self.server
         if server is not None:
+            if server.is_observed:
+                self.route.observe(server, False)
             if count := self.route.upstreams[server.name].failures_to_log(self.loop.time()):
                 log.warning(
                     "upstream_failed server=%s failures=%d status=%d error=%s",
@@ -614,6 +628,8 @@ class ClientConnection(asyncio.Protocol):
                     self.abort()
                     return
                 server = self.server
+                if server.is_observed:
+                    self.route.observe(server, False)
                 if count := self.route.upstreams[server.name].failures_to_log(self.loop.time()):
                     log.warning("upstream_timeout server=%s failures=%d", server.name, count)
                 upstream, self.upstream = self.upstream, None
