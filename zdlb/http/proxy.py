@@ -257,11 +257,7 @@ class ClientConnection(asyncio.Protocol):
         if self._backlog:
             self._queue(2, trailers)
             return
-        if self._chunked_up:
-            self._send_upstream(rewrite.encode_last_chunk(trailers))
-        self._request_done = True
-        if self.upstream is not None:
-            self._flush_upstream()  # before a pooled connection can be released
+        self._forward_end(trailers)
 
     def _forward_body(self, data: bytes) -> None:
         self._send_upstream(rewrite.encode_chunk(data) if self._chunked_up else data)
