@@ -88,3 +88,15 @@ class NoServerAvailable(ZdlbError):
 
 class ListenerError(ZdlbError, OSError):
     """A listener could not bind its address (in use, permission denied, bad interface)."""
+
+
+class ControlUsageError(ZdlbError):
+    """A control command that is unknown or malformed: nothing changed; ``usage`` says how."""
+
+    def __init__(self, message: str, usage: str) -> None:
+        super().__init__(message)
+        self.usage = usage
+
+
+class ControlCommandError(ZdlbError):
+    """A well-formed control command that cannot be carried out (no such server...)."""

@@ -161,9 +161,19 @@ REJECTED = [
         id="unknown-top-level-did-you-mean",
     ),
     pytest.param(
-        [("control", {"socket": "zdlb.sock"})],
-        ["control: unknown key (expected one of: defaults, logging, listeners, backends)"],
+        [("metrics", {"listen": "127.0.0.1:9100"})],
+        ["metrics: unknown key (expected one of: defaults, logging, control, listeners, backends)"],
         id="unknown-top-level-section",
+    ),
+    pytest.param(
+        [("control", {"socket": "x" * 200})],
+        ["control.socket: a UNIX socket path holds 1..107 bytes, got 210"],  # /etc/zdlb/ + 200
+        id="control-socket-too-long",
+    ),
+    pytest.param(
+        [("control", {"group": "ops"})],
+        ["control.group: only used with a socket"],
+        id="control-group-without-socket",
     ),
     pytest.param(
         [("defaults.timeouts.conect_s", 1)],
@@ -473,7 +483,7 @@ def test_reports_every_issue_together() -> None:
         ("listeners.web.bind", "localhost:1"),
     )
     assert _issues(data) == [
-        "bogus: unknown key (expected one of: defaults, logging, listeners, backends)",
+        "bogus: unknown key (expected one of: defaults, logging, control, listeners, backends)",
         "logging.level: expected one of 'debug', 'info', 'warning', 'error', got 'loud'",
         "backends.app.retries: expected an integer, got 'two'",
         "backends.app.servers[0].address: 'nonsense' is not host:port",
@@ -488,7 +498,7 @@ def test_config_error_message_names_source_and_count() -> None:
         parse_config(_config(("listeners", DELETE), ("x", 1)), SOURCE, BASE_DIR)
     assert str(info.value) == (
         "test.toml: 2 error(s)\n"
-        "  x: unknown key (expected one of: defaults, logging, listeners, backends)\n"
+        "  x: unknown key (expected one of: defaults, logging, control, listeners, backends)\n"
         "  listeners: at least one listener is required"
     )
 

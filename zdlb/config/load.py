@@ -25,6 +25,7 @@ from zdlb.config.model import (
     Balance,
     CheckConfig,
     Config,
+    ControlConfig,
     Limits,
     ListenerConfig,
     ListenerMode,
@@ -40,7 +41,10 @@ from zdlb.errors import ConfigError, ConfigIssue
 LOG_LEVELS = ("debug", "info", "warning", "error")
 FORWARDED_PROTOS = ("http", "https")
 
-_TOP_KEYS = ("defaults", "logging", "listeners", "backends")
+_TOP_KEYS = ("defaults", "logging", "control", "listeners", "backends")
+_CONTROL_KEYS = ("socket", "group")
+# sun_path holds 108 bytes on Linux, NUL included: a longer path cannot be bound.
+_MAX_UNIX_PATH_BYTES = 107
 _DEFAULTS_KEYS = ("timeouts", "limits")
 _LOGGING_KEYS = ("access_log", "level", "format")
 _LISTENER_KEYS = ("bind", "mode", "backend", "backlog", "x_forwarded_proto", "timeouts", "limits")
@@ -89,6 +93,7 @@ def parse_config(data: Mapping[str, Any], source: str, base_dir: Path) -> Config
     default_timeouts = _read_timeouts(defaults, Timeouts())
     default_limits = _read_limits(defaults, Limits())
     logging_config = _read_logging(root.table("logging", _LOGGING_KEYS))
+    control = _read_control(root.table("control", _CONTROL_KEYS), base_dir)
     backends = [
         _read_backend(table, name, default_timeouts)
         for name, table in root.named_tables("backends", _BACKEND_KEYS)
@@ -105,7 +110,9 @@ def parse_config(data: Mapping[str, Any], source: str, base_dir: Path) -> Config
     _check_binds(valid_listeners, issues)
     if issues:
         raise ConfigError(source, issues)
-    return Config(source, valid_listeners, tuple(backends), default_timeouts, logging_config)
+    return Config(
+        source, valid_listeners, tuple(backends), default_timeouts, logging_config, control
+    )
 
 
 def resolve_path(base_dir: Path, value: str | os.PathLike[str]) -> Path:
@@ -115,6 +122,28 @@ def resolve_path(base_dir: Path, value: str | os.PathLike[str]) -> Path:
     daemon's working directory. No ``~`` or environment expansion, and no filesystem access.
     """
     return base_dir / Path(value)
+
+
+def _read_control(table: Table, base_dir: Path) -> ControlConfig:
+    socket_path: Path | None = None
+    if table.has("socket"):
+        text = table.required_string("socket")
+        if text is not None:
+            socket_path = resolve_path(base_dir, text)
+            size = len(os.fsencode(socket_path))
+            if not text or size > _MAX_UNIX_PATH_BYTES:
+                message = f"a UNIX socket path holds 1..{_MAX_UNIX_PATH_BYTES} bytes, got {size}"
+                table.fail("socket", message)
+                socket_path = None
+    group: str | None = None
+    if table.has("group"):
+        group = table.required_string("group")
+        if group is not None and not NAME_RE.fullmatch(group):
+            table.fail("group", f"{group!r} must match {NAME_RE.pattern}")
+            group = None
+        if socket_path is None:
+            table.fail("group", "only used with a socket")
+    return ControlConfig(socket_path, group)
 
 
 def _read_timeouts(parent: Table, base: Timeouts) -> Timeouts:

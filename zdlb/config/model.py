@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from pathlib import Path
 
 # Timeout defaults follow HAProxy's recommended values (`timeout connect 5s`, `client 30s`,
 # `server 30s`, `http-request 10s`).
@@ -162,6 +163,14 @@ class ListenerConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class ControlConfig:
+    """The control socket. ``socket`` None: no control socket."""
+
+    socket: Path | None = None  # a UNIX stream socket, relative to the config file
+    group: str | None = None  # None: mode 0600, owner only; a group: 0660 and that group
+
+
+@dataclass(frozen=True, slots=True)
 class LoggingConfig:
     access_log: bool = True  # one line per request on the `zdlb.access` logger
     level: str = "info"
@@ -177,6 +186,7 @@ class Config:
     backends: tuple[BackendConfig, ...]
     defaults: Timeouts = field(default_factory=Timeouts)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    control: ControlConfig = field(default_factory=ControlConfig)
 
     def backend(self, name: str) -> BackendConfig:
         """The backend called ``name``; load.py guarantees every listener's backend exists."""

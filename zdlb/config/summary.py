@@ -42,6 +42,8 @@ def describe(config: Config) -> str:
             for s in backend.servers
         ]
         lines.extend(_columns(rows, depth=2))
+    if config.control.socket is not None:
+        lines.append(f"control socket: {config.control.socket}")
     return "\n".join(lines)
 
 

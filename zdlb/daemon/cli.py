@@ -18,6 +18,7 @@ from zdlb import __version__
 from zdlb.config.load import load_config
 from zdlb.config.model import Config, LogFormat
 from zdlb.config.summary import describe
+from zdlb.daemon.ctl import run_ctl
 from zdlb.daemon.lifecycle import (
     build_runtime,
     install_signal_handlers,
@@ -29,6 +30,8 @@ from zdlb.errors import ConfigError, ZdlbError
 
 log = logging.getLogger(__name__)
 
+# `zdlb ctl` waits this long for an answer; `wait ... idle T` gets T more.
+CTL_TIMEOUT_S = 10.0
 EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_CONFIG = 2
@@ -49,6 +52,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     check = commands.add_parser("check", help="validate a config file and summarise it")
     check.add_argument("-c", "--config", required=True, type=Path, metavar="FILE")
+
+    ctl = commands.add_parser(
+        "ctl",
+        help="send one command to a running zdlb's control socket",
+        description="Send COMMAND to the control socket and print the answer; "
+        "`zdlb ctl -c FILE help` lists the commands. Exit 1 if the daemon answers an error.",
+    )
+    where = ctl.add_mutually_exclusive_group(required=True)
+    where.add_argument("-c", "--config", type=Path, metavar="FILE", help="find the socket here")
+    where.add_argument("-s", "--socket", type=Path, metavar="PATH", help="the socket itself")
+    ctl.add_argument("--json", action="store_true", help="ask for a JSON answer")
+    ctl.add_argument(
+        "--timeout", type=float, default=CTL_TIMEOUT_S, metavar="S", help="give up after S s"
+    )
+    ctl.add_argument("words", nargs="+", metavar="COMMAND", help="e.g. show servers")
 
     demo = commands.add_parser(
         "demo", help="start two demo hosts (main + backup vhosts) behind zdlb on :8000"
@@ -77,6 +95,8 @@ def _add_runtime_options(parser: argparse.ArgumentParser) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "ctl" and args.socket is not None:
+        return run_ctl(args.socket, args.words, as_json=args.json, timeout_s=args.timeout)
     try:
         config = load_config(args.config)
     except ConfigError as exc:
@@ -91,6 +111,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _run(args, config, _run_daemon)
         case "demo":
             return _run(args, config, _run_demo)
+        case "ctl":
+            if config.control.socket is None:
+                print(f"zdlb: {config.source} configures no [control] socket", file=sys.stderr)
+                return EXIT_CONFIG
+            return run_ctl(
+                config.control.socket, args.words, as_json=args.json, timeout_s=args.timeout
+            )
     raise AssertionError(args.command)  # argparse only accepts the commands above
 
 
@@ -155,6 +182,7 @@ Fail over (a stopped vhost refuses connections; zdlb retries the next server, th
   curl -s -X POST 'http://127.0.0.1:8082/demo/stop?seconds=30'  # both mains down
   curl -s http://127.0.0.1:8000/                                # front-1's backup vhost (v2)
   A stopped vhost serves again after its seconds (1..600, default 30).
+Control it (another terminal): zdlb ctl -c {config} show servers
 Stop with Ctrl-C."""
 
 

@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 
 from zdlb.balancer.pool import Backend
 from zdlb.config.model import Config, ListenerMode
+from zdlb.control.commands import Controller
+from zdlb.control.server import ControlServer
 from zdlb.health.scheduler import HealthChecker
 from zdlb.http.proxy import ClientConnection, Route
 from zdlb.http.upstream import ServerConnections
@@ -105,8 +107,22 @@ def sweep_interval_s(config: Config) -> float:
 
 
 async def serve(runtime: Runtime, stop: asyncio.Event) -> None:
-    """Serve until ``stop`` is set, then shut down gracefully."""
+    """Serve until ``stop`` is set, then shut down gracefully.
+
+    Raises ListenerError if the control socket cannot be created (before any listener serves).
+    """
     loop = asyncio.get_running_loop()
+    control: ControlServer | None = None
+    control_config = runtime.config.control
+    if control_config.socket is not None:
+        controller = Controller(runtime.backends, runtime.routes, runtime.health)
+        control = ControlServer(control_config.socket, control_config.group, controller)
+        try:
+            await control.start()
+        except BaseException:
+            for _, sock in runtime.sockets:
+                sock.close()
+            raise
     for route, sock in runtime.sockets:
         server = await loop.create_server(
             lambda route=route: ClientConnection(route, loop),  # type: ignore[misc]
@@ -126,6 +142,8 @@ async def serve(runtime: Runtime, stop: asyncio.Event) -> None:
         sweeper = tasks.create_task(_sweep_forever(runtime.routes, interval_s))
         checks = tasks.create_task(runtime.health.run())
         await stop.wait()
+        if control is not None:
+            await control.close()
         await shutdown(runtime)
         sweeper.cancel()
         checks.cancel()

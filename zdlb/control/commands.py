@@ -1,0 +1,235 @@
+"""What control commands do to the running daemon: read its state, change servers, wait.
+
+The parsing is control/protocol.py's, the socket control/server.py's; this module holds the
+effects. Every change is logged once with the peer's uid, the old and the new value.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import assert_never
+
+from zdlb import __version__
+from zdlb.balancer.pool import Backend
+from zdlb.balancer.server import AdminState, Health, Server
+from zdlb.control.protocol import (
+    Command,
+    Help,
+    SetServerState,
+    SetServerWeight,
+    ShowBackends,
+    ShowInfo,
+    ShowServers,
+    WaitIdle,
+    help_text,
+    render_json,
+    render_table,
+)
+from zdlb.errors import ControlCommandError
+from zdlb.health.scheduler import HealthChecker
+from zdlb.http.proxy import Route
+
+log = logging.getLogger(__name__)
+
+# `wait ... idle` looks at the server's counters this often. Counters change in callbacks that
+# notify nobody (an event per counter would cost every request); 10 ms is far below any drain.
+WAIT_POLL_S = 0.01
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """A command's answer: text for people, ``data`` for ``json``; ``is_error`` sets the exit."""
+
+    text: str
+    data: object
+    is_error: bool = False
+
+    def render(self, as_json: bool) -> str:
+        """The reply's text; an error's starts with "error:" (JSON: has an "error" key), which
+        is how ``zdlb ctl`` chooses its exit status."""
+        if as_json:
+            return render_json(self.data)
+        return f"error: {self.text}" if self.is_error else self.text
+
+
+class Controller:
+    """Carries out control commands against one running configuration."""
+
+    def __init__(
+        self, backends: dict[str, Backend], routes: Sequence[Route], health: HealthChecker
+    ) -> None:
+        self._backends = backends
+        self._routes = routes
+        self._health = health
+        self._started_at = time.monotonic()
+
+    async def execute(self, command: Command, peer_uid: int) -> Reply:
+        """Run ``command``. Raises ControlCommandError (unknown backend or server)."""
+        match command:
+            case Help():
+                return Reply(help_text(), {"commands": help_text().splitlines()})
+            case ShowInfo():
+                return self._show_info()
+            case ShowBackends():
+                return self._show_backends()
+            case ShowServers(backend=name):
+                backends = [self._backend(name)] if name else list(self._backends.values())
+                return self._show_servers(backends)
+            case SetServerState():
+                return self._set_state(command, peer_uid)
+            case SetServerWeight():
+                return self._set_weight(command, peer_uid)
+            case WaitIdle():
+                return await self._wait_idle(command)
+            case _:
+                assert_never(command)
+
+    def _backend(self, name: str) -> Backend:
+        backend = self._backends.get(name)
+        if backend is None:
+            known = ", ".join(sorted(self._backends)) or "none"
+            raise ControlCommandError(f"no backend {name!r} (backends: {known})")
+        return backend
+
+    def _server(self, backend_name: str, server_name: str) -> Server:
+        backend = self._backend(backend_name)
+        server = backend.server(server_name)
+        if server is None:
+            known = ", ".join(s.name for s in backend.servers)
+            raise ControlCommandError(f"no server {server_name!r} in {backend_name} ({known})")
+        return server
+
+    def _show_info(self) -> Reply:
+        connections = sum(len(route.connections) for route in self._routes)
+        data = {
+            "version": __version__,
+            "pid": os.getpid(),
+            "uptime_s": round(time.monotonic() - self._started_at, 1),
+            "listeners": len(self._routes),
+            "backends": len(self._backends),
+            "client_connections": connections,
+        }
+        rows = [(key, value) for key, value in data.items()]
+        return Reply(render_table(("info", "value"), rows), data)
+
+    def _show_backends(self) -> Reply:
+        rows = []
+        for backend in self._backends.values():
+            servers = backend.servers
+            usable = [s for s in servers if s.takes_new_traffic]
+            rows.append(
+                {
+                    "backend": backend.name,
+                    "balance": backend.balance.value,
+                    "servers": len(servers),
+                    "usable": len(usable),
+                    "inflight": sum(s.inflight for s in servers),
+                }
+            )
+        return _table_reply(rows, ("backend", "balance", "servers", "usable", "inflight"))
+
+    def _show_servers(self, backends: Sequence[Backend]) -> Reply:
+        rows = []
+        for backend in backends:
+            for server in backend.servers:
+                result = self._health.last_result(server)
+                rows.append(
+                    {
+                        "server": f"{backend.name}/{server.name}",
+                        "pool": server.pool.value,
+                        "admin": server.admin.value,
+                        "health": server.health.value,
+                        "weight": server.weight,
+                        "inflight": server.inflight,
+                        "conns": server.conns,
+                        "check": result.detail if result else "-",
+                        "changed": _changes(server) or "-",
+                    }
+                )
+        columns = ("server", "pool", "admin", "health", "weight", "inflight", "conns", "check")
+        return _table_reply(rows, (*columns, "changed"))
+
+    def _set_state(self, command: SetServerState, peer_uid: int) -> Reply:
+        server = self._server(command.backend, command.server)
+        old = server.set_admin(command.state)
+        log.info(
+            "server_admin server=%s/%s old=%s new=%s uid=%d",
+            server.backend,
+            server.name,
+            old.value,
+            command.state.value,
+            peer_uid,
+        )
+        if command.state is not AdminState.READY:
+            self._close_idle(server)  # pooled connections must not keep it from going idle
+        text = f"{server.backend}/{server.name}: admin {old.value} -> {command.state.value}\n"
+        return Reply(
+            text, {"server": f"{server.backend}/{server.name}", "admin": command.state.value}
+        )
+
+    def _set_weight(self, command: SetServerWeight, peer_uid: int) -> Reply:
+        server = self._server(command.backend, command.server)
+        old = server.weight
+        server.weight = command.weight
+        log.info(
+            "server_weight server=%s/%s old=%d new=%d uid=%d",
+            server.backend,
+            server.name,
+            old,
+            command.weight,
+            peer_uid,
+        )
+        text = f"{server.backend}/{server.name}: weight {old} -> {command.weight}\n"
+        return Reply(text, {"server": f"{server.backend}/{server.name}", "weight": command.weight})
+
+    async def _wait_idle(self, command: WaitIdle) -> Reply:
+        """Until the server has no request in flight and no open connection, or the timeout."""
+        server = self._server(command.backend, command.server)
+        if server.admin is not AdminState.READY or server.health is Health.DOWN:
+            self._close_idle(server)
+        name = f"{server.backend}/{server.name}"
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + command.timeout_s
+        while server.inflight or server.conns:
+            if loop.time() >= deadline:
+                data = {
+                    "error": "timeout",
+                    "server": name,
+                    "idle": False,
+                    "inflight": server.inflight,
+                    "conns": server.conns,
+                }
+                text = f"{name}: timeout, inflight={server.inflight} conns={server.conns}\n"
+                return Reply(text, data, is_error=True)
+            await asyncio.sleep(WAIT_POLL_S)
+            if server.admin is not AdminState.READY:
+                self._close_idle(server)  # connections released since the last look
+        return Reply(f"{name}: idle\n", {"server": name, "idle": True})
+
+    def _close_idle(self, server: Server) -> None:
+        for route in self._routes:
+            pool = route.upstreams.get(server.name)
+            if pool is not None and pool.server is server:
+                pool.close_idle()
+
+
+def _changes(server: Server) -> str:
+    """What differs from the config: the runtime changes an operator made."""
+    changes = []
+    if server.admin is not AdminState.READY:
+        changes.append(f"admin={server.admin.value}")
+    if server.weight != server.config.weight:
+        changes.append(f"weight={server.config.weight}->{server.weight}")
+    if server.pool is not server.config.pool:
+        changes.append(f"pool={server.config.pool.value}->{server.pool.value}")
+    return " ".join(changes)
+
+
+def _table_reply(rows: Sequence[Mapping[str, object]], columns: Sequence[str]) -> Reply:
+    table = render_table(columns, [[row[c] for c in columns] for row in rows])
+    return Reply(table, rows)

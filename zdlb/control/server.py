@@ -1,0 +1,182 @@
+"""The control socket: a UNIX stream socket that moves command lines and replies, nothing else.
+
+Parsing is control/protocol.py's, effects control/commands.py's. Every input is hostile until
+parsed: a line is bounded (MAX_LINE_BYTES), a client idle too long is dropped, a reply that
+is not read in time is abandoned, and at most MAX_CLIENTS talk at once. The socket file is
+created 0600 (0660 with a group); a stale file from a crashed daemon is replaced, a live
+daemon's socket is never stolen.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import grp
+import logging
+import os
+import socket
+import stat
+import struct
+from pathlib import Path
+
+from zdlb.control.commands import Controller
+from zdlb.control.protocol import (
+    MAX_LINE_BYTES,
+    frame,
+    parse_command,
+    render_error,
+    render_json_error,
+    wants_json,
+)
+from zdlb.errors import ControlCommandError, ControlUsageError, ListenerError
+
+log = logging.getLogger(__name__)
+
+# A person or a deploy script talks here, not a crowd: more clients at once than this is a
+# bug or an attack, and each one costs a task and a buffer.
+MAX_CLIENTS = 64
+# A connected client that sends no complete line for this long is dropped.
+CLIENT_IDLE_S = 60.0
+# A reply (at most a few KiB of table) that the client does not read within this is dropped.
+REPLY_WRITE_S = 10.0
+_PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
+
+
+class ControlServer:
+    """Serves one control socket. ``start()`` binds it; ``close()`` removes it."""
+
+    def __init__(self, path: Path, group: str | None, controller: Controller) -> None:
+        self._path = path
+        self._group = group
+        self._controller = controller
+        self._server: asyncio.Server | None = None
+        self._clients: set[asyncio.StreamWriter] = set()
+
+    def __repr__(self) -> str:
+        return f"<ControlServer {self._path} clients={len(self._clients)}>"
+
+    async def start(self) -> None:
+        """Bind the socket. Raises ListenerError if it is in use or cannot be created."""
+        sock = _bind_unix(self._path, self._group)
+        self._server = await asyncio.start_unix_server(
+            self._serve_client, sock=sock, limit=MAX_LINE_BYTES + 2
+        )
+        log.info("control_started socket=%s", self._path)
+
+    async def close(self) -> None:
+        """Stop accepting, drop connected clients, remove the socket file."""
+        if self._server is not None:
+            self._server.close()
+        for writer in list(self._clients):
+            writer.close()
+        if self._server is not None:
+            await self._server.wait_closed()
+        with contextlib.suppress(FileNotFoundError):
+            self._path.unlink()
+
+    async def _serve_client(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        if len(self._clients) >= MAX_CLIENTS:
+            writer.close()
+            return
+        self._clients.add(writer)
+        uid = _peer_uid(writer)
+        try:
+            while True:
+                try:
+                    async with asyncio.timeout(CLIENT_IDLE_S):
+                        line = await reader.readuntil(b"\n")
+                except (asyncio.IncompleteReadError, TimeoutError):
+                    return  # gone, or idle too long; a half-written command changes nothing
+                except asyncio.LimitOverrunError:
+                    message = f"line longer than {MAX_LINE_BYTES} bytes"
+                    await self._send(writer, frame(render_error(message, "usage: help")))
+                    return  # the rest of that line cannot be told from the next command
+                await self._send(writer, await self._answer(line, uid))
+        except (ConnectionError, TimeoutError):
+            return
+        finally:
+            self._clients.discard(writer)
+            writer.close()
+
+    async def _send(self, writer: asyncio.StreamWriter, reply: bytes) -> None:
+        writer.write(reply)
+        async with asyncio.timeout(REPLY_WRITE_S):
+            await writer.drain()
+
+    async def _answer(self, line: bytes, uid: int) -> bytes:
+        as_json = wants_json(line)  # even a bad command is answered in the format asked for
+        try:
+            command, as_json = parse_command(line)
+            reply = await self._controller.execute(command, uid)
+        except ControlUsageError as exc:
+            log.info("control_usage_error uid=%d error=%s", uid, exc)
+            if as_json:
+                return frame(render_json_error(str(exc), exc.usage))
+            return frame(render_error(str(exc), exc.usage))
+        except ControlCommandError as exc:
+            if as_json:
+                return frame(render_json_error(str(exc), ""))
+            return frame(render_error(str(exc), ""))
+        return frame(reply.render(as_json))
+
+
+def _bind_unix(path: Path, group: str | None) -> socket.socket:
+    """A listening UNIX socket at ``path``, replacing a stale one, never a live one."""
+    _remove_stale(path)
+    gid = -1
+    if group is not None:
+        try:
+            gid = grp.getgrnam(group).gr_gid
+        except KeyError:
+            raise ListenerError(0, f"control socket group {group!r} does not exist") from None
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old_umask = os.umask(0o177)  # created 0600: no window where others could connect
+    try:
+        sock.bind(os.fspath(path))
+        if gid != -1:
+            os.chown(path, -1, gid)
+            os.chmod(path, 0o660)
+        sock.listen(MAX_CLIENTS)
+        sock.setblocking(False)
+    except OSError as exc:
+        sock.close()
+        raise ListenerError(exc.errno, f"cannot create control socket {path}: {exc}") from None
+    finally:
+        os.umask(old_umask)
+    return sock
+
+
+def _remove_stale(path: Path) -> None:
+    try:
+        mode = path.lstat().st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(mode):
+        raise ListenerError(0, f"{path} exists and is not a socket; not replacing it")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(os.fspath(path))
+    except (ConnectionRefusedError, FileNotFoundError):
+        path.unlink(missing_ok=True)  # left by a daemon that died: nobody listens
+        log.info("control_stale_socket_removed socket=%s", path)
+        return
+    except OSError as exc:
+        raise ListenerError(exc.errno, f"cannot check control socket {path}: {exc}") from None
+    finally:
+        probe.close()
+    raise ListenerError(0, f"control socket {path} is in use by another zdlb")
+
+
+def _peer_uid(writer: asyncio.StreamWriter) -> int:
+    sock = writer.get_extra_info("socket")
+    if sock is None:
+        return -1
+    try:
+        _, uid, _ = _PEERCRED.unpack(
+            sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
+        )
+    except OSError:
+        return -1
+    return int(uid)
