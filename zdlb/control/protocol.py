@@ -123,8 +123,8 @@ _HELP_ROWS: tuple[tuple[str, str], ...] = (
     (f"set server BACKEND/SERVER weight 0..{MAX_WEIGHT}", "change a server's weight"),
     (
         "wait BACKEND/SERVER idle [TIMEOUT_S]",
-        f"reply once nothing is in flight (default {DEFAULT_WAIT_TIMEOUT_S:g} s, "
-        f"at most {MAX_WAIT_TIMEOUT_S:g} s)",
+        f"reply once no request is in flight and no connection open (timeout: default "
+        f"{DEFAULT_WAIT_TIMEOUT_S:g} s, at most {MAX_WAIT_TIMEOUT_S:g} s)",
     ),
 )
 
