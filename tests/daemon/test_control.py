@@ -532,3 +532,29 @@ async def test_regular_file_at_socket_path_is_kept(
     assert f"{path} exists and is not a socket; not replacing it" in daemon.output
     assert "Traceback" not in daemon.output
     assert path.read_text(encoding="utf-8") == "precious\n"
+
+
+# --- the state journal --------------------------------------------------------------------------
+
+
+async def test_runtime_changes_survive_a_restart_with_a_state_file(
+    echo_pair: tuple[EchoServer, EchoServer], start_daemon: StartDaemon, write_config: WriteConfig
+) -> None:
+    s1, s2 = echo_pair
+    specs = [ServerSpec("s1", s1.addr), ServerSpec("s2", s2.addr)]
+    text = control_config(specs) + 'state_file = "state.json"\n'
+    config = write_config(text)
+    first = await start_daemon("run", "-c", str(config))
+    await first.listener_addr()
+    lb = Balancer(first, config, config.parent / SOCKET_NAME, await first.listener_addr(), s1, s2)
+    assert (await lb.ctl("set", "server", "app/s1", "state", "maint")).returncode == EXIT_OK
+    assert (await lb.ctl("set", "server", "app/s2", "weight", "7")).returncode == EXIT_OK
+    first.send_signal(signal.SIGTERM)
+    assert await first.wait_exit() == 0
+
+    second = await start_daemon("run", "-c", str(config))
+    lb = Balancer(second, config, lb.socket, await second.listener_addr(), s1, s2)
+    servers = await lb.servers()
+    assert (servers["app/s1"]["admin"], servers["app/s2"]["weight"]) == ("maint", 7)
+    assert set(await lb.served_by()) == {"s2"}  # s1 stayed out of service across the restart
+    assert "state_journal_replayed server=app/s1" in second.output

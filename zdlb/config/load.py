@@ -42,7 +42,7 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 FORWARDED_PROTOS = ("http", "https")
 
 _TOP_KEYS = ("defaults", "logging", "control", "listeners", "backends")
-_CONTROL_KEYS = ("socket", "group")
+_CONTROL_KEYS = ("socket", "group", "state_file")
 # sun_path holds 108 bytes on Linux, NUL included: a longer path cannot be bound.
 _MAX_UNIX_PATH_BYTES = 107
 _DEFAULTS_KEYS = ("timeouts", "limits")
@@ -143,7 +143,14 @@ def _read_control(table: Table, base_dir: Path) -> ControlConfig:
             group = None
         if socket_path is None:
             table.fail("group", "only used with a socket")
-    return ControlConfig(socket_path, group)
+    state_file: Path | None = None
+    if table.has("state_file"):
+        text = table.required_string("state_file")
+        if text:
+            state_file = resolve_path(base_dir, text)
+        elif text is not None:
+            table.fail("state_file", "must not be empty")
+    return ControlConfig(socket_path, group, state_file)
 
 
 def _read_timeouts(parent: Table, base: Timeouts) -> Timeouts:

@@ -168,6 +168,7 @@ class ControlConfig:
 
     socket: Path | None = None  # a UNIX stream socket, relative to the config file
     group: str | None = None  # None: mode 0600, owner only; a group: 0660 and that group
+    state_file: Path | None = None  # runtime changes journaled here survive restarts
 
 
 @dataclass(frozen=True, slots=True)

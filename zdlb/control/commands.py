@@ -12,11 +12,13 @@ import os
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import assert_never
 
 from zdlb import __version__
 from zdlb.balancer.pool import Backend
 from zdlb.balancer.server import AdminState, Health, Server
+from zdlb.control import journal
 from zdlb.control.protocol import (
     Command,
     Help,
@@ -61,11 +63,16 @@ class Controller:
     """Carries out control commands against one running configuration."""
 
     def __init__(
-        self, backends: dict[str, Backend], routes: Sequence[Route], health: HealthChecker
+        self,
+        backends: dict[str, Backend],
+        routes: Sequence[Route],
+        health: HealthChecker,
+        state_file: Path | None = None,
     ) -> None:
         self._backends = backends
         self._routes = routes
         self._health = health
+        self._state_file = state_file
         self._started_at = time.monotonic()
 
     async def execute(self, command: Command, peer_uid: int) -> Reply:
@@ -81,9 +88,13 @@ class Controller:
                 backends = [self._backend(name)] if name else list(self._backends.values())
                 return self._show_servers(backends)
             case SetServerState():
-                return self._set_state(command, peer_uid)
+                reply = self._set_state(command, peer_uid)
+                await self._journal()
+                return reply
             case SetServerWeight():
-                return self._set_weight(command, peer_uid)
+                reply = self._set_weight(command, peer_uid)
+                await self._journal()
+                return reply
             case WaitIdle():
                 return await self._wait_idle(command)
             case _:
@@ -210,6 +221,17 @@ class Controller:
             if server.admin is not AdminState.READY:
                 self._close_idle(server)  # connections released since the last look
         return Reply(f"{name}: idle\n", {"server": name, "idle": True})
+
+    async def _journal(self) -> None:
+        """Record the runtime changes so a restart keeps them (in a thread: it fsyncs)."""
+        if self._state_file is None:
+            return
+        servers = [server for backend in self._backends.values() for server in backend.servers]
+        try:
+            await asyncio.to_thread(journal.save, self._state_file, servers)
+        except OSError as exc:
+            # The change is made; only its survival across a restart failed: say so loudly.
+            log.error("state_journal_write_failed file=%s error=%s", self._state_file, exc)
 
     def _close_idle(self, server: Server) -> None:
         for route in self._routes:

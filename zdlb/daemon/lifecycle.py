@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 from zdlb.balancer.pool import Backend
 from zdlb.config.model import Config, ListenerMode
+from zdlb.control import journal
 from zdlb.control.commands import Controller
 from zdlb.control.server import ControlServer
 from zdlb.health.scheduler import HealthChecker
@@ -70,7 +71,13 @@ class Runtime:
 def build_runtime(config: Config) -> Runtime:
     """Create backends, pools and routes, and bind every listener. Raises ListenerError."""
     backends = {b.name: Backend(b) for b in config.backends}
-    health = HealthChecker(server for backend in backends.values() for server in backend.servers)
+    servers = [server for backend in backends.values() for server in backend.servers]
+    state_file = config.control.state_file
+    if state_file is not None:
+        # Before the first request: a server left in maint must not take traffic at start.
+        # Small, one-off blocking I/O at start-up, before anything is served.
+        journal.replay(journal.load(state_file), servers)
+    health = HealthChecker(servers)
     runtime = Runtime(config, backends, health)
     try:
         for listener in config.listeners:
@@ -115,7 +122,9 @@ async def serve(runtime: Runtime, stop: asyncio.Event) -> None:
     control: ControlServer | None = None
     control_config = runtime.config.control
     if control_config.socket is not None:
-        controller = Controller(runtime.backends, runtime.routes, runtime.health)
+        controller = Controller(
+            runtime.backends, runtime.routes, runtime.health, control_config.state_file
+        )
         control = ControlServer(control_config.socket, control_config.group, controller)
         try:
             await control.start()
