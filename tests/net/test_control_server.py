@@ -18,8 +18,15 @@ from pathlib import Path
 
 import pytest
 
-from tests.net.proxy_harness import WAIT_S, ProxyStarter, RunningProxy, proxy_config, server_entry
-from tests.servers import EchoServer
+from tests.net.proxy_harness import (
+    WAIT_S,
+    ProxyStarter,
+    RunningProxy,
+    eventually,
+    proxy_config,
+    server_entry,
+)
+from tests.servers import EchoServer, H11Client
 from zdlb.balancer.server import AdminState
 from zdlb.config.model import DEFAULT_WEIGHT
 from zdlb.control import server as control_server
@@ -513,3 +520,22 @@ async def test_socket_is_removed_on_close(control: Control) -> None:
     assert not control.path.exists()
     with pytest.raises((FileNotFoundError, ConnectionRefusedError)):
         await control.connect()
+
+
+async def test_close_ends_a_client_stuck_in_a_long_wait(control: Control) -> None:
+    # Two requests leave a pooled keep-alive connection to each (ready) server, so a `wait`
+    # for s1 to be idle cannot end on its own.
+    async with await H11Client.connect(control.proxy.addr) as client:
+        for _ in range(2):
+            assert (await client.request("GET", "/")).status == 200
+    assert control.proxy.server("s1").conns > 0
+    reader, writer = await control.connect()
+    writer.write(b"wait app/s1 idle 3600\n")
+    await writer.drain()
+    await eventually(lambda: "busy=1" in repr(control.server))  # the wait is under way
+
+    async with asyncio.timeout(WAIT_S):
+        await control.server.close()
+        answer = await reader.read()  # the waiting client is answered and let go at once
+    assert answer == b"error: app/s1: the daemon is stopping\n\n"
+    writer.close()

@@ -74,6 +74,11 @@ class Controller:
         self._health = health
         self._state_file = state_file
         self._started_at = time.monotonic()
+        self._stopping = asyncio.Event()  # set at shutdown: waits answer at once
+
+    def stop_waiting(self) -> None:
+        """Shutdown: every `wait` in progress answers now (with an error) instead of later."""
+        self._stopping.set()
 
     async def execute(self, command: Command, peer_uid: int) -> Reply:
         """Run ``command``. Raises ControlCommandError (unknown backend or server)."""
@@ -207,6 +212,8 @@ class Controller:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + command.timeout_s
         while server.inflight or server.conns:
+            if self._stopping.is_set():
+                return Reply(f"{name}: the daemon is stopping\n", {"error": "stopping"}, True)
             if loop.time() >= deadline:
                 data = {
                     "error": "timeout",

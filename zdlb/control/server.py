@@ -51,9 +51,14 @@ class ControlServer:
         self._controller = controller
         self._server: asyncio.Server | None = None
         self._clients: set[asyncio.StreamWriter] = set()
+        # The client handlers, owned here so close() can wait for them; `_busy` are the clients
+        # whose command is being carried out (their answer is still to be written).
+        self._handlers: set[asyncio.Task[None]] = set()
+        self._busy: set[asyncio.StreamWriter] = set()
+        self._is_closing = False
 
     def __repr__(self) -> str:
-        return f"<ControlServer {self._path} clients={len(self._clients)}>"
+        return f"<ControlServer {self._path} clients={len(self._clients)} busy={len(self._busy)}>"
 
     async def start(self) -> None:
         """Bind the socket. Raises ListenerError if it is in use or cannot be created."""
@@ -65,10 +70,16 @@ class ControlServer:
 
     async def close(self) -> None:
         """Stop accepting, drop connected clients, remove the socket file."""
+        self._is_closing = True
         if self._server is not None:
             self._server.close()
-        for writer in list(self._clients):
+        # A command in progress (a long `wait`) is answered at once, then its client dropped;
+        # idle clients are dropped now. The handlers are asyncio's tasks, which report errors
+        # to the loop, so they are let finish rather than cancelled.
+        self._controller.stop_waiting()
+        for writer in self._clients - self._busy:
             writer.close()
+        await asyncio.gather(*self._handlers, return_exceptions=True)
         if self._server is not None:
             await self._server.wait_closed()
         with contextlib.suppress(FileNotFoundError):
@@ -81,9 +92,12 @@ class ControlServer:
             writer.close()
             return
         self._clients.add(writer)
+        handler = asyncio.current_task()
+        if handler is not None:
+            self._handlers.add(handler)
         uid = _peer_uid(writer)
         try:
-            while True:
+            while not self._is_closing:
                 try:
                     async with asyncio.timeout(CLIENT_IDLE_S):
                         line = await reader.readuntil(b"\n")
@@ -93,11 +107,17 @@ class ControlServer:
                     message = f"line longer than {MAX_LINE_BYTES} bytes"
                     await self._send(writer, frame(render_error(message, "usage: help")))
                     return  # the rest of that line cannot be told from the next command
-                await self._send(writer, await self._answer(line, uid))
+                self._busy.add(writer)
+                try:
+                    await self._send(writer, await self._answer(line, uid))
+                finally:
+                    self._busy.discard(writer)
         except (ConnectionError, TimeoutError):
             return
         finally:
             self._clients.discard(writer)
+            if handler is not None:
+                self._handlers.discard(handler)
             writer.close()
 
     async def _send(self, writer: asyncio.StreamWriter, reply: bytes) -> None:

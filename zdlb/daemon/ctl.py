@@ -34,6 +34,9 @@ def run_ctl(path: Path, words: Sequence[str], *, as_json: bool, timeout_s: float
     except TimeoutError:
         print(f"zdlb ctl: no answer from {path} within {deadline_s:g} s", file=sys.stderr)
         return EXIT_ERROR
+    if not answer.endswith(_END):
+        print(f"zdlb ctl: {path} closed before a complete answer", file=sys.stderr)
+        return EXIT_ERROR
     text = answer.decode("utf-8", "replace").rstrip("\n")  # the framing's empty line
     is_error = _is_error(text, as_json)
     print(text, file=sys.stderr if is_error else sys.stdout)
