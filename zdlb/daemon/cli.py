@@ -165,7 +165,10 @@ async def _run_demo(config: Config) -> None:
         runtime = build_runtime(config)
         stop = asyncio.Event()
         install_signal_handlers(stop)
-        print(DEMO_HELP.format(config=config.source), file=sys.stderr, flush=True)
+        # The command as the user can type it: `make demo` runs .venv/bin/zdlb, not on PATH.
+        program = sys.argv[0] if Path(sys.argv[0]).name == "zdlb" else "zdlb"
+        help_text = DEMO_HELP.format(config=config.source, program=program)
+        print(help_text, file=sys.stderr, flush=True)
         await serve(runtime, stop)
     finally:
         hosts.close()
@@ -182,7 +185,7 @@ Fail over (a stopped vhost refuses connections; zdlb retries the next server, th
   curl -s -X POST 'http://127.0.0.1:8082/demo/stop?seconds=30'  # both mains down
   curl -s http://127.0.0.1:8000/                                # front-1's backup vhost (v2)
   A stopped vhost serves again after its seconds (1..600, default 30).
-Control it (another terminal): zdlb ctl -c {config} show servers
+Control it (another terminal): {program} ctl -c {config} show servers
 Stop with Ctrl-C."""
 
 

@@ -1,0 +1,102 @@
+"""Python cost of one keep-alive request through zdlb's hot path, without the kernel.
+
+A ClientConnection and a pooled UpstreamConnection are wired to transports that only count
+writes, and fed a ``wrk``-like request and an nginx-like response, so what is timed is zdlb's
+own Python per request (parsing, rewriting, balancing, bookkeeping) on the uvloop loop clock.
+Prints the best and the median of 5 batches. Run: ``python -m benchmarks.hotpath_micro``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+import time
+from pathlib import Path
+
+import uvloop
+
+from zdlb.balancer.pool import Backend
+from zdlb.config.load import parse_config
+from zdlb.http.proxy import ClientConnection, Route
+from zdlb.http.upstream import ServerConnections, UpstreamConnection
+
+REQUEST = b"GET / HTTP/1.1\r\nHost: 127.0.0.1:9000\r\n\r\n"
+RESPONSE = (
+    b"HTTP/1.1 200 OK\r\nServer: nginx/1.22.1\r\nDate: Fri, 27 Nov 2026 15:45:10 GMT\r\n"
+    b"Content-Type: text/html\r\nContent-Length: 97\r\nConnection: keep-alive\r\n\r\n" + b"x" * 97
+)
+BATCHES = 5
+REQUESTS_PER_BATCH = 20_000
+
+
+class CountingTransport(asyncio.Transport):
+    """Takes writes and drops them: the kernel's share is not what is measured here."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes = 0
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        self.writes += 1
+
+    def get_extra_info(self, name: str, default: object = None) -> object:
+        return ("127.0.0.1", 50000) if name == "peername" else default
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+    def abort(self) -> None:
+        pass
+
+
+def main() -> None:
+    data = {
+        "logging": {"access_log": False},
+        "listeners": {"web": {"bind": "127.0.0.1:0", "backend": "app"}},
+        "backends": {
+            "app": {
+                "servers": [
+                    {"name": "s1", "address": "127.0.0.1:1"},
+                    {"name": "s2", "address": "127.0.0.1:2"},
+                ]
+            }
+        },
+    }
+    config = parse_config(data, "hotpath_micro", Path("."))
+    loop = uvloop.new_event_loop()
+    backend = Backend(config.backends[0])
+    upstreams = {s.name: ServerConnections(s, 1.0, 3600.0) for s in backend.servers}
+    route = Route(config.listeners[0], backend, upstreams, log_access=False)
+    for pool in upstreams.values():
+        upstream = UpstreamConnection(pool)
+        upstream.connection_made(CountingTransport())
+        pool.release(upstream, 0.0)
+    client = ClientConnection(route, loop)
+    client.connection_made(CountingTransport())
+
+    def one_request() -> None:
+        client.data_received(REQUEST)
+        upstream = client.upstream
+        assert upstream is not None
+        upstream.data_received(RESPONSE)
+
+    for _ in range(1000):  # warm up caches and the round-robin schedule
+        one_request()
+    batches = []
+    for _ in range(BATCHES):
+        start = time.perf_counter()
+        for _ in range(REQUESTS_PER_BATCH):
+            one_request()
+        batches.append((time.perf_counter() - start) / REQUESTS_PER_BATCH * 1e6)
+    print(f"us per request: best {min(batches):.2f}, median {statistics.median(batches):.2f}")
+    loop.close()
+
+
+if __name__ == "__main__":
+    main()
