@@ -18,12 +18,14 @@ from zdlb.control.protocol import (
     MAX_WAIT_TIMEOUT_S,
     USAGE,
     Command,
+    Flip,
     Help,
     SetServerState,
     SetServerWeight,
     ShowBackends,
     ShowInfo,
     ShowServers,
+    Swap,
     WaitIdle,
     format_command,
     frame,
@@ -37,7 +39,7 @@ from zdlb.control.protocol import (
 )
 from zdlb.errors import ControlUsageError
 
-U_HELP, U_INFO, U_BACKENDS, U_SERVERS, U_STATE, U_WEIGHT, U_WAIT = USAGE
+U_HELP, U_INFO, U_BACKENDS, U_SERVERS, U_STATE, U_WEIGHT, U_FLIP, U_SWAP, U_WAIT = USAGE
 U_ALL = "\n".join(USAGE)
 U_SHOW = "\n".join((U_INFO, U_BACKENDS, U_SERVERS))
 U_SET = "\n".join((U_STATE, U_WEIGHT))
@@ -75,6 +77,9 @@ COMMANDS = [
     pytest.param(b"wait a/b idle .5", WaitIdle("a", "b", 0.5), id="wait-leading-dot"),
     pytest.param(b"wait a/b idle 3600", WaitIdle("a", "b", 3600.0), id="wait-max"),
     pytest.param(b"wait a/b idle 1e3", WaitIdle("a", "b", 1000.0), id="wait-exponent"),
+    pytest.param(b"flip app/front-1", Flip("app", "front-1"), id="flip"),
+    pytest.param(b"flip app/front-1 force", Flip("app", "front-1", True), id="flip-force"),
+    pytest.param(b"swap app", Swap("app"), id="swap"),
 ]
 
 
@@ -237,6 +242,22 @@ ERRORS = [
         id="w-extra",
     ),
     # wait
+    pytest.param(b"flip", "missing BACKEND/SERVER", U_FLIP, id="flip-alone"),
+    pytest.param(b"flip app", "expected BACKEND/SERVER, got 'app'", U_FLIP, id="flip-no-slash"),
+    pytest.param(
+        b"flip a/b now", "unknown option 'now': expected 'force'", U_FLIP, id="flip-unknown-option"
+    ),
+    pytest.param(
+        b"flip a/b force x", "unexpected 'x' after 'flip a/b force'", U_FLIP, id="flip-extra"
+    ),
+    pytest.param(b"swap", "missing BACKEND", U_SWAP, id="swap-alone"),
+    pytest.param(b"swap a b", "unexpected 'b' after 'swap a'", U_SWAP, id="swap-extra"),
+    pytest.param(
+        b"swap a/b",
+        "invalid backend name 'a/b': use letters, digits, '.', '_', '-'",
+        U_SWAP,
+        id="swap-target",
+    ),
     pytest.param(b"wait", "missing BACKEND/SERVER", U_WAIT, id="wait-alone"),
     pytest.param(b"wait ab idle", "expected BACKEND/SERVER, got 'ab'", U_WAIT, id="wait-no-slash"),
     pytest.param(b"wait a/b", "missing condition: expected 'idle'", U_WAIT, id="wait-no-idle"),
@@ -418,6 +439,8 @@ def test_usage_lines_one_per_command_form() -> None:
         "usage: show servers [BACKEND]",
         "usage: set server BACKEND/SERVER state ready|drain|maint",
         "usage: set server BACKEND/SERVER weight 0..256",
+        "usage: flip BACKEND/SERVER [force]",
+        "usage: swap BACKEND",
         "usage: wait BACKEND/SERVER idle [TIMEOUT_S]",
     )
 

@@ -46,7 +46,7 @@ def pick_names(backend: Backend, picks: int, exclude: tuple[Server, ...] = ()) -
     """Names picked over many calls, with a different client key each time (for SOURCE)."""
     names: set[str | None] = set()
     for i in range(picks):
-        server = backend.select(key(i), exclude)
+        server = backend.select(0.0, key(i), exclude)
         names.add(None if server is None else server.name)
     return names
 
@@ -121,7 +121,7 @@ def test_pool_rules(case: PoolCase, balance: Balance) -> None:
 def test_retries_walk_every_candidate_once_then_none(balance: Balance, all_backups: bool) -> None:
     backend = make_backend(FOUR, balance, all_backups)
     tried: list[Server] = []
-    while (server := backend.select(b"10.9.8.7", tried)) is not None:
+    while (server := backend.select(0.0, b"10.9.8.7", tried)) is not None:
         assert server not in tried
         tried.append(server)
         assert len(tried) <= 4
@@ -164,7 +164,7 @@ def test_idle_picks_follow_weights(balance: Balance) -> None:
     backend = make_backend(WEIGHTED, balance, seed=7)
     counts: Counter[str] = Counter()
     for i in range(PICKS):
-        server = backend.select(key(i))
+        server = backend.select(0.0, key(i))
         assert server is not None
         counts[server.name] += 1
     assert_shares(counts)
@@ -180,7 +180,7 @@ def test_loaded_picks_follow_weights(balance: Balance) -> None:
     inflight: list[Server] = []
     counts: Counter[str] = Counter()
     for _ in range(PICKS):
-        server = backend.select()
+        server = backend.select(0.0)
         assert server is not None
         server.request_started()
         inflight.append(server)
@@ -200,13 +200,13 @@ def test_loaded_picks_follow_weights(balance: Balance) -> None:
 )
 def test_smooth_roundrobin_sequence_is_nginx(balance: Balance) -> None:
     backend = make_backend([("a", 5, MAIN), ("b", 1, MAIN), ("c", 1, MAIN)], balance)
-    picked = "".join(s.name for _ in range(14) if (s := backend.select()) is not None)
+    picked = "".join(s.name for _ in range(14) if (s := backend.select(0.0)) is not None)
     assert picked == "aabacaa" * 2
 
 
 def test_roundrobin_is_exact_over_a_whole_cycle() -> None:
     backend = make_backend(WEIGHTED)
-    counts = Counter(s.name for _ in range(175 * 4) if (s := backend.select()) is not None)
+    counts = Counter(s.name for _ in range(175 * 4) if (s := backend.select(0.0)) is not None)
     assert counts == {"a": 400, "b": 200, "c": 100}
 
 
@@ -220,7 +220,7 @@ def test_random_never_picks_the_busiest_of_its_two_draws() -> None:
 def test_random_is_deterministic_for_a_seed() -> None:
     def sequence(seed: int) -> list[str]:
         backend = make_backend(WEIGHTED, Balance.RANDOM, seed=seed)
-        return [s.name for _ in range(50) if (s := backend.select()) is not None]
+        return [s.name for _ in range(50) if (s := backend.select(0.0)) is not None]
 
     assert sequence(5) == sequence(5)
     assert sequence(5) != sequence(6)
@@ -246,14 +246,14 @@ def test_leastconn_picks_least_loaded_per_weight(
     backend = make_backend(specs, Balance.LEASTCONN)
     for server, load in zip(backend.servers, inflight, strict=True):
         server.inflight = load
-    assert {s.name for _ in range(20) if (s := backend.select())} == {expected}
+    assert {s.name for _ in range(20) if (s := backend.select(0.0))} == {expected}
 
 
 def test_leastconn_spreads_ties_round_robin() -> None:
     backend = make_backend([("a", 100, MAIN), ("b", 100, MAIN), ("c", 100, MAIN)])
     backend.balance = Balance.LEASTCONN
     get(backend, "a").inflight = 1
-    picked = [s.name for _ in range(6) if (s := backend.select()) is not None]
+    picked = [s.name for _ in range(6) if (s := backend.select(0.0)) is not None]
     assert picked == ["b", "c", "b", "c", "b", "c"]
 
 
@@ -261,7 +261,7 @@ def test_leastconn_balances_as_requests_start() -> None:
     backend = make_backend([("a", 100, MAIN), ("b", 100, MAIN), ("c", 100, MAIN)])
     backend.balance = Balance.LEASTCONN
     for _ in range(30):
-        server = backend.select()
+        server = backend.select(0.0)
         assert server is not None
         server.request_started()
     assert [s.inflight for s in backend.servers] == [10, 10, 10]
@@ -274,7 +274,7 @@ KEYS = [key(i) for i in range(1000)]
 
 
 def source_map(backend: Backend, exclude: tuple[Server, ...] = ()) -> dict[bytes, str]:
-    return {k: s.name for k in KEYS if (s := backend.select(k, exclude)) is not None}
+    return {k: s.name for k in KEYS if (s := backend.select(0.0, k, exclude)) is not None}
 
 
 def test_source_same_key_same_server_across_instances() -> None:
@@ -291,7 +291,7 @@ def test_source_hash_is_stable_across_processes() -> None:
     Python's salted ``hash()`` would fail this under a different PYTHONHASHSEED.
     """
     backend = make_backend(FIVE, Balance.SOURCE)
-    picked = "".join(s.name for i in range(12) if (s := backend.select(key(i))) is not None)
+    picked = "".join(s.name for i in range(12) if (s := backend.select(0.0, key(i))) is not None)
     assert picked == "ecceddddadec"
 
 
@@ -396,7 +396,7 @@ def test_select_property(
     eligible = [s for s in backend.servers if s.takes_new_traffic and s not in excluded]
     eligible_main = [s for s in eligible if s.pool is MAIN]
     for _ in range(3):  # repeated picks exercise the rotation state too
-        picked = backend.select(client_key, excluded)
+        picked = backend.select(0.0, client_key, excluded)
         if not eligible:
             assert picked is None
             continue

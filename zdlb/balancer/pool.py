@@ -3,8 +3,12 @@
 ``Backend.select`` is called once per request (and once per retry), so it is written as plain
 loops over a handful of servers: no logging, no sorting, at most two small lists per call.
 
-Pool rule (HAProxy's semantics): backups serve only when no main server takes new traffic, and
-then only the first usable backup in config order unless ``all_backups`` is set.
+Pool rules: each main server is a *slot*; a slot whose main is not usable is served by the
+main's pair (its backup on the same host) with the main's weight (server.py, rule 3). Unpaired
+backups keep HAProxy's semantics: they serve only when no slot takes new traffic, and then only
+the first usable one in config order unless ``all_backups`` is set. ``select_sticky`` routes a
+client that carries a sticky identity: to that host's main, else its pair, else nobody (the
+caller then balances and re-pins).
 
 No I/O, no clock reads, no event loop here. Randomness comes from an injected ``random.Random``
 so tests are deterministic.
@@ -18,7 +22,7 @@ import random
 from collections.abc import Collection
 from typing import assert_never
 
-from zdlb.balancer.server import AdminState, Health, Server
+from zdlb.balancer.server import AdminState, Health, Member, Server, slot_route
 from zdlb.config.model import BackendConfig, Balance, PoolName
 
 # Source hashing keeps 53 bits of a 64-bit BLAKE2b digest: exactly what a float holds, so the
@@ -38,12 +42,14 @@ class Backend:
     """
 
     __slots__ = (
+        "_by_identity",
         "_by_name",
         "_current",
         "_rng",
         "_rr_generation",
         "_rr_next",
         "_rr_schedule",
+        "_rr_valid_until",
         "_salt",
         "balance",
         "config",
@@ -57,6 +63,16 @@ class Backend:
         self.balance: Balance = config.balance
         self.servers: tuple[Server, ...] = tuple(Server(s, config.name) for s in config.servers)
         self._by_name = {server.name: server for server in self.servers}
+        for server in self.servers:
+            if server.config.pair is not None:  # load.py checked it names a main, once
+                main = self._by_name[server.config.pair]
+                main.pair, server.pair = server, main
+        # Every identity a sticky cookie can carry, to the server that was configured as main.
+        self._by_identity = {s.identity: s for s in self.servers if s.config.pair is None}
+        # Without a sticky cookie a drained server has no users to hold: its pair takes over.
+        hold_s = config.sticky.drain_sticky_s if config.sticky else 0.0
+        for server in self.servers:
+            server.drain_hold_s = hold_s
         self._rng = rng if rng is not None else random.Random()
         # Smooth round-robin "current weight" per server, keyed by the Server object so a server
         # that changes pool or drops out of the candidates keeps its place in the rotation.
@@ -69,13 +85,39 @@ class Backend:
         self._rr_schedule: list[Server] = []
         self._rr_next = 0
         self._rr_generation = -1
+        self._rr_valid_until = math.inf  # a drain hold ending changes the candidates
 
     def server(self, name: str) -> Server | None:
         """The server called ``name`` in this backend, or None."""
         return self._by_name.get(name)
 
+    def identities(self) -> list[str]:
+        """Every sticky identity of this backend: one per host (a main and its pair share it)."""
+        return list(self._by_identity)
+
+    def swap_pools(self) -> None:
+        """Blue/green: every main server becomes a backup and every backup a main."""
+        for server in self.servers:
+            server.pool = PoolName.BACKUP if server.pool is PoolName.MAIN else PoolName.MAIN
+
+    def select_sticky(self, identity: str, now: float) -> Server | None:
+        """The server for a client pinned to ``identity``, or None (unknown, or the host has
+        no usable version: the caller balances and re-pins). Rule 2 and 3 of server.py."""
+        server = self._by_identity.get(identity)
+        if server is None:
+            return None
+        pair = server.pair
+        if pair is not None and pair._pool is PoolName.MAIN:
+            server = pair  # after a swap the configured backup is the slot's main
+        if server._pool is not PoolName.MAIN:  # an unpaired backup keeps its users while usable
+            return server if server.holds_sticky(now) else None
+        _, member = slot_route(server, now)
+        if member is Member.MAIN:
+            return server
+        return server.pair if member is Member.PAIR else None
+
     def select(
-        self, client_key: bytes | None = None, exclude: Collection[Server] = ()
+        self, now: float, client_key: bytes | None = None, exclude: Collection[Server] = ()
     ) -> Server | None:
         """Pick the server for a new request, or None if no server takes new traffic.
 
@@ -89,19 +131,19 @@ class Backend:
         2 us, RANDOM 1.7 us, SOURCE 5 us per call.
         """
         if not exclude and self.balance is Balance.ROUNDROBIN:
-            if self._rr_generation != Server.generation:
-                self._build_schedule()
+            if self._rr_generation != Server.generation or now >= self._rr_valid_until:
+                self._build_schedule(now)
             schedule = self._rr_schedule
             if not schedule:
                 return None
             position = self._rr_next
             self._rr_next = position + 1 if position + 1 < len(schedule) else 0
             return schedule[position]
-        candidates = self._candidates(exclude)
+        candidates = self._candidates(exclude, now)
         if len(candidates) <= 1:
             # One candidate: every algorithm picks it, and smooth round robin would add and
             # subtract the same weight, so skipping it leaves the rotation state unchanged.
-            return candidates[0] if candidates else None
+            return candidates[0][0] if candidates else None
         match self.balance:
             case Balance.ROUNDROBIN:
                 return self._pick_roundrobin(candidates)
@@ -116,126 +158,132 @@ class Backend:
             case _:
                 assert_never(self.balance)
 
-    def _build_schedule(self) -> None:
+    def _build_schedule(self, now: float) -> None:
         """One period of smooth weighted round robin over today's candidates: sum of weights
         divided by their gcd picks (2 for two equal servers, at most 256 per server)."""
-        candidates = self._candidates(())
-        weights = [s.weight for s in candidates]
+        candidates = self._candidates((), now)
+        weights = [weight for _, weight in candidates]
         period = sum(weights) // math.gcd(*weights) if weights else 0
         self._rr_schedule = [self._pick_roundrobin(candidates) for _ in range(period)]
         self._rr_next = 0
         self._rr_generation = Server.generation
+        holds = [s.drain_ends for s in self.servers if s._admin is AdminState.DRAIN]
+        self._rr_valid_until = min([end for end in holds if end > now], default=math.inf)
 
-    def _candidates(self, exclude: Collection[Server]) -> list[Server]:
-        """Main servers taking new traffic, else backups (only the first unless all_backups)."""
-        # The test is Server.takes_new_traffic inlined, reading the fields behind the properties
-        # (which exist to bump Server.generation on writes): the property calls cost ~0.3 us
-        # per server, half of this method (measured, 4 servers).
+    def _candidates(self, exclude: Collection[Server], now: float) -> list[tuple[Server, int]]:
+        """(server, weight) taking new traffic: each slot's main, or its pair with the main's
+        weight (rule 3); else unpaired backups (only the first unless all_backups)."""
+        # The common case -- a main READY and UP -- is Server.takes_new_traffic inlined, reading
+        # the fields behind the properties (which exist to bump Server.generation on writes):
+        # the property calls cost ~0.3 us per server, half of this method (measured, 4 servers).
         ready, up = AdminState.READY, Health.UP
         main = PoolName.MAIN
-        found = []
+        found: list[tuple[Server, int]] = []
         for s in self.servers:
-            if (
-                s._pool is main
-                and s._admin is ready
-                and s._health is up
-                and s._weight > 0
-                and s not in exclude
-            ):
-                found.append(s)
+            if s._pool is not main:
+                continue
+            if s._admin is ready and s._health is up:
+                if s._weight > 0 and s not in exclude:
+                    found.append((s, s._weight))
+            elif s.pair is not None and slot_route(s, now)[0] is Member.PAIR:
+                if s.pair not in exclude:
+                    found.append((s.pair, s._weight))
         if found:
             return found
         backup, only_first = PoolName.BACKUP, not self.config.all_backups
         for s in self.servers:
             if (
                 s._pool is backup
+                and s.pair is None
                 and s._admin is ready
                 and s._health is up
                 and s._weight > 0
                 and s not in exclude
             ):
-                found.append(s)
+                found.append((s, s._weight))
                 if only_first:
                     break  # HAProxy: without allbackups only the first usable backup serves
         return found
 
-    def _pick_roundrobin(self, candidates: list[Server]) -> Server:
+    def _pick_roundrobin(self, candidates: list[tuple[Server, int]]) -> Server:
         """nginx's smooth weighted round robin: weights 5/1/1 give a a b a c a a."""
         current = self._current
         total = 0
-        best = candidates[0]
+        best = candidates[0][0]
         best_current = -(1 << 62)
-        for s in candidates:
-            value = current.get(s, 0) + s.weight
+        for s, weight in candidates:
+            value = current.get(s, 0) + weight
             current[s] = value
-            total += s.weight
+            total += weight
             if value > best_current:  # strict: ties go to the first in config order
                 best, best_current = s, value
         current[best] = best_current - total
         return best
 
-    def _pick_leastconn(self, candidates: list[Server]) -> Server:
+    def _pick_leastconn(self, candidates: list[tuple[Server, int]]) -> Server:
         """Fewest in-flight requests per unit of weight; ties share by smooth round robin.
 
         Loads compare as ``a.inflight * b.weight < b.inflight * a.weight``: exact integers, no
         division. Breaking ties by weighted round robin (rather than "first wins") spreads an
         idle backend's traffic by weight instead of sending it all to the first server.
         """
-        best = candidates[0]
-        for s in candidates:
-            if s.inflight * best.weight < best.inflight * s.weight:
-                best = s
-        load, weight = best.inflight, best.weight
-        tied = [s for s in candidates if s.inflight * weight == load * s.weight]
-        return tied[0] if len(tied) == 1 else self._pick_roundrobin(tied)
+        best, best_weight = candidates[0]
+        for s, weight in candidates:
+            if s.inflight * best_weight < best.inflight * weight:
+                best, best_weight = s, weight
+        load = best.inflight
+        tied = [(s, w) for s, w in candidates if s.inflight * best_weight == load * w]
+        return tied[0][0] if len(tied) == 1 else self._pick_roundrobin(tied)
 
-    def _pick_random(self, candidates: list[Server]) -> Server:
+    def _pick_random(self, candidates: list[tuple[Server, int]]) -> Server:
         """Weighted power of two choices: two distinct weighted draws, keep the less loaded.
 
         The first draw wins ties, so an idle backend is served exactly in proportion to weight.
         """
         total = 0
-        for s in candidates:
-            total += s.weight
-        first = self._draw(candidates, total, None)
-        second = self._draw(candidates, total - first.weight, first)
-        if second.inflight * first.weight < first.inflight * second.weight:
+        for _, weight in candidates:
+            total += weight
+        first, first_weight = self._draw(candidates, total, None)
+        second, second_weight = self._draw(candidates, total - first_weight, first)
+        if second.inflight * first_weight < first.inflight * second_weight:
             return second
         return first
 
-    def _draw(self, candidates: list[Server], total: int, skip: Server | None) -> Server:
+    def _draw(
+        self, candidates: list[tuple[Server, int]], total: int, skip: Server | None
+    ) -> tuple[Server, int]:
         """One candidate other than ``skip``, with probability weight / ``total``."""
         point = self._rng.random() * total
         chosen = candidates[0]
-        for s in candidates:
-            if s is skip:
+        for candidate in candidates:
+            if candidate[0] is skip:
                 continue
-            chosen = s
-            point -= s.weight
+            chosen = candidate
+            point -= candidate[1]
             if point < 0:
                 break
         # Float rounding can leave point at 0 after the last server; `chosen` is then the last
         # eligible one, which is where the draw belongs.
         return chosen
 
-    def _pick_source(self, candidates: list[Server], client_key: bytes) -> Server:
+    def _pick_source(self, candidates: list[tuple[Server, int]], client_key: bytes) -> Server:
         """Weighted rendezvous hashing: the highest ``weight / -ln(hash(key, server))`` wins.
 
         Each server's score depends only on the key and that server, so removing a server moves
         only the keys it held, and a server's share is proportional to its weight. The hash is
         keyed BLAKE2b, stable across processes (unlike the salted built-in ``hash``).
         """
-        best = candidates[0]
+        best = candidates[0][0]
         best_score = -1.0
         salt = self._salt
         blake2b = hashlib.blake2b
-        for s in candidates:
+        for s, weight in candidates:
             server_salt = salt.get(s)
             if server_salt is None:
                 server_salt = salt[s] = _name_salt(s.name)
             digest = blake2b(client_key, digest_size=8, salt=server_salt).digest()
             unit = ((int.from_bytes(digest, "big") >> _HASH_SHIFT) + 0.5) * _HASH_SCALE
-            score = s.weight / -math.log(unit)
+            score = weight / -math.log(unit)
             if score > best_score:
                 best, best_score = s, score
         return best

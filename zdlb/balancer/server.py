@@ -5,16 +5,31 @@ happens between awaits). The balancer reads it once per request, so its predicat
 attribute comparisons.
 
 State is two orthogonal enums, ``AdminState`` (what the operator asked for) and ``Health``
-(what the checks found), each changed in exactly one method that returns the old value. Today
-every change is allowed; the table-driven transition machine (health checks, drain, maint,
-main/backup pairs) slots into ``set_admin``/``set_health`` without touching callers.
+(what the checks found), each changed in exactly one method that returns the old value, plus
+the pool (main | backup) and the weight.
 
-No I/O, no clock reads, no logging here: callers log transitions with the old value returned.
+Rules, stated once (h11's _state.py style; tests/unit/test_server.py walks every row):
+
+1. A server takes *new* traffic only when READY, UP and of weight > 0.
+2. It keeps its *sticky* users when UP and READY (whatever its weight), or UP and DRAIN until
+   ``drain_ends``: a drain holds its users for ``drain_sticky_s``, then lets them go, so a
+   drain always ends.
+3. A paired backup (``pair``) stands in for its main whenever the main is not usable (down,
+   maint, or drain once its hold is over), for new and sticky traffic alike, with the main's
+   weight. ``slot_route`` below is that rule as a table.
+4. ``flip`` toggles whether a pair's main is in maintenance: a main that serves (READY or DRAIN)
+   goes to MAINT and its pair becomes READY; a main in MAINT becomes READY again. Flipping to
+   a member whose checks fail is refused unless forced (``plan_flip``).
+
+No I/O, no clock reads, no logging here: a caller passes ``now`` and logs transitions with the
+old value returned.
 """
 
 from __future__ import annotations
 
 import enum
+import math
+from dataclasses import dataclass
 
 from zdlb.config.model import Address, PoolName, ServerConfig
 
@@ -53,9 +68,13 @@ class Server:
         "backend",
         "config",
         "conns",
+        "drain_ends",
+        "drain_hold_s",
+        "identity",
         "inflight",
         "is_observed",
         "name",
+        "pair",
     )
 
     # Bumped by every change of pool, admin state, health or weight, in any server: balancers
@@ -75,6 +94,14 @@ class Server:
         self.conns = 0
         # Live traffic reports its errors to the health checker (passive checks).
         self.is_observed = config.check is not None and config.check.observe
+        # The other version on the same host (set both ways by the Backend), and the name the
+        # sticky cookie carries: a main and its pair share it, so users stay on their host.
+        self.pair: Server | None = None
+        self.identity: str = config.pair or config.name
+        # While DRAIN: until when sticky users stay (a monotonic time, like the loop's clock);
+        # the backend sets the hold to its sticky drain_sticky_s (0 without a sticky cookie).
+        self.drain_ends = math.inf
+        self.drain_hold_s = 0.0
 
     @property
     def pool(self) -> PoolName:
@@ -123,9 +150,23 @@ class Server:
         # Inlined rather than calling is_usable: this runs once per server per request.
         return self.admin is AdminState.READY and self.health is Health.UP and self.weight > 0
 
-    def set_admin(self, state: AdminState) -> AdminState:
-        """Set the admin state; returns the previous one so the caller can log old -> new."""
+    def holds_sticky(self, now: float) -> bool:
+        """True if this server keeps its sticky users at ``now`` (rule 2)."""
+        if self._health is not Health.UP:
+            return False
+        admin = self._admin
+        return admin is AdminState.READY or (admin is AdminState.DRAIN and now < self.drain_ends)
+
+    def set_admin(self, state: AdminState, now: float | None = None) -> AdminState:
+        """Set the admin state; returns the previous one so the caller can log old -> new.
+
+        Entering DRAIN at ``now`` holds sticky users until ``now + drain_hold_s`` (without
+        ``now``: for good). Draining a server already draining keeps the first deadline, so
+        repeating the command is harmless.
+        """
         old = self.admin
+        if state is AdminState.DRAIN and old is not AdminState.DRAIN:
+            self.drain_ends = math.inf if now is None else now + self.drain_hold_s
         self.admin = state
         return old
 
@@ -163,3 +204,54 @@ class Server:
             f" health={self.health.value} weight={self.weight} inflight={self.inflight}"
             f" conns={self.conns}>"
         )
+
+
+class Member(enum.Enum):
+    """Which member of a main/pair slot gets traffic."""
+
+    MAIN = "main"
+    PAIR = "pair"
+    NONE = "none"
+
+
+def slot_route(main: Server, now: float) -> tuple[Member, Member]:
+    """Who serves the slot of pool-main server ``main``: (new traffic, sticky traffic).
+
+    Rule 3 as code. Without a pair the answer is MAIN or NONE; weight only matters to the
+    balancer, which gives a stand-in its main's weight.
+    """
+    new = Member.MAIN if main.takes_new_traffic else Member.NONE
+    sticky = Member.MAIN if main.holds_sticky(now) else Member.NONE
+    pair = main.pair
+    if pair is None or not pair.is_usable:
+        return new, sticky
+    if sticky is Member.NONE:
+        # The main is down, in maint, or its drain hold is over: the pair takes the slot.
+        return (Member.PAIR if main.weight > 0 else Member.NONE), Member.PAIR
+    return new, sticky
+
+
+@dataclass(frozen=True, slots=True)
+class FlipPlan:
+    """What ``flip`` does to a pair: the main's and the pair's new admin states, or why not."""
+
+    main: AdminState
+    pair: AdminState
+    refusal: str | None = None
+
+
+def plan_flip(main: Server, pair: Server, force: bool) -> FlipPlan:
+    """Rule 4: toggle whether ``main`` is in maintenance; ``pair`` takes over or steps back.
+
+    Refused (unless ``force``) when the member that would take the traffic is down by its
+    checks: flipping would leave the host with no working version.
+    """
+    if main.admin is AdminState.MAINT:
+        refusal = None
+        if main.health is Health.DOWN and not force:
+            refusal = f"{main.name} fails its checks; flipping back needs 'force'"
+        return FlipPlan(AdminState.READY, pair.admin, refusal)
+    refusal = None
+    if pair.health is Health.DOWN and not force:
+        refusal = f"{pair.name} fails its checks; flipping to it needs 'force'"
+    return FlipPlan(AdminState.MAINT, AdminState.READY, refusal)

@@ -35,6 +35,7 @@ from zdlb.config.model import (
     ServerConfig,
     Timeouts,
 )
+from zdlb.config.sticky import check_pairs, read_sticky
 from zdlb.config.table import NAME_RE, Table, join_path
 from zdlb.errors import ConfigError, ConfigIssue
 
@@ -48,8 +49,8 @@ _MAX_UNIX_PATH_BYTES = 107
 _DEFAULTS_KEYS = ("timeouts", "limits")
 _LOGGING_KEYS = ("access_log", "level", "format")
 _LISTENER_KEYS = ("bind", "mode", "backend", "backlog", "x_forwarded_proto", "timeouts", "limits")
-_BACKEND_KEYS = ("balance", "retries", "all_backups", "timeouts", "check", "servers")
-_SERVER_KEYS = ("name", "address", "weight", "pool", "max_idle", "check")
+_BACKEND_KEYS = ("balance", "retries", "all_backups", "timeouts", "check", "sticky", "servers")
+_SERVER_KEYS = ("name", "address", "weight", "pool", "max_idle", "check", "pair")
 _TIMEOUT_KEYS = tuple(f.name for f in dataclasses.fields(Timeouts))
 _LIMIT_KEYS = tuple(f.name for f in dataclasses.fields(Limits))
 
@@ -217,22 +218,21 @@ def _read_backend(table: Table, name: str, default_timeouts: Timeouts) -> Backen
         table.fail("servers", "a backend needs at least one server")
     server_tables = table.array_of_tables("servers", _SERVER_KEYS)
     check = read_check(table, None)
+    sticky = read_sticky(table)
     servers = [_read_server(server, check) for server in server_tables]
     _check_server_names(server_tables)
+    check_pairs([(s, t) for s, t in zip(servers, server_tables, strict=True) if s is not None])
     valid = tuple(server for server in servers if server is not None)
     raw_servers = table.data.get("servers")
     # Judge the pools only once every server parsed: one bad entry must not cause a second issue.
     is_complete = isinstance(raw_servers, list) and len(valid) == len(raw_servers) > 0
     if is_complete and all(server.pool is PoolName.BACKUP for server in valid):
         table.fail("servers", "every server is in the 'backup' pool; at least one must be 'main'")
-    return BackendConfig(name, valid, balance, retries, all_backups, timeouts)
+    return BackendConfig(name, valid, balance, retries, all_backups, timeouts, sticky)
 
 
 def _read_server(table: Table, backend_check: CheckConfig | None) -> ServerConfig | None:
-    name = table.required_string("name")
-    if name is not None and not NAME_RE.fullmatch(name):
-        table.fail("name", f"{name!r} must match {NAME_RE.pattern}")
-        name = None
+    name = _read_name(table, "name")
     address = _read_address(table, "address", is_bind=False)
     server = ServerConfig(
         name=name or "",
@@ -241,8 +241,17 @@ def _read_server(table: Table, backend_check: CheckConfig | None) -> ServerConfi
         pool=table.enum_choice("pool", PoolName, _SERVER_DEFAULTS.pool),
         max_idle=table.integer("max_idle", _SERVER_DEFAULTS.max_idle, minimum=0),
         check=read_check(table, backend_check),
+        pair=_read_name(table, "pair") if table.has("pair") else None,
     )
     return server if name is not None and address is not None else None
+
+
+def _read_name(table: Table, key: str) -> str | None:
+    name = table.required_string(key)
+    if name is not None and not NAME_RE.fullmatch(name):
+        table.fail(key, f"{name!r} must match {NAME_RE.pattern}")
+        return None
+    return name
 
 
 def _check_server_names(tables: Sequence[Table]) -> None:

@@ -35,6 +35,12 @@ DEFAULT_MAX_IDLE_PER_SERVER = 64
 DEFAULT_WEIGHT = 100
 MAX_WEIGHT = 256  # HAProxy's range for `weight`
 DEFAULT_RETRIES = 2
+# An idle TCP tunnel (tcp listener, or an upgraded HTTP connection) closes after this: HAProxy's
+# recommended `timeout tunnel 1h`, long enough for a quiet WebSocket with pings every minute.
+DEFAULT_TUNNEL_S = 3600.0
+# Sticky users of a drained server stay on it this long (5 minutes: most web sessions make
+# a request well within that), then move, so a drain always ends.
+DEFAULT_DRAIN_STICKY_S = 300.0
 
 
 class ListenerMode(enum.Enum):
@@ -87,6 +93,7 @@ class Timeouts:
     server_s: float = DEFAULT_SERVER_S  # response head, and each read or write of a body
     grace_s: float = DEFAULT_GRACE_S  # on shutdown, how long in-flight requests may finish
     upstream_idle_s: float = DEFAULT_UPSTREAM_IDLE_S  # pooled idle upstream connection lifetime
+    tunnel_s: float = DEFAULT_TUNNEL_S  # a TCP tunnel with no bytes either way closes after this
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,6 +145,31 @@ class ServerConfig:
     pool: PoolName = PoolName.MAIN
     max_idle: int = DEFAULT_MAX_IDLE_PER_SERVER  # idle keep-alive connections kept to it
     check: CheckConfig | None = None  # None: never checked, always up (unless observed down)
+    # On a backup server only: the main server it pairs with, the same host's other version.
+    # It stands in for that main whenever the main is not usable, and shares its cookie.
+    pair: str | None = None
+
+
+class SameSite(enum.Enum):
+    LAX = "lax"
+    STRICT = "strict"
+    NONE = "none"  # browsers accept it only with `secure`; load.py enforces that
+
+
+@dataclass(frozen=True, slots=True)
+class StickyConfig:
+    """``[backends.X.sticky]``: pin each client to a server with a cookie zdlb inserts."""
+
+    cookie: str  # the cookie's name, e.g. "SERVERID"
+    secret: str | None = None  # signs values (HMAC-SHA256) so a client cannot forge another id
+    path: str = "/"
+    domain: str | None = None
+    secure: bool = False
+    httponly: bool = True
+    samesite: SameSite = SameSite.LAX
+    max_age: int | None = None  # None: a session cookie, gone when the browser closes
+    nocache: bool = False  # add `Cache-Control: private` to responses that set the cookie
+    drain_sticky_s: float = DEFAULT_DRAIN_STICKY_S  # a drained server keeps its users this long
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,6 +180,7 @@ class BackendConfig:
     retries: int = DEFAULT_RETRIES  # connect failures retried on another server
     all_backups: bool = False  # False: only the first usable backup serves (HAProxy's default)
     timeouts: Timeouts = field(default_factory=Timeouts)
+    sticky: StickyConfig | None = None  # None: no sticky cookie
 
 
 @dataclass(frozen=True, slots=True)

@@ -34,7 +34,7 @@ def describe(config: Config) -> str:
             (
                 s.name,
                 str(s.address),
-                s.pool.value,
+                s.pool.value if s.pair is None else f"backup of {s.pair}",
                 f"weight={s.weight}",
                 f"max_idle={s.max_idle}",
                 _check_text(s.check),
@@ -74,6 +74,9 @@ def _backend_line(backend: BackendConfig, is_used: bool) -> str:
     parts = [backend.name, f"balance={backend.balance.value}", f"retries={backend.retries}"]
     if backend.all_backups:
         parts.append("all_backups")
+    if backend.sticky is not None:
+        signed = ", signed" if backend.sticky.secret else ""
+        parts.append(f"sticky=cookie {backend.sticky.cookie}{signed}")
     if not is_used:
         parts.append("(no listener uses it)")
     return " ".join(parts)

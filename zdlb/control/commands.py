@@ -17,16 +17,19 @@ from typing import assert_never
 
 from zdlb import __version__
 from zdlb.balancer.pool import Backend
-from zdlb.balancer.server import AdminState, Health, Server
+from zdlb.balancer.server import AdminState, Health, Server, plan_flip
+from zdlb.config.model import PoolName
 from zdlb.control import journal
 from zdlb.control.protocol import (
     Command,
+    Flip,
     Help,
     SetServerState,
     SetServerWeight,
     ShowBackends,
     ShowInfo,
     ShowServers,
+    Swap,
     WaitIdle,
     help_text,
     render_json,
@@ -100,6 +103,14 @@ class Controller:
                 reply = self._set_weight(command, peer_uid)
                 await self._journal()
                 return reply
+            case Flip():
+                reply = self._flip(command, peer_uid)
+                await self._journal()
+                return reply
+            case Swap(backend=name):
+                reply = self._swap(self._backend(name), peer_uid)
+                await self._journal()
+                return reply
             case WaitIdle():
                 return await self._wait_idle(command)
             case _:
@@ -161,32 +172,84 @@ class Controller:
                         "admin": server.admin.value,
                         "health": server.health.value,
                         "weight": server.weight,
+                        "pair": server.pair.name if server.pair else "-",
                         "inflight": server.inflight,
                         "conns": server.conns,
                         "check": result.detail if result else "-",
                         "changed": _changes(server) or "-",
                     }
                 )
-        columns = ("server", "pool", "admin", "health", "weight", "inflight", "conns", "check")
-        return _table_reply(rows, (*columns, "changed"))
+        columns = ("server", "pool", "admin", "health", "weight", "pair", "inflight", "conns")
+        return _table_reply(rows, (*columns, "check", "changed"))
 
     def _set_state(self, command: SetServerState, peer_uid: int) -> Reply:
         server = self._server(command.backend, command.server)
-        old = server.set_admin(command.state)
+        text = self._set_admin(server, command.state, peer_uid)
+        return Reply(
+            text, {"server": f"{server.backend}/{server.name}", "admin": command.state.value}
+        )
+
+    def _set_admin(self, server: Server, state: AdminState, peer_uid: int) -> str:
+        """Change one server's admin state, log it, and describe it in one line."""
+        old = server.set_admin(state, asyncio.get_running_loop().time())
         log.info(
             "server_admin server=%s/%s old=%s new=%s uid=%d",
             server.backend,
             server.name,
             old.value,
-            command.state.value,
+            state.value,
             peer_uid,
         )
-        if command.state is not AdminState.READY:
+        if state is not AdminState.READY:
             self._close_idle(server)  # pooled connections must not keep it from going idle
-        text = f"{server.backend}/{server.name}: admin {old.value} -> {command.state.value}\n"
-        return Reply(
-            text, {"server": f"{server.backend}/{server.name}", "admin": command.state.value}
+        return f"{server.backend}/{server.name}: admin {old.value} -> {state.value}\n"
+
+    def _flip(self, command: Flip, peer_uid: int) -> Reply:
+        """The host's other version takes the traffic, or gives it back (server.py, rule 4)."""
+        server = self._server(command.backend, command.server)
+        pair = server.pair
+        if pair is None:
+            raise ControlCommandError(
+                f"{command.backend}/{server.name} has no pair (a backup declaring "
+                f"pair = {server.name!r}); use 'set server ... state' instead"
+            )
+        main, pair = (server, pair) if server.pool is PoolName.MAIN else (pair, server)
+        plan = plan_flip(main, pair, command.force)
+        if plan.refusal is not None:
+            raise ControlCommandError(plan.refusal)
+        # The one taking over first, so at no instant is neither of them usable.
+        first, second = ((pair, plan.pair), (main, plan.main))
+        if plan.main is AdminState.READY:
+            first, second = second, first
+        text = ""
+        for member, state in (first, second):
+            if member.admin is not state:
+                text += self._set_admin(member, state, peer_uid)
+        serving = main if plan.main is AdminState.READY else pair
+        text += f"{command.backend}/{serving.name} serves {main.identity}\n"
+        data = {
+            "server": f"{command.backend}/{main.name}",
+            "admin": plan.main.value,
+            "serving": f"{command.backend}/{serving.name}",
+        }
+        return Reply(text, data)
+
+    def _swap(self, backend: Backend, peer_uid: int) -> Reply:
+        """Blue/green: exchange the pools. In-flight requests finish where they are."""
+        backend.swap_pools()
+        lines = []
+        for server in backend.servers:
+            lines.append(f"{backend.name}/{server.name}: pool {server.pool.value}\n")
+            if server.pool is PoolName.BACKUP:
+                self._close_idle(server)
+        log.info(
+            "backend_swapped backend=%s main=%s uid=%d",
+            backend.name,
+            ",".join(s.name for s in backend.servers if s.pool is PoolName.MAIN),
+            peer_uid,
         )
+        pools = {f"{backend.name}/{s.name}": s.pool.value for s in backend.servers}
+        return Reply("".join(lines), {"backend": backend.name, "pools": pools})
 
     def _set_weight(self, command: SetServerWeight, peer_uid: int) -> Reply:
         server = self._server(command.backend, command.server)

@@ -1,4 +1,4 @@
-"""The state journal: runtime changes (admin state, weight) that survive a restart or reload.
+"""The state journal: runtime changes (admin state, weight, pool) that survive a restart or reload.
 
 The file holds, per server, only what an operator changed, together with the config value it
 replaced. At start the changes are replayed onto the servers of the new config, except:
@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from zdlb.balancer.server import AdminState, Server
+from zdlb.config.model import PoolName
 
 log = logging.getLogger(__name__)
 
@@ -38,11 +39,14 @@ class ServerChanges:
     admin: AdminState | None = None
     weight: int | None = None
     config_weight: int | None = None
+    pool: PoolName | None = None  # after `swap`
 
     def to_json(self) -> dict[str, object]:
         data: dict[str, object] = {}
         if self.admin is not None:
             data["admin"] = self.admin.value
+        if self.pool is not None:
+            data["pool"] = self.pool.value
         if self.weight is not None:
             data["weight"] = self.weight
             data["config_weight"] = self.config_weight
@@ -53,9 +57,11 @@ def changes_of(server: Server) -> ServerChanges | None:
     """The runtime changes of ``server`` against its config, or None if it is as configured."""
     admin = server.admin if server.admin is not AdminState.READY else None
     weight = server.weight if server.weight != server.config.weight else None
-    if admin is None and weight is None:
+    pool = server.pool if server.pool is not server.config.pool else None
+    if admin is None and weight is None and pool is None:
         return None
-    return ServerChanges(admin, weight, server.config.weight if weight is not None else None)
+    config_weight = server.config.weight if weight is not None else None
+    return ServerChanges(admin, weight, config_weight, pool)
 
 
 def save(path: Path, servers: Iterable[Server]) -> None:
@@ -107,7 +113,8 @@ def _parse(data: object) -> dict[str, ServerChanges]:
         admin = AdminState(value["admin"]) if "admin" in value else None
         weight = _optional_int(value.get("weight"))
         config_weight = _optional_int(value.get("config_weight"))
-        entries[key] = ServerChanges(admin, weight, config_weight)
+        pool = PoolName(value["pool"]) if "pool" in value else None
+        entries[key] = ServerChanges(admin, weight, config_weight, pool)
     return entries
 
 
@@ -119,8 +126,14 @@ def _optional_int(value: object) -> int | None:
     return value
 
 
-def replay(entries: Mapping[str, ServerChanges], servers: Iterable[Server]) -> int:
-    """Apply journaled changes to the servers they name; returns how many servers changed."""
+def replay(
+    entries: Mapping[str, ServerChanges], servers: Iterable[Server], now: float | None = None
+) -> int:
+    """Apply journaled changes to the servers they name; returns how many servers changed.
+
+    A drain replayed at ``now`` holds its sticky users for a whole drain_sticky_s again: the
+    daemon was down meanwhile, so they had no chance to move.
+    """
     by_key = {f"{server.backend}/{server.name}": server for server in servers}
     applied = 0
     for key, changes in entries.items():
@@ -129,7 +142,9 @@ def replay(entries: Mapping[str, ServerChanges], servers: Iterable[Server]) -> i
             log.info("state_journal_dropped server=%s reason=not in the config", key)
             continue
         if changes.admin is not None:
-            server.set_admin(changes.admin)
+            server.set_admin(changes.admin, now)
+        if changes.pool is not None:
+            server.pool = changes.pool
         if changes.weight is not None:
             if changes.config_weight == server.config.weight:
                 server.weight = changes.weight
@@ -146,4 +161,4 @@ def replay(entries: Mapping[str, ServerChanges], servers: Iterable[Server]) -> i
 
 
 def _describe(server: Server) -> str:
-    return f"admin={server.admin.value} weight={server.weight}"
+    return f"pool={server.pool.value} admin={server.admin.value} weight={server.weight}"

@@ -109,8 +109,33 @@ class WaitIdle:
     timeout_s: float = DEFAULT_WAIT_TIMEOUT_S
 
 
+@dataclass(frozen=True, slots=True)
+class Flip:
+    """``flip BACKEND/SERVER [force]``: the host's other version takes its traffic, or gives
+    it back. SERVER names either member of a main/backup pair."""
+
+    backend: str
+    server: str
+    force: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Swap:
+    """``swap BACKEND``: blue/green, every main server becomes a backup and every backup main."""
+
+    backend: str
+
+
 Command: TypeAlias = (
-    Help | ShowInfo | ShowBackends | ShowServers | SetServerState | SetServerWeight | WaitIdle
+    Help
+    | ShowInfo
+    | ShowBackends
+    | ShowServers
+    | SetServerState
+    | SetServerWeight
+    | Flip
+    | Swap
+    | WaitIdle
 )
 
 _STATES = "|".join(state.value for state in AdminState)
@@ -121,6 +146,12 @@ _HELP_ROWS: tuple[tuple[str, str], ...] = (
     ("show servers [BACKEND]", "one line per server, of one backend or of all"),
     (f"set server BACKEND/SERVER state {_STATES}", "change a server's admin state"),
     (f"set server BACKEND/SERVER weight 0..{MAX_WEIGHT}", "change a server's weight"),
+    (
+        "flip BACKEND/SERVER [force]",
+        "a main with a pair: to maint, its pair takes its traffic; again: back (force: even "
+        "if the one taking over fails its checks)",
+    ),
+    ("swap BACKEND", "blue/green: exchange the main and backup pools"),
     (
         "wait BACKEND/SERVER idle [TIMEOUT_S]",
         f"reply once no request is in flight and no connection open (timeout: default "
@@ -138,6 +169,8 @@ USAGE: tuple[str, ...] = tuple(f"usage: {syntax}" for syntax, _ in _HELP_ROWS)
     _USAGE_SHOW_SERVERS,
     _USAGE_SET_STATE,
     _USAGE_SET_WEIGHT,
+    _USAGE_FLIP,
+    _USAGE_SWAP,
     _USAGE_WAIT,
 ) = USAGE
 _USAGE_ALL = "\n".join(USAGE)
@@ -180,6 +213,13 @@ def parse_command(line: bytes) -> tuple[Command, bool]:
             return _parse_set(words), as_json
         case "wait":
             return _parse_wait(words), as_json
+        case "flip":
+            return _parse_flip(words), as_json
+        case "swap":
+            if len(words) < 2:
+                raise ControlUsageError("missing BACKEND", _USAGE_SWAP)
+            _expect_end(words, 2, _USAGE_SWAP)
+            return Swap(_name(words[1], "backend", _USAGE_SWAP)), as_json
         case word:
             raise ControlUsageError(f"unknown command {_shown(word)}", _USAGE_ALL)
 
@@ -283,6 +323,18 @@ def _weight(words: list[str]) -> int:
     return int(word)
 
 
+def _parse_flip(words: list[str]) -> Command:
+    if len(words) < 2:
+        raise ControlUsageError("missing BACKEND/SERVER", _USAGE_FLIP)
+    backend, server = _target(words[1], _USAGE_FLIP)
+    if len(words) == 2:
+        return Flip(backend, server)
+    if words[2] != "force":
+        raise ControlUsageError(f"unknown option {_shown(words[2])}: expected 'force'", _USAGE_FLIP)
+    _expect_end(words, 3, _USAGE_FLIP)
+    return Flip(backend, server, force=True)
+
+
 def _parse_wait(words: list[str]) -> Command:
     if len(words) < 2:
         raise ControlUsageError("missing BACKEND/SERVER", _USAGE_WAIT)
@@ -366,6 +418,10 @@ def format_command(command: Command) -> str:
             return f"set server {backend}/{server} weight {weight}"
         case WaitIdle(backend, server, timeout_s):
             return f"wait {backend}/{server} idle {timeout_s!r}"
+        case Flip(backend, server, force):
+            return f"flip {backend}/{server}" + (" force" if force else "")
+        case Swap(backend):
+            return f"swap {backend}"
         case _:
             assert_never(command)
 

@@ -15,9 +15,11 @@ import logging
 import resource
 import signal
 import socket
+import time
 from dataclasses import dataclass, field
 
 from zdlb.balancer.pool import Backend
+from zdlb.balancer.sticky import StickyCookie
 from zdlb.config.model import Config, ListenerMode
 from zdlb.control import journal
 from zdlb.control.commands import Controller
@@ -76,7 +78,8 @@ def build_runtime(config: Config) -> Runtime:
     if state_file is not None:
         # Before the first request: a server left in maint must not take traffic at start.
         # Small, one-off blocking I/O at start-up, before anything is served.
-        journal.replay(journal.load(state_file), servers)
+        # time.monotonic() is the loop's clock (asyncio's, and uvloop's via libuv).
+        journal.replay(journal.load(state_file), servers, time.monotonic())
     health = HealthChecker(servers)
     runtime = Runtime(config, backends, health)
     try:
@@ -88,12 +91,14 @@ def build_runtime(config: Config) -> Runtime:
                 s.name: ServerConnections(s, timeouts.connect_s, timeouts.upstream_idle_s)
                 for s in backend.servers
             }
+            sticky = backend.config.sticky
             route = Route(
                 listener,
                 backend,
                 upstreams,
                 log_access=config.logging.access_log,
                 observe=health.observe,
+                sticky=StickyCookie(sticky, backend.name, backend.identities()) if sticky else None,
             )
             runtime.routes.append(route)
             runtime.sockets.append((route, bind_listener(listener.bind, listener.backlog)))

@@ -85,6 +85,11 @@ class _Head:
             self._headers = parse_fields(self.raw)
         return self._headers
 
+    def replace_raw(self, raw: bytes) -> None:
+        """Use ``raw`` from now on (an edit that keeps every notable field, e.g. a cookie cut)."""
+        self.raw = raw
+        self._headers = None
+
 
 class RequestHead(_Head):
     """A validated request head. ``raw`` is the head as received, final CRLF CRLF included.

@@ -34,6 +34,7 @@ from zdlb.http.upstream import ServerConnections, UpstreamConnection
 if TYPE_CHECKING:
     from zdlb.balancer.pool import Backend
     from zdlb.balancer.server import Server
+    from zdlb.balancer.sticky import StickyCookie
 
 log = logging.getLogger(__name__)
 access_log = logging.getLogger("zdlb.access")
@@ -77,10 +78,12 @@ class Route:
         *,
         log_access: bool,
         observe: Callable[[Server, bool], None] = _ignore_observation,
+        sticky: StickyCookie | None = None,
     ) -> None:
         self.listener = listener
         self.observe = observe  # passive health: called for servers with is_observed only
         self.backend = backend
+        self.sticky = sticky
         self.upstreams = upstreams
         self.log_access = log_access
         self.timeouts = listener.timeouts
@@ -163,6 +166,8 @@ class ClientConnection(asyncio.Protocol):
         self._bytes_out = 0
         self._started_at = 0.0
         self._retried_stale = False
+        self._identity: str | None = None  # the host the client's sticky cookie named
+        self._set_cookie = b""  # Set-Cookie lines for the answer: the client is (re-)pinned
 
     def __repr__(self) -> str:
         server = self.server.name if self.server else "-"
@@ -304,7 +309,10 @@ class ClientConnection(asyncio.Protocol):
         self.deadline = self.loop.time() + route.server_s
         if route.log_access:
             self._started_at = time.monotonic()  # uvloop's loop.time() ticks in whole ms
-        server = route.backend.select(self.client_ip)
+        if route.sticky is None:
+            server = route.backend.select(self.loop.time(), self.client_ip)
+        else:
+            server = self._select_sticky(head, route.sticky)
         if server is None:
             self._fail(503)
             return
@@ -316,6 +324,28 @@ class ClientConnection(asyncio.Protocol):
         if head.method in IDEMPOTENT_METHODS:
             self._replay = []
         self._use_server(server, pool)
+
+    def _select_sticky(self, head: RequestHead, sticky: StickyCookie) -> Server | None:
+        """The client's pinned host if it can serve, else a balanced pick to pin it to."""
+        identity, stripped = sticky.extract(head.raw)
+        if stripped is not None:
+            head.replace_raw(stripped)  # the server never sees zdlb's cookie
+        backend = self.route.backend
+        now = self.loop.time()
+        server = backend.select_sticky(identity, now) if identity is not None else None
+        if server is None:
+            server = backend.select(now, self.client_ip)
+        self._identity = identity
+        self._pin(server)
+        return server
+
+    def _pin(self, server: Server | None) -> None:
+        """Answer with a cookie for ``server``'s host unless the client already carries it."""
+        sticky = self.route.sticky
+        if sticky is not None and server is not None and server.identity != self._identity:
+            self._set_cookie = sticky.set_cookie(server.identity)
+        else:
+            self._set_cookie = b""
 
     def _use_server(self, server: Server, pool: ServerConnections) -> None:
         self.server = server
@@ -355,7 +385,7 @@ class ClientConnection(asyncio.Protocol):
         self._end_server_request()
         self._tried.append(server)
         if len(self._tried) <= self.route.retries:
-            retry = self.route.backend.select(self.client_ip, self._tried)
+            retry = self.route.backend.select(self.loop.time(), self.client_ip, self._tried)
             if retry is not None:
                 head = self.head
                 pool = self.route.upstreams[retry.name]
@@ -364,6 +394,7 @@ class ClientConnection(asyncio.Protocol):
                     self._ubuf[0] = rewrite.build_request_head(
                         head, self.client_ip, route.proto, pool.host_header
                     )
+                self._pin(retry)
                 self._use_server(retry, pool)
                 self._flush_upstream()  # a pooled connection is attached at once: send now
                 return
@@ -428,7 +459,9 @@ class ClientConnection(asyncio.Protocol):
         self._chunked_down = framing is Framing.CHUNKED
         self._status = head.status
         self._wbuf.append(
-            rewrite.build_response_head(head, framing, keep_alive, request.http_minor)
+            rewrite.build_response_head(
+                head, framing, keep_alive, request.http_minor, self._set_cookie
+            )
         )
 
     def response_body(self, data: bytes) -> None:

@@ -109,12 +109,19 @@ def downstream_framing(head: ResponseHead, client_http_minor: int) -> Framing:
 
 
 def build_response_head(
-    head: ResponseHead, framing: Framing, keep_alive: bool, client_http_minor: int
+    head: ResponseHead,
+    framing: Framing,
+    keep_alive: bool,
+    client_http_minor: int,
+    added: bytes = b"",
 ) -> bytes:
-    """Serialise ``head`` for the client, with the framing and persistence zdlb decided."""
+    """Serialise ``head`` for the client, with the framing and persistence zdlb decided.
+
+    ``added``: complete field lines zdlb inserts after the status line (the sticky cookie).
+    """
     if head.is_plain and keep_alive and client_http_minor == 1 and head.http_minor == 1:
         # Nothing to edit: a passed-on "Connection: keep-alive" says what zdlb does anyway.
-        return head.raw
+        return _insert_after_status(head.raw, added) if added else head.raw
     if head.hop_lines_only and head.http_minor == 1 and framing is head.framing:
         persistence = b""
         if head.status >= 200:
@@ -122,9 +129,10 @@ def build_response_head(
                 persistence = b"Connection: close\r\n"
             elif client_http_minor == 0:
                 persistence = b"Connection: keep-alive\r\n"
-        return b"%s%s\r\n" % (_HOP_LINE.sub(b"", head.raw[:-2]), persistence)
+        raw = _insert_after_status(head.raw, added) if added else head.raw
+        return b"%s%s\r\n" % (_HOP_LINE.sub(b"", raw[:-2]), persistence)
     named = _connection_tokens(head.headers)
-    lines = [b"HTTP/1.1 %d %s\r\n" % (head.status, head.reason)]
+    lines = [b"HTTP/1.1 %d %s\r\n" % (head.status, head.reason), added]
     append = lines.append
     for name, value in head.headers:
         lname = name.lower()
@@ -143,6 +151,11 @@ def build_response_head(
             append(b"Connection: keep-alive\r\n")
     append(b"\r\n")
     return b"".join(lines)
+
+
+def _insert_after_status(raw: bytes, lines: bytes) -> bytes:
+    cut = raw.find(b"\r\n") + 2
+    return raw[:cut] + lines + raw[cut:]
 
 
 def encode_chunk(data: bytes) -> bytes:

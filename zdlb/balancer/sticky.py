@@ -1,0 +1,120 @@
+"""The sticky cookie: encode a host identity into a cookie value, find and strip it in requests.
+
+Insert mode, as HAProxy's ``cookie NAME insert``: zdlb adds ``Set-Cookie`` to a response when the
+client carried no valid cookie or was moved to another host, and removes its own cookie from
+the request before it goes upstream (other cookies are left as they were).
+
+The value is a host identity (the main server's name: a main and its pair share it), never an
+address. With a secret it is followed by ``.`` and an HMAC-SHA256 tag truncated to 96 bits,
+URL-safe base64: a client cannot forge another host's value, and 2^96 guesses are out of reach.
+Every valid value is known when the backend is built (one per identity), so decoding is one
+dict lookup: no parsing, no HMAC per request, and a forged or garbage value simply is not found.
+The Set-Cookie lines are built once per identity too.
+
+Malformed Cookie headers, several Cookie headers, unknown or forged values never raise: the
+client is treated as carrying no cookie. No I/O, no clock.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import re
+from collections.abc import Iterable
+
+from zdlb.config.model import StickyConfig
+
+# 12 bytes of HMAC-SHA256 -> 16 characters of base64: 96 bits against forgery.
+_TAG_BYTES = 12
+# A Cookie field line of a raw head, with the CRLF before it (header names are
+# case-insensitive; cookie names are not, RFC 6265 section 5.4).
+_COOKIE_LINE = re.compile(rb"\r\ncookie:[ \t]*([^\r]*)", re.IGNORECASE)
+
+
+class StickyCookie:
+    """The sticky cookie of one backend: its values, Set-Cookie lines and request stripping."""
+
+    __slots__ = ("_by_value", "_lines", "_marker", "config", "name")
+
+    def __init__(self, config: StickyConfig, backend: str, identities: Iterable[str]) -> None:
+        self.config = config
+        self.name = config.cookie.encode()
+        self._marker = self.name + b"="  # cheap pre-check: most heads do not carry it
+        self._by_value: dict[bytes, str] = {}
+        self._lines: dict[str, bytes] = {}
+        for identity in identities:
+            value = encode_value(identity, backend, config.secret)
+            self._by_value[value] = identity
+            self._lines[identity] = set_cookie_lines(config, value)
+
+    def set_cookie(self, identity: str) -> bytes:
+        """The response lines (CRLF-terminated) that pin a client to ``identity``."""
+        return self._lines[identity]
+
+    def extract(self, raw_head: bytes) -> tuple[str | None, bytes | None]:
+        """(identity the request carries, the head without zdlb's cookie) from a raw head.
+
+        The identity is None when there is no valid cookie, or several that disagree. The
+        head is None when it carried no zdlb cookie at all, so the caller keeps the original.
+        """
+        if self._marker not in raw_head:  # ~50 ns: the common no-cookie case stops here
+            return None, None
+        found: set[str | None] = set()
+
+        def strip(match: re.Match[bytes]) -> bytes:
+            kept = []
+            is_ours = False
+            for pair in match.group(1).split(b";"):
+                name, eq, value = pair.strip().partition(b"=")
+                if eq and name == self.name:
+                    found.add(self._by_value.get(value.strip(b'"')))
+                    is_ours = True
+                elif pair.strip():
+                    kept.append(pair.strip())
+            if not is_ours:
+                return match.group(0)  # a Cookie line without ours stays byte for byte
+            return b"\r\nCookie: " + b"; ".join(kept) if kept else b""
+
+        head_end = raw_head.rfind(b"\r\n\r\n")
+        stripped = _COOKIE_LINE.sub(strip, raw_head[:head_end]) + raw_head[head_end:]
+        if not found:
+            return None, None  # the name only appeared elsewhere (a URL, another header)
+        identity = found.pop() if len(found) == 1 else None
+        return identity, stripped
+
+
+def encode_value(identity: str, backend: str, secret: str | None) -> bytes:
+    """The cookie value for ``identity``: itself, plus an HMAC tag when there is a secret.
+
+    The backend's name is part of the signed message, so a value minted for one backend is
+    not valid in another that shares the secret.
+    """
+    value = identity.encode()
+    if secret is None:
+        return value
+    message = backend.encode() + b"\0" + value
+    tag = hmac.new(secret.encode(), message, hashlib.sha256).digest()[:_TAG_BYTES]
+    return value + b"." + base64.urlsafe_b64encode(tag).rstrip(b"=")
+
+
+def set_cookie_lines(config: StickyConfig, value: bytes) -> bytes:
+    """``Set-Cookie`` (and with ``nocache``, ``Cache-Control: private``) for ``value``.
+
+    Every attribute was validated by config/sticky.py, so nothing here can split the line.
+    """
+    parts = [b"Set-Cookie: %s=%s; Path=%s" % (config.cookie.encode(), value, config.path.encode())]
+    if config.domain is not None:
+        parts.append(b"; Domain=" + config.domain.encode())
+    if config.max_age is not None:
+        parts.append(b"; Max-Age=%d" % config.max_age)
+    if config.secure:
+        parts.append(b"; Secure")
+    if config.httponly:
+        parts.append(b"; HttpOnly")
+    parts.append(b"; SameSite=" + config.samesite.value.capitalize().encode())
+    parts.append(b"\r\n")
+    if config.nocache:
+        # A shared cache must not hand one client's pin to another (HAProxy's `nocache`).
+        parts.append(b"Cache-Control: private\r\n")
+    return b"".join(parts)
