@@ -81,6 +81,7 @@ def proxy_config(
     grace_s: float | None = None,
     x_forwarded_proto: str | None = None,
     check: dict[str, Any] | None = None,
+    sticky: dict[str, Any] | None = None,
 ) -> Config:
     """A one-listener, one-backend config, validated by ``parse_config`` like a file would be.
 
@@ -104,6 +105,8 @@ def proxy_config(
         backend["timeouts"] = dict(backend_timeouts)
     if check is not None:
         backend["check"] = dict(check)
+    if sticky is not None:
+        backend["sticky"] = dict(sticky)
     data: dict[str, Any] = {"listeners": {LISTENER: listener}, "backends": {BACKEND: backend}}
     return parse_config(data, "proxy_harness", Path(__file__).parent)
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from zdlb.balancer.server import AdminState, Server
-from zdlb.config.model import Address, ServerConfig
+from zdlb.config.model import Address, PoolName, ServerConfig
 from zdlb.control import journal
 
 
@@ -100,3 +100,22 @@ def test_the_file_is_readable_json(tmp_path: Path) -> None:
         "version": 1,
         "servers": {"app/a": {"admin": "maint"}},
     }
+
+
+def test_a_swapped_pool_and_a_drain_are_replayed_with_a_fresh_hold(tmp_path: Path) -> None:
+    path = tmp_path / "state.json"
+    before = make_server("a")
+    before.pool = PoolName.BACKUP
+    before.set_admin(AdminState.DRAIN, now=5.0)
+    journal.save(path, [before])
+    assert journal.load(path) == {
+        "app/a": journal.ServerChanges(admin=AdminState.DRAIN, pool=PoolName.BACKUP)
+    }
+    after = make_server("a")
+    after.drain_hold_s = 300.0
+    assert journal.replay(journal.load(path), [after], now=1000.0) == 1
+    assert (after.pool, after.admin, after.drain_ends) == (
+        PoolName.BACKUP,
+        AdminState.DRAIN,
+        1300.0,
+    )

@@ -517,3 +517,33 @@ def test_raw_response_edit_matches_rebuild(raw: bytes, keep_alive: bool, client_
     if keep_alive and client_minor == 1:  # a passed-on "Connection: keep-alive" is harmless
         ours_fields = [f for f in ours_fields if f != (b"connection", b"keep-alive")]
     assert ours_fields == theirs_fields
+
+
+ADDED = b"Set-Cookie: SERVERID=front-1; Path=/\r\nCache-Control: private\r\n"
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        pytest.param(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n", id="plain"),
+        pytest.param(
+            b"HTTP/1.1 200 OK\r\nConnection: keep-alive\r\nContent-Length: 2\r\n\r\n",
+            id="hop-lines-only",
+        ),
+        pytest.param(
+            b"HTTP/1.1 200 OK\r\nConnection: x\r\nX: 1\r\nContent-Length: 2\r\n\r\n",
+            id="rebuilt",
+        ),
+    ],
+)
+@pytest.mark.parametrize("keep_alive", [True, False], ids=["keep-alive", "close"])
+def test_added_lines_follow_the_status_line_on_every_path(raw: bytes, keep_alive: bool) -> None:
+    from zdlb.http.head import new_response_parser, parse_response_head
+
+    head = parse_response_head(raw, new_response_parser(), answers_head=False)
+    out = rewrite.build_response_head(head, head.framing, keep_alive, 1, ADDED)
+    assert out.startswith(b"HTTP/1.1 200 OK\r\n" + ADDED)
+    assert values(out, b"Set-Cookie") == [b"SERVERID=front-1; Path=/"]
+    assert values(out, b"Content-Length") == [b"2"]
+    events = h11_response(out + b"ok")
+    assert events[1] == h11.Data(data=b"ok")
