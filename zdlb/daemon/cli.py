@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import ipaddress
 import logging
 import sys
 from collections.abc import Callable, Coroutine, Sequence
@@ -16,9 +17,10 @@ from typing import Any
 
 from zdlb import __version__
 from zdlb.config.load import load_config
-from zdlb.config.model import Config, LogFormat
+from zdlb.config.model import Config, LogFormat, LoggingConfig
 from zdlb.config.summary import describe
 from zdlb.daemon.ctl import run_ctl
+from zdlb.daemon.demo_app import DEMO_HOSTS, DemoVhost, start_demo_hosts, vhosts_of
 from zdlb.daemon.lifecycle import (
     build_runtime,
     install_signal_handlers,
@@ -73,28 +75,62 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("-c", "--config", type=Path, default=DEMO_CONFIG, metavar="FILE")
     _add_runtime_options(demo)
+
+    demo_app = commands.add_parser(
+        "demo-app",
+        help="serve demo hosts' vhosts without zdlb (a host per container)",
+        description="Serve the demo's app vhosts without the load balancer, on the ports "
+        "`zdlb demo` uses: "
+        + ", ".join(f"{s.host} {s.vhost} ({s.version}) :{s.port}" for s in vhosts_of(None))
+        + ". docker-compose.yml runs one host per container.",
+    )
+    demo_app.add_argument(
+        "--host", choices=DEMO_HOSTS, help="only this host's two vhosts (default: every host)"
+    )
+    demo_app.add_argument(
+        "--bind",
+        type=_ip_literal,
+        default=DEMO_APP_BIND,
+        metavar="IP",
+        help=f"the address to listen on ({DEMO_APP_BIND}; 0.0.0.0 in a container)",
+    )
+    _add_runtime_options(demo_app, has_config=False)
     return parser
 
 
-def _add_runtime_options(parser: argparse.ArgumentParser) -> None:
+def _ip_literal(text: str) -> str:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an IPv4 or IPv6 address") from None
+    return text
+
+
+def _add_runtime_options(parser: argparse.ArgumentParser, *, has_config: bool = True) -> None:
+    """The event loop and logging options; ``has_config``: they override a config's [logging]."""
     parser.add_argument(
         "--loop", choices=["uvloop", "asyncio"], default="uvloop", help="event loop (uvloop)"
     )
-    parser.add_argument(
-        "--log-format", choices=[f.value for f in LogFormat], help="overrides [logging] format"
+    defaults = LoggingConfig()
+    format_help, level_help = (
+        ("overrides [logging] format", "overrides [logging] level")
+        if has_config
+        else (f"log line format ({defaults.format.value})", f"log level ({defaults.level})")
     )
+    parser.add_argument("--log-format", choices=[f.value for f in LogFormat], help=format_help)
     parser.add_argument(
-        "--log-level",
-        choices=["debug", "info", "warning", "error"],
-        help="overrides [logging] level",
+        "--log-level", choices=["debug", "info", "warning", "error"], help=level_help
     )
-    parser.add_argument(
-        "--no-access-log", action="store_true", help="overrides [logging] access_log"
-    )
+    if has_config:
+        parser.add_argument(
+            "--no-access-log", action="store_true", help="overrides [logging] access_log"
+        )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "demo-app":  # no config file: the demo's vhosts are built in
+        return _run_demo_apps(args)
     if args.command == "ctl" and args.socket is not None:
         return run_ctl(args.socket, args.words, as_json=args.json, timeout_s=args.timeout)
     try:
@@ -133,13 +169,18 @@ def _run(
         access_log=logging_config.access_log and not args.no_access_log,
     )
     raise_open_file_limit()
+    return _run_loop(args.loop, body(config))
+
+
+def _run_loop(loop: str, main: Coroutine[Any, Any, None]) -> int:
+    """Run ``main`` on a new ``loop`` ("uvloop" or "asyncio"); the exit status."""
     try:
-        if args.loop == "uvloop":
+        if loop == "uvloop":
             import uvloop
 
-            uvloop.run(body(config))
+            uvloop.run(main)
         else:
-            asyncio.run(body(config))
+            asyncio.run(main)
     except ZdlbError as exc:
         log.error("startup_failed error=%s", exc)
         return EXIT_FAILURE
@@ -158,8 +199,6 @@ async def _run_daemon(config: Config) -> None:
 
 
 async def _run_demo(config: Config) -> None:
-    from zdlb.daemon.demo_app import start_demo_hosts
-
     hosts = await start_demo_hosts()
     try:
         runtime = build_runtime(config)
@@ -187,6 +226,47 @@ Fail over (a stopped vhost refuses connections; zdlb retries the next server, th
   A stopped vhost serves again after its seconds (1..600, default 30).
 Control it (another terminal): {program} ctl -c {config} show servers
 Stop with Ctrl-C."""
+
+
+# Loopback, as `zdlb demo` binds; a container passes --bind 0.0.0.0 so the balancer reaches it.
+DEMO_APP_BIND = "127.0.0.1"
+
+
+def _run_demo_apps(args: argparse.Namespace) -> int:
+    """``zdlb demo-app``: no config file, so logging is the options over the config defaults."""
+    defaults = LoggingConfig()
+    log_format = LogFormat(args.log_format) if args.log_format else defaults.format
+    setup_logging(args.log_level or defaults.level, log_format)
+    return _run_loop(args.loop, _serve_demo_apps(args.bind, vhosts_of(args.host)))
+
+
+async def _serve_demo_apps(bind_host: str, vhosts: Sequence[DemoVhost]) -> None:
+    hosts = await start_demo_hosts(bind_host, vhosts)
+    try:
+        stop = asyncio.Event()
+        install_signal_handlers(stop)
+        lines = []
+        for server in hosts.servers:
+            spec, (host, port) = server.spec, server.addr
+            vhost = f"{spec.host}/{spec.vhost}"
+            addr = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+            log.info("demo.serving vhost=%s version=%s addr=%s", vhost, spec.version, addr)
+            lines.append(f"  {vhost:<15} {spec.version}  http://{addr}/")
+        help_text = DEMO_APP_HELP.format(vhosts="\n".join(lines))
+        print(help_text, file=sys.stderr, flush=True)
+        await stop.wait()
+        log.info("demo.stopping vhosts=%d", len(hosts.servers))
+    finally:
+        hosts.close()
+        await hosts.wait_closed()
+
+
+DEMO_APP_HELP = """\
+zdlb demo-app: demo vhosts without the load balancer
+{vhosts}
+Each answers GET / with its host, vhost and version, GET /health with "ok";
+POST /demo/stop?seconds=N refuses connections for N s (1..600), then serves again.
+Stop with Ctrl-C (or SIGTERM)."""
 
 
 if __name__ == "__main__":

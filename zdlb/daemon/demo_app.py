@@ -1,7 +1,8 @@
 """The demo's app servers: small keep-alive HTTP/1.1 backends that say who answered.
 
 ``zdlb demo`` runs four of them (two hosts, each with a main and a backup vhost) behind zdlb,
-so a person can watch balancing, stickiness and failover with ``curl``. Each answers ``GET /``
+so a person can watch balancing, stickiness and failover with ``curl``; ``zdlb demo-app`` runs
+one host's two vhosts alone, as a container of ``docker-compose.yml`` does. Each answers ``GET /``
 with a text page naming its host, vhost and version and the request's ``X-Forwarded-For``,
 ``GET /health`` with ``200 ok``, any other path with 404 and methods other than GET, HEAD, POST
 and PUT with 405; HEAD works, request bodies are read, discarded and counted.
@@ -87,6 +88,20 @@ DEMO_VHOSTS: tuple[DemoVhost, ...] = (
     DemoVhost("front-2", "main", "v1", FRONT_2_MAIN_PORT),
     DemoVhost("front-2", "backup", "v2", FRONT_2_BACKUP_PORT),
 )
+# The demo's hosts in order; `zdlb demo-app --host NAME` serves one of them (a container each).
+DEMO_HOSTS: tuple[str, ...] = tuple(dict.fromkeys(spec.host for spec in DEMO_VHOSTS))
+
+
+def vhosts_of(host: str | None) -> tuple[DemoVhost, ...]:
+    """The demo vhosts ``host`` runs (its main and its backup); every demo vhost for ``None``.
+
+    Raises ValueError for a host the demo does not have.
+    """
+    if host is None:
+        return DEMO_VHOSTS
+    if host not in DEMO_HOSTS:
+        raise ValueError(f"no demo host {host!r} (demo hosts: {', '.join(DEMO_HOSTS)})")
+    return tuple(spec for spec in DEMO_VHOSTS if spec.host == host)
 
 
 class DemoVhostState(enum.Enum):
