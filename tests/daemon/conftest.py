@@ -177,6 +177,7 @@ class ServerSpec:
     addr: tuple[str, int]
     pool: str = "main"
     max_idle: int | None = None  # None: zdlb's default
+    pair: str | None = None  # a backup's main
 
 
 def render_config(
@@ -221,6 +222,8 @@ def render_config(
         ]
         if server.max_idle is not None:
             lines.append(f"max_idle = {server.max_idle}")
+        if server.pair is not None:
+            lines.append(f'pair = "{server.pair}"')
     return "\n".join(lines) + "\n"
 
 

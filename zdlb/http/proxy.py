@@ -25,7 +25,12 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, cast
 
 from zdlb.config.model import ListenerConfig
-from zdlb.errors import DownstreamProtocolError, UpstreamError, UpstreamProtocolError
+from zdlb.errors import (
+    DownstreamProtocolError,
+    UpstreamError,
+    UpstreamProtocolError,
+    UpstreamReset,
+)
 from zdlb.http import rewrite
 from zdlb.http.head import IDEMPOTENT_METHODS, Framing, Headers, RequestHead, ResponseHead
 from zdlb.http.stream import RequestReader
@@ -382,10 +387,20 @@ class ClientConnection(asyncio.Protocol):
             log.warning(
                 "upstream_connect_failed server=%s failures=%d error=%s", server.name, count, exc
             )
+        self._retry_elsewhere(server, exc)
+
+    def _retry_elsewhere(self, server: Server, exc: UpstreamError) -> None:
+        """Send the request to another server, the failed one's pair first, or answer 502/504.
+
+        The pair is the same host's other version: a sticky user stays on its host, and a
+        main that crashed mid-deploy is replaced by the version meant to stand in for it.
+        """
         self._end_server_request()
         self._tried.append(server)
         if len(self._tried) <= self.route.retries:
-            retry = self.route.backend.select(self.loop.time(), self.client_ip, self._tried)
+            retry = server.pair
+            if retry is None or not retry.is_usable or retry in self._tried:
+                retry = self.route.backend.select(self.loop.time(), self.client_ip, self._tried)
             if retry is not None:
                 head = self.head
                 pool = self.route.upstreams[retry.name]
@@ -499,18 +514,23 @@ class ClientConnection(asyncio.Protocol):
             return
         self.upstream = None
         replay = self._replay
-        if conn.reused and not conn.got_data and replay is not None and not self._retried_stale:
-            # The server closed an idle pooled connection as we reused it; nothing was answered
-            # and the request is idempotent and held whole: replay it once on a new connection.
+        server = self.server
+        if not conn.got_data and replay is not None and not self._retried_stale:
+            # Nothing was answered, and the request is idempotent and held whole: replay it
+            # once (RFC 9110 section 9.2.2). On a pooled connection the server most likely
+            # closed it idle as we reused it: a new connection to the same server. On a fresh
+            # one the server took the request and died: another server, its pair first.
             self._retried_stale = True
             self._ubuf[:0] = replay
             self._ubuf_bytes = sum(len(b) for b in self._ubuf)
             self._replay, self._replay_bytes = [], 0
-            assert self.server is not None
-            self._connect(self.route.upstreams[self.server.name])
+            assert server is not None
+            if conn.reused:
+                self._connect(self.route.upstreams[server.name])
+            else:
+                self._connect_failed(server, UpstreamReset("closed without an answer"))
             return
         status = exc.status if isinstance(exc, UpstreamProtocolError) else 502
-        server = self.server
         if server is not None:
             if server.is_observed:
                 self.route.observe(server, False)
