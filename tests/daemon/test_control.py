@@ -558,3 +558,34 @@ async def test_runtime_changes_survive_a_restart_with_a_state_file(
     assert (servers["app/s1"]["admin"], servers["app/s2"]["weight"]) == ("maint", 7)
     assert set(await lb.served_by()) == {"s2"}  # s1 stayed out of service across the restart
     assert "state_journal_replayed server=app/s1" in second.output
+
+
+async def test_flip_and_swap_through_zdlb_ctl_survive_a_restart(
+    echo_pair: tuple[EchoServer, EchoServer], start_daemon: StartDaemon, write_config: WriteConfig
+) -> None:
+    s1, s2 = echo_pair  # s2 is s1's pair: the same host's other version
+    specs = [ServerSpec("s1", s1.addr), ServerSpec("s2", s2.addr, pool="backup", pair="s1")]
+    config = write_config(control_config(specs) + 'state_file = "state.json"\n')
+    first = await start_daemon("run", "-c", str(config))
+    lb = Balancer(first, config, config.parent / SOCKET_NAME, await first.listener_addr(), s1, s2)
+    assert set(await lb.served_by()) == {"s1"}
+    result = await lb.ctl("flip", "app/s1")
+    assert result.stdout == "app/s1: admin ready -> maint\napp/s2 serves s1\n", result
+    assert set(await lb.served_by()) == {"s2"}
+    assert_usage_error(
+        await lb.ctl("flip", "app/s1", "now"), "error: unknown option 'now': expected 'force'"
+    )
+    result = await lb.ctl("flip", "app/s1")
+    assert result.stdout == "app/s1: admin maint -> ready\napp/s1 serves s1\n", result
+    result = await lb.ctl("swap", "app")
+    assert result.stdout == "app/s1: pool backup\napp/s2: pool main\n", result
+    assert set(await lb.served_by()) == {"s2"}
+    first.send_signal(signal.SIGTERM)
+    assert await first.wait_exit() == 0
+
+    second = await start_daemon("run", "-c", str(config))
+    lb = Balancer(second, config, lb.socket, await second.listener_addr(), s1, s2)
+    servers = await lb.servers()
+    assert (servers["app/s1"]["pool"], servers["app/s2"]["pool"]) == ("backup", "main")
+    assert servers["app/s2"]["changed"] == "pool=backup->main"
+    assert set(await lb.served_by()) == {"s2"}

@@ -34,8 +34,10 @@ from zdlb.control.commands import Controller
 from zdlb.control.protocol import (
     MAX_LINE_BYTES,
     USAGE,
+    Flip,
     SetServerState,
     SetServerWeight,
+    Swap,
     parse_command,
     wants_json,
 )
@@ -62,6 +64,9 @@ VOCABULARY = (
     b"weight",
     b"wait",
     b"idle",
+    b"flip",
+    b"swap",
+    b"force",
     b"app/s1",
     b"app/s2",
     b"app",
@@ -230,7 +235,7 @@ def fuzz_lines(count: int) -> list[bytes]:
         except ControlUsageError:
             pass
         else:
-            if isinstance(command, SetServerState | SetServerWeight):
+            if isinstance(command, SetServerState | SetServerWeight | Flip | Swap):
                 continue  # a valid change: its effect is tested elsewhere
         lines.append(line + rng.choice((b"\n", b"\r\n")))
     return lines

@@ -515,12 +515,13 @@ class ClientConnection(asyncio.Protocol):
         self.upstream = None
         replay = self._replay
         server = self.server
-        if not conn.got_data and replay is not None and not self._retried_stale:
+        if not conn.got_data and replay is not None and not (conn.reused and self._retried_stale):
             # Nothing was answered, and the request is idempotent and held whole: replay it
-            # once (RFC 9110 section 9.2.2). On a pooled connection the server most likely
-            # closed it idle as we reused it: a new connection to the same server. On a fresh
-            # one the server took the request and died: another server, its pair first.
-            self._retried_stale = True
+            # (RFC 9110 section 9.2.2). On a pooled connection the server most likely closed
+            # it idle as we reused it: once, a new connection to the same server. On a fresh
+            # one the server took the request and died: another server, its pair first, as
+            # many times as `retries` allows.
+            self._retried_stale = self._retried_stale or conn.reused
             self._ubuf[:0] = replay
             self._ubuf_bytes = sum(len(b) for b in self._ubuf)
             self._replay, self._replay_bytes = [], 0
