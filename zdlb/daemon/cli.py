@@ -1,4 +1,4 @@
-"""The ``zdlb`` command: ``run``, ``check`` and ``demo`` (``ctl`` arrives with the control socket).
+"""The ``zdlb`` command: ``run``, ``check``, ``ctl``, ``demo`` and ``demo-app``.
 
 Exit codes: 0 success, 2 invalid config or usage (argparse's convention), 1 a runtime failure
 such as a busy port. Errors are one readable message, never a traceback.
@@ -216,15 +216,17 @@ async def _run_demo(config: Config) -> None:
 
 DEMO_HELP = """\
 zdlb demo: load balancer on http://127.0.0.1:8000 (config {config})
-  demo hosts: front-1 main 127.0.0.1:8081, backup :8091; front-2 main :8082, backup :8092
-Fail over (a stopped vhost refuses connections; zdlb retries the next server, then a backup):
-  curl -s http://127.0.0.1:8000/                                # front-1 or front-2, main vhost
-  curl -s -X POST 'http://127.0.0.1:8081/demo/stop?seconds=30'  # take front-1's main down
-  curl -s http://127.0.0.1:8000/                                # front-2's main answers
-  curl -s -X POST 'http://127.0.0.1:8082/demo/stop?seconds=30'  # both mains down
-  curl -s http://127.0.0.1:8000/                                # front-1's backup vhost (v2)
-  A stopped vhost serves again after its seconds (1..600, default 30).
-Control it (another terminal): {program} ctl -c {config} show servers
+  demo hosts: front-1 main (v1) 127.0.0.1:8081, backup (v2) :8091; front-2 main :8082, backup
+  :8092. Each backup vhost is its main's pair: the same host's other version.
+Sticky users and a deploy by hand (another terminal):
+  curl -s -c jar -b jar http://127.0.0.1:8000/     # pins you to front-1 or front-2 (SERVERID)
+  {program} ctl -c {config} flip app/front-1    # front-1's users move to its v2
+  curl -s -c jar -b jar http://127.0.0.1:8000/     # still your host (v2 if it is front-1)
+  {program} ctl -c {config} wait app/front-1 idle 30
+  {program} ctl -c {config} flip app/front-1    # front-1's v1 serves again
+A crash (POST /demo/stop?seconds=N: a vhost refuses connections for N s, 1..600, default 30):
+  curl -s -X POST 'http://127.0.0.1:8081/demo/stop?seconds=30'  # front-1's v2 stands in
+  {program} ctl -c {config} show servers
 Stop with Ctrl-C."""
 
 
