@@ -192,7 +192,7 @@ def start_targets(args: argparse.Namespace, reg: ProcRegistry, tmp: Path) -> lis
             target = tg.start_nginx_proxy(reg, tmp, backends, proxy_cpu)
         else:
             target = tg.start_zdlb(
-                reg, tmp, backends, proxy_cpu, args.zdlb_cmd, args.zdlb_ready_timeout
+                reg, tmp, backends, proxy_cpu, args.zdlb_cmd, args.zdlb_ready_timeout, name
             )
         state = "ready" if target.is_runnable else f"SKIPPED: {target.skip_reason}"
         say(f"{name:8} :{target.port} {state}")

@@ -32,7 +32,8 @@ DEFAULT_ZDLB_CMD = (
 READY_TIMEOUT_S = 15.0  # bounded wait for a port to accept; a Python daemon can take a moment
 PROBE_TIMEOUT_S = 5.0
 
-PROXY_NAMES = ("zdlb", "haproxy", "nginx")
+# zdlb-bare: zdlb without checks, sticky cookie and control socket (templates/zdlb-bare.toml).
+PROXY_NAMES = ("zdlb", "zdlb-bare", "haproxy", "nginx")
 ALL_TARGETS = ("direct", *PROXY_NAMES)
 
 
@@ -151,17 +152,24 @@ def start_zdlb(
     cpu: int | None,
     cmd_template: str,
     ready_timeout_s: float,
+    name: str = "zdlb",
 ) -> Target:
-    """Start zdlb from cmd_template ({config} is replaced by the generated TOML's path)."""
+    """Start zdlb from cmd_template ({config} is replaced by the generated TOML's path), with
+    templates/NAME.toml."""
     port = free_port()
     conf = render(
-        "zdlb.toml", tmp / "zdlb.toml", port=port, backend1=backends[0], backend2=backends[1]
+        f"{name}.toml",
+        tmp / f"{name}.toml",
+        port=port,
+        backend1=backends[0],
+        backend2=backends[1],
+        dir=tmp,
     )
     argv = [part.replace("{config}", str(conf)) for part in shlex.split(cmd_template)]
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
     try:
-        proc = reg.spawn("zdlb", taskset(cpu, argv), tmp, cwd=REPO_ROOT, env=env)
+        proc = reg.spawn(name, taskset(cpu, argv), tmp, cwd=REPO_ROOT, env=env)
     except OSError as exc:
-        return Target("zdlb", port, skip_reason=f"cannot start {argv[0]!r}: {exc}")
-    return _ready(Target("zdlb", port, proc), ready_timeout_s)
+        return Target(name, port, skip_reason=f"cannot start {argv[0]!r}: {exc}")
+    return _ready(Target(name, port, proc), ready_timeout_s)
