@@ -44,8 +44,10 @@ def test_check_repo_config_prints_summary() -> None:
 
     assert result.returncode == EXIT_OK, result.stderr
     out = result.stdout
-    assert f"{config}: 1 listener, 1 backend" in out
+    assert f"{config}: 2 listeners, 1 backend" in out
     assert "web  http  127.0.0.1:8000  -> app" in out
+    assert "tcp  tcp   127.0.0.1:8001  -> app" in out
+    assert "metrics: http://127.0.0.1:9100/metrics" in out
     assert "app balance=roundrobin retries=2" in out
     for name, port, pool in [
         ("front-1", 8081, "main"),

@@ -151,7 +151,7 @@ REJECTED = [
         [(("listeners", "web", "bad key"), 1)],
         [
             'listeners.web."bad key": unknown key (expected one of: bind, mode, backend, '
-            "backlog, x_forwarded_proto, timeouts, limits)"
+            "backlog, x_forwarded_proto, splice, pipe_bytes, timeouts, limits)"
         ],
         id="unknown-key-quoted-in-path",
     ),
@@ -161,9 +161,40 @@ REJECTED = [
         id="unknown-top-level-did-you-mean",
     ),
     pytest.param(
-        [("metrics", {"listen": "127.0.0.1:9100"})],
-        ["metrics: unknown key (expected one of: defaults, logging, control, listeners, backends)"],
+        [("stats", {"listen": "127.0.0.1:9100"})],
+        [
+            "stats: unknown key (expected one of: defaults, logging, control, metrics, "
+            "listeners, backends)"
+        ],
         id="unknown-top-level-section",
+    ),
+    pytest.param(
+        [("metrics", {"listen": "127.0.0.1:8000"})],
+        ["metrics.listen: '127.0.0.1:8000' clashes with listeners.web.bind '127.0.0.1:8000'"],
+        id="metrics-clashes-with-a-listener",
+    ),
+    pytest.param(
+        [("metrics", {"listen": "localhost:9100"})],
+        [
+            "metrics.listen: 'localhost:9100': host must be an IPv4 or [IPv6] literal, "
+            "got 'localhost'"
+        ],
+        id="metrics-bind-needs-an-ip",
+    ),
+    pytest.param(
+        [("listeners.web.splice", False)],
+        ["listeners.web.splice: not used by mode = 'http' listeners"],
+        id="tcp-key-on-http",
+    ),
+    pytest.param(
+        [("listeners.web.mode", "tcp"), ("listeners.web.x_forwarded_proto", "https")],
+        ["listeners.web.x_forwarded_proto: not used by mode = 'tcp' listeners"],
+        id="http-key-on-tcp",
+    ),
+    pytest.param(
+        [("listeners.web.mode", "tcp"), ("listeners.web.pipe_bytes", 100)],
+        ["listeners.web.pipe_bytes: must be between 4096 and 1048576, got 100"],
+        id="pipe-bytes-range",
     ),
     pytest.param(
         [("control", {"socket": "x" * 200})],
@@ -234,11 +265,6 @@ REJECTED = [
         [("listeners.web.mode", "udp")],
         ["listeners.web.mode: expected one of 'http', 'tcp', got 'udp'"],
         id="mode-enum",
-    ),
-    pytest.param(
-        [("listeners.web.mode", "tcp")],
-        ["listeners.web.mode: 'tcp' listeners are not implemented yet; use 'http'"],
-        id="mode-tcp-not-yet",
     ),
     pytest.param(
         [("backends.app.balance", "RoundRobin")],
@@ -483,7 +509,8 @@ def test_reports_every_issue_together() -> None:
         ("listeners.web.bind", "localhost:1"),
     )
     assert _issues(data) == [
-        "bogus: unknown key (expected one of: defaults, logging, control, listeners, backends)",
+        "bogus: unknown key (expected one of: defaults, logging, control, metrics, listeners, "
+        "backends)",
         "logging.level: expected one of 'debug', 'info', 'warning', 'error', got 'loud'",
         "backends.app.retries: expected an integer, got 'two'",
         "backends.app.servers[0].address: 'nonsense' is not host:port",
@@ -498,7 +525,8 @@ def test_config_error_message_names_source_and_count() -> None:
         parse_config(_config(("listeners", DELETE), ("x", 1)), SOURCE, BASE_DIR)
     assert str(info.value) == (
         "test.toml: 2 error(s)\n"
-        "  x: unknown key (expected one of: defaults, logging, control, listeners, backends)\n"
+        "  x: unknown key (expected one of: defaults, logging, control, metrics, listeners, "
+        "backends)\n"
         "  listeners: at least one listener is required"
     )
 

@@ -19,7 +19,9 @@ from typing import Any
 from zdlb.config.address import bind_clashes, parse_address
 from zdlb.config.checks import read_check
 from zdlb.config.model import (
+    MAX_PIPE_BYTES,
     MAX_WEIGHT,
+    MIN_PIPE_BYTES,
     Address,
     BackendConfig,
     Balance,
@@ -31,6 +33,7 @@ from zdlb.config.model import (
     ListenerMode,
     LogFormat,
     LoggingConfig,
+    MetricsConfig,
     PoolName,
     ServerConfig,
     Timeouts,
@@ -42,13 +45,26 @@ from zdlb.errors import ConfigError, ConfigIssue
 LOG_LEVELS = ("debug", "info", "warning", "error")
 FORWARDED_PROTOS = ("http", "https")
 
-_TOP_KEYS = ("defaults", "logging", "control", "listeners", "backends")
+_TOP_KEYS = ("defaults", "logging", "control", "metrics", "listeners", "backends")
+_METRICS_KEYS = ("listen",)
 _CONTROL_KEYS = ("socket", "group", "state_file")
 # sun_path holds 108 bytes on Linux, NUL included: a longer path cannot be bound.
 _MAX_UNIX_PATH_BYTES = 107
 _DEFAULTS_KEYS = ("timeouts", "limits")
 _LOGGING_KEYS = ("access_log", "level", "format")
-_LISTENER_KEYS = ("bind", "mode", "backend", "backlog", "x_forwarded_proto", "timeouts", "limits")
+_LISTENER_KEYS = (
+    "bind",
+    "mode",
+    "backend",
+    "backlog",
+    "x_forwarded_proto",
+    "splice",
+    "pipe_bytes",
+    "timeouts",
+    "limits",
+)
+_HTTP_ONLY_KEYS = ("x_forwarded_proto", "limits")
+_TCP_ONLY_KEYS = ("splice", "pipe_bytes")
 _BACKEND_KEYS = ("balance", "retries", "all_backups", "timeouts", "check", "sticky", "servers")
 _SERVER_KEYS = ("name", "address", "weight", "pool", "max_idle", "check", "pair")
 _TIMEOUT_KEYS = tuple(f.name for f in dataclasses.fields(Timeouts))
@@ -95,6 +111,7 @@ def parse_config(data: Mapping[str, Any], source: str, base_dir: Path) -> Config
     default_limits = _read_limits(defaults, Limits())
     logging_config = _read_logging(root.table("logging", _LOGGING_KEYS))
     control = _read_control(root.table("control", _CONTROL_KEYS), base_dir)
+    metrics = _read_metrics(root.table("metrics", _METRICS_KEYS))
     backends = [
         _read_backend(table, name, default_timeouts)
         for name, table in root.named_tables("backends", _BACKEND_KEYS)
@@ -108,11 +125,17 @@ def parse_config(data: Mapping[str, Any], source: str, base_dir: Path) -> Config
     ]
     valid_listeners = tuple(item for item in listeners if item is not None)
     _check_listener_backends(valid_listeners, root.names("backends"), issues)
-    _check_binds(valid_listeners, issues)
+    _check_binds(valid_listeners, metrics, issues)
     if issues:
         raise ConfigError(source, issues)
     return Config(
-        source, valid_listeners, tuple(backends), default_timeouts, logging_config, control
+        source,
+        valid_listeners,
+        tuple(backends),
+        default_timeouts,
+        logging_config,
+        control,
+        metrics,
     )
 
 
@@ -154,6 +177,12 @@ def _read_control(table: Table, base_dir: Path) -> ControlConfig:
     return ControlConfig(socket_path, group, state_file)
 
 
+def _read_metrics(table: Table) -> MetricsConfig:
+    if not table.has("listen"):
+        return MetricsConfig()
+    return MetricsConfig(_read_address(table, "listen", is_bind=True))
+
+
 def _read_timeouts(parent: Table, base: Timeouts) -> Timeouts:
     table = parent.table("timeouts", _TIMEOUT_KEYS)
     changes = {key: table.seconds(key, float(getattr(base, key))) for key in _TIMEOUT_KEYS}
@@ -190,10 +219,10 @@ def _read_listener(
     bind = _read_address(table, "bind", is_bind=True)
     backend = table.required_string("backend")
     mode = table.enum_choice("mode", ListenerMode, _LISTENER_DEFAULTS.mode)
-    if mode is ListenerMode.TCP:
-        # TODO(issue 4): TCP listeners and the splice pump. Refused here, not at bind time, so
-        # `zdlb check` and `zdlb run` agree.
-        table.fail("mode", "'tcp' listeners are not implemented yet; use 'http'")
+    other_keys = _TCP_ONLY_KEYS if mode is ListenerMode.HTTP else _HTTP_ONLY_KEYS
+    for key in other_keys:
+        if table.has(key):
+            table.fail(key, f"not used by mode = {mode.value!r} listeners")
     listener = ListenerConfig(
         name=name,
         bind=bind or _NO_ADDRESS,
@@ -204,6 +233,10 @@ def _read_listener(
         backlog=table.integer("backlog", _LISTENER_DEFAULTS.backlog, minimum=1),
         x_forwarded_proto=table.choice(
             "x_forwarded_proto", FORWARDED_PROTOS, _LISTENER_DEFAULTS.x_forwarded_proto
+        ),
+        splice=table.boolean("splice", _LISTENER_DEFAULTS.splice),
+        pipe_bytes=table.integer(
+            "pipe_bytes", _LISTENER_DEFAULTS.pipe_bytes, MIN_PIPE_BYTES, MAX_PIPE_BYTES
         ),
     )
     return listener if bind is not None and backend is not None else None
@@ -290,12 +323,17 @@ def _check_listener_backends(
             issues.append(ConfigIssue(path, message))
 
 
-def _check_binds(listeners: Sequence[ListenerConfig], issues: list[ConfigIssue]) -> None:
-    """Two listeners may not bind the same port on the same or an overlapping (wildcard) IP."""
-    by_name = {listener.name: listener for listener in listeners}
-    for name, other_name in bind_clashes((listener.name, listener.bind) for listener in listeners):
-        path = join_path(join_path("listeners", name), "bind")
-        other_path = join_path(join_path("listeners", other_name), "bind")
-        bind, other = by_name[name].bind, by_name[other_name].bind
-        message = f"{str(bind)!r} clashes with {other_path} {str(other)!r}"
+def _check_binds(
+    listeners: Sequence[ListenerConfig], metrics: MetricsConfig, issues: list[ConfigIssue]
+) -> None:
+    """Two listeners (the metrics endpoint included) may not bind the same port on the same or
+    an overlapping (wildcard) IP."""
+    binds = {
+        join_path(join_path("listeners", listener.name), "bind"): listener.bind
+        for listener in listeners
+    }
+    if metrics.listen is not None:
+        binds["metrics.listen"] = metrics.listen
+    for path, other_path in bind_clashes(binds.items()):
+        message = f"{str(binds[path])!r} clashes with {other_path} {str(binds[other_path])!r}"
         issues.append(ConfigIssue(path, message))

@@ -44,6 +44,8 @@ def describe(config: Config) -> str:
         lines.extend(_columns(rows, depth=2))
     if config.control.socket is not None:
         lines.append(f"control socket: {config.control.socket}")
+    if config.metrics.listen is not None:
+        lines.append(f"metrics: http://{config.metrics.listen}/metrics")
     return "\n".join(lines)
 
 

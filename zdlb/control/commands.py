@@ -38,6 +38,7 @@ from zdlb.control.protocol import (
 from zdlb.errors import ControlCommandError
 from zdlb.health.scheduler import HealthChecker
 from zdlb.http.proxy import Route
+from zdlb.tcp.proxy import TcpRoute
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +69,7 @@ class Controller:
     def __init__(
         self,
         backends: dict[str, Backend],
-        routes: Sequence[Route],
+        routes: Sequence[Route | TcpRoute],
         health: HealthChecker,
         state_file: Path | None = None,
     ) -> None:
@@ -305,6 +306,8 @@ class Controller:
 
     def _close_idle(self, server: Server) -> None:
         for route in self._routes:
+            if not isinstance(route, Route):
+                continue  # a TCP tunnel holds no idle connection: it ends with its client
             pool = route.upstreams.get(server.name)
             if pool is not None and pool.server is server:
                 pool.close_idle()

@@ -29,6 +29,7 @@ from zdlb.control.protocol import (
     wants_json,
 )
 from zdlb.errors import ControlCommandError, ControlUsageError, ListenerError
+from zdlb.metrics.registry import ControlStats
 
 log = logging.getLogger(__name__)
 
@@ -45,8 +46,15 @@ _PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 class ControlServer:
     """Serves one control socket. ``start()`` binds it; ``close()`` removes it."""
 
-    def __init__(self, path: Path, group: str | None, controller: Controller) -> None:
+    def __init__(
+        self,
+        path: Path,
+        group: str | None,
+        controller: Controller,
+        stats: ControlStats | None = None,
+    ) -> None:
         self._path = path
+        self._stats = stats if stats is not None else ControlStats()  # commands by result
         self._group = group
         self._controller = controller
         self._server: asyncio.Server | None = None
@@ -131,14 +139,20 @@ class ControlServer:
             command, as_json = parse_command(line)
             reply = await self._controller.execute(command, uid)
         except ControlUsageError as exc:
+            self._stats.usage += 1
             log.info("control_usage_error uid=%d error=%s", uid, exc)
             if as_json:
                 return frame(render_json_error(str(exc), exc.usage))
             return frame(render_error(str(exc), exc.usage))
         except ControlCommandError as exc:
+            self._stats.error += 1
             if as_json:
                 return frame(render_json_error(str(exc), ""))
             return frame(render_error(str(exc), ""))
+        if reply.is_error:
+            self._stats.error += 1
+        else:
+            self._stats.ok += 1
         return frame(reply.render(as_json))
 
 

@@ -20,14 +20,18 @@ from dataclasses import dataclass, field
 
 from zdlb.balancer.pool import Backend
 from zdlb.balancer.sticky import StickyCookie
-from zdlb.config.model import Config, ListenerMode
+from zdlb.config.model import Config, ListenerConfig, ListenerMode
 from zdlb.control import journal
 from zdlb.control.commands import Controller
 from zdlb.control.server import ControlServer
 from zdlb.health.scheduler import HealthChecker
 from zdlb.http.proxy import ClientConnection, Route
 from zdlb.http.upstream import ServerConnections
+from zdlb.metrics.collector import new_registry, take_snapshot
+from zdlb.metrics.endpoint import MetricsEndpoint
+from zdlb.metrics.registry import Stats
 from zdlb.tcp.listener import bind_listener, bound_address
+from zdlb.tcp.proxy import TcpRoute, TcpSettings
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +39,8 @@ log = logging.getLogger(__name__)
 # late, but not more often than every 5 ms (tests use tiny timeouts) nor less than every 1 s.
 MIN_SWEEP_S = 0.005
 MAX_SWEEP_S = 1.0
+# A scraper or two, not a crowd: the endpoint caps its connections anyway.
+METRICS_BACKLOG = 64
 
 
 # The cyclic GC's gen-0 pass runs every 700 net allocations by default: about every 50
@@ -65,9 +71,24 @@ class Runtime:
     config: Config
     backends: dict[str, Backend]
     health: HealthChecker
+    stats: Stats
     routes: list[Route] = field(default_factory=list)
     sockets: list[tuple[Route, socket.socket]] = field(default_factory=list)
+    tcp_routes: list[TcpRoute] = field(default_factory=list)
+    tcp_sockets: list[tuple[TcpRoute, socket.socket]] = field(default_factory=list)
+    metrics_socket: socket.socket | None = None
     servers: list[asyncio.Server] = field(default_factory=list)
+
+    @property
+    def all_routes(self) -> list[Route | TcpRoute]:
+        return [*self.routes, *self.tcp_routes]
+
+    def close_sockets(self) -> None:
+        """Close every bound socket not yet served (a start that failed half-way)."""
+        for _, sock in [*self.sockets, *self.tcp_sockets]:
+            sock.close()
+        if self.metrics_socket is not None:
+            self.metrics_socket.close()
 
 
 def build_runtime(config: Config) -> Runtime:
@@ -81,37 +102,72 @@ def build_runtime(config: Config) -> Runtime:
         # time.monotonic() is the loop's clock (asyncio's, and uvloop's via libuv).
         journal.replay(journal.load(state_file), servers, time.monotonic())
     health = HealthChecker(servers)
-    runtime = Runtime(config, backends, health)
+    runtime = Runtime(config, backends, health, Stats.from_config(config))
     try:
         for listener in config.listeners:
-            assert listener.mode is ListenerMode.HTTP  # load.py refuses tcp until issue 4
-            backend = backends[listener.backend]
-            timeouts = backend.config.timeouts
-            upstreams = {
-                s.name: ServerConnections(s, timeouts.connect_s, timeouts.upstream_idle_s)
-                for s in backend.servers
-            }
-            sticky = backend.config.sticky
-            route = Route(
-                listener,
-                backend,
-                upstreams,
-                log_access=config.logging.access_log,
-                observe=health.observe,
-                sticky=StickyCookie(sticky, backend.name, backend.identities()) if sticky else None,
-            )
-            runtime.routes.append(route)
-            runtime.sockets.append((route, bind_listener(listener.bind, listener.backlog)))
+            sock = bind_listener(listener.bind, listener.backlog)
+            if listener.mode is ListenerMode.TCP:
+                tcp_route = _tcp_route(runtime, listener)
+                runtime.tcp_routes.append(tcp_route)
+                runtime.tcp_sockets.append((tcp_route, sock))
+            else:
+                route = _http_route(runtime, listener)
+                runtime.routes.append(route)
+                runtime.sockets.append((route, sock))
+        if config.metrics.listen is not None:
+            runtime.metrics_socket = bind_listener(config.metrics.listen, METRICS_BACKLOG)
     except BaseException:
-        for _, sock in runtime.sockets:
-            sock.close()
+        runtime.close_sockets()
         raise
     return runtime
 
 
+def _http_route(runtime: Runtime, listener: ListenerConfig) -> Route:
+    backend = runtime.backends[listener.backend]
+    timeouts = backend.config.timeouts
+    stats = runtime.stats
+    upstreams = {
+        s.name: ServerConnections(
+            s, timeouts.connect_s, timeouts.upstream_idle_s, stats.server(backend.name, s.name)
+        )
+        for s in backend.servers
+    }
+    sticky = backend.config.sticky
+    return Route(
+        listener,
+        backend,
+        upstreams,
+        log_access=runtime.config.logging.access_log,
+        observe=runtime.health.observe,
+        sticky=StickyCookie(sticky, backend.name, backend.identities()) if sticky else None,
+        stats=stats.listeners[listener.name],
+        backend_stats=stats.backends[backend.name],
+    )
+
+
+def _tcp_route(runtime: Runtime, listener: ListenerConfig) -> TcpRoute:
+    backend = runtime.backends[listener.backend]
+    timeouts = backend.config.timeouts
+    settings = TcpSettings(
+        connect_s=timeouts.connect_s,
+        tunnel_s=listener.timeouts.tunnel_s,
+        retries=backend.config.retries,
+        splice=listener.splice,
+        pipe_bytes=listener.pipe_bytes,
+    )
+    return TcpRoute(
+        listener,
+        backend,
+        settings,
+        log_access=runtime.config.logging.access_log,
+        observe=runtime.health.observe,
+        stats=runtime.stats.listeners[listener.name],
+    )
+
+
 def sweep_interval_s(config: Config) -> float:
     shortest = min(
-        min(t.client_s, t.http_request_s, t.server_s, t.upstream_idle_s)
+        min(t.client_s, t.http_request_s, t.server_s, t.upstream_idle_s, t.connect_s, t.tunnel_s)
         for t in [listener.timeouts for listener in config.listeners]
         + [backend.timeouts for backend in config.backends]
     )
@@ -128,15 +184,17 @@ async def serve(runtime: Runtime, stop: asyncio.Event) -> None:
     control_config = runtime.config.control
     if control_config.socket is not None:
         controller = Controller(
-            runtime.backends, runtime.routes, runtime.health, control_config.state_file
+            runtime.backends, runtime.all_routes, runtime.health, control_config.state_file
         )
-        control = ControlServer(control_config.socket, control_config.group, controller)
+        control = ControlServer(
+            control_config.socket, control_config.group, controller, runtime.stats.control
+        )
         try:
             await control.start()
         except BaseException:
-            for _, sock in runtime.sockets:
-                sock.close()
+            runtime.close_sockets()
             raise
+    metrics = await _start_metrics(runtime)
     for route, sock in runtime.sockets:
         server = await loop.create_server(
             lambda route=route: ClientConnection(route, loop),  # type: ignore[misc]
@@ -144,26 +202,49 @@ async def serve(runtime: Runtime, stop: asyncio.Event) -> None:
             backlog=route.listener.backlog,
         )
         runtime.servers.append(server)
-        log.info(
-            "listener_started listener=%s addr=%s backend=%s",
-            route.listener.name,
-            bound_address(sock),
-            route.backend.name,
-        )
+        _log_started(route.listener, sock, route.backend)
+    for tcp_route, sock in runtime.tcp_sockets:
+        tcp_route.start_accepting(sock)
+        _log_started(tcp_route.listener, sock, tcp_route.backend)
     interval_s = sweep_interval_s(runtime.config)
     tune_gc()
     async with asyncio.TaskGroup() as tasks:
-        sweeper = tasks.create_task(_sweep_forever(runtime.routes, interval_s))
+        sweeper = tasks.create_task(_sweep_forever(runtime.all_routes, interval_s))
         checks = tasks.create_task(runtime.health.run())
         await stop.wait()
         if control is not None:
             await control.close()
         await shutdown(runtime)
+        if metrics is not None:
+            metrics.close()
+            await metrics.wait_closed()
         sweeper.cancel()
         checks.cancel()
 
 
-async def _sweep_forever(routes: list[Route], interval_s: float) -> None:
+async def _start_metrics(runtime: Runtime) -> MetricsEndpoint | None:
+    """The /metrics endpoint on the socket build_runtime bound, if [metrics] listen is set."""
+    if runtime.metrics_socket is None:
+        return None
+    servers = [server for backend in runtime.backends.values() for server in backend.servers]
+    registry = new_registry(lambda: take_snapshot(runtime.stats, servers, runtime.health))
+    endpoint = MetricsEndpoint(registry, runtime.metrics_socket)
+    await endpoint.start()
+    log.info("metrics_started addr=%s path=/metrics", endpoint.address)
+    return endpoint
+
+
+def _log_started(listener: ListenerConfig, sock: socket.socket, backend: Backend) -> None:
+    log.info(
+        "listener_started listener=%s addr=%s backend=%s mode=%s",
+        listener.name,
+        bound_address(sock),
+        backend.name,
+        listener.mode.value,
+    )
+
+
+async def _sweep_forever(routes: list[Route | TcpRoute], interval_s: float) -> None:
     loop = asyncio.get_running_loop()
     while True:
         await asyncio.sleep(interval_s)
@@ -173,25 +254,31 @@ async def _sweep_forever(routes: list[Route], interval_s: float) -> None:
 
 
 async def shutdown(runtime: Runtime) -> None:
-    """Stop accepting, let in-flight requests finish within grace_s, then abort the rest."""
+    """Stop accepting, let in-flight requests finish within grace_s, then abort the rest.
+
+    HTTP connections end after their current answer; TCP tunnels have no such boundary, so
+    they run until they end by themselves or grace_s is over.
+    """
     for server in runtime.servers:
         server.close()
-    for route in runtime.routes:
+    routes = runtime.all_routes
+    for route in routes:
         route.stop_accepting()
     # Each listener may set its own grace_s; the longest one bounds the whole drain.
-    grace_s = max((route.timeouts.grace_s for route in runtime.routes), default=0.0)
-    busy = sum(len(route.connections) for route in runtime.routes)
+    grace_s = max((route.timeouts.grace_s for route in routes), default=0.0)
+    busy = sum(len(route.connections) for route in routes)
     log.info("shutdown_started connections=%d grace_s=%s", busy, grace_s)
     try:
         async with asyncio.timeout(grace_s):
-            for route in runtime.routes:
+            for route in routes:
                 await route.drained.wait()
     except TimeoutError:
         pass
-    left = sum(len(route.connections) for route in runtime.routes)
-    for route in runtime.routes:
+    left = sum(len(route.connections) for route in routes)
+    for route in routes:
         route.abort_all()
-        for pool in route.upstreams.values():
+    for http_route in runtime.routes:
+        for pool in http_route.upstreams.values():
             pool.close_idle()
     for server in runtime.servers:
         await server.wait_closed()

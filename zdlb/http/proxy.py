@@ -35,6 +35,7 @@ from zdlb.http import rewrite
 from zdlb.http.head import IDEMPOTENT_METHODS, Framing, Headers, RequestHead, ResponseHead
 from zdlb.http.stream import RequestReader
 from zdlb.http.upstream import ServerConnections, UpstreamConnection
+from zdlb.metrics.registry import BackendStats, ListenerStats
 
 if TYPE_CHECKING:
     from zdlb.balancer.pool import Backend
@@ -84,8 +85,13 @@ class Route:
         log_access: bool,
         observe: Callable[[Server, bool], None] = _ignore_observation,
         sticky: StickyCookie | None = None,
+        stats: ListenerStats | None = None,
+        backend_stats: BackendStats | None = None,
     ) -> None:
         self.listener = listener
+        # Metrics: plain counters the hot path adds to (a scrape reads them; metrics/).
+        self.stats = stats if stats is not None else ListenerStats()
+        self.backend_stats = backend_stats if backend_stats is not None else BackendStats()
         self.observe = observe  # passive health: called for servers with is_observed only
         self.backend = backend
         self.sticky = sticky
@@ -186,10 +192,14 @@ class ClientConnection(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         if peer:
             self.client_ip = str(peer[0]).encode()
-        self.route.connections.add(self)
-        self.deadline = self.loop.time() + self.route.timeouts.client_s
+        route = self.route
+        route.connections.add(self)
+        route.stats.connections_open += 1
+        route.stats.connections_total += 1
+        self.deadline = self.loop.time() + route.timeouts.client_s
 
     def data_received(self, data: bytes) -> None:
+        self.route.stats.bytes_in += len(data)
         phase = self.phase
         if phase is Phase.IDLE:
             self.phase = Phase.HEAD
@@ -223,6 +233,7 @@ class ClientConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.route.forget(self)
+        self.route.stats.connections_open -= 1
         self.phase = Phase.CLOSING
         if self._connect_task is not None:
             self._connect_task.cancel()
@@ -312,8 +323,7 @@ class ClientConnection(asyncio.Protocol):
         self.head = head
         self.phase = Phase.EXCHANGE
         self.deadline = self.loop.time() + route.server_s
-        if route.log_access:
-            self._started_at = time.monotonic()  # uvloop's loop.time() ticks in whole ms
+        self._started_at = time.monotonic()  # uvloop's loop.time() ticks in whole ms
         if route.sticky is None:
             server = route.backend.select(self.loop.time(), self.client_ip)
         else:
@@ -340,6 +350,8 @@ class ClientConnection(asyncio.Protocol):
         server = backend.select_sticky(identity, now) if identity is not None else None
         if server is None:
             server = backend.select(now, self.client_ip)
+            if identity is not None and server is not None:
+                self.route.backend_stats.sticky_repins += 1
         self._identity = identity
         self._pin(server)
         return server
@@ -355,6 +367,7 @@ class ClientConnection(asyncio.Protocol):
     def _use_server(self, server: Server, pool: ServerConnections) -> None:
         self.server = server
         server.inflight += 1  # Server.request_started(), inlined: once per request
+        pool.stats.requests += 1
         upstream = pool.acquire()
         if upstream is not None:
             self._attach(upstream)
@@ -381,6 +394,7 @@ class ClientConnection(asyncio.Protocol):
         self._flush_upstream()
 
     def _connect_failed(self, server: Server, exc: UpstreamError) -> None:
+        self.route.upstreams[server.name].stats.connect_errors += 1
         if server.is_observed:
             self.route.observe(server, False)
         if count := self.route.upstreams[server.name].failures_to_log(self.loop.time()):
@@ -402,6 +416,7 @@ class ClientConnection(asyncio.Protocol):
             if retry is None or not retry.is_usable or retry in self._tried:
                 retry = self.route.backend.select(self.loop.time(), self.client_ip, self._tried)
             if retry is not None:
+                self.route.backend_stats.redispatches += 1
                 head = self.head
                 pool = self.route.upstreams[retry.name]
                 if head is not None and not head.has_host:  # the stand-in Host names the server
@@ -445,6 +460,7 @@ class ClientConnection(asyncio.Protocol):
                 replay.append(data)
             else:
                 self._replay = None
+        upstream.pool.stats.bytes_in += len(data)
         upstream.write(data)
 
     # --- the server's answer: ResponseSink and UpstreamOwner ------------------------------
@@ -527,6 +543,7 @@ class ClientConnection(asyncio.Protocol):
             self._replay, self._replay_bytes = [], 0
             assert server is not None
             if conn.reused:
+                self.route.backend_stats.retries += 1
                 self._connect(self.route.upstreams[server.name])
             else:
                 self._connect_failed(server, UpstreamReset("closed without an answer"))
@@ -554,7 +571,16 @@ class ClientConnection(asyncio.Protocol):
     # --- ending an exchange ------------------------------------------------------------------
 
     def _finish_exchange(self) -> None:
-        if self.route.log_access:
+        route = self.route
+        status = self._status
+        route.stats.responses[status // 100] += 1
+        server = self.server
+        if server is not None and self._response_started:
+            server_stats = route.upstreams[server.name].stats
+            server_stats.responses[status // 100] += 1
+            server_stats.bytes_out += self._bytes_out
+            route.backend_stats.observe_response_s(time.monotonic() - self._started_at)
+        if route.log_access:
             self._log_access()
         self._end_server_request()
         if not self._keep_alive_down or self.route.is_stopping:
@@ -645,7 +671,9 @@ class ClientConnection(asyncio.Protocol):
             return
         wbuf = self._wbuf
         if wbuf:
-            transport.write(b"".join(wbuf) if len(wbuf) > 1 else wbuf[0])
+            data = b"".join(wbuf) if len(wbuf) > 1 else wbuf[0]
+            self.route.stats.bytes_out += len(data)
+            transport.write(data)
             wbuf.clear()
         if self._close_after_write:
             transport.close()

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Protocol, cast
 from zdlb.balancer.server import Server
 from zdlb.errors import UpstreamConnectError, UpstreamProtocolError, UpstreamTimeout
 from zdlb.http.stream import ResponseReader, ResponseSink
+from zdlb.metrics.registry import ServerStats
 
 if TYPE_CHECKING:
     from zdlb.http.head import Headers, ResponseHead
@@ -169,10 +170,18 @@ class ServerConnections:
         "_max_idle",
         "host_header",
         "server",
+        "stats",
     )
 
-    def __init__(self, server: Server, connect_s: float, idle_s: float) -> None:
+    def __init__(
+        self,
+        server: Server,
+        connect_s: float,
+        idle_s: float,
+        stats: ServerStats | None = None,
+    ) -> None:
         self.server = server
+        self.stats = stats if stats is not None else ServerStats()  # metrics: plain counters
         # Host for an HTTP/1.0 request that had none (HTTP/1.1 to the server requires one).
         self.host_header = str(server.address).encode()
         self._connect_s = connect_s

@@ -1,0 +1,258 @@
+"""The Prometheus view of zdlb: a custom collector that turns a stats snapshot into metrics.
+
+``SnapshotCollector`` asks its source for a ``Snapshot`` (metrics/registry.py) at every scrape
+and yields metric families from it; nothing is registered per series, nothing is kept between
+scrapes, so the hot path never touches prometheus-client. In one process the source is
+``take_snapshot`` over the live ``Stats``, servers and health checker; with several workers it
+is ``registry.merge`` of their snapshots, and the output is the same.
+
+Names follow HAProxy's exporter, prefixed ``zdlb_``; states are one-hot gauges with a ``state``
+label (``zdlb_server_admin_state{backend,server,state="drain"} 1``). docs/metrics.md lists them
+all. The collector is registered on a dedicated ``CollectorRegistry``, never the global one, so
+tests and successive runtimes do not collide. No I/O here.
+"""
+
+from __future__ import annotations
+
+import platform
+from collections.abc import Callable, Iterable, Iterator
+from typing import Protocol
+
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    InfoMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import CollectorRegistry
+
+from zdlb import __version__
+from zdlb.balancer.server import AdminState, Health, Server
+from zdlb.config.model import PoolName
+from zdlb.metrics.registry import (
+    RESPONSE_TIME_BOUNDS_S,
+    STATUS_CLASSES,
+    ServerSnapshot,
+    ServerState,
+    Snapshot,
+    Stats,
+)
+
+SnapshotSource = Callable[[], Snapshot]
+
+_POOLS = [pool.value for pool in PoolName]
+_ADMIN_STATES = [state.value for state in AdminState]
+_HEALTHS = [health.value for health in Health]
+# repr() writes the bounds as prometheus-client does ("0.001", "1.0"), "+Inf" last.
+_BUCKET_LABELS = [repr(bound) for bound in RESPONSE_TIME_BOUNDS_S] + ["+Inf"]
+_CONTROL_RESULTS = ("ok", "error", "usage")
+
+
+class CheckRecord(Protocol):
+    """What a scrape reads of a server's latest probe; ``health.probes.ProbeResult`` is one."""
+
+    @property
+    def passed(self) -> bool: ...
+
+    @property
+    def duration_s(self) -> float: ...
+
+
+class CheckResults(Protocol):
+    """Where a scrape finds each server's latest probe; ``HealthChecker`` is one."""
+
+    def last_result(self, server: Server) -> CheckRecord | None: ...
+
+
+def server_state(server: Server, check: CheckRecord | None) -> ServerState:
+    """The live gauges of ``server``, with its latest probe if it has one."""
+    return {
+        "pool": server.pool.value,
+        "admin": server.admin.value,
+        "health": server.health.value,
+        "weight": server.weight,
+        "inflight": server.inflight,
+        "conns": server.conns,
+        "check_passed": None if check is None else int(check.passed),
+        "check_duration_s": None if check is None else check.duration_s,
+    }
+
+
+def take_snapshot(
+    stats: Stats, servers: Iterable[Server], checks: CheckResults | None = None
+) -> Snapshot:
+    """Snapshot ``stats`` with the live state of ``servers`` (every backend's, in order)."""
+    states = {
+        (server.backend, server.name): server_state(
+            server, checks.last_result(server) if checks is not None else None
+        )
+        for server in servers
+    }
+    return stats.snapshot(states)
+
+
+def build_info() -> dict[str, str]:
+    """The labels of ``zdlb_build_info``."""
+    return {"version": __version__, "python": platform.python_version()}
+
+
+class SnapshotCollector:
+    """A prometheus-client collector reading one ``Snapshot`` from ``source`` per scrape.
+
+    ``source`` runs on the scraping thread (the event loop for ``metrics.endpoint``); it must
+    not block. Whatever it raises propagates out of ``collect`` (the endpoint answers 500).
+    """
+
+    def __init__(self, source: SnapshotSource) -> None:
+        self._source = source
+        self._build_info = build_info()
+
+    def collect(self) -> Iterator[Metric]:
+        snap = self._source()
+        yield from _listener_metrics(snap)
+        yield from _backend_metrics(snap)
+        yield from _server_counters(snap)
+        yield from _server_gauges(snap)
+        yield from _control_metrics(snap)
+        info = InfoMetricFamily("zdlb_build", "zdlb's version and the Python running it.")
+        info.add_metric([], self._build_info)
+        yield info
+
+
+def new_registry(source: SnapshotSource) -> CollectorRegistry:
+    """A dedicated registry holding one ``SnapshotCollector`` over ``source``."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(SnapshotCollector(source))
+    return registry
+
+
+def _counter(name: str, doc: str, labels: list[str]) -> CounterMetricFamily:
+    return CounterMetricFamily(name, doc, labels=labels)
+
+
+def _gauge(name: str, doc: str, labels: list[str]) -> GaugeMetricFamily:
+    return GaugeMetricFamily(name, doc, labels=labels)
+
+
+def _listener_metrics(snap: Snapshot) -> Iterator[Metric]:
+    names = ["listener"]
+    conns_open = _gauge("zdlb_listener_connections_open", "Client connections open now.", names)
+    conns = _counter("zdlb_listener_connections", "Client connections accepted.", names)
+    responses = _counter(
+        "zdlb_listener_http_responses",
+        "Responses sent to clients, by status class (other: none decided).",
+        [*names, "code"],
+    )
+    bytes_in = _counter("zdlb_listener_bytes_in", "Bytes received from clients.", names)
+    bytes_out = _counter("zdlb_listener_bytes_out", "Bytes sent to clients.", names)
+    for name, listener in snap["listeners"].items():
+        conns_open.add_metric([name], listener["connections_open"])
+        conns.add_metric([name], listener["connections_total"])
+        for code, count in zip(STATUS_CLASSES, listener["responses"], strict=True):
+            responses.add_metric([name, code], count)
+        bytes_in.add_metric([name], listener["bytes_in"])
+        bytes_out.add_metric([name], listener["bytes_out"])
+    yield from (conns_open, conns, responses, bytes_in, bytes_out)
+
+
+def _backend_metrics(snap: Snapshot) -> Iterator[Metric]:
+    names = ["backend"]
+    connect_errors = _counter(
+        "zdlb_backend_connect_errors", "Failed connects to the backend's servers.", names
+    )
+    retries = _counter(
+        "zdlb_backend_retries", "Requests sent again to the same server (dead pooled conn).", names
+    )
+    redispatches = _counter(
+        "zdlb_backend_redispatches", "Requests moved to another server after a failure.", names
+    )
+    repins = _counter("zdlb_backend_sticky_repins", "Sticky clients pinned to a new server.", names)
+    response_time = HistogramMetricFamily(
+        "zdlb_backend_response_time_seconds",
+        "Time from request head to response end.",
+        labels=names,
+    )
+    for name, backend in snap["backends"].items():
+        servers = snap["servers"].get(name, {}).values()
+        connect_errors.add_metric([name], sum(s["connect_errors"] for s in servers))
+        retries.add_metric([name], backend["retries"])
+        redispatches.add_metric([name], backend["redispatches"])
+        repins.add_metric([name], backend["sticky_repins"])
+        cumulative, buckets = 0, []
+        for label, count in zip(_BUCKET_LABELS, backend["response_time_buckets"], strict=True):
+            cumulative += count
+            buckets.append((label, float(cumulative)))
+        response_time.add_metric([name], buckets, backend["response_time_sum_s"])
+    yield from (connect_errors, retries, redispatches, repins, response_time)
+
+
+def _servers(snap: Snapshot) -> Iterator[tuple[list[str], ServerSnapshot]]:
+    for backend, servers in snap["servers"].items():
+        for name, server in servers.items():
+            yield [backend, name], server
+
+
+def _server_counters(snap: Snapshot) -> Iterator[Metric]:
+    names = ["backend", "server"]
+    requests = _counter("zdlb_server_requests", "Requests assigned to the server.", names)
+    responses = _counter(
+        "zdlb_server_http_responses",
+        "Responses from the server, by status class.",
+        [*names, "code"],
+    )
+    errors = _counter("zdlb_server_connect_errors", "Failed connects to the server.", names)
+    bytes_in = _counter("zdlb_server_bytes_in", "Request bytes sent to the server.", names)
+    bytes_out = _counter("zdlb_server_bytes_out", "Response bytes from the server.", names)
+    for labels, server in _servers(snap):
+        requests.add_metric(labels, server["requests"])
+        for code, count in zip(STATUS_CLASSES, server["responses"], strict=True):
+            responses.add_metric([*labels, code], count)
+        errors.add_metric(labels, server["connect_errors"])
+        bytes_in.add_metric(labels, server["bytes_in"])
+        bytes_out.add_metric(labels, server["bytes_out"])
+    yield from (requests, responses, errors, bytes_in, bytes_out)
+
+
+def _server_gauges(snap: Snapshot) -> Iterator[Metric]:
+    names = ["backend", "server"]
+    one_hot = [*names, "state"]
+    pool = _gauge("zdlb_server_pool", "1 for the pool the server is in.", one_hot)
+    admin = _gauge("zdlb_server_admin_state", "1 for the server's admin state.", one_hot)
+    health = _gauge("zdlb_server_health_state", "1 for the server's health verdict.", one_hot)
+    weight = _gauge("zdlb_server_weight", "Runtime weight (0..256).", names)
+    inflight = _gauge("zdlb_server_inflight_requests", "Requests being proxied to it.", names)
+    conns = _gauge("zdlb_server_connections_open", "Open upstream connections (idle too).", names)
+    passed = _gauge("zdlb_server_check_passed", "1 if the latest probe passed, else 0.", names)
+    duration = _gauge(
+        "zdlb_server_check_duration_seconds", "How long the latest probe took.", names
+    )
+    for labels, server in _servers(snap):
+        state = server["state"]
+        if state is None:
+            continue
+        for family, values, current in (
+            (pool, _POOLS, state["pool"]),
+            (admin, _ADMIN_STATES, state["admin"]),
+            (health, _HEALTHS, state["health"]),
+        ):
+            for value in values:
+                family.add_metric([*labels, value], 1 if value == current else 0)
+        weight.add_metric(labels, state["weight"])
+        inflight.add_metric(labels, state["inflight"])
+        conns.add_metric(labels, state["conns"])
+        if state["check_passed"] is not None:
+            passed.add_metric(labels, state["check_passed"])
+        if state["check_duration_s"] is not None:
+            duration.add_metric(labels, state["check_duration_s"])
+    yield from (pool, admin, health, weight, inflight, conns, passed, duration)
+
+
+def _control_metrics(snap: Snapshot) -> Iterator[Metric]:
+    commands = _counter("zdlb_control_commands", "Control socket commands, by result.", ["result"])
+    control = snap["control"]
+    for result, count in zip(
+        _CONTROL_RESULTS, (control["ok"], control["error"], control["usage"]), strict=True
+    ):
+        commands.add_metric([result], count)
+    yield commands
