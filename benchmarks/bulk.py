@@ -19,10 +19,9 @@ before and after. Reported: medians over rounds, ratios against ``haproxy`` with
 Then one more download per proxy under ``strace -c -f -p PID`` counts its system calls:
 splice calls and no recv/send of payload prove the bytes stayed in the kernel.
 
-zdlb runs as ``--zdlb-cmd`` (default: benchmarks/bulk_proxy.py) with ``{port}``,
-``{server}``, ``{splice}``, ``{pipe_bytes}`` and ``{config}`` substituted; ``{config}`` is
-a zdlb.toml with ``mode = "tcp"`` written for each variant, for ``zdlb run -c {config}`` once
-the daemon serves tcp listeners.
+zdlb runs as ``--zdlb-cmd`` (default: ``zdlb run -c {config}``, the real daemon) with
+``{port}``, ``{server}``, ``{splice}``, ``{pipe_bytes}`` and ``{config}`` substituted;
+``{config}`` is a zdlb.toml with one ``mode = "tcp"`` listener written for each variant.
 """
 
 from __future__ import annotations
@@ -56,8 +55,7 @@ READY_TIMEOUT_S = 15.0
 CLIENT_TIMEOUT_S = 300.0
 STRACE_ATTACH_S = 1.0  # strace -p needs a moment to attach to every thread
 DEFAULT_ZDLB_CMD = (
-    f"{shlex.quote(sys.executable)} -m benchmarks.bulk_proxy --listen 127.0.0.1:{{port}}"
-    " --server {server} --splice {splice} --pipe-bytes {pipe_bytes}"
+    f"{shlex.quote(sys.executable)} -m zdlb.daemon.cli run -c {{config}} --log-level warning"
 )
 # System calls worth showing from strace -c: payload moves and readiness waits.
 STRACE_CALLS = (
@@ -126,7 +124,7 @@ backend app
 """
 
 ZDLB_CONF = """\
-# zdlb config for the bulk benchmark, for `zdlb run -c` once tcp listeners are wired.
+# zdlb config for the bulk benchmark: one tcp listener, one server (nginx).
 [logging]
 access_log = false
 

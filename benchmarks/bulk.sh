@@ -15,50 +15,8 @@ set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 python="${PYTHON:-python3}"
 [[ -x "$here/../.venv/bin/python" ]] && python="${PYTHON:-$here/../.venv/bin/python}"
-apt_wait_s=600  # another engineer may be installing the same packages right now
+# shellcheck source=benchmarks/lib.sh
+source "$here/lib.sh"
 
-export PATH="$PATH:/usr/sbin:/sbin"  # haproxy and nginx live in /usr/sbin
-
-missing_tools() {
-    local tool
-    for tool in haproxy nginx strace taskset; do
-        command -v "$tool" >/dev/null 2>&1 || printf '%s ' "$tool"
-    done
-}
-
-if [[ -n "$(missing_tools)" ]]; then
-    sudo=""
-    [[ "$(id -u)" -eq 0 ]] || sudo="sudo"
-    echo "installing: haproxy nginx strace util-linux" >&2
-    DEBIAN_FRONTEND=noninteractive timeout "$apt_wait_s" $sudo apt-get install -y \
-        -o DPkg::Lock::Timeout=300 haproxy nginx strace util-linux >&2 || {
-        DEBIAN_FRONTEND=noninteractive timeout "$apt_wait_s" $sudo apt-get update >&2
-        DEBIAN_FRONTEND=noninteractive timeout "$apt_wait_s" $sudo apt-get install -y \
-            -o DPkg::Lock::Timeout=300 haproxy nginx strace util-linux >&2
-    }
-fi
-still_missing="$(missing_tools)"
-if [[ -n "$still_missing" ]]; then
-    echo "still missing after install: $still_missing" >&2
-    exit 2
-fi
-
-child=""
-forward() {
-    if [[ -n "$child" ]]; then
-        kill -TERM "$child" 2>/dev/null || true
-        wait "$child" 2>/dev/null || true
-    fi
-    exit 130
-}
-trap forward INT TERM HUP
-
-cd "$here/.."  # the harness is the package `benchmarks`, run from the repo root
-"$python" -m benchmarks.bulk "$@" &
-child=$!
-set +e
-wait "$child"
-status=$?
-set -e
-child=""
-exit "$status"
+ensure_tools "haproxy nginx strace taskset" "haproxy nginx strace util-linux"
+run_harness "$python" benchmarks.bulk "$@"

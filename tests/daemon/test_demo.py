@@ -14,7 +14,7 @@ import errno
 import re
 import signal
 import socket
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 from pathlib import Path
 
 import pytest
@@ -35,13 +35,13 @@ DEMO_LB_PORT = 8000
 DEMO_HOST_PORTS = (8081, 8082, 8091, 8092)
 # Requests per phase of the fallback test: enough for round robin to show every candidate.
 REQUESTS_PER_PHASE = 4
-_EADDRINUSE_TEXT = f"[Errno {errno.EADDRINUSE}]"
+EADDRINUSE_TEXT = f"[Errno {errno.EADDRINUSE}]"
 _ACCESS_SERVER_RE = re.compile(
     r" zdlb\.access request .* server=(?P<server>\S+) pool=(?P<pool>\S+) "
 )
 
 
-def taken_ports(ports: tuple[int, ...]) -> list[int]:
+def taken_ports(ports: Iterable[int]) -> list[int]:
     """The ports of ``ports`` that 127.0.0.1 cannot bind now (as the demo binds: SO_REUSEADDR)."""
     taken = []
     for port in ports:
@@ -90,7 +90,7 @@ async def test_demo_serves_both_hosts_and_stops_on_sigint(start_daemon: StartDae
         lambda line: "listener_started" in line or "startup_failed" in line,
         timeout_s=START_TIMEOUT_S,
     )
-    if "startup_failed" in first and _EADDRINUSE_TEXT in first:
+    if "startup_failed" in first and EADDRINUSE_TEXT in first:
         pytest.skip(f"a demo port was taken between the check and the start: {first}")
     addr = await daemon.listener_addr()
     assert addr == (LOOPBACK, DEMO_LB_PORT)

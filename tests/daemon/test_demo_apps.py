@@ -19,6 +19,7 @@ import socket
 import pytest
 
 from tests.daemon.conftest import START_TIMEOUT_S, StartDaemon
+from tests.daemon.test_demo import EADDRINUSE_TEXT, parse_page, taken_ports
 from tests.servers import LOOPBACK, H11Client
 from zdlb.daemon.cli import main
 
@@ -33,26 +34,6 @@ _SERVING_RE = re.compile(
     r"demo\.serving vhost=(?P<host>[^/\s]+)/(?P<vhost>\S+) version=(?P<version>\S+) "
     r"addr=(?P<ip>[^\s:]+):(?P<port>\d+)"
 )
-_EADDRINUSE_TEXT = f"[Errno {errno.EADDRINUSE}]"
-
-
-def taken_ports(ports: list[int]) -> list[int]:
-    """The ports of ``ports`` that 127.0.0.1 cannot bind now (as the demo binds: SO_REUSEADDR)."""
-    taken = []
-    for port in ports:
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            try:
-                sock.bind((LOOPBACK, port))
-            except OSError:
-                taken.append(port)
-    return taken
-
-
-def parse_page(body: bytes) -> dict[str, str]:
-    """The demo page's ``key: value`` lines."""
-    pairs = (line.split(": ", 1) for line in body.decode().splitlines())
-    return {key: value for key, value in pairs}
 
 
 @pytest.mark.parametrize("host", [*HOST_VHOSTS, None], ids=[*HOST_VHOSTS, "every-host"])
@@ -76,7 +57,7 @@ async def test_demo_app_serves_its_hosts_vhosts_and_stops_on_sigterm(
             ),
             timeout_s=START_TIMEOUT_S,
         )
-        if "startup_failed" in line and _EADDRINUSE_TEXT in line:
+        if "startup_failed" in line and EADDRINUSE_TEXT in line:
             pytest.skip(f"a demo port was taken between the check and the start: {line}")
         serving.append(line)
     found = [m for line in serving if (m := _SERVING_RE.search(line)) is not None]

@@ -35,6 +35,8 @@ TAIL_REQUESTS = 10
 LOAD_TIMEOUT_S = 40.0
 # A flip is proven only once the pair answered this many requests of the flipped host's users.
 PAIR_REQUESTS = 100
+# The drain test's drain_sticky_s: long enough to see users stay, short enough for a quick test.
+HOLD_S = 1.5
 CHECK = """
 [backends.app.check]
 kind = "http"
@@ -153,28 +155,45 @@ class Deploy:
             assert set(client.served) <= {client.host, f"{client.host}-backup"}, client
 
 
+async def start_lb(
+    stack: AsyncExitStack,
+    make_socket: Callable[[], socket.socket],
+    start_daemon: StartDaemon,
+    write_config: WriteConfig,
+    members: list[tuple[str, str, str | None]],
+    backend_extra: str,
+    clients: int,
+) -> Deploy:
+    """The daemon with a control socket in front of one echo server per (name, pool, pair)."""
+    servers: dict[str, EchoServer] = {}
+    specs = []
+    for name, pool, pair in members:
+        echo = EchoServer(make_socket(), name=name)
+        servers[name] = await stack.enter_async_context(echo)
+        specs.append(ServerSpec(name, echo.addr, pool=pool, pair=pair))
+    text = render_config(specs, access_log=False, backend_extra=backend_extra)
+    config = write_config(text + f'\n[control]\nsocket = "{SOCKET_NAME}"\n')
+    daemon = await start_daemon("run", "-c", str(config))
+    addr = await daemon.listener_addr()
+    return Deploy(config, addr, servers, [LoadClient(index) for index in range(clients)])
+
+
 @pytest.fixture
 async def deploy(
     bound_socket_factory: Callable[[], socket.socket],
     start_daemon: StartDaemon,
     write_config: WriteConfig,
 ) -> AsyncIterator[Deploy]:
+    members: list[tuple[str, str, str | None]] = [
+        member
+        for host in HOSTS
+        for member in ((host, "main", None), (f"{host}-backup", "backup", host))
+    ]
+    extra = CHECK + STICKY.format(hold=300)
     async with AsyncExitStack() as stack:
-        servers: dict[str, EchoServer] = {}
-        specs = []
-        for host in HOSTS:
-            for name, pool in ((host, "main"), (f"{host}-backup", "backup")):
-                echo = EchoServer(bound_socket_factory(), name=name)
-                servers[name] = await stack.enter_async_context(echo)
-                pair = host if pool == "backup" else None
-                specs.append(ServerSpec(name, echo.addr, pool=pool, pair=pair))
-        extra = CHECK + STICKY.format(hold=300)
-        text = render_config(specs, access_log=False, backend_extra=extra)
-        config = write_config(text + f'\n[control]\nsocket = "{SOCKET_NAME}"\n')
-        daemon = await start_daemon("run", "-c", str(config))
-        addr = await daemon.listener_addr()
-        clients = [LoadClient(index) for index in range(CLIENTS)]
-        yield Deploy(config, addr, servers, clients)
+        yield await start_lb(
+            stack, bound_socket_factory, start_daemon, write_config, members, extra, CLIENTS
+        )
 
 
 async def test_a_rolling_flip_under_load_fails_no_request_and_keeps_every_user_home(
@@ -223,19 +242,12 @@ async def drain_lb(
     start_daemon: StartDaemon,
     write_config: WriteConfig,
 ) -> AsyncIterator[Deploy]:
+    members: list[tuple[str, str, str | None]] = [("s1", "main", None), ("s2", "main", None)]
+    extra = STICKY.format(hold=HOLD_S)
     async with AsyncExitStack() as stack:
-        servers: dict[str, EchoServer] = {}
-        for name in ("s1", "s2"):
-            echo = EchoServer(bound_socket_factory(), name=name)
-            servers[name] = await stack.enter_async_context(echo)
-        specs = [ServerSpec(name, echo.addr) for name, echo in servers.items()]
-        text = render_config(specs, access_log=False, backend_extra=STICKY.format(hold=HOLD_S))
-        config = write_config(text + f'\n[control]\nsocket = "{SOCKET_NAME}"\n')
-        daemon = await start_daemon("run", "-c", str(config))
-        yield Deploy(config, await daemon.listener_addr(), servers, [])
-
-
-HOLD_S = 1.5
+        yield await start_lb(
+            stack, bound_socket_factory, start_daemon, write_config, members, extra, 0
+        )
 
 
 async def test_a_drained_server_keeps_its_users_for_the_hold_then_lets_them_go(
