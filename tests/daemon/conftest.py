@@ -59,6 +59,15 @@ class Daemon:
 
     @classmethod
     async def start(cls, *args: str, preexec_fn: Callable[[], None] | None = None) -> Daemon:
+        """``zdlb *args``; ``run`` and ``demo`` get ``--workers 1`` unless ``args`` say otherwise
+        (the default is one worker per core: tests of one process must not depend on the box).
+        """
+        if (
+            args
+            and args[0] in ("run", "demo")
+            and not any(arg.startswith("--workers") for arg in args)
+        ):
+            args = (args[0], "--workers", "1", *args[1:])
         proc = await asyncio.create_subprocess_exec(
             *ZDLB_CMD,
             *args,

@@ -164,7 +164,7 @@ REJECTED = [
         [("stats", {"listen": "127.0.0.1:9100"})],
         [
             "stats: unknown key (expected one of: defaults, logging, control, metrics, "
-            "listeners, backends)"
+            "listeners, backends, workers)"
         ],
         id="unknown-top-level-section",
     ),
@@ -492,6 +492,25 @@ REJECTED = [
 ]
 
 
+REJECTED_WORKERS = [
+    pytest.param(0, "workers: must be between 1 and 256, got 0", id="zero"),
+    pytest.param(257, "workers: must be between 1 and 256, got 257", id="too-many"),
+    pytest.param("2", "workers: expected an integer, got '2'", id="string"),
+    pytest.param(True, "workers: expected an integer, got True", id="bool"),
+]
+
+
+@pytest.mark.parametrize(("value", "expected"), REJECTED_WORKERS)
+def test_rejects_workers(value: object, expected: str) -> None:
+    assert _issues(_config(("workers", value))) == [expected]
+
+
+@pytest.mark.parametrize(("value", "expected"), [(None, None), (1, 1), (4, 4), (256, 256)])
+def test_workers(value: int | None, expected: int | None) -> None:
+    changes = [] if value is None else [("workers", value)]
+    assert parse_config(_config(*changes), SOURCE, BASE_DIR).workers == expected
+
+
 @pytest.mark.parametrize(("changes", "expected"), REJECTED)
 def test_rejects_with_exact_issues(
     changes: list[tuple[str | tuple[str | int, ...], object]], expected: list[str]
@@ -510,7 +529,7 @@ def test_reports_every_issue_together() -> None:
     )
     assert _issues(data) == [
         "bogus: unknown key (expected one of: defaults, logging, control, metrics, listeners, "
-        "backends)",
+        "backends, workers)",
         "logging.level: expected one of 'debug', 'info', 'warning', 'error', got 'loud'",
         "backends.app.retries: expected an integer, got 'two'",
         "backends.app.servers[0].address: 'nonsense' is not host:port",
@@ -526,7 +545,7 @@ def test_config_error_message_names_source_and_count() -> None:
     assert str(info.value) == (
         "test.toml: 2 error(s)\n"
         "  x: unknown key (expected one of: defaults, logging, control, metrics, listeners, "
-        "backends)\n"
+        "backends, workers)\n"
         "  listeners: at least one listener is required"
     )
 

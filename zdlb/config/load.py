@@ -21,6 +21,7 @@ from zdlb.config.checks import read_check
 from zdlb.config.model import (
     MAX_PIPE_BYTES,
     MAX_WEIGHT,
+    MAX_WORKERS,
     MIN_PIPE_BYTES,
     Address,
     BackendConfig,
@@ -45,7 +46,7 @@ from zdlb.errors import ConfigError, ConfigIssue
 LOG_LEVELS = ("debug", "info", "warning", "error")
 FORWARDED_PROTOS = ("http", "https")
 
-_TOP_KEYS = ("defaults", "logging", "control", "metrics", "listeners", "backends")
+_TOP_KEYS = ("defaults", "logging", "control", "metrics", "listeners", "backends", "workers")
 _METRICS_KEYS = ("listen",)
 _CONTROL_KEYS = ("socket", "group", "state_file")
 # sun_path holds 108 bytes on Linux, NUL included: a longer path cannot be bound.
@@ -112,6 +113,7 @@ def parse_config(data: Mapping[str, Any], source: str, base_dir: Path) -> Config
     logging_config = _read_logging(root.table("logging", _LOGGING_KEYS))
     control = _read_control(root.table("control", _CONTROL_KEYS), base_dir)
     metrics = _read_metrics(root.table("metrics", _METRICS_KEYS))
+    workers = root.integer("workers", 1, 1, MAX_WORKERS) if root.has("workers") else None
     backends = [
         _read_backend(table, name, default_timeouts)
         for name, table in root.named_tables("backends", _BACKEND_KEYS)
@@ -136,6 +138,7 @@ def parse_config(data: Mapping[str, Any], source: str, base_dir: Path) -> Config
         logging_config,
         control,
         metrics,
+        workers,
     )
 
 

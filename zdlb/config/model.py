@@ -48,6 +48,10 @@ MAX_PIPE_BYTES = 1 << 20  # /proc/sys/fs/pipe-max-size's default for unprivilege
 DEFAULT_DRAIN_STICKY_S = 300.0
 
 
+# `workers` above this is a typo, not a machine: each worker is a process with its own memory.
+MAX_WORKERS = 256
+
+
 class ListenerMode(enum.Enum):
     HTTP = "http"
     TCP = "tcp"
@@ -236,6 +240,9 @@ class Config:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     control: ControlConfig = field(default_factory=ControlConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    # Worker processes accepting on the listeners (1: one process does everything). None: one
+    # per core this process may run on, decided at start (daemon/workers.py), not here.
+    workers: int | None = None
 
     def backend(self, name: str) -> BackendConfig:
         """The backend called ``name``; load.py guarantees every listener's backend exists."""

@@ -13,7 +13,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import assert_never
+from typing import Protocol, assert_never
 
 from zdlb import __version__
 from zdlb.balancer.pool import Backend
@@ -63,8 +63,36 @@ class Reply:
         return f"error: {self.text}" if self.is_error else self.text
 
 
+class WorkerLoad(Protocol):
+    """The load of worker processes, as a master sees it (daemon/workers.py is one).
+
+    With workers the master's own ``Server`` counters stay 0: the proxying happens elsewhere.
+    """
+
+    def server_load(self, server: Server) -> tuple[int, int]:
+        """(inflight, conns) of ``server`` summed over the workers' latest reports."""
+        ...
+
+    def client_connections(self) -> int: ...
+
+    def workers_serving(self) -> int:
+        """Worker processes serving now (a restarting one does not count)."""
+        ...
+
+    async def refresh(self) -> None:
+        """Return once every live worker has reported after this call (bounded)."""
+        ...
+
+    def close_idle(self, server: Server) -> None:
+        """Ask every worker to close its idle pooled connections to ``server``."""
+        ...
+
+
 class Controller:
-    """Carries out control commands against one running configuration."""
+    """Carries out control commands against one running configuration.
+
+    ``workers``: the master of worker processes reads load there instead of in ``routes``.
+    """
 
     def __init__(
         self,
@@ -72,11 +100,13 @@ class Controller:
         routes: Sequence[Route | TcpRoute],
         health: HealthChecker,
         state_file: Path | None = None,
+        workers: WorkerLoad | None = None,
     ) -> None:
         self._backends = backends
         self._routes = routes
         self._health = health
         self._state_file = state_file
+        self._workers = workers
         self._started_at = time.monotonic()
         self._stopping = asyncio.Event()  # set at shutdown: waits answer at once
 
@@ -90,11 +120,14 @@ class Controller:
             case Help():
                 return Reply(help_text(), {"commands": help_text().splitlines()})
             case ShowInfo():
+                await self._refresh()
                 return self._show_info()
             case ShowBackends():
+                await self._refresh()
                 return self._show_backends()
             case ShowServers(backend=name):
                 backends = [self._backend(name)] if name else list(self._backends.values())
+                await self._refresh()
                 return self._show_servers(backends)
             case SetServerState():
                 reply = self._set_state(command, peer_uid)
@@ -132,8 +165,21 @@ class Controller:
             raise ControlCommandError(f"no server {server_name!r} in {backend_name} ({known})")
         return server
 
+    async def _refresh(self) -> None:
+        if self._workers is not None:
+            await self._workers.refresh()
+
+    def _load(self, server: Server) -> tuple[int, int]:
+        """(inflight, conns) of ``server``, in this process or summed over the workers."""
+        if self._workers is not None:
+            return self._workers.server_load(server)
+        return server.inflight, server.conns
+
     def _show_info(self) -> Reply:
-        connections = sum(len(route.connections) for route in self._routes)
+        if self._workers is not None:
+            connections = self._workers.client_connections()
+        else:
+            connections = sum(len(route.connections) for route in self._routes)
         data = {
             "version": __version__,
             "pid": os.getpid(),
@@ -142,6 +188,8 @@ class Controller:
             "backends": len(self._backends),
             "client_connections": connections,
         }
+        if self._workers is not None:
+            data["workers"] = self._workers.workers_serving()
         rows = [(key, value) for key, value in data.items()]
         return Reply(render_table(("info", "value"), rows), data)
 
@@ -156,7 +204,7 @@ class Controller:
                     "balance": backend.balance.value,
                     "servers": len(servers),
                     "usable": len(usable),
-                    "inflight": sum(s.inflight for s in servers),
+                    "inflight": sum(self._load(s)[0] for s in servers),
                 }
             )
         return _table_reply(rows, ("backend", "balance", "servers", "usable", "inflight"))
@@ -166,6 +214,7 @@ class Controller:
         for backend in backends:
             for server in backend.servers:
                 result = self._health.last_result(server)
+                inflight, conns = self._load(server)
                 rows.append(
                     {
                         "server": f"{backend.name}/{server.name}",
@@ -174,8 +223,8 @@ class Controller:
                         "health": server.health.value,
                         "weight": server.weight,
                         "pair": server.pair.name if server.pair else "-",
-                        "inflight": server.inflight,
-                        "conns": server.conns,
+                        "inflight": inflight,
+                        "conns": conns,
                         "check": result.detail if result else "-",
                         "changed": _changes(server) or "-",
                     }
@@ -275,7 +324,9 @@ class Controller:
         name = f"{server.backend}/{server.name}"
         loop = asyncio.get_running_loop()
         deadline = loop.time() + command.timeout_s
-        while server.inflight or server.conns:
+        await self._refresh()
+        while any(inflight_conns := self._load(server)):
+            inflight, conns = inflight_conns
             if self._stopping.is_set():
                 return Reply(f"{name}: the daemon is stopping\n", {"error": "stopping"}, True)
             if loop.time() >= deadline:
@@ -283,14 +334,15 @@ class Controller:
                     "error": "timeout",
                     "server": name,
                     "idle": False,
-                    "inflight": server.inflight,
-                    "conns": server.conns,
+                    "inflight": inflight,
+                    "conns": conns,
                 }
-                text = f"{name}: timeout, inflight={server.inflight} conns={server.conns}\n"
+                text = f"{name}: timeout, inflight={inflight} conns={conns}\n"
                 return Reply(text, data, is_error=True)
             await asyncio.sleep(WAIT_POLL_S)
             if server.admin is not AdminState.READY:
                 self._close_idle(server)  # connections released since the last look
+            await self._refresh()
         return Reply(f"{name}: idle\n", {"server": name, "idle": True})
 
     async def _journal(self) -> None:
@@ -305,6 +357,9 @@ class Controller:
             log.error("state_journal_write_failed file=%s error=%s", self._state_file, exc)
 
     def _close_idle(self, server: Server) -> None:
+        if self._workers is not None:
+            self._workers.close_idle(server)
+            return
         for route in self._routes:
             if not isinstance(route, Route):
                 continue  # a TCP tunnel holds no idle connection: it ends with its client

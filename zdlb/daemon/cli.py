@@ -10,6 +10,7 @@ import argparse
 import asyncio
 import ipaddress
 import logging
+import os
 import sys
 from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
@@ -17,25 +18,27 @@ from typing import Any
 
 from zdlb import __version__
 from zdlb.config.load import load_config
-from zdlb.config.model import Config, LogFormat, LoggingConfig
+from zdlb.config.model import MAX_WORKERS, Config, LogFormat, LoggingConfig
 from zdlb.config.summary import describe
 from zdlb.daemon.ctl import run_ctl
 from zdlb.daemon.demo_app import DEMO_HOSTS, DemoVhost, start_demo_hosts, vhosts_of
 from zdlb.daemon.lifecycle import (
+    EXIT_OK,
     build_runtime,
     install_signal_handlers,
     raise_open_file_limit,
+    run_loop,
     serve,
 )
 from zdlb.daemon.logs import setup_logging
-from zdlb.errors import ConfigError, ZdlbError
+from zdlb.daemon.worker import WorkerOptions
+from zdlb.daemon.workers import serve_master, worker_count
+from zdlb.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
 # `zdlb ctl` waits this long for an answer; `wait ... idle T` gets T more.
 CTL_TIMEOUT_S = 10.0
-EXIT_OK = 0
-EXIT_FAILURE = 1
 EXIT_CONFIG = 2
 # The repository's config.toml is the demo's config (and the reference for every key).
 DEMO_CONFIG = Path(__file__).resolve().parents[2] / "config.toml"
@@ -125,6 +128,22 @@ def _add_runtime_options(parser: argparse.ArgumentParser, *, has_config: bool = 
         parser.add_argument(
             "--no-access-log", action="store_true", help="overrides [logging] access_log"
         )
+        parser.add_argument(
+            "--workers",
+            type=_worker_count,
+            metavar="N",
+            help="overrides `workers` (default: one per core this process may use)",
+        )
+
+
+def _worker_count(text: str) -> int:
+    try:
+        count = int(text)
+    except ValueError:
+        count = 0
+    if not 1 <= count <= MAX_WORKERS:
+        raise argparse.ArgumentTypeError(f"expected 1..{MAX_WORKERS}, got {text!r}")
+    return count
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -160,55 +179,47 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _run(
     args: argparse.Namespace,
     config: Config,
-    body: Callable[[Config], Coroutine[Any, Any, None]],
+    body: Callable[[Config, int, WorkerOptions], Coroutine[Any, Any, None]],
 ) -> int:
     logging_config = config.logging
-    setup_logging(
-        args.log_level or logging_config.level,
-        LogFormat(args.log_format) if args.log_format else logging_config.format,
+    options = WorkerOptions(
+        loop=args.loop,
+        log_level=args.log_level or logging_config.level,
+        log_format=LogFormat(args.log_format) if args.log_format else logging_config.format,
         access_log=logging_config.access_log and not args.no_access_log,
     )
+    setup_logging(options.log_level, options.log_format, access_log=options.access_log)
     raise_open_file_limit()
-    return _run_loop(args.loop, body(config))
+    return run_loop(args.loop, body(config, worker_count(config, args.workers), options))
 
 
-def _run_loop(loop: str, main: Coroutine[Any, Any, None]) -> int:
-    """Run ``main`` on a new ``loop`` ("uvloop" or "asyncio"); the exit status."""
-    try:
-        if loop == "uvloop":
-            import uvloop
-
-            uvloop.run(main)
-        else:
-            asyncio.run(main)
-    except ZdlbError as exc:
-        log.error("startup_failed error=%s", exc)
-        return EXIT_FAILURE
-    except KeyboardInterrupt:  # a second Ctrl-C during shutdown
-        return EXIT_FAILURE
-    return EXIT_OK
-
-
-async def _run_daemon(config: Config) -> None:
+async def _serve(config: Config, stop: asyncio.Event, workers: int, options: WorkerOptions) -> None:
+    """Bind, then serve in this process (one worker) or through worker processes."""
     runtime = build_runtime(config)
+    if workers == 1:
+        await serve(runtime, stop)
+    else:
+        await serve_master(runtime, stop, workers, options)
+
+
+async def _run_daemon(config: Config, workers: int, options: WorkerOptions) -> None:
     stop = asyncio.Event()
     install_signal_handlers(stop)
-    log.info("started config=%s pid_listeners=%d", config.source, len(runtime.routes))
-    await serve(runtime, stop)
+    log.info("started config=%s workers=%d pid=%d", config.source, workers, os.getpid())
+    await _serve(config, stop, workers, options)
     log.info("stopped")
 
 
-async def _run_demo(config: Config) -> None:
+async def _run_demo(config: Config, workers: int, options: WorkerOptions) -> None:
     hosts = await start_demo_hosts()
     try:
-        runtime = build_runtime(config)
         stop = asyncio.Event()
         install_signal_handlers(stop)
         # The command as the user can type it: `make demo` runs .venv/bin/zdlb, not on PATH.
         program = sys.argv[0] if Path(sys.argv[0]).name == "zdlb" else "zdlb"
         help_text = DEMO_HELP.format(config=config.source, program=program)
         print(help_text, file=sys.stderr, flush=True)
-        await serve(runtime, stop)
+        await _serve(config, stop, workers, options)
     finally:
         hosts.close()
         await hosts.wait_closed()
@@ -239,7 +250,7 @@ def _run_demo_apps(args: argparse.Namespace) -> int:
     defaults = LoggingConfig()
     log_format = LogFormat(args.log_format) if args.log_format else defaults.format
     setup_logging(args.log_level or defaults.level, log_format)
-    return _run_loop(args.loop, _serve_demo_apps(args.bind, vhosts_of(args.host)))
+    return run_loop(args.loop, _serve_demo_apps(args.bind, vhosts_of(args.host)))
 
 
 async def _serve_demo_apps(bind_host: str, vhosts: Sequence[DemoVhost]) -> None:

@@ -16,7 +16,9 @@ import resource
 import signal
 import socket
 import time
+from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from zdlb.balancer.pool import Backend
 from zdlb.balancer.sticky import StickyCookie
@@ -24,10 +26,11 @@ from zdlb.config.model import Config, ListenerConfig, ListenerMode
 from zdlb.control import journal
 from zdlb.control.commands import Controller
 from zdlb.control.server import ControlServer
-from zdlb.health.scheduler import HealthChecker
+from zdlb.errors import ZdlbError
+from zdlb.health.scheduler import HealthChecker, TransitionHook
 from zdlb.http.proxy import ClientConnection, Route
 from zdlb.http.upstream import ServerConnections
-from zdlb.metrics.collector import new_registry, take_snapshot
+from zdlb.metrics.collector import SnapshotSource, new_registry, take_snapshot
 from zdlb.metrics.endpoint import MetricsEndpoint
 from zdlb.metrics.registry import Stats
 from zdlb.tcp.listener import bind_listener, bound_address
@@ -39,6 +42,8 @@ log = logging.getLogger(__name__)
 # late, but not more often than every 5 ms (tests use tiny timeouts) nor less than every 1 s.
 MIN_SWEEP_S = 0.005
 MAX_SWEEP_S = 1.0
+EXIT_OK = 0
+EXIT_FAILURE = 1
 # A scraper or two, not a crowd: the endpoint caps its connections anyway.
 METRICS_BACKLOG = 64
 
@@ -91,21 +96,34 @@ class Runtime:
             self.metrics_socket.close()
 
 
-def build_runtime(config: Config) -> Runtime:
-    """Create backends, pools and routes, and bind every listener. Raises ListenerError."""
+def build_runtime(
+    config: Config,
+    listener_sockets: Sequence[socket.socket] | None = None,
+    *,
+    on_health: TransitionHook | None = None,
+) -> Runtime:
+    """Create backends, pools and routes, and bind every listener. Raises ListenerError.
+
+    A worker process passes the ``listener_sockets`` its master bound (one per listener, in
+    config order): nothing is bound, no metrics socket, and the journal is not replayed (the
+    master owns the state and sends it). ``on_health`` is the health checker's transition hook.
+    """
     backends = {b.name: Backend(b) for b in config.backends}
     servers = [server for backend in backends.values() for server in backend.servers]
     state_file = config.control.state_file
-    if state_file is not None:
+    if state_file is not None and listener_sockets is None:
         # Before the first request: a server left in maint must not take traffic at start.
         # Small, one-off blocking I/O at start-up, before anything is served.
         # time.monotonic() is the loop's clock (asyncio's, and uvloop's via libuv).
         journal.replay(journal.load(state_file), servers, time.monotonic())
-    health = HealthChecker(servers)
+    health = HealthChecker(servers, on_transition=on_health)
     runtime = Runtime(config, backends, health, Stats.from_config(config))
     try:
-        for listener in config.listeners:
-            sock = bind_listener(listener.bind, listener.backlog)
+        for index, listener in enumerate(config.listeners):
+            if listener_sockets is None:
+                sock = bind_listener(listener.bind, listener.backlog)
+            else:
+                sock = listener_sockets[index]
             if listener.mode is ListenerMode.TCP:
                 tcp_route = _tcp_route(runtime, listener)
                 runtime.tcp_routes.append(tcp_route)
@@ -114,7 +132,7 @@ def build_runtime(config: Config) -> Runtime:
                 route = _http_route(runtime, listener)
                 runtime.routes.append(route)
                 runtime.sockets.append((route, sock))
-        if config.metrics.listen is not None:
+        if config.metrics.listen is not None and listener_sockets is None:
             runtime.metrics_socket = bind_listener(config.metrics.listen, METRICS_BACKLOG)
     except BaseException:
         runtime.close_sockets()
@@ -179,7 +197,6 @@ async def serve(runtime: Runtime, stop: asyncio.Event) -> None:
 
     Raises ListenerError if the control socket cannot be created (before any listener serves).
     """
-    loop = asyncio.get_running_loop()
     control: ControlServer | None = None
     control_config = runtime.config.control
     if control_config.socket is not None:
@@ -194,22 +211,15 @@ async def serve(runtime: Runtime, stop: asyncio.Event) -> None:
         except BaseException:
             runtime.close_sockets()
             raise
-    metrics = await _start_metrics(runtime)
-    for route, sock in runtime.sockets:
-        server = await loop.create_server(
-            lambda route=route: ClientConnection(route, loop),  # type: ignore[misc]
-            sock=sock,
-            backlog=route.listener.backlog,
-        )
-        runtime.servers.append(server)
-        _log_started(route.listener, sock, route.backend)
-    for tcp_route, sock in runtime.tcp_sockets:
-        tcp_route.start_accepting(sock)
-        _log_started(tcp_route.listener, sock, tcp_route.backend)
+    servers = [server for backend in runtime.backends.values() for server in backend.servers]
+    metrics = await start_metrics(
+        runtime, lambda: take_snapshot(runtime.stats, servers, runtime.health)
+    )
+    await start_listeners(runtime)
     interval_s = sweep_interval_s(runtime.config)
     tune_gc()
     async with asyncio.TaskGroup() as tasks:
-        sweeper = tasks.create_task(_sweep_forever(runtime.all_routes, interval_s))
+        sweeper = tasks.create_task(sweep_forever(runtime.all_routes, interval_s))
         checks = tasks.create_task(runtime.health.run())
         await stop.wait()
         if control is not None:
@@ -222,19 +232,35 @@ async def serve(runtime: Runtime, stop: asyncio.Event) -> None:
         checks.cancel()
 
 
-async def _start_metrics(runtime: Runtime) -> MetricsEndpoint | None:
+async def start_listeners(runtime: Runtime, *, log_started: bool = True) -> None:
+    """Accept on every listener socket of ``runtime``; ``log_started``: one line each."""
+    loop = asyncio.get_running_loop()
+    for route, sock in runtime.sockets:
+        server = await loop.create_server(
+            lambda route=route: ClientConnection(route, loop),  # type: ignore[misc]
+            sock=sock,
+            backlog=route.listener.backlog,
+        )
+        runtime.servers.append(server)
+        if log_started:
+            log_listener_started(route.listener, sock, route.backend)
+    for tcp_route, sock in runtime.tcp_sockets:
+        tcp_route.start_accepting(sock)
+        if log_started:
+            log_listener_started(tcp_route.listener, sock, tcp_route.backend)
+
+
+async def start_metrics(runtime: Runtime, source: SnapshotSource) -> MetricsEndpoint | None:
     """The /metrics endpoint on the socket build_runtime bound, if [metrics] listen is set."""
     if runtime.metrics_socket is None:
         return None
-    servers = [server for backend in runtime.backends.values() for server in backend.servers]
-    registry = new_registry(lambda: take_snapshot(runtime.stats, servers, runtime.health))
-    endpoint = MetricsEndpoint(registry, runtime.metrics_socket)
+    endpoint = MetricsEndpoint(new_registry(source), runtime.metrics_socket)
     await endpoint.start()
     log.info("metrics_started addr=%s path=/metrics", endpoint.address)
     return endpoint
 
 
-def _log_started(listener: ListenerConfig, sock: socket.socket, backend: Backend) -> None:
+def log_listener_started(listener: ListenerConfig, sock: socket.socket, backend: Backend) -> None:
     log.info(
         "listener_started listener=%s addr=%s backend=%s mode=%s",
         listener.name,
@@ -244,7 +270,7 @@ def _log_started(listener: ListenerConfig, sock: socket.socket, backend: Backend
     )
 
 
-async def _sweep_forever(routes: list[Route | TcpRoute], interval_s: float) -> None:
+async def sweep_forever(routes: list[Route | TcpRoute], interval_s: float) -> None:
     loop = asyncio.get_running_loop()
     while True:
         await asyncio.sleep(interval_s)
@@ -283,6 +309,24 @@ async def shutdown(runtime: Runtime) -> None:
     for server in runtime.servers:
         await server.wait_closed()
     log.info("shutdown_finished aborted=%d", left)
+
+
+def run_loop(loop: str, main: Coroutine[Any, Any, None]) -> int:
+    """Run ``main`` on a new ``loop`` ("uvloop" or "asyncio"); the exit status (0, or 1 after
+    a ZdlbError such as a busy port, logged once as ``startup_failed``)."""
+    try:
+        if loop == "uvloop":
+            import uvloop
+
+            uvloop.run(main)
+        else:
+            asyncio.run(main)
+    except ZdlbError as exc:
+        log.error("startup_failed error=%s", exc)
+        return EXIT_FAILURE
+    except KeyboardInterrupt:  # a second Ctrl-C during shutdown
+        return EXIT_FAILURE
+    return EXIT_OK
 
 
 def install_signal_handlers(stop: asyncio.Event) -> None:

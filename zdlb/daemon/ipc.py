@@ -1,0 +1,214 @@
+"""The master/worker channel protocol: one JSON object per line over a UNIX socketpair.
+
+Rules, stated once:
+
+1. The master owns the servers' state (pool, admin, health, weight, drain deadline). It sends
+   the whole of it (``StateUpdate``) when a worker starts and after every change; a worker
+   applies it as it comes and never decides that state itself. Drain deadlines travel as
+   ``time.monotonic()`` values: CLOCK_MONOTONIC is one clock for every process of the host.
+2. A worker owns its load counters. It sends a ``StatsReport`` (its metrics snapshot, server
+   gauges included, and its client connection count) every tick and in answer to a ``Poll``,
+   echoing the poll's ``seq`` so the master knows the answer is fresh.
+3. Passive health: a worker that sees a server fail on live traffic marks it down at once and
+   says so (``ObservedDown``); the master's verdict decides from then on (rule 1).
+4. ``CloseIdle`` asks a worker to close its idle pooled connections to one server (a ``wait
+   ... idle`` on a server taking no new traffic), as the single process does in place.
+5. A line is at most ``MAX_MESSAGE_BYTES``; anything else is a bug in zdlb, not an attack (both
+   ends are zdlb, the socketpair is not reachable from outside): ``decode`` raises ValueError.
+
+Pure: no sockets, no clock, no event loop here; workers.py and worker.py move the lines.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, cast
+
+from zdlb.balancer.server import AdminState, Health, Server
+from zdlb.config.model import PoolName
+from zdlb.metrics.registry import Snapshot
+
+# A snapshot is ~300 bytes per server; 16 MiB holds tens of thousands of servers.
+MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class ServerView:
+    """What the master decided about one server, keyed ``backend/name``."""
+
+    key: str
+    pool: PoolName
+    admin: AdminState
+    health: Health
+    weight: int
+    drain_ends: float  # math.inf: no deadline
+
+
+@dataclass(frozen=True, slots=True)
+class StateUpdate:
+    servers: tuple[ServerView, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Poll:
+    seq: int
+
+
+@dataclass(frozen=True, slots=True)
+class CloseIdle:
+    server: str  # backend/name
+
+
+@dataclass(frozen=True, slots=True)
+class Ready:
+    pid: int
+
+
+@dataclass(frozen=True, slots=True)
+class StatsReport:
+    seq: int  # the last Poll answered; 0 before any
+    connections: int  # client connections open in the worker
+    snapshot: Snapshot
+
+
+@dataclass(frozen=True, slots=True)
+class ObservedDown:
+    server: str  # backend/name
+    reason: str
+
+
+Message = StateUpdate | Poll | CloseIdle | Ready | StatsReport | ObservedDown
+
+
+def server_key(server: Server) -> str:
+    return f"{server.backend}/{server.name}"
+
+
+def views_of(servers: Iterable[Server]) -> StateUpdate:
+    """The master's state of ``servers``, to send."""
+    return StateUpdate(
+        tuple(
+            ServerView(server_key(s), s.pool, s.admin, s.health, s.weight, s.drain_ends)
+            for s in servers
+        )
+    )
+
+
+def apply_update(update: StateUpdate, servers: Mapping[str, Server]) -> list[Server]:
+    """Make ``servers`` (by key) match ``update``; returns the servers that changed.
+
+    Only changed fields are written (each write invalidates the balancers' cached schedules).
+    A key this worker does not know is skipped: master and worker run one config, so it
+    cannot happen short of a bug, and a bug must not stop the traffic.
+    """
+    changed = []
+    for view in update.servers:
+        server = servers.get(view.key)
+        if server is None:
+            continue
+        is_changed = False
+        if server.pool is not view.pool:
+            server.pool, is_changed = view.pool, True
+        if server.admin is not view.admin:
+            server.admin, is_changed = view.admin, True
+        if server.health is not view.health:
+            server.health, is_changed = view.health, True
+        if server.weight != view.weight:
+            server.weight, is_changed = view.weight, True
+        if server.drain_ends != view.drain_ends:
+            server.drain_ends, is_changed = view.drain_ends, True
+        if is_changed:
+            changed.append(server)
+    return changed
+
+
+def encode(message: Message) -> bytes:
+    """One line: the message as compact JSON and ``\\n``."""
+    data: dict[str, object]
+    match message:
+        case StateUpdate(servers=views):
+            data = {"t": "state", "servers": [_view_json(view) for view in views]}
+        case Poll(seq=seq):
+            data = {"t": "poll", "seq": seq}
+        case CloseIdle(server=server):
+            data = {"t": "close_idle", "server": server}
+        case Ready(pid=pid):
+            data = {"t": "ready", "pid": pid}
+        case StatsReport(seq=seq, connections=connections, snapshot=snapshot):
+            data = {"t": "stats", "seq": seq, "connections": connections, "snapshot": snapshot}
+        case ObservedDown(server=server, reason=reason):
+            data = {"t": "down", "server": server, "reason": reason}
+    return json.dumps(data, separators=(",", ":")).encode() + b"\n"
+
+
+def decode(line: bytes) -> Message:
+    """The message on one line (its ``\\n`` optional). Raises ValueError if it is not one."""
+    if len(line) > MAX_MESSAGE_BYTES:
+        raise ValueError(f"message of {len(line)} bytes, at most {MAX_MESSAGE_BYTES}")
+    try:
+        data = json.loads(line)
+        kind = data["t"]
+        match kind:
+            case "state":
+                return StateUpdate(tuple(_view(item) for item in data["servers"]))
+            case "poll":
+                return Poll(_int(data["seq"]))
+            case "close_idle":
+                return CloseIdle(_str(data["server"]))
+            case "ready":
+                return Ready(_int(data["pid"]))
+            case "stats":
+                snapshot = data["snapshot"]
+                if not isinstance(snapshot, dict):
+                    raise TypeError("snapshot is not an object")
+                return StatsReport(
+                    _int(data["seq"]), _int(data["connections"]), cast(Snapshot, snapshot)
+                )
+            case "down":
+                return ObservedDown(_str(data["server"]), _str(data["reason"]))
+    except (KeyError, TypeError, AttributeError) as exc:
+        raise ValueError(f"malformed message: {exc!r}") from None
+    raise ValueError(f"unknown message type {kind!r}")
+
+
+def _view_json(view: ServerView) -> dict[str, object]:
+    return {
+        "key": view.key,
+        "pool": view.pool.value,
+        "admin": view.admin.value,
+        "health": view.health.value,
+        "weight": view.weight,
+        # JSON has no infinity; null stands for "no deadline".
+        "drain_ends": None if math.isinf(view.drain_ends) else view.drain_ends,
+    }
+
+
+def _view(item: Any) -> ServerView:
+    drain_ends = item["drain_ends"]
+    if drain_ends is not None and (
+        isinstance(drain_ends, bool) or not isinstance(drain_ends, int | float)
+    ):
+        raise TypeError(f"drain_ends {drain_ends!r} is not a number")
+    return ServerView(
+        _str(item["key"]),
+        PoolName(item["pool"]),
+        AdminState(item["admin"]),
+        Health(item["health"]),
+        _int(item["weight"]),
+        math.inf if drain_ends is None else float(drain_ends),
+    )
+
+
+def _int(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{value!r} is not an integer")
+    return value
+
+
+def _str(value: object) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"{value!r} is not a string")
+    return value
