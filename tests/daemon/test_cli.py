@@ -48,6 +48,7 @@ def test_check_repo_config_prints_summary() -> None:
     assert "web  http  127.0.0.1:8000  -> app" in out
     assert "tcp  tcp   127.0.0.1:8001  -> app" in out
     assert "metrics: http://127.0.0.1:9100/metrics" in out
+    assert "workers: one per usable core" in out
     assert "app balance=roundrobin retries=2" in out
     for name, port, pool in [
         ("front-1", 8081, "main"),

@@ -42,6 +42,8 @@ def describe(config: Config) -> str:
             for s in backend.servers
         ]
         lines.extend(_columns(rows, depth=2))
+    workers = "one per usable core" if config.workers is None else str(config.workers)
+    lines.append(f"workers: {workers}")
     if config.control.socket is not None:
         lines.append(f"control socket: {config.control.socket}")
     if config.metrics.listen is not None:
