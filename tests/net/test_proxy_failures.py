@@ -127,7 +127,6 @@ async def assert_only_good_request_forwarded(proxy: RunningProxy, echo: EchoServ
         (b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", 400),
         (b"GET / HTTP/2.0\r\nHost: front.test\r\n\r\n", 505),
         (b"CONNECT a.test:443 HTTP/1.1\r\nHost: a.test:443\r\n\r\n", 501),
-        (b"GET / HTTP/1.1\r\nHost: f\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n", 501),
     ],
     ids=[
         "no-colon",
@@ -138,7 +137,6 @@ async def assert_only_good_request_forwarded(proxy: RunningProxy, echo: EchoServ
         "two-hosts",
         "http2",
         "connect",
-        "upgrade",
     ],
 )
 async def test_malformed_request_is_answered_and_closed(

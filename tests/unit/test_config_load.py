@@ -182,11 +182,6 @@ REJECTED = [
         id="metrics-bind-needs-an-ip",
     ),
     pytest.param(
-        [("listeners.web.splice", False)],
-        ["listeners.web.splice: not used by mode = 'http' listeners"],
-        id="tcp-key-on-http",
-    ),
-    pytest.param(
         [("listeners.web.mode", "tcp"), ("listeners.web.x_forwarded_proto", "https")],
         ["listeners.web.x_forwarded_proto: not used by mode = 'tcp' listeners"],
         id="http-key-on-tcp",
@@ -655,6 +650,7 @@ def test_describe_summarises_listeners_backends_and_servers(tmp_path: Path) -> N
             "    backup-1  10.0.0.1:80            backup  weight=100  max_idle=64",
             "  db balance=source retries=2",
             "    pg  [fe80::1]:5432  main  weight=0  max_idle=64",
+            "workers: one per usable core",
         ]
     )
 
@@ -671,7 +667,10 @@ def test_describe_marks_free_port_and_unused_backend() -> None:
 
 def test_describe_empty_sections() -> None:
     text = describe(Config(source="x.toml", listeners=(), backends=()))
-    assert text == "x.toml: 0 listeners, 0 backends\nlisteners:\n  (none)\nbackends:"
+    assert text == (
+        "x.toml: 0 listeners, 0 backends\nlisteners:\n  (none)\nbackends:\n"
+        "workers: one per usable core"
+    )
 
 
 @pytest.mark.parametrize(

@@ -538,11 +538,6 @@ OTHER_PROBES = [
         b"POST / HTTP/1.1\nHost: a\nContent-Length: 4\nTransfer-Encoding: chunked\n\n0\n\n",
         id="bare-lf-everywhere",
     ),
-    pytest.param(
-        b"GET / HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n"
-        b"GET /admin HTTP/1.1\r\nHost: a\r\n\r\n",
-        id="upgrade-tunnel",
-    ),
     pytest.param(b"GET / HTTP/1.1\r\nHost: a\r\nHost: admin\r\n\r\n", id="double-host"),
 ]
 
@@ -550,6 +545,19 @@ OTHER_PROBES = [
 @pytest.mark.parametrize("data", OTHER_PROBES)
 def test_other_classic_probes_are_refused(data: bytes) -> None:
     assert_refused_before_head(data)
+
+
+@pytest.mark.parametrize("bytewise", [False, True], ids=["whole", "bytewise"])
+def test_request_after_an_upgrade_is_held_never_parsed(bytewise: bool) -> None:
+    """The upgrade-tunnel probe: what follows an upgrade request is the new protocol's (or,
+    without a 101, makes the proxy close), never a request zdlb would route."""
+    admin = b"GET /admin HTTP/1.1\r\nHost: a\r\n\r\n"
+    upgrade = b"GET / HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n"
+    sink = ListSink()
+    reader = RequestReader(sink, LIMITS)
+    feed(reader, upgrade + admin, bytewise)
+    assert sink.head is not None and sink.head.target == b"/"
+    assert bytes(reader.held) == admin
 
 
 # Chunked bodies that a lenient parser would end somewhere else: the head is fine and has been

@@ -65,7 +65,6 @@ _LISTENER_KEYS = (
     "limits",
 )
 _HTTP_ONLY_KEYS = ("x_forwarded_proto", "limits")
-_TCP_ONLY_KEYS = ("splice", "pipe_bytes")
 _BACKEND_KEYS = ("balance", "retries", "all_backups", "timeouts", "check", "sticky", "servers")
 _SERVER_KEYS = ("name", "address", "weight", "pool", "max_idle", "check", "pair")
 _TIMEOUT_KEYS = tuple(f.name for f in dataclasses.fields(Timeouts))
@@ -222,8 +221,8 @@ def _read_listener(
     bind = _read_address(table, "bind", is_bind=True)
     backend = table.required_string("backend")
     mode = table.enum_choice("mode", ListenerMode, _LISTENER_DEFAULTS.mode)
-    other_keys = _TCP_ONLY_KEYS if mode is ListenerMode.HTTP else _HTTP_ONLY_KEYS
-    for key in other_keys:
+    # splice and pipe_bytes apply to both: tcp tunnels, and HTTP connections upgraded after 101.
+    for key in _HTTP_ONLY_KEYS if mode is ListenerMode.TCP else ():
         if table.has(key):
             table.fail(key, f"not used by mode = {mode.value!r} listeners")
     listener = ListenerConfig(

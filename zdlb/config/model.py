@@ -202,8 +202,10 @@ class ListenerConfig:
     limits: Limits = field(default_factory=Limits)
     backlog: int = 1024
     x_forwarded_proto: str = "http"  # the scheme clients used; "https" behind a TLS terminator
-    splice: bool = True  # tcp only: move bytes with os.splice (false: recv/send copies)
-    pipe_bytes: int = DEFAULT_PIPE_BYTES  # tcp only: the size of each splice pipe
+    # Tunnels (tcp listeners, and HTTP connections upgraded by a 101, e.g. WebSocket): move
+    # bytes with os.splice (false: recv/send copies), through pipes of pipe_bytes.
+    splice: bool = True
+    pipe_bytes: int = DEFAULT_PIPE_BYTES
 
 
 @dataclass(frozen=True, slots=True)

@@ -5,9 +5,15 @@ through httptools, validates it and rejects the framing request smuggling lives 
 together with Transfer-Encoding, repeated Content-Lengths, a request Transfer-Encoding not ending
 in chunked, obs-fold, whitespace before the colon, CR/LF/NUL inside values, bare-LF line ends.
 On top of that zdlb refuses what it cannot forward faithfully: codings other than plain
-``chunked`` (501), HTTP versions other than 1.0/1.1 (505), CONNECT and Upgrade (501, until
-tunnels land), a missing or repeated Host on HTTP/1.1 (RFC 9112 section 3.2), framing fields
-spelled with an underscore (CGI-style servers read ``_`` as ``-``), and its own limits (414/431).
+``chunked`` (501), HTTP versions other than 1.0/1.1 (505), CONNECT (501), a missing or
+repeated Host on HTTP/1.1 (RFC 9112 section 3.2), framing fields spelled with an underscore
+(CGI-style servers read ``_`` as ``-``), and its own limits (414/431).
+
+Upgrade (RFC 9110 section 7.8) is honoured only on a bodiless HTTP/1.1 GET whose Connection
+names ``upgrade`` (``RequestHead.upgrade``): that is every WebSocket handshake (RFC 6455 section
+4.1), and a request without a body leaves no bytes whose framing could be read two ways when the
+connection switches. Anywhere else (HTTP/1.0, which must ignore it, a body, another method)
+Upgrade is stripped as hop-by-hop and the request proxied as plain HTTP.
 
 Why whole heads: the head is then one bytes object that is forwarded as it is when no field
 needs editing, instead of being rebuilt from one Python callback per field. Measured here:
@@ -110,6 +116,7 @@ class RequestHead(_Head):
         "keep_alive",
         "method",
         "target",
+        "upgrade",
     )
 
     def __init__(
@@ -125,8 +132,10 @@ class RequestHead(_Head):
         has_host: bool = True,
         is_plain: bool = False,
         hop_lines_only: bool = False,
+        upgrade: bytes | None = None,
     ) -> None:
         _Head.__init__(self, raw)
+        self.upgrade = upgrade  # the Upgrade value when zdlb forwards the upgrade, else None
         self.method = method
         self.target = target
         self.http_minor = http_minor
@@ -290,6 +299,7 @@ class RequestHeadParser:
         codings: list[bytes] = []
         connection: list[bytes] = []
         expects_continue = False
+        upgrade: list[bytes] = []
         editable = 0  # fields that a raw edit cannot handle
         for name, value in fields:
             lname = name.lower()
@@ -297,6 +307,8 @@ class RequestHeadParser:
                 editable += 1
             if lname == b"host":
                 hosts += 1
+            elif lname == b"upgrade":
+                upgrade.append(value.rstrip())
             elif lname == b"content-length":
                 content_length = int(value)  # llhttp proved: digits, and only one such field
             elif lname == b"transfer-encoding":
@@ -334,6 +346,7 @@ class RequestHeadParser:
             hosts == 1,
             http_minor == 1 and len(fields) == hosts,
             hosts == 1 and not editable and _names_only_persistence(connection),
+            _honoured_upgrade(method, http_minor, framing, connection, upgrade),
         )
 
     def _validate(self, raw: bytes) -> None:
@@ -343,13 +356,30 @@ class RequestHeadParser:
         try:
             parser.feed_data(raw)
         except httptools.HttpParserUpgrade as exc:
+            # CONNECT, or Connection: upgrade + Upgrade. llhttp pauses only once the whole head
+            # was validated, so an Upgrade head is as checked as any other; the parser cannot
+            # go on past the pause, hence a new one for the next request.
             self._parser = None
-            # CONNECT, or Connection: upgrade + Upgrade. Tunnels are issue 4; until then both
-            # are refused before anything reaches the server.
-            raise DownstreamProtocolError("CONNECT and Upgrade are not supported", 501) from exc
+            if raw.startswith(b"CONNECT "):  # a forward proxy's job, not a load balancer's
+                raise DownstreamProtocolError("CONNECT is not supported", 501) from exc
         except httptools.HttpParserError as exc:
             self._parser = None
             raise DownstreamProtocolError(f"malformed request: {exc}") from None
+
+
+def _honoured_upgrade(
+    method: bytes,
+    http_minor: int,
+    framing: Framing,
+    connection: list[bytes],
+    upgrade: list[bytes],
+) -> bytes | None:
+    """The Upgrade value to forward, or None to strip it (see the module docstring)."""
+    if not upgrade or method != b"GET" or http_minor != 1 or framing is not Framing.NONE:
+        return None
+    if b"upgrade" not in _connection_tokens(connection):
+        return None
+    return b", ".join(upgrade)
 
 
 def new_response_parser() -> httptools.HttpResponseParser:
@@ -357,20 +387,28 @@ def new_response_parser() -> httptools.HttpResponseParser:
 
 
 def parse_response_head(
-    raw: bytes, parser: httptools.HttpResponseParser, answers_head: bool
+    raw: bytes,
+    parser: httptools.HttpResponseParser,
+    answers_head: bool,
+    answers_upgrade: bool = False,
 ) -> ResponseHead:
     """Validate one whole response head with ``parser`` (fresh, or back at a message start).
-    Raises UpstreamProtocolError (answer 502)."""
+    ``answers_upgrade``: the request asked for an Upgrade, so 101 is a valid answer (after
+    which ``parser`` is unusable). Raises UpstreamProtocolError (answer 502)."""
     if len(raw) > DEFAULT_MAX_RESPONSE_HEAD_BYTES:
         raise UpstreamProtocolError("response head too large")
     try:
         parser.feed_data(raw)
-    except (httptools.HttpParserError, httptools.HttpParserUpgrade) as exc:
+    except httptools.HttpParserUpgrade:
+        # llhttp pauses after a whole valid 101 head: what follows is the other protocol.
+        if not answers_upgrade:
+            raise UpstreamProtocolError("server switched protocols without being asked") from None
+    except httptools.HttpParserError as exc:
         raise UpstreamProtocolError(f"malformed response: {exc}") from None
     status = parser.get_status_code()
     if status < 100:  # llhttp takes any three digits; 0xx has no meaning (RFC 9110 section 15)
         raise UpstreamProtocolError(f"invalid status code {status}")
-    if status == 101:
+    if status == 101 and not answers_upgrade:
         raise UpstreamProtocolError("server switched protocols without being asked")
     line_end = raw.find(b"\r\n")
     http_minor = 1 if raw.startswith(b"HTTP/1.1") else 0

@@ -9,6 +9,19 @@ request already costs ~15 us of kernel time on loopback, and a Task plus corouti
 connect measured ~42 us on its own (PERFORMANCE.md). Writes are coalesced: each readiness
 event produces at most one ``transport.write`` per direction.
 
+An upgrade (WebSocket) is an exchange like any other until the server answers ``101``; then
+reading stops on both sides, the bytes already read past either head are written to the other
+side, and once both write buffers are empty the two sockets leave their transports for a
+``Pump`` (tunnel.py), which runs under the idle deadline ``tunnel_s`` as TCP listeners do. The
+client connection stays in ``Route.connections``, and its server keeps counting the request and
+the connection, until the pump ends. A non-101 answer ends the exchange normally; the connection
+stays keep-alive unless the client sent bytes after its upgrade request (they are never parsed
+as HTTP: they may be the new protocol's).
+
+A response body with at least ``TunnelSettings.splice_min_bytes`` of Content-Length left after
+the first read (off unless set) is moved by splice.py on duplicated fds while both transports
+are paused, then the exchange ends as usual and the connection goes on.
+
 Deadlines are not timer handles: each connection keeps one ``deadline`` and a sweeper task
 (``Route.sweep``) closes the ones past it. Re-arming a float costs nothing on the hot path,
 where a ``call_later`` per request would cost a heap push and a cancel.
@@ -19,6 +32,8 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
+import math
+import os
 import time
 from collections import deque
 from collections.abc import Callable
@@ -33,9 +48,13 @@ from zdlb.errors import (
 )
 from zdlb.http import rewrite
 from zdlb.http.head import IDEMPOTENT_METHODS, Framing, Headers, RequestHead, ResponseHead
+from zdlb.http.splice import BodySplice
 from zdlb.http.stream import RequestReader
+from zdlb.http.tunnel import TunnelSettings, detach_sockets
 from zdlb.http.upstream import ServerConnections, UpstreamConnection
 from zdlb.metrics.registry import BackendStats, ListenerStats
+from zdlb.tcp.pipes import PipePool
+from zdlb.tcp.pump import Pump
 
 if TYPE_CHECKING:
     from zdlb.balancer.pool import Backend
@@ -60,6 +79,7 @@ class Phase(enum.Enum):
     HEAD = "head"  # a request head is arriving: deadline http_request_s
     EXCHANGE = "exchange"  # a request is being forwarded or answered: deadline server_s
     CLOSING = "closing"  # the last answer is written; the connection closes after it
+    TUNNEL = "tunnel"  # switched protocols: a Pump owns both sockets; idle deadline tunnel_s
 
 
 # Why reading from the client is paused (bits of one int); reading resumes when none is left.
@@ -67,10 +87,19 @@ class Phase(enum.Enum):
 PAUSED_UPSTREAM_FULL = 1  # the server's socket buffer is full
 PAUSED_CONNECTING = 2  # too many request bytes held while the server connection opens
 PAUSED_BACKLOG = 4  # too many pipelined requests queued
+PAUSED_UPGRADE = 8  # an upgrade request awaits its answer: what follows may not be HTTP
+PAUSED_SPLICE = 16  # a response body is being spliced to the client (splice.py)
 
 
 def _ignore_observation(server: Server, ok: bool) -> None:
     """The default when no health checker runs: live traffic reports to nobody."""
+
+
+def _splice_min_bytes(tunnel: TunnelSettings) -> float:
+    """The body length from which responses are spliced; infinity: never (no splice)."""
+    if tunnel.splice_min_bytes is None or not tunnel.is_splicing:
+        return math.inf
+    return float(tunnel.splice_min_bytes)
 
 
 class Route:
@@ -87,6 +116,7 @@ class Route:
         sticky: StickyCookie | None = None,
         stats: ListenerStats | None = None,
         backend_stats: BackendStats | None = None,
+        tunnel: TunnelSettings | None = None,
     ) -> None:
         self.listener = listener
         # Metrics: plain counters the hot path adds to (a scrape reads them; metrics/).
@@ -102,11 +132,29 @@ class Route:
         self.retries = backend.config.retries
         self.proto = listener.x_forwarded_proto.encode()
         self.connections: set[ClientConnection] = set()
+        self.tunnels: set[ClientConnection] = set()  # those of connections in Phase.TUNNEL
+        if tunnel is None:
+            tunnel = TunnelSettings(
+                listener.timeouts.tunnel_s, listener.splice, listener.pipe_bytes
+            )
+        self.tunnel = tunnel
+        self.tunnel_pool = tunnel.new_pool()
+        self.splice_min_bytes = _splice_min_bytes(tunnel)
         self.is_stopping = False
         self.drained = asyncio.Event()  # set once stopping and the last connection closed
 
     def __repr__(self) -> str:
-        return f"<Route {self.listener.name} -> {self.backend.name} conns={len(self.connections)}>"
+        return (
+            f"<Route {self.listener.name} -> {self.backend.name} conns={len(self.connections)}"
+            f" tunnels={len(self.tunnels)}>"
+        )
+
+    def configure_tunnels(self, tunnel: TunnelSettings) -> None:
+        """Use ``tunnel`` for connections upgraded from now on (running tunnels keep theirs)."""
+        self.tunnel = tunnel
+        self.tunnel_pool.close()
+        self.tunnel_pool = tunnel.new_pool()
+        self.splice_min_bytes = _splice_min_bytes(tunnel)
 
     def sweep(self, now: float) -> None:
         """Enforce every connection's deadline and expire idle upstream connections."""
@@ -114,6 +162,24 @@ class Route:
             conn.deadline_passed()
         for pool in self.upstreams.values():
             pool.close_expired(now)
+        if self.tunnels:
+            self._sweep_tunnels(now)
+
+    def _sweep_tunnels(self, now: float) -> None:
+        """Close tunnels idle for ``tunnel_s``: pumps mark activity, no timer per tunnel (as
+        tcp/proxy.py's TcpRoute.sweep)."""
+        tunnel_s = self.tunnel.tunnel_s
+        expired = []
+        for conn in self.tunnels:
+            pump = conn.pump
+            if pump is None:
+                continue
+            if pump.take_activity():
+                conn.tunnel_deadline = now + tunnel_s
+            elif conn.tunnel_deadline <= now:
+                expired.append(pump)
+        for pump in expired:
+            pump.close()
 
     def stop_accepting(self) -> None:
         """Shutdown, step 1: idle keep-alive connections close now, busy ones after their
@@ -132,6 +198,7 @@ class Route:
     def abort_all(self) -> None:
         for conn in list(self.connections):
             conn.abort()
+        self.tunnel_pool.close()
 
 
 class ClientConnection(asyncio.Protocol):
@@ -156,6 +223,10 @@ class ClientConnection(asyncio.Protocol):
         self._client_done = False  # the client half-closed: no request follows
         self._wbuf: list[bytes] = []  # bytes for the client, written once per event
         self._close_after_write = False
+        self._switching = False  # a 101 arrived: waiting for both write buffers to empty
+        self._detached = False  # the transport was aborted and its socket given to a pump
+        self.pump: Pump | None = None
+        self.tunnel_deadline = math.inf
         self._reset_exchange()
 
     def _reset_exchange(self) -> None:
@@ -178,6 +249,8 @@ class ClientConnection(asyncio.Protocol):
         self._started_at = 0.0
         self._retried_stale = False
         self._identity: str | None = None  # the host the client's sticky cookie named
+        self._splice_body = False  # the body is long enough: splice what the read left
+        self._splicer: BodySplice | None = None
         self._set_cookie = b""  # Set-Cookie lines for the answer: the client is (re-)pinned
 
     def __repr__(self) -> str:
@@ -232,6 +305,12 @@ class ClientConnection(asyncio.Protocol):
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._detached:  # the transport let go of a socket the pump owns: not an end
+            self.transport = None
+            return
+        if self._splicer is not None:
+            self._splicer.stop()
+            self._splicer = None
         self.route.forget(self)
         self.route.stats.connections_open -= 1
         self.phase = Phase.CLOSING
@@ -257,12 +336,20 @@ class ClientConnection(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self._writes_paused = False
+        if self._switching:
+            self.loop.call_soon(self._try_switch)  # see _try_switch
+            return
+        if self._paused & PAUSED_SPLICE:
+            self.loop.call_soon(self._try_splice)  # as _try_switch
+            return
         if self.upstream is not None:
             self.upstream.resume_reading()
 
     # --- requests from the client: RequestSink ---------------------------------------------
 
     def request_head(self, head: RequestHead) -> None:
+        if head.upgrade is not None:
+            self._pause_reading(PAUSED_UPGRADE)  # until the answer says which protocol follows
         if self.head is not None or self._backlog:
             self._queue(0, head)
             return
@@ -368,7 +455,10 @@ class ClientConnection(asyncio.Protocol):
         self.server = server
         server.inflight += 1  # Server.request_started(), inlined: once per request
         pool.stats.requests += 1
-        upstream = pool.acquire()
+        head = self.head
+        # An upgrade gets a fresh connection: it leaves the pool for good if the server
+        # switches, and no request can then follow it on a connection another client shared.
+        upstream = pool.acquire() if head is None or head.upgrade is None else None
         if upstream is not None:
             self._attach(upstream)
         else:
@@ -434,7 +524,7 @@ class ClientConnection(asyncio.Protocol):
         head = self.head
         assert head is not None
         self.upstream = upstream
-        upstream.attach(self, head.method == b"HEAD")
+        upstream.attach(self, head.method == b"HEAD", head.upgrade is not None)
         if self._writes_paused:
             upstream.pause_reading()
         if self._paused & PAUSED_CONNECTING:
@@ -468,6 +558,9 @@ class ClientConnection(asyncio.Protocol):
     def response_head(self, head: ResponseHead) -> None:
         request = self.head
         assert request is not None
+        if head.status == 101:  # head.py lets it through only to an upgrade request
+            self._switch_protocols(head)
+            return
         if head.status < 200:  # 1xx
             if request.http_minor == 1:  # RFC 9110 section 15.2: never 1xx to HTTP/1.0
                 self._wbuf.append(rewrite.build_response_head(head, Framing.NONE, True, 1))
@@ -481,6 +574,7 @@ class ClientConnection(asyncio.Protocol):
             and framing is not Framing.CLOSE
             and not self.route.is_stopping
             and not self._client_done
+            and not (request.upgrade is not None and self.reader.held)
         )
         server = self.server
         if server is not None and server.is_observed:
@@ -488,6 +582,12 @@ class ClientConnection(asyncio.Protocol):
         self._response_started = True
         self._keep_alive_down = keep_alive
         self._chunked_down = framing is Framing.CHUNKED
+        # Only once the request is sent whole: the client's reading stops during the splice.
+        self._splice_body = (
+            framing is Framing.LENGTH
+            and (head.content_length or 0) >= self.route.splice_min_bytes
+            and self._request_done
+        )
         self._status = head.status
         self._wbuf.append(
             rewrite.build_response_head(
@@ -506,7 +606,13 @@ class ClientConnection(asyncio.Protocol):
         server = self.server
         self.upstream = None
         if upstream is not None and server is not None:
-            if keep_alive and self._request_done and not upstream.is_closed:
+            head = self.head
+            if (
+                keep_alive
+                and self._request_done
+                and not upstream.is_closed
+                and (head is None or head.upgrade is None)  # see _use_server
+            ):
                 upstream.pool.release(upstream, self.loop.time())
             else:
                 upstream.owner = None
@@ -514,6 +620,12 @@ class ClientConnection(asyncio.Protocol):
         self._finish_exchange()
 
     def upstream_flushed(self) -> None:
+        if self._switching:
+            self._prepare_switch()
+            return
+        if self._splice_body:
+            self._prepare_splice()
+            return
         if self.phase is Phase.EXCHANGE:
             self.deadline = self.loop.time() + self.route.server_s
         self._flush_client()
@@ -566,7 +678,170 @@ class ClientConnection(asyncio.Protocol):
         self._pause_reading(PAUSED_UPSTREAM_FULL)
 
     def resume_upstream_writes(self) -> None:
+        if self._switching:
+            self.loop.call_soon(self._try_switch)  # see _try_switch
+            return
         self._resume_reading(PAUSED_UPSTREAM_FULL)
+
+    # --- switching protocols: the exchange becomes a tunnel -----------------------------------
+
+    def _switch_protocols(self, head: ResponseHead) -> None:
+        """A 101: stop reading the server; bytes after the head arrive as response_body."""
+        upstream = self.upstream
+        assert upstream is not None
+        server = self.server
+        if server is not None and server.is_observed:
+            self.route.observe(server, True)
+        self._switching = True
+        self._response_started = True
+        self._status = 101
+        upstream.pause_reading()  # the client's reading is already paused (PAUSED_UPGRADE)
+        self._wbuf.append(rewrite.build_switch_head(head, self._set_cookie))
+
+    def _prepare_switch(self) -> None:
+        """Write what was read past either head to the other side, then wait for both write
+        buffers to empty: a write limit of 0 makes resume_writing say exactly that."""
+        upstream, transport = self.upstream, self.transport
+        if upstream is None or upstream.transport is None or transport is None:
+            return  # lost meanwhile: connection_lost or upstream_lost ends the exchange
+        self._flush_client()
+        held = self.reader.held
+        if held:
+            upstream.pool.stats.bytes_in += len(held)
+            upstream.write(bytes(held))
+            held.clear()
+        transport.set_write_buffer_limits(high=0)
+        upstream.transport.set_write_buffer_limits(high=0)
+        self._try_switch()
+
+    def _try_switch(self) -> None:
+        """Start the tunnel if both write buffers are empty. Called back a loop iteration after
+        resume_writing, never inside it: the stdlib transport goes on after resume_writing
+        returns, and, seeing itself closing, runs connection_lost a second time (AttributeError
+        in the loop's exception handler, found by test_bytes_past_both_heads...[asyncio-4mib])."""
+        upstream, transport = self.upstream, self.transport
+        if not self._switching or transport is None or upstream is None:
+            return  # switched already, or lost meanwhile (connection_lost cleans up)
+        if upstream.transport is None:
+            return
+        if transport.get_write_buffer_size() or upstream.transport.get_write_buffer_size():
+            return  # resume_writing or resume_upstream_writes calls again once empty
+        self._start_tunnel(transport, upstream)
+
+    def _start_tunnel(self, transport: asyncio.Transport, upstream: UpstreamConnection) -> None:
+        """Hand both sockets to a pump. The server keeps counting this request and, for the
+        aborted upstream transport, one connection, until the pump ends (``_tunnel_ended``)."""
+        server = self.server
+        assert server is not None and upstream.transport is not None
+        self.upstream = None
+        upstream.owner = None  # its connection_lost (after the abort) only leaves the pool
+        try:
+            client_sock, upstream_sock = detach_sockets(transport, upstream.transport)
+        except OSError as exc:  # out of fds: both transports are untouched
+            log.warning("tunnel_failed client=%s error=%s", self.client_ip.decode(), exc)
+            upstream.abort()
+            self.abort()
+            return
+        server.connection_opened()
+        self._switching = False
+        self._detached = True
+        self.transport = None
+        route = self.route
+        self.phase = Phase.TUNNEL
+        self.deadline = math.inf  # route.sweep checks tunnel_deadline instead
+        self.tunnel_deadline = self.loop.time() + route.tunnel.tunnel_s
+        self.pump = Pump(
+            self.loop, client_sock, upstream_sock, route.tunnel_pool, self._tunnel_ended
+        )
+        route.tunnels.add(self)
+        self.pump.start()
+
+    def _tunnel_ended(self, pump: Pump) -> None:
+        """Called once by the pump, both sockets closed: account the exchange and the client
+        connection as ended, as connection_lost does for any other."""
+        route = self.route
+        route.tunnels.discard(self)
+        self.pump = None
+        server = self.server
+        if server is not None:
+            server.connection_closed()
+            route.upstreams[server.name].stats.bytes_in += pump.bytes_up
+        route.stats.bytes_in += pump.bytes_up
+        route.stats.bytes_out += pump.bytes_down
+        self._bytes_out += pump.bytes_down
+        self._keep_alive_down = False
+        self._finish_exchange()  # request_finished, response counters, access log
+        self.phase = Phase.CLOSING
+        route.forget(self)
+        route.stats.connections_open -= 1
+        self.reader.detach()
+
+    # --- a long response body through splice.py -------------------------------------------
+
+    def _prepare_splice(self) -> None:
+        """Stop both transports reading, wait for the client's write buffer to empty (a limit
+        of 0 makes resume_writing say so), then splice the rest of the body."""
+        self._splice_body = False
+        upstream, transport = self.upstream, self.transport
+        if (
+            upstream is None
+            or transport is None
+            or upstream.reader.remaining_body < self.route.splice_min_bytes
+        ):
+            self.upstream_flushed()  # most of the body came with the head: the plain path
+            return
+        self._flush_client()
+        upstream.pause_reading()
+        self._pause_reading(PAUSED_SPLICE)
+        transport.set_write_buffer_limits(high=0)
+        self._try_splice()
+
+    def _try_splice(self) -> None:
+        upstream, transport = self.upstream, self.transport
+        if not self._paused & PAUSED_SPLICE or self._splicer is not None:
+            return
+        if transport is None or upstream is None or upstream.transport is None:
+            return  # lost meanwhile: connection_lost or upstream_lost ends the exchange
+        if transport.get_write_buffer_size():
+            return  # resume_writing calls again once empty
+        transport.set_write_buffer_limits()  # back to the defaults for the rest of the life
+        try:
+            src = os.dup(upstream.transport.get_extra_info("socket").fileno())
+            try:
+                dst = os.dup(transport.get_extra_info("socket").fileno())
+            except OSError:
+                os.close(src)
+                raise
+        except OSError:  # out of fds: the reader takes the body, as for a short one
+            upstream.resume_reading()
+            self._resume_reading(PAUSED_SPLICE)
+            return
+        pool = self.route.tunnel_pool
+        assert isinstance(pool, PipePool)  # splice_min_bytes is infinite otherwise
+        size = upstream.reader.take_body()
+        self._splicer = BodySplice(self.loop, src, dst, size, pool, self._splice_ended)
+        self._splicer.start()
+
+    def _splice_ended(self, ok: bool) -> None:
+        """The body was moved whole (``ok``): resume both transports and end the response
+        as if the reader had seen it; else the answer is cut and both sides are reset."""
+        splicer, self._splicer = self._splicer, None
+        moved = splicer.moved if splicer is not None else 0
+        self._bytes_out += moved
+        self.route.stats.bytes_out += moved
+        upstream = self.upstream
+        if not ok or upstream is None:
+            if upstream is not None:
+                self.upstream = None
+                upstream.owner = None
+                upstream.abort()
+            self._abort_exchange()
+            self.abort()
+            return
+        upstream.resume_reading()
+        self._resume_reading(PAUSED_SPLICE)
+        upstream.reader.body_moved(moved)  # response_end: pool the upstream, finish
+        self._flush_client()
 
     # --- ending an exchange ------------------------------------------------------------------
 
@@ -590,6 +865,9 @@ class ClientConnection(asyncio.Protocol):
             # hold the socket.
             self.deadline = self.loop.time() + self.route.timeouts.client_s
             return
+        if self.head is not None and self.head.upgrade is not None:  # not upgraded after all
+            self.reader.end_upgrade()
+            self._resume_reading(PAUSED_UPGRADE)
         self._reset_exchange()
         timeouts = self.route.timeouts
         if self.reader.pending_head:  # the next request's head has begun
@@ -614,6 +892,8 @@ class ClientConnection(asyncio.Protocol):
             head is not None and head.keep_alive and self._request_done and not self._backlog
         )
         keep_alive = keep_alive and not self.route.is_stopping
+        if head is not None and head.upgrade is not None and self.reader.held:
+            keep_alive = False  # bytes followed the upgrade request: never parsed as HTTP
         self._status = status
         self._keep_alive_down = keep_alive
         self._wbuf.append(rewrite.error_response(status, close=not keep_alive))
@@ -697,9 +977,15 @@ class ClientConnection(asyncio.Protocol):
         match self.phase:
             case Phase.IDLE | Phase.CLOSING:
                 self.abort() if self.phase is Phase.CLOSING else self._close_now()
+            case Phase.TUNNEL:
+                pass  # its deadline is tunnel_deadline, enforced by Route.sweep
             case Phase.HEAD:
                 self._reject(DownstreamProtocolError("request head timed out", 408))
             case Phase.EXCHANGE:
+                splicer = self._splicer
+                if splicer is not None and splicer.take_activity():
+                    self.deadline = self.loop.time() + self.route.server_s  # bytes still move
+                    return
                 if self._response_started or self.server is None:
                     self._abort_exchange()
                     self._flush_client()
@@ -731,5 +1017,11 @@ class ClientConnection(asyncio.Protocol):
             self.transport.close()
 
     def abort(self) -> None:
+        if self.pump is not None:
+            self.pump.abort()
+            return
+        if self._splicer is not None:  # its fds first: the transport closes the socket
+            self._splicer.stop()
+            self._splicer = None
         if self.transport is not None:
             self.transport.abort()

@@ -3,7 +3,10 @@
 RFC 9110 section 7.6.1: a proxy removes Connection, every header Connection names, and the
 other hop-by-hop fields (Keep-Alive, TE, Trailer, Proxy-Connection, Upgrade) before
 forwarding. Requests gain ``X-Forwarded-For`` (appended to any the client sent) and
-``X-Forwarded-Proto``; Host is kept. Heads are serialised in one bytes join because one
+``X-Forwarded-Proto``; Host is kept. The one exception is a request whose Upgrade head.py
+chose to honour (``RequestHead.upgrade``): its Upgrade field is kept and the server is sent
+``Connection: Upgrade`` (RFC 9110 section 7.8: a proxy forwards an upgrade only when asked), as
+is the ``101`` answer to it. Heads are serialised in one bytes join because one
 ``transport.write`` per message is what keeps the kernel cost per request down (PERFORMANCE.md).
 No I/O here.
 """
@@ -79,6 +82,8 @@ def build_request_head(
     forwarded_for = b""
     lines = [b"%s %s HTTP/1.1\r\n" % (head.method, head.target)]
     append = lines.append
+    if head.upgrade is not None:  # the only hop-by-hop field passed on, and what names it
+        append(b"Connection: Upgrade\r\nUpgrade: %s\r\n" % head.upgrade)
     for name, value in head.headers:
         lname = name.lower()
         if lname in HOP_BY_HOP or lname == _X_FORWARDED_PROTO:
@@ -150,6 +155,20 @@ def build_response_head(
         elif client_http_minor == 0:
             append(b"Connection: keep-alive\r\n")
     append(b"\r\n")
+    return b"".join(lines)
+
+
+def build_switch_head(head: ResponseHead, added: bytes = b"") -> bytes:
+    """Serialise a ``101 Switching Protocols`` for the client: its Upgrade field kept, the
+    other hop-by-hop fields dropped, ``Connection: Upgrade`` (RFC 9110 section 7.8)."""
+    named = _connection_tokens(head.headers)
+    lines = [b"HTTP/1.1 101 %s\r\n" % head.reason, added]
+    append = lines.append
+    for name, value in head.headers:
+        lname = name.lower()
+        if lname == b"upgrade" or not (lname in HOP_BY_HOP or lname in named):
+            append(b"%s: %s\r\n" % (name, value))
+    append(b"Connection: Upgrade\r\n\r\n")
     return b"".join(lines)
 
 

@@ -6,6 +6,11 @@ chunked coding (chunked.py) or, for responses, by the server closing. zdlb frame
 because llhttp reports no offsets: only this way does it know where one message ends and the
 next pipelined one begins. Bodies are emitted decoded; the proxy re-encodes for the other side.
 
+After a request whose Upgrade zdlb forwards, and after the ``101`` answering it, the bytes that
+follow may belong to another protocol: they are kept raw (``held``) or handed over unparsed
+until the proxy knows whether the connection switched. The proxy stops reading both sides
+meanwhile, so at most one read's worth is ever held.
+
 Memory is bounded: a head that arrives in pieces is kept in one bytearray and scanned only from
 where the last scan stopped (linear, not quadratic: h11's receivebuffer lesson), and refused
 once past its limit; chunk lines and trailers are bounded by chunked.py.
@@ -73,6 +78,7 @@ class _State(enum.Enum):
     CHUNKED = "chunked"  # a chunked body
     CLOSE = "close"  # a body that ends when the server closes (responses only)
     DONE = "done"  # nothing more may follow (a response, or a request that closes)
+    SWITCHING = "switching"  # after an Upgrade request or a 101: bytes kept raw, not parsed
 
 
 def check_line_ends(chunk: bytes, error: type[ProtocolError]) -> None:
@@ -151,12 +157,14 @@ class RequestReader:
     __slots__ = (
         "_chunked",
         "_head_parser",
+        "_is_upgrade",
         "_keep_alive",
         "_limits",
         "_partial",
         "_remaining",
         "_sink",
         "_state",
+        "held",
     )
 
     def __init__(self, sink: RequestSink, limits: Limits) -> None:
@@ -168,6 +176,8 @@ class RequestReader:
         self._remaining = 0  # Content-Length bytes still to come
         self._chunked: ChunkedDecoder | None = None
         self._keep_alive = True
+        self._is_upgrade = False
+        self.held = bytearray()  # bytes after an Upgrade request, unparsed
 
     @property
     def is_idle(self) -> bool:
@@ -210,11 +220,20 @@ class RequestReader:
                 if decoder.is_done:
                     self._chunked = None
                     self._end(decoder.trailers)
+            elif state is _State.SWITCHING:
+                self.held += data[pos:] if pos else data
+                return
             else:
                 return  # after a request that closes the connection: never processed
 
+    def end_upgrade(self) -> None:
+        """The upgrade was refused (no 101) and nothing was held: parse requests again."""
+        assert not self.held
+        self._state = _State.HEAD
+
     def _start_body(self, head: RequestHead) -> None:
         self._keep_alive = head.keep_alive
+        self._is_upgrade = head.upgrade is not None
         self._sink.request_head(head)
         match head.framing:
             case Framing.LENGTH:
@@ -230,7 +249,10 @@ class RequestReader:
                 self._end([])
 
     def _end(self, trailers: Headers) -> None:
-        self._state = _State.HEAD if self._keep_alive else _State.DONE
+        if self._is_upgrade:
+            self._state = _State.SWITCHING
+        else:
+            self._state = _State.HEAD if self._keep_alive else _State.DONE
         self._sink.request_end(trailers)
 
     def _check_partial(self) -> None:
@@ -248,11 +270,14 @@ class ResponseReader:
     Raises ``UpstreamProtocolError`` (answer 502) on garbage. Only the proxy knows that a
     response answers HEAD, so it says so with ``expect_response(is_head=True)``; such a
     response ends with its head. A close-delimited body ends when the proxy calls ``feed_eof``.
+    After a ``101`` to an upgrade request (``expect_response(is_upgrade=True)``), every byte
+    that follows goes to ``response_body`` unparsed: it is the new protocol's.
     """
 
     __slots__ = (
         "_chunked",
         "_is_head",
+        "_is_upgrade",
         "_keep_alive",
         "_llhttp",
         "_partial",
@@ -268,14 +293,16 @@ class ResponseReader:
         self._remaining = 0
         self._chunked: ChunkedDecoder | None = None
         self._is_head = False
+        self._is_upgrade = False
         self._keep_alive = False
         # One llhttp parser per connection, reused while it sees whole messages (Content-Length
         # bodies are fed through it too): creating one costs ~0.3 us per response.
         self._llhttp: httptools.HttpResponseParser | None = None
 
-    def expect_response(self, is_head: bool) -> None:
+    def expect_response(self, is_head: bool, is_upgrade: bool = False) -> None:
         """Prepare for the response to the request just sent."""
         self._is_head = is_head
+        self._is_upgrade = is_upgrade
         self._state = _State.HEAD
         if self._partial.buf:
             self._partial.clear()
@@ -287,6 +314,25 @@ class ResponseReader:
     @property
     def is_close_delimited(self) -> bool:
         return self._state is _State.CLOSE
+
+    @property
+    def remaining_body(self) -> int:
+        """Content-Length bytes of the current body not read yet (0 outside such a body)."""
+        return self._remaining if self._state is _State.LENGTH else 0
+
+    def take_body(self) -> int:
+        """Content-Length bytes of the current body not read yet, which the caller will move
+        itself (http/splice.py) and report with ``body_moved``; 0 if not in such a body."""
+        if self._state is not _State.LENGTH:
+            return 0
+        self._llhttp = None  # it will not see these bytes: no reuse for the next response
+        return self._remaining
+
+    def body_moved(self, size: int) -> None:
+        """``size`` bytes of the body went around the reader; ends the response at its end."""
+        self._remaining -= size
+        if not self._remaining:
+            self._end([])
 
     def feed_eof(self) -> bool:
         """The server closed. True if that ended a close-delimited body (a complete response)."""
@@ -325,7 +371,7 @@ class ResponseReader:
                 if decoder.is_done:
                     self._chunked = None
                     self._end(decoder.trailers)
-            elif state is _State.CLOSE:
+            elif state is _State.CLOSE or state is _State.SWITCHING:
                 self.sink.response_body(data[pos:] if pos else data)
                 return
             else:
@@ -334,7 +380,11 @@ class ResponseReader:
     def _on_head(self, raw: bytes) -> None:
         parser = self._llhttp or new_response_parser()
         self._llhttp = None  # until this head proves valid and its body is fed through
-        head = parse_response_head(raw, parser, self._is_head)
+        head = parse_response_head(raw, parser, self._is_head, self._is_upgrade)
+        if head.status == 101:  # only to an upgrade request: the connection switched
+            self._state = _State.SWITCHING
+            self.sink.response_head(head)
+            return
         framing = head.framing
         if framing is Framing.LENGTH or (framing is Framing.NONE and not self._is_head):
             self._llhttp = parser

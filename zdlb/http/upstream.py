@@ -83,12 +83,12 @@ class UpstreamConnection(asyncio.Protocol):
         state = "closed" if self.is_closed else ("busy" if self.owner else "idle")
         return f"<UpstreamConnection {self.pool.server.name} {state} reused={self.reused}>"
 
-    def attach(self, owner: UpstreamOwner, is_head: bool) -> None:
+    def attach(self, owner: UpstreamOwner, is_head: bool, is_upgrade: bool = False) -> None:
         """Dedicate this connection to ``owner``'s next request."""
         self.owner = owner
         self.got_data = False
         self.reader.sink = owner
-        self.reader.expect_response(is_head)
+        self.reader.expect_response(is_head, is_upgrade)
 
     def write(self, data: bytes) -> None:
         assert self.transport is not None
