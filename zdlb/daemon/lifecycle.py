@@ -24,7 +24,7 @@ from zdlb.balancer.pool import Backend
 from zdlb.balancer.sticky import StickyCookie
 from zdlb.config.model import Config, ListenerConfig, ListenerMode
 from zdlb.control import journal
-from zdlb.control.commands import Controller
+from zdlb.control.commands import Controller, WorkerLoad
 from zdlb.control.server import ControlServer
 from zdlb.errors import ZdlbError
 from zdlb.health.scheduler import HealthChecker, TransitionHook
@@ -192,25 +192,40 @@ def sweep_interval_s(config: Config) -> float:
     return max(MIN_SWEEP_S, min(MAX_SWEEP_S, shortest / 10))
 
 
+async def start_control(
+    runtime: Runtime, workers: WorkerLoad | None = None
+) -> ControlServer | None:
+    """The control socket, if configured; ``workers`` sums load across worker processes.
+
+    Raises ListenerError if it cannot be created, after closing every bound socket.
+    """
+    control_config = runtime.config.control
+    if control_config.socket is None:
+        return None
+    controller = Controller(
+        runtime.backends,
+        runtime.all_routes,
+        runtime.health,
+        control_config.state_file,
+        workers=workers,
+    )
+    control = ControlServer(
+        control_config.socket, control_config.group, controller, runtime.stats.control
+    )
+    try:
+        await control.start()
+    except BaseException:
+        runtime.close_sockets()
+        raise
+    return control
+
+
 async def serve(runtime: Runtime, stop: asyncio.Event) -> None:
     """Serve until ``stop`` is set, then shut down gracefully.
 
     Raises ListenerError if the control socket cannot be created (before any listener serves).
     """
-    control: ControlServer | None = None
-    control_config = runtime.config.control
-    if control_config.socket is not None:
-        controller = Controller(
-            runtime.backends, runtime.all_routes, runtime.health, control_config.state_file
-        )
-        control = ControlServer(
-            control_config.socket, control_config.group, controller, runtime.stats.control
-        )
-        try:
-            await control.start()
-        except BaseException:
-            runtime.close_sockets()
-            raise
+    control = await start_control(runtime)
     servers = [server for backend in runtime.backends.values() for server in backend.servers]
     metrics = await start_metrics(
         runtime, lambda: take_snapshot(runtime.stats, servers, runtime.health)

@@ -34,10 +34,8 @@ from collections.abc import Iterable
 
 from zdlb.balancer.server import Health, Server
 from zdlb.config.model import Config
-from zdlb.control.commands import Controller
-from zdlb.control.server import ControlServer
 from zdlb.daemon import ipc
-from zdlb.daemon.lifecycle import Runtime, log_listener_started, start_metrics
+from zdlb.daemon.lifecycle import Runtime, log_listener_started, start_control, start_metrics
 from zdlb.daemon.worker import WorkerOptions, WorkerSpec
 from zdlb.errors import ZdlbError
 from zdlb.metrics.collector import take_snapshot
@@ -351,24 +349,7 @@ async def serve_master(
 ) -> None:
     """lifecycle.serve for ``count`` > 1 workers: the rules above, until ``stop`` is set."""
     supervisor = Supervisor(runtime, count, options)
-    control: ControlServer | None = None
-    control_config = runtime.config.control
-    if control_config.socket is not None:
-        controller = Controller(
-            runtime.backends,
-            runtime.all_routes,
-            runtime.health,
-            control_config.state_file,
-            workers=supervisor,
-        )
-        control = ControlServer(
-            control_config.socket, control_config.group, controller, runtime.stats.control
-        )
-        try:
-            await control.start()
-        except BaseException:
-            runtime.close_sockets()
-            raise
+    control = await start_control(runtime, supervisor)
     metrics = await start_metrics(runtime, supervisor.snapshot)
     try:
         await supervisor.start()
