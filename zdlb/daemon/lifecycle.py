@@ -270,8 +270,7 @@ async def start_metrics(runtime: Runtime, source: SnapshotSource) -> MetricsEndp
     if runtime.metrics_socket is None:
         return None
     endpoint = MetricsEndpoint(new_registry(source), runtime.metrics_socket)
-    await endpoint.start()
-    log.info("metrics_started addr=%s path=/metrics", endpoint.address)
+    await endpoint.start()  # logs metrics_started with the bound address
     return endpoint
 
 
