@@ -82,6 +82,7 @@ def proxy_config(
     x_forwarded_proto: str | None = None,
     check: dict[str, Any] | None = None,
     sticky: dict[str, Any] | None = None,
+    splice_min_bytes: int | bool | None = None,
 ) -> Config:
     """A one-listener, one-backend config, validated by ``parse_config`` like a file would be.
 
@@ -98,6 +99,8 @@ def proxy_config(
         listener["limits"] = dict(limits)
     if x_forwarded_proto is not None:
         listener["x_forwarded_proto"] = x_forwarded_proto
+    if splice_min_bytes is not None:
+        listener["splice_min_bytes"] = splice_min_bytes
     backend: dict[str, Any] = {"balance": balance, "servers": [dict(s) for s in servers]}
     if retries is not None:
         backend["retries"] = retries

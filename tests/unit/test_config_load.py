@@ -14,6 +14,7 @@ import pytest
 
 from zdlb.config.load import load_config, parse_config, resolve_path
 from zdlb.config.model import (
+    DEFAULT_SPLICE_MIN_BYTES,
     Address,
     BackendConfig,
     Balance,
@@ -151,7 +152,7 @@ REJECTED = [
         [(("listeners", "web", "bad key"), 1)],
         [
             'listeners.web."bad key": unknown key (expected one of: bind, mode, backend, '
-            "backlog, x_forwarded_proto, splice, pipe_bytes, timeouts, limits)"
+            "backlog, x_forwarded_proto, splice, pipe_bytes, splice_min_bytes, timeouts, limits)"
         ],
         id="unknown-key-quoted-in-path",
     ),
@@ -190,6 +191,26 @@ REJECTED = [
         [("listeners.web.mode", "tcp"), ("listeners.web.pipe_bytes", 100)],
         ["listeners.web.pipe_bytes: must be between 4096 and 1048576, got 100"],
         id="pipe-bytes-range",
+    ),
+    pytest.param(
+        [("listeners.web.splice_min_bytes", True)],
+        ["listeners.web.splice_min_bytes: expected an integer or false, got True"],
+        id="splice-min-bytes-true",
+    ),
+    pytest.param(
+        [("listeners.web.splice_min_bytes", -1)],
+        ["listeners.web.splice_min_bytes: must be >= 0, got -1"],
+        id="splice-min-bytes-negative",
+    ),
+    pytest.param(
+        [("listeners.web.splice_min_bytes", "1m")],
+        ["listeners.web.splice_min_bytes: expected an integer or false, got '1m'"],
+        id="splice-min-bytes-string",
+    ),
+    pytest.param(
+        [("listeners.web.mode", "tcp"), ("listeners.web.splice_min_bytes", 65536)],
+        ["listeners.web.splice_min_bytes: not used by mode = 'tcp' listeners"],
+        id="splice-min-bytes-on-tcp",
     ),
     pytest.param(
         [("control", {"socket": "x" * 200})],
@@ -504,6 +525,16 @@ def test_rejects_workers(value: object, expected: str) -> None:
 def test_workers(value: int | None, expected: int | None) -> None:
     changes = [] if value is None else [("workers", value)]
     assert parse_config(_config(*changes), SOURCE, BASE_DIR).workers == expected
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [(None, DEFAULT_SPLICE_MIN_BYTES), (False, None), (0, 0), (1 << 20, 1 << 20)],
+)
+def test_splice_min_bytes(value: int | bool | None, expected: int | None) -> None:
+    changes = [] if value is None else [("listeners.web.splice_min_bytes", value)]
+    config = parse_config(_config(*changes), SOURCE, BASE_DIR)
+    assert config.listeners[0].splice_min_bytes == expected
 
 
 @pytest.mark.parametrize(("changes", "expected"), REJECTED)

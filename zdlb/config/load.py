@@ -61,10 +61,11 @@ _LISTENER_KEYS = (
     "x_forwarded_proto",
     "splice",
     "pipe_bytes",
+    "splice_min_bytes",
     "timeouts",
     "limits",
 )
-_HTTP_ONLY_KEYS = ("x_forwarded_proto", "limits")
+_HTTP_ONLY_KEYS = ("x_forwarded_proto", "limits", "splice_min_bytes")
 _BACKEND_KEYS = ("balance", "retries", "all_backups", "timeouts", "check", "sticky", "servers")
 _SERVER_KEYS = ("name", "address", "weight", "pool", "max_idle", "check", "pair")
 _TIMEOUT_KEYS = tuple(f.name for f in dataclasses.fields(Timeouts))
@@ -239,6 +240,9 @@ def _read_listener(
         splice=table.boolean("splice", _LISTENER_DEFAULTS.splice),
         pipe_bytes=table.integer(
             "pipe_bytes", _LISTENER_DEFAULTS.pipe_bytes, MIN_PIPE_BYTES, MAX_PIPE_BYTES
+        ),
+        splice_min_bytes=table.integer_or_false(
+            "splice_min_bytes", _LISTENER_DEFAULTS.splice_min_bytes, minimum=0
         ),
     )
     return listener if bind is not None and backend is not None else None

@@ -41,6 +41,9 @@ DEFAULT_TUNNEL_S = 3600.0
 # Splice pipes: 1 MiB cost 24-30% less CPU per GiB than 64 KiB (benchmarks/bulk.sh; the
 # figures are in tcp/pipes.py).
 DEFAULT_PIPE_BYTES = 1 << 20
+# HTTP bodies with at least this many Content-Length bytes still to come are spliced
+# (http/splice.py). Provisional until benchmarks/bulk_http.sh measures the crossover.
+DEFAULT_SPLICE_MIN_BYTES = 256 * 1024
 MIN_PIPE_BYTES = 4096  # one page: the kernel's smallest pipe
 MAX_PIPE_BYTES = 1 << 20  # /proc/sys/fs/pipe-max-size's default for unprivileged processes
 # Sticky users of a drained server stay on it this long (5 minutes: most web sessions make
@@ -206,6 +209,9 @@ class ListenerConfig:
     # bytes with os.splice (false: recv/send copies), through pipes of pipe_bytes.
     splice: bool = True
     pipe_bytes: int = DEFAULT_PIPE_BYTES
+    # HTTP request and response bodies with at least this many Content-Length bytes left after
+    # the first read are spliced too (needs splice); None: never.
+    splice_min_bytes: int | None = DEFAULT_SPLICE_MIN_BYTES
 
 
 @dataclass(frozen=True, slots=True)

@@ -80,6 +80,18 @@ class Table:
             return default
         return float(value)
 
+    def integer_or_false(self, key: str, default: int | None, minimum: int) -> int | None:
+        """An integer >= ``minimum``, or false (None): a limit that can be turned off."""
+        value = self.data.get(key, _MISSING)
+        if value is _MISSING:
+            return default
+        if value is False:
+            return None
+        if value is True or not isinstance(value, int):
+            self._expect(key, "an integer or false", value)
+            return default
+        return self.integer(key, 0, minimum)
+
     def boolean(self, key: str, default: bool) -> bool:
         value = self.data.get(key, _MISSING)
         if value is _MISSING:

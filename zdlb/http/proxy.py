@@ -18,9 +18,11 @@ the connection, until the pump ends. A non-101 answer ends the exchange normally
 stays keep-alive unless the client sent bytes after its upgrade request (they are never parsed
 as HTTP: they may be the new protocol's).
 
-A response body with at least ``TunnelSettings.splice_min_bytes`` of Content-Length left after
-the first read (off unless set) is moved by splice.py on duplicated fds while both transports
-are paused, then the exchange ends as usual and the connection goes on.
+A body with at least ``splice_min_bytes`` of Content-Length left after the first read is moved
+by splice.py on duplicated fds, then the connection goes on as HTTP. A response body: both
+transports paused, the client's write buffer empty first. A request body: the client's reading
+paused, the server's write buffer empty first; the server's reading goes on, so an early answer
+still gets through (and, the rest of the body never read, the connection then closes).
 
 Deadlines are not timer handles: each connection keeps one ``deadline`` and a sweeper task
 (``Route.sweep``) closes the ones past it. Re-arming a float costs nothing on the hot path,
@@ -33,7 +35,6 @@ import asyncio
 import enum
 import logging
 import math
-import os
 import time
 from collections import deque
 from collections.abc import Callable
@@ -48,7 +49,7 @@ from zdlb.errors import (
 )
 from zdlb.http import rewrite
 from zdlb.http.head import IDEMPOTENT_METHODS, Framing, Headers, RequestHead, ResponseHead
-from zdlb.http.splice import BodySplice
+from zdlb.http.splice import BodySplice, dup_fds
 from zdlb.http.stream import RequestReader
 from zdlb.http.tunnel import TunnelSettings, detach_sockets
 from zdlb.http.upstream import ServerConnections, UpstreamConnection
@@ -89,6 +90,7 @@ PAUSED_CONNECTING = 2  # too many request bytes held while the server connection
 PAUSED_BACKLOG = 4  # too many pipelined requests queued
 PAUSED_UPGRADE = 8  # an upgrade request awaits its answer: what follows may not be HTTP
 PAUSED_SPLICE = 16  # a response body is being spliced to the client (splice.py)
+PAUSED_REQUEST_SPLICE = 32  # the request body is (about to be) spliced to the server
 
 
 def _ignore_observation(server: Server, ok: bool) -> None:
@@ -99,7 +101,7 @@ def _splice_min_bytes(tunnel: TunnelSettings) -> float:
     """The body length from which responses are spliced; infinity: never (no splice)."""
     if tunnel.splice_min_bytes is None or not tunnel.is_splicing:
         return math.inf
-    return float(tunnel.splice_min_bytes)
+    return float(max(1, tunnel.splice_min_bytes))  # 0 bytes left: nothing to splice
 
 
 class Route:
@@ -135,7 +137,10 @@ class Route:
         self.tunnels: set[ClientConnection] = set()  # those of connections in Phase.TUNNEL
         if tunnel is None:
             tunnel = TunnelSettings(
-                listener.timeouts.tunnel_s, listener.splice, listener.pipe_bytes
+                listener.timeouts.tunnel_s,
+                listener.splice,
+                listener.pipe_bytes,
+                listener.splice_min_bytes,
             )
         self.tunnel = tunnel
         self.tunnel_pool = tunnel.new_pool()
@@ -425,6 +430,14 @@ class ClientConnection(asyncio.Protocol):
         self._chunked_up = head.framing is Framing.CHUNKED
         if head.method in IDEMPOTENT_METHODS:
             self._replay = []
+        if (
+            head.framing is Framing.LENGTH
+            and (head.content_length or 0) >= route.splice_min_bytes
+            and not self._backlog  # no body bytes wait in it: the reader's are the next ones
+        ):
+            # Read no more of the body: once the head and what came with it reach the server,
+            # the rest goes by splice (_try_splice_request).
+            self._pause_reading(PAUSED_REQUEST_SPLICE)
         self._use_server(server, pool)
 
     def _select_sticky(self, head: RequestHead, sticky: StickyCookie) -> Server | None:
@@ -552,6 +565,8 @@ class ClientConnection(asyncio.Protocol):
                 self._replay = None
         upstream.pool.stats.bytes_in += len(data)
         upstream.write(data)
+        if self._paused & PAUSED_REQUEST_SPLICE:
+            self._try_splice_request()
 
     # --- the server's answer: ResponseSink and UpstreamOwner ------------------------------
 
@@ -681,6 +696,8 @@ class ClientConnection(asyncio.Protocol):
         if self._switching:
             self.loop.call_soon(self._try_switch)  # see _try_switch
             return
+        if self._paused & PAUSED_REQUEST_SPLICE:
+            self.loop.call_soon(self._try_splice_request)  # as _try_switch
         self._resume_reading(PAUSED_UPSTREAM_FULL)
 
     # --- switching protocols: the exchange becomes a tunnel -----------------------------------
@@ -806,12 +823,7 @@ class ClientConnection(asyncio.Protocol):
             return  # resume_writing calls again once empty
         transport.set_write_buffer_limits()  # back to the defaults for the rest of the life
         try:
-            src = os.dup(upstream.transport.get_extra_info("socket").fileno())
-            try:
-                dst = os.dup(transport.get_extra_info("socket").fileno())
-            except OSError:
-                os.close(src)
-                raise
+            src, dst = dup_fds(upstream.transport, transport)
         except OSError:  # out of fds: the reader takes the body, as for a short one
             upstream.resume_reading()
             self._resume_reading(PAUSED_SPLICE)
@@ -843,10 +855,73 @@ class ClientConnection(asyncio.Protocol):
         upstream.reader.body_moved(moved)  # response_end: pool the upstream, finish
         self._flush_client()
 
+    # --- a long request body through splice.py --------------------------------------------
+
+    def _try_splice_request(self) -> None:
+        """Splice the rest of the request body to the server once everything read before it
+        was written there (a write limit of 0 makes resume_upstream_writes say so). The
+        client's reading stays paused meanwhile; the server's goes on, so an early answer
+        (413, 401...) still reaches the client and ends the exchange (_finish_exchange)."""
+        upstream, transport = self.upstream, self.transport
+        if self._splicer is not None or transport is None or upstream is None:
+            return  # splicing already, lost, or still connecting (_open flushes again)
+        upstream_transport = upstream.transport
+        if upstream_transport is None:
+            return
+        if self.reader.remaining_body < self.route.splice_min_bytes:
+            self._resume_reading(PAUSED_REQUEST_SPLICE)  # most of it came with the head
+            return
+        if upstream_transport.get_write_buffer_size():
+            upstream_transport.set_write_buffer_limits(high=0)
+            return  # resume_upstream_writes calls again once empty
+        upstream_transport.set_write_buffer_limits()  # the pooled connection's defaults
+        try:
+            src, dst = dup_fds(transport, upstream_transport)
+        except OSError:  # out of fds: the reader takes the body, as for a short one
+            self._resume_reading(PAUSED_REQUEST_SPLICE)
+            return
+        pool = self.route.tunnel_pool
+        assert isinstance(pool, PipePool)  # splice_min_bytes is infinite otherwise
+        self._replay = None  # the body is not held: the request can no longer be replayed
+        size = self.reader.remaining_body
+        self._splicer = BodySplice(self.loop, src, dst, size, pool, self._request_splice_ended)
+        self._splicer.start()
+
+    def _request_splice_ended(self, ok: bool) -> None:
+        """The body reached the server whole (``ok``): the reader ends the request and the
+        client is read again. A client that stopped short is answered 400 and closed. Any
+        other failure (the server's socket, no pipe) hands the rest of the body back to the
+        plain path, which meets the same end the usual way (upstream_lost, 502)."""
+        splicer, self._splicer = self._splicer, None
+        if splicer is None:
+            return
+        self._account_request_splice(splicer.moved)
+        if not ok and splicer.source_failed:
+            self._reject(DownstreamProtocolError("request body cut short", 400))
+            return
+        self._resume_reading(PAUSED_REQUEST_SPLICE)
+        if splicer.moved:
+            self.reader.body_moved(splicer.moved)  # at the body's end: request_end
+
+    def _stop_request_splice(self) -> None:
+        """The exchange ended while the body was being spliced: what is left is never read,
+        so the connection closes after the answer (``_request_done`` stays False)."""
+        splicer, self._splicer = self._splicer, None
+        if splicer is not None:
+            splicer.stop()
+            self._account_request_splice(splicer.moved)
+
+    def _account_request_splice(self, moved: int) -> None:
+        self.route.stats.bytes_in += moved
+        if self.server is not None:
+            self.route.upstreams[self.server.name].stats.bytes_in += moved
+
     # --- ending an exchange ------------------------------------------------------------------
 
     def _finish_exchange(self) -> None:
         route = self.route
+        if self._splicer is not None:  # answered before the request body was all sent
+            self._stop_request_splice()
         status = self._status
         route.stats.responses[status // 100] += 1
         server = self.server

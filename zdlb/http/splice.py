@@ -1,17 +1,19 @@
-"""A large response body moved server -> client with ``os.splice``, bypassing Python buffers.
+"""A large body moved with ``os.splice``, bypassing Python buffers: a response's server ->
+client, a request's client -> server (http/proxy.py decides when and waits for the moment).
 
 Measured here (64 MiB responses with Content-Length from a sendfile backend, 8 downloads per
 round, 3 interleaved rounds, medians, proxy pinned to CPU1, backend and a 1 MiB-read client on
 CPU0): the HTTP path through ``data_received`` and ``transport.write`` cost 0.78-0.80 s of proxy
 CPU per GiB (700-1141 MB/s); this splice 0.38 s/GiB (1272 MB/s); a TCP listener's splice pump
 0.30-0.36 s/GiB. Throughput was capped by the Python backend on a shared core, so CPU per GiB is
-the figure to trust. Hence: a body with at least ``TunnelSettings.splice_min_bytes`` left
-after the first read goes through a ``BodySplice``.
+the figure to trust. Hence: a body with at least ``splice_min_bytes`` left after the first
+read goes through a ``BodySplice``.
 
 Unlike a tunnel, the connection goes on as HTTP afterwards, so the transports keep their
-sockets: a ``BodySplice`` works on *duplicated* descriptors of both, while the upstream
-transport's reading is paused, the client's too, and the client's write buffer is empty (the
-proxy waits for that). Neither transport then touches its socket; the event loop's
+sockets: a ``BodySplice`` works on *duplicated* descriptors of both, while the source
+transport's reading is paused and the destination's write buffer is empty (the proxy waits for
+that). For a response the client's reading is paused too; for a request the server's reading
+goes on, which is safe: that transport only reads, the splice only writes. The event loop's
 ``add_reader``/``add_writer`` accept the duplicates, which are other fd numbers. When exactly
 ``size`` bytes are written, both duplicates are closed (no FIN: the transports still hold the
 sockets) and the proxy resumes the transports. The rules of tcp/pump.py hold: one readiness
@@ -51,6 +53,7 @@ class BodySplice:
         "is_active",
         "moved",
         "remaining",
+        "source_failed",
     )
 
     def __init__(
@@ -72,6 +75,7 @@ class BodySplice:
         self._waiting_on = _ON_NOTHING
         self.remaining = size  # bytes still to read from src
         self.moved = 0
+        self.source_failed = False  # it ended early because src closed or failed, not dst
         self.is_active = False  # a readiness callback ran: the owner's deadline check clears it
 
     def __repr__(self) -> str:
@@ -177,6 +181,7 @@ class BodySplice:
                 self._pipe = None
                 self._pool.release(pipe)
                 if filled == 0:  # EOF or a reset before the body ended
+                    self.source_failed = True
                     self._end(False)
                 else:
                     self._wait_on(_ON_SOURCE)
@@ -188,6 +193,18 @@ class BodySplice:
             if filled < want:
                 break  # src gave less than asked: most likely empty, wait for readiness
         self._wait_on(_ON_SOURCE)
+
+
+def dup_fds(src: asyncio.Transport, dst: asyncio.Transport) -> tuple[int, int]:
+    """Duplicates of the descriptors of two transports' sockets, for a ``BodySplice``. Raises
+    OSError (EMFILE) with nothing left open."""
+    # asyncio gives a TransportSocket, uvloop a PseudoSocket: both only wrap the fd.
+    src_fd = os.dup(src.get_extra_info("socket").fileno())
+    try:
+        return src_fd, os.dup(dst.get_extra_info("socket").fileno())
+    except OSError:
+        os.close(src_fd)
+        raise
 
 
 def _ended(ok: bool) -> None:

@@ -226,6 +226,18 @@ class RequestReader:
             else:
                 return  # after a request that closes the connection: never processed
 
+    @property
+    def remaining_body(self) -> int:
+        """Content-Length bytes of the current body not read yet (0 outside such a body)."""
+        return self._remaining if self._state is _State.LENGTH else 0
+
+    def body_moved(self, size: int) -> None:
+        """``size`` bytes of the body went around the reader (http/splice.py); ends the request
+        at its end."""
+        self._remaining -= size
+        if not self._remaining:
+            self._end([])
+
     def end_upgrade(self) -> None:
         """The upgrade was refused (no 101) and nothing was held: parse requests again."""
         assert not self.held

@@ -32,8 +32,8 @@ class TunnelSettings:
     tunnel_s: float = DEFAULT_TUNNEL_S  # idle: no byte either way for this long closes it
     splice: bool = True  # False, or no os.splice: copy through a buffer instead
     pipe_bytes: int = DEFAULT_PIPE_BYTES  # per pipe (splice) or buffer (copy)
-    # Response bodies with at least this many Content-Length bytes left after the first read
-    # are spliced (http/splice.py); None: never. Off by default until it has run in production.
+    # Bodies with at least this many Content-Length bytes left after the first read are
+    # spliced (http/splice.py); None: never. Tests that build a Route by hand get None.
     splice_min_bytes: int | None = None
 
     @property
