@@ -17,7 +17,8 @@ import uvloop
 
 from zdlb.balancer.pool import Backend
 from zdlb.config.load import parse_config
-from zdlb.http.proxy import ClientConnection, Route
+from zdlb.http.proxy import ClientConnection
+from zdlb.http.route import Route
 from zdlb.http.upstream import ServerConnections, UpstreamConnection
 
 REQUEST = b"GET / HTTP/1.1\r\nHost: 127.0.0.1:9000\r\n\r\n"

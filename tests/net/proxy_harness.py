@@ -48,7 +48,8 @@ from zdlb.balancer.server import Server
 from zdlb.config.load import parse_config
 from zdlb.config.model import Config
 from zdlb.daemon.lifecycle import Runtime, build_runtime, serve
-from zdlb.http.proxy import ClientConnection, Route
+from zdlb.http.proxy import ClientConnection
+from zdlb.http.route import Route
 from zdlb.http.upstream import ServerConnections
 from zdlb.tcp.listener import bound_address
 

@@ -37,7 +37,7 @@ from zdlb.control.protocol import (
 )
 from zdlb.errors import ControlCommandError
 from zdlb.health.scheduler import HealthChecker
-from zdlb.http.proxy import Route
+from zdlb.http.route import Route
 from zdlb.tcp.proxy import TcpRoute
 
 log = logging.getLogger(__name__)

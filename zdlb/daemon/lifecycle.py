@@ -4,7 +4,7 @@ Start: bind every listener first (a busy port fails the start before anything ru
 serve, with the health checker probing every checked server. Stop (SIGTERM/SIGINT): close the
 listeners, close idle keep-alive connections, let busy ones finish their current response
 within ``grace_s``, abort what remains, exit 0 -- uvicorn's order. A sweeper task enforces every
-connection's deadline (see http/proxy.py).
+connection's deadline (see http/route.py).
 """
 
 from __future__ import annotations
@@ -28,7 +28,8 @@ from zdlb.control.commands import Controller, WorkerLoad
 from zdlb.control.server import ControlServer
 from zdlb.errors import ZdlbError
 from zdlb.health.scheduler import HealthChecker, TransitionHook
-from zdlb.http.proxy import ClientConnection, Route
+from zdlb.http.proxy import ClientConnection
+from zdlb.http.route import Route
 from zdlb.http.upstream import ServerConnections
 from zdlb.metrics.collector import SnapshotSource, new_registry, take_snapshot
 from zdlb.metrics.endpoint import MetricsEndpoint

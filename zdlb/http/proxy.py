@@ -9,38 +9,28 @@ request already costs ~15 us of kernel time on loopback, and a Task plus corouti
 connect measured ~42 us on its own (PERFORMANCE.md). Writes are coalesced: each readiness
 event produces at most one ``transport.write`` per direction.
 
-An upgrade (WebSocket) is an exchange like any other until the server answers ``101``; then
-reading stops on both sides, the bytes already read past either head are written to the other
-side, and once both write buffers are empty the two sockets leave their transports for a
-``Pump`` (tunnel.py), which runs under the idle deadline ``tunnel_s`` as TCP listeners do. The
-client connection stays in ``Route.connections``, and its server keeps counting the request and
-the connection, until the pump ends. A non-101 answer ends the exchange normally; the connection
-stays keep-alive unless the client sent bytes after its upgrade request (they are never parsed
-as HTTP: they may be the new protocol's).
+``ClientConnection`` is one class built from three modules: this one holds the exchange
+(request in, server chosen and connected, answer out, flow control, deadlines); its mixins
+hold two detours of it, each entered from here and handing the exchange back to it. A ``101``
+turns the exchange into a tunnel (tunnel.py's ``ProtocolSwitch``); any other answer to an
+upgrade request ends the exchange normally, and the connection stays keep-alive unless the
+client sent bytes after its upgrade request (they are never parsed as HTTP: they may be the new
+protocol's). A body with at least ``splice_min_bytes`` of Content-Length left after the first
+read is moved by splice (splice.py's ``BodySplicing``), then the connection goes on as HTTP.
 
-A body with at least ``splice_min_bytes`` of Content-Length left after the first read is moved
-by splice.py on duplicated fds, then the connection goes on as HTTP. A response body: both
-transports paused, the client's write buffer empty first. A request body: the client's reading
-paused, the server's write buffer empty first; the server's reading goes on, so an early answer
-still gets through (and, the rest of the body never read, the connection then closes).
-
-Deadlines are not timer handles: each connection keeps one ``deadline`` and a sweeper task
-(``Route.sweep``) closes the ones past it. Re-arming a float costs nothing on the hot path,
-where a ``call_later`` per request would cost a heap push and a cancel.
+Deadlines are not timer handles: each connection keeps one ``deadline`` that ``Route.sweep``
+(route.py) enforces, so re-arming one here is a float store.
 """
 
 from __future__ import annotations
 
 import asyncio
-import enum
 import logging
 import math
 import time
 from collections import deque
-from collections.abc import Callable
 from typing import TYPE_CHECKING, cast
 
-from zdlb.config.model import ListenerConfig
 from zdlb.errors import (
     DownstreamProtocolError,
     UpstreamError,
@@ -49,18 +39,26 @@ from zdlb.errors import (
 )
 from zdlb.http import rewrite
 from zdlb.http.head import IDEMPOTENT_METHODS, Framing, Headers, RequestHead, ResponseHead
-from zdlb.http.splice import BodySplice, dup_fds
+from zdlb.http.phase import (
+    PAUSED_BACKLOG,
+    PAUSED_CONNECTING,
+    PAUSED_REQUEST_SPLICE,
+    PAUSED_SPLICE,
+    PAUSED_UPGRADE,
+    PAUSED_UPSTREAM_FULL,
+    Phase,
+)
+from zdlb.http.splice import BodySplicing
 from zdlb.http.stream import RequestReader
-from zdlb.http.tunnel import TunnelSettings, detach_sockets
+from zdlb.http.tunnel import ProtocolSwitch
 from zdlb.http.upstream import ServerConnections, UpstreamConnection
-from zdlb.metrics.registry import BackendStats, ListenerStats
-from zdlb.tcp.pipes import PipePool
-from zdlb.tcp.pump import Pump
 
 if TYPE_CHECKING:
-    from zdlb.balancer.pool import Backend
     from zdlb.balancer.server import Server
     from zdlb.balancer.sticky import StickyCookie
+    from zdlb.http.route import Route
+    from zdlb.http.splice import BodySplice
+    from zdlb.tcp.pump import Pump
 
 log = logging.getLogger(__name__)
 access_log = logging.getLogger("zdlb.access")
@@ -75,143 +73,15 @@ MAX_REPLAY_BYTES = 65536
 MAX_BACKLOG_EVENTS = 64
 
 
-class Phase(enum.Enum):
-    IDLE = "idle"  # keep-alive, waiting for a request: deadline client_s
-    HEAD = "head"  # a request head is arriving: deadline http_request_s
-    EXCHANGE = "exchange"  # a request is being forwarded or answered: deadline server_s
-    CLOSING = "closing"  # the last answer is written; the connection closes after it
-    TUNNEL = "tunnel"  # switched protocols: a Pump owns both sockets; idle deadline tunnel_s
-
-
-# Why reading from the client is paused (bits of one int); reading resumes when none is left.
-# Plain ints, not an IntFlag: enum arithmetic cost ~1.5 us per request in cProfile.
-PAUSED_UPSTREAM_FULL = 1  # the server's socket buffer is full
-PAUSED_CONNECTING = 2  # too many request bytes held while the server connection opens
-PAUSED_BACKLOG = 4  # too many pipelined requests queued
-PAUSED_UPGRADE = 8  # an upgrade request awaits its answer: what follows may not be HTTP
-PAUSED_SPLICE = 16  # a response body is being spliced to the client (splice.py)
-PAUSED_REQUEST_SPLICE = 32  # the request body is (about to be) spliced to the server
-
-
-def _ignore_observation(server: Server, ok: bool) -> None:
-    """The default when no health checker runs: live traffic reports to nobody."""
-
-
-def _splice_min_bytes(tunnel: TunnelSettings) -> float:
-    """The body length from which responses are spliced; infinity: never (no splice)."""
-    if tunnel.splice_min_bytes is None or not tunnel.is_splicing:
-        return math.inf
-    return float(max(1, tunnel.splice_min_bytes))  # 0 bytes left: nothing to splice
-
-
-class Route:
-    """What every connection of one HTTP listener shares: its backend, pools and settings."""
-
-    def __init__(
-        self,
-        listener: ListenerConfig,
-        backend: Backend,
-        upstreams: dict[str, ServerConnections],
-        *,
-        log_access: bool,
-        observe: Callable[[Server, bool], None] = _ignore_observation,
-        sticky: StickyCookie | None = None,
-        stats: ListenerStats | None = None,
-        backend_stats: BackendStats | None = None,
-        tunnel: TunnelSettings | None = None,
-    ) -> None:
-        self.listener = listener
-        # Metrics: plain counters the hot path adds to (a scrape reads them; metrics/).
-        self.stats = stats if stats is not None else ListenerStats()
-        self.backend_stats = backend_stats if backend_stats is not None else BackendStats()
-        self.observe = observe  # passive health: called for servers with is_observed only
-        self.backend = backend
-        self.sticky = sticky
-        self.upstreams = upstreams
-        self.log_access = log_access
-        self.timeouts = listener.timeouts
-        self.server_s = backend.config.timeouts.server_s
-        self.retries = backend.config.retries
-        self.proto = listener.x_forwarded_proto.encode()
-        self.connections: set[ClientConnection] = set()
-        self.tunnels: set[ClientConnection] = set()  # those of connections in Phase.TUNNEL
-        if tunnel is None:
-            tunnel = TunnelSettings(
-                listener.timeouts.tunnel_s,
-                listener.splice,
-                listener.pipe_bytes,
-                listener.splice_min_bytes,
-            )
-        self.tunnel = tunnel
-        self.tunnel_pool = tunnel.new_pool()
-        self.splice_min_bytes = _splice_min_bytes(tunnel)
-        self.is_stopping = False
-        self.drained = asyncio.Event()  # set once stopping and the last connection closed
-
-    def __repr__(self) -> str:
-        return (
-            f"<Route {self.listener.name} -> {self.backend.name} conns={len(self.connections)}"
-            f" tunnels={len(self.tunnels)}>"
-        )
-
-    def configure_tunnels(self, tunnel: TunnelSettings) -> None:
-        """Use ``tunnel`` for connections upgraded from now on (running tunnels keep theirs)."""
-        self.tunnel = tunnel
-        self.tunnel_pool.close()
-        self.tunnel_pool = tunnel.new_pool()
-        self.splice_min_bytes = _splice_min_bytes(tunnel)
-
-    def sweep(self, now: float) -> None:
-        """Enforce every connection's deadline and expire idle upstream connections."""
-        for conn in [c for c in self.connections if c.deadline <= now]:
-            conn.deadline_passed()
-        for pool in self.upstreams.values():
-            pool.close_expired(now)
-        if self.tunnels:
-            self._sweep_tunnels(now)
-
-    def _sweep_tunnels(self, now: float) -> None:
-        """Close tunnels idle for ``tunnel_s``: pumps mark activity, no timer per tunnel (as
-        tcp/proxy.py's TcpRoute.sweep)."""
-        tunnel_s = self.tunnel.tunnel_s
-        expired = []
-        for conn in self.tunnels:
-            pump = conn.pump
-            if pump is None:
-                continue
-            if pump.take_activity():
-                conn.tunnel_deadline = now + tunnel_s
-            elif conn.tunnel_deadline <= now:
-                expired.append(pump)
-        for pump in expired:
-            pump.close()
-
-    def stop_accepting(self) -> None:
-        """Shutdown, step 1: idle keep-alive connections close now, busy ones after their
-        current response (which then says ``Connection: close``)."""
-        self.is_stopping = True
-        for conn in list(self.connections):
-            conn.close_when_idle()
-        if not self.connections:
-            self.drained.set()
-
-    def forget(self, conn: ClientConnection) -> None:
-        self.connections.discard(conn)
-        if self.is_stopping and not self.connections:
-            self.drained.set()
-
-    def abort_all(self) -> None:
-        for conn in list(self.connections):
-            conn.abort()
-        self.tunnel_pool.close()
-
-
-class ClientConnection(asyncio.Protocol):
+class ClientConnection(ProtocolSwitch, BodySplicing, asyncio.Protocol):
     """One client (downstream) connection: reads requests, forwards them, relays answers.
 
     A long class on purpose: it is the connection task of STYLE.md, and every method is one
     event from one side. The request being forwarded is the *exchange*; its fields are reset by
-    ``_reset_exchange``.
+    ``_reset_exchange``. The events of switching protocols and of splicing a body are those of
+    its mixins (tunnel.py, splice.py), not of helper objects: each is one event of this state
+    machine and touches many of its fields, which a helper would reach into anyway. Those fields
+    are set here with the others; each mixin declares the ones it uses, for mypy.
     """
 
     def __init__(self, route: Route, loop: asyncio.AbstractEventLoop) -> None:
@@ -342,7 +212,7 @@ class ClientConnection(asyncio.Protocol):
     def resume_writing(self) -> None:
         self._writes_paused = False
         if self._switching:
-            self.loop.call_soon(self._try_switch)  # see _try_switch
+            self.loop.call_soon(self._try_switch)  # see _try_switch (tunnel.py)
             return
         if self._paused & PAUSED_SPLICE:
             self.loop.call_soon(self._try_splice)  # as _try_switch
@@ -694,227 +564,11 @@ class ClientConnection(asyncio.Protocol):
 
     def resume_upstream_writes(self) -> None:
         if self._switching:
-            self.loop.call_soon(self._try_switch)  # see _try_switch
+            self.loop.call_soon(self._try_switch)  # see _try_switch (tunnel.py)
             return
         if self._paused & PAUSED_REQUEST_SPLICE:
             self.loop.call_soon(self._try_splice_request)  # as _try_switch
         self._resume_reading(PAUSED_UPSTREAM_FULL)
-
-    # --- switching protocols: the exchange becomes a tunnel -----------------------------------
-
-    def _switch_protocols(self, head: ResponseHead) -> None:
-        """A 101: stop reading the server; bytes after the head arrive as response_body."""
-        upstream = self.upstream
-        assert upstream is not None
-        server = self.server
-        if server is not None and server.is_observed:
-            self.route.observe(server, True)
-        self._switching = True
-        self._response_started = True
-        self._status = 101
-        upstream.pause_reading()  # the client's reading is already paused (PAUSED_UPGRADE)
-        self._wbuf.append(rewrite.build_switch_head(head, self._set_cookie))
-
-    def _prepare_switch(self) -> None:
-        """Write what was read past either head to the other side, then wait for both write
-        buffers to empty: a write limit of 0 makes resume_writing say exactly that."""
-        upstream, transport = self.upstream, self.transport
-        if upstream is None or upstream.transport is None or transport is None:
-            return  # lost meanwhile: connection_lost or upstream_lost ends the exchange
-        self._flush_client()
-        held = self.reader.held
-        if held:
-            upstream.pool.stats.bytes_in += len(held)
-            upstream.write(bytes(held))
-            held.clear()
-        transport.set_write_buffer_limits(high=0)
-        upstream.transport.set_write_buffer_limits(high=0)
-        self._try_switch()
-
-    def _try_switch(self) -> None:
-        """Start the tunnel if both write buffers are empty. Called back a loop iteration after
-        resume_writing, never inside it: the stdlib transport goes on after resume_writing
-        returns, and, seeing itself closing, runs connection_lost a second time (AttributeError
-        in the loop's exception handler, found by test_bytes_past_both_heads...[asyncio-4mib])."""
-        upstream, transport = self.upstream, self.transport
-        if not self._switching or transport is None or upstream is None:
-            return  # switched already, or lost meanwhile (connection_lost cleans up)
-        if upstream.transport is None:
-            return
-        if transport.get_write_buffer_size() or upstream.transport.get_write_buffer_size():
-            return  # resume_writing or resume_upstream_writes calls again once empty
-        self._start_tunnel(transport, upstream)
-
-    def _start_tunnel(self, transport: asyncio.Transport, upstream: UpstreamConnection) -> None:
-        """Hand both sockets to a pump. The server keeps counting this request and, for the
-        aborted upstream transport, one connection, until the pump ends (``_tunnel_ended``)."""
-        server = self.server
-        assert server is not None and upstream.transport is not None
-        self.upstream = None
-        upstream.owner = None  # its connection_lost (after the abort) only leaves the pool
-        try:
-            client_sock, upstream_sock = detach_sockets(transport, upstream.transport)
-        except OSError as exc:  # out of fds: both transports are untouched
-            log.warning("tunnel_failed client=%s error=%s", self.client_ip.decode(), exc)
-            upstream.abort()
-            self.abort()
-            return
-        server.connection_opened()
-        self._switching = False
-        self._detached = True
-        self.transport = None
-        route = self.route
-        self.phase = Phase.TUNNEL
-        self.deadline = math.inf  # route.sweep checks tunnel_deadline instead
-        self.tunnel_deadline = self.loop.time() + route.tunnel.tunnel_s
-        self.pump = Pump(
-            self.loop, client_sock, upstream_sock, route.tunnel_pool, self._tunnel_ended
-        )
-        route.tunnels.add(self)
-        self.pump.start()
-
-    def _tunnel_ended(self, pump: Pump) -> None:
-        """Called once by the pump, both sockets closed: account the exchange and the client
-        connection as ended, as connection_lost does for any other."""
-        route = self.route
-        route.tunnels.discard(self)
-        self.pump = None
-        server = self.server
-        if server is not None:
-            server.connection_closed()
-            route.upstreams[server.name].stats.bytes_in += pump.bytes_up
-        route.stats.bytes_in += pump.bytes_up
-        route.stats.bytes_out += pump.bytes_down
-        self._bytes_out += pump.bytes_down
-        self._keep_alive_down = False
-        self._finish_exchange()  # request_finished, response counters, access log
-        self.phase = Phase.CLOSING
-        route.forget(self)
-        route.stats.connections_open -= 1
-        self.reader.detach()
-
-    # --- a long response body through splice.py -------------------------------------------
-
-    def _prepare_splice(self) -> None:
-        """Stop both transports reading, wait for the client's write buffer to empty (a limit
-        of 0 makes resume_writing say so), then splice the rest of the body."""
-        self._splice_body = False
-        upstream, transport = self.upstream, self.transport
-        if (
-            upstream is None
-            or transport is None
-            or upstream.reader.remaining_body < self.route.splice_min_bytes
-        ):
-            self.upstream_flushed()  # most of the body came with the head: the plain path
-            return
-        self._flush_client()
-        upstream.pause_reading()
-        self._pause_reading(PAUSED_SPLICE)
-        transport.set_write_buffer_limits(high=0)
-        self._try_splice()
-
-    def _try_splice(self) -> None:
-        upstream, transport = self.upstream, self.transport
-        if not self._paused & PAUSED_SPLICE or self._splicer is not None:
-            return
-        if transport is None or upstream is None or upstream.transport is None:
-            return  # lost meanwhile: connection_lost or upstream_lost ends the exchange
-        if transport.get_write_buffer_size():
-            return  # resume_writing calls again once empty
-        transport.set_write_buffer_limits()  # back to the defaults for the rest of the life
-        try:
-            src, dst = dup_fds(upstream.transport, transport)
-        except OSError:  # out of fds: the reader takes the body, as for a short one
-            upstream.resume_reading()
-            self._resume_reading(PAUSED_SPLICE)
-            return
-        pool = self.route.tunnel_pool
-        assert isinstance(pool, PipePool)  # splice_min_bytes is infinite otherwise
-        size = upstream.reader.take_body()
-        self._splicer = BodySplice(self.loop, src, dst, size, pool, self._splice_ended)
-        self._splicer.start()
-
-    def _splice_ended(self, ok: bool) -> None:
-        """The body was moved whole (``ok``): resume both transports and end the response
-        as if the reader had seen it; else the answer is cut and both sides are reset."""
-        splicer, self._splicer = self._splicer, None
-        moved = splicer.moved if splicer is not None else 0
-        self._bytes_out += moved
-        self.route.stats.bytes_out += moved
-        upstream = self.upstream
-        if not ok or upstream is None:
-            if upstream is not None:
-                self.upstream = None
-                upstream.owner = None
-                upstream.abort()
-            self._abort_exchange()
-            self.abort()
-            return
-        upstream.resume_reading()
-        self._resume_reading(PAUSED_SPLICE)
-        upstream.reader.body_moved(moved)  # response_end: pool the upstream, finish
-        self._flush_client()
-
-    # --- a long request body through splice.py --------------------------------------------
-
-    def _try_splice_request(self) -> None:
-        """Splice the rest of the request body to the server once everything read before it
-        was written there (a write limit of 0 makes resume_upstream_writes say so). The
-        client's reading stays paused meanwhile; the server's goes on, so an early answer
-        (413, 401...) still reaches the client and ends the exchange (_finish_exchange)."""
-        upstream, transport = self.upstream, self.transport
-        if self._splicer is not None or transport is None or upstream is None:
-            return  # splicing already, lost, or still connecting (_open flushes again)
-        upstream_transport = upstream.transport
-        if upstream_transport is None:
-            return
-        if self.reader.remaining_body < self.route.splice_min_bytes:
-            self._resume_reading(PAUSED_REQUEST_SPLICE)  # most of it came with the head
-            return
-        if upstream_transport.get_write_buffer_size():
-            upstream_transport.set_write_buffer_limits(high=0)
-            return  # resume_upstream_writes calls again once empty
-        upstream_transport.set_write_buffer_limits()  # the pooled connection's defaults
-        try:
-            src, dst = dup_fds(transport, upstream_transport)
-        except OSError:  # out of fds: the reader takes the body, as for a short one
-            self._resume_reading(PAUSED_REQUEST_SPLICE)
-            return
-        pool = self.route.tunnel_pool
-        assert isinstance(pool, PipePool)  # splice_min_bytes is infinite otherwise
-        self._replay = None  # the body is not held: the request can no longer be replayed
-        size = self.reader.remaining_body
-        self._splicer = BodySplice(self.loop, src, dst, size, pool, self._request_splice_ended)
-        self._splicer.start()
-
-    def _request_splice_ended(self, ok: bool) -> None:
-        """The body reached the server whole (``ok``): the reader ends the request and the
-        client is read again. A client that stopped short is answered 400 and closed. Any
-        other failure (the server's socket, no pipe) hands the rest of the body back to the
-        plain path, which meets the same end the usual way (upstream_lost, 502)."""
-        splicer, self._splicer = self._splicer, None
-        if splicer is None:
-            return
-        self._account_request_splice(splicer.moved)
-        if not ok and splicer.source_failed:
-            self._reject(DownstreamProtocolError("request body cut short", 400))
-            return
-        self._resume_reading(PAUSED_REQUEST_SPLICE)
-        if splicer.moved:
-            self.reader.body_moved(splicer.moved)  # at the body's end: request_end
-
-    def _stop_request_splice(self) -> None:
-        """The exchange ended while the body was being spliced: what is left is never read,
-        so the connection closes after the answer (``_request_done`` stays False)."""
-        splicer, self._splicer = self._splicer, None
-        if splicer is not None:
-            splicer.stop()
-            self._account_request_splice(splicer.moved)
-
-    def _account_request_splice(self, moved: int) -> None:
-        self.route.stats.bytes_in += moved
-        if self.server is not None:
-            self.route.upstreams[self.server.name].stats.bytes_in += moved
 
     # --- ending an exchange ------------------------------------------------------------------
 

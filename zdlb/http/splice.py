@@ -1,5 +1,7 @@
 """A large body moved with ``os.splice``, bypassing Python buffers: a response's server ->
-client, a request's client -> server (http/proxy.py decides when and waits for the moment).
+client, a request's client -> server. ``BodySplice`` moves the bytes; ``BodySplicing``, a mixin
+of http/proxy.py's ``ClientConnection`` (which picks the bodies), waits for the moment to start
+it and hands the connection back to HTTP after.
 
 Measured here (64 MiB responses with Content-Length from a sendfile backend, 8 downloads per
 round, 3 interleaved rounds, medians, proxy pinned to CPU1, backend and a 1 MiB-read client on
@@ -11,14 +13,16 @@ read goes through a ``BodySplice``.
 
 Unlike a tunnel, the connection goes on as HTTP afterwards, so the transports keep their
 sockets: a ``BodySplice`` works on *duplicated* descriptors of both, while the source
-transport's reading is paused and the destination's write buffer is empty (the proxy waits for
-that). For a response the client's reading is paused too; for a request the server's reading
-goes on, which is safe: that transport only reads, the splice only writes. The event loop's
-``add_reader``/``add_writer`` accept the duplicates, which are other fd numbers. When exactly
-``size`` bytes are written, both duplicates are closed (no FIN: the transports still hold the
-sockets) and the proxy resumes the transports. The rules of tcp/pump.py hold: one readiness
-registration at a time, the pipe filled only when empty and handed back when it drains, no
-allocation or logging per chunk.
+transport's reading is paused and the destination's write buffer is empty (``BodySplicing``
+waits for that). A response body: both transports paused, the client's write buffer empty
+first. A request body: the client's reading paused, the server's write buffer empty first; the
+server's reading goes on, which is safe (that transport only reads, the splice only writes) and
+lets an early answer through (and, the rest of the body never read, the connection then
+closes). The event loop's ``add_reader``/``add_writer`` accept the duplicates, which are other
+fd numbers. When exactly ``size`` bytes are written, both duplicates are closed (no FIN: the
+transports still hold the sockets) and ``BodySplicing`` resumes the transports. The rules of
+tcp/pump.py hold: one readiness registration at a time, the pipe filled only when empty and
+handed back when it drains, no allocation or logging per chunk.
 """
 
 from __future__ import annotations
@@ -26,9 +30,18 @@ from __future__ import annotations
 import asyncio
 import os
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
+from zdlb.errors import DownstreamProtocolError
+from zdlb.http.phase import PAUSED_REQUEST_SPLICE, PAUSED_SPLICE
 from zdlb.tcp.pipes import Pipe, PipePool
 from zdlb.tcp.pump import MAX_FILLS_PER_EVENT, SPLICE_AVAILABLE
+
+if TYPE_CHECKING:
+    from zdlb.balancer.server import Server
+    from zdlb.http.route import Route
+    from zdlb.http.stream import RequestReader
+    from zdlb.http.upstream import UpstreamConnection
 
 _SPLICE_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK if SPLICE_AVAILABLE else 0
 _ON_NOTHING = 0
@@ -209,3 +222,154 @@ def dup_fds(src: asyncio.Transport, dst: asyncio.Transport) -> tuple[int, int]:
 
 def _ended(ok: bool) -> None:
     """Stands in for ``on_end`` once it was called."""
+
+
+class BodySplicing:
+    """The events of a ``ClientConnection`` (http/proxy.py) while a body goes by ``BodySplice``.
+
+    A mixin of that class, which sets every field named below: they are declared for mypy only.
+    """
+
+    if TYPE_CHECKING:
+        route: Route
+        loop: asyncio.AbstractEventLoop
+        transport: asyncio.Transport | None
+        reader: RequestReader
+        server: Server | None
+        upstream: UpstreamConnection | None
+        _paused: int
+        _replay: list[bytes] | None
+        _bytes_out: int
+        _splice_body: bool
+        _splicer: BodySplice | None
+
+        def _pause_reading(self, reason: int) -> None: ...
+        def _resume_reading(self, reason: int) -> None: ...
+        def _flush_client(self) -> None: ...
+        def _abort_exchange(self) -> None: ...
+        def _reject(self, exc: DownstreamProtocolError) -> None: ...
+        def upstream_flushed(self) -> None: ...
+        def abort(self) -> None: ...
+
+    # --- a long response body -------------------------------------------------------------
+
+    def _prepare_splice(self) -> None:
+        """Stop both transports reading, wait for the client's write buffer to empty (a limit
+        of 0 makes resume_writing say so), then splice the rest of the body."""
+        self._splice_body = False
+        upstream, transport = self.upstream, self.transport
+        if (
+            upstream is None
+            or transport is None
+            or upstream.reader.remaining_body < self.route.splice_min_bytes
+        ):
+            self.upstream_flushed()  # most of the body came with the head: the plain path
+            return
+        self._flush_client()
+        upstream.pause_reading()
+        self._pause_reading(PAUSED_SPLICE)
+        transport.set_write_buffer_limits(high=0)
+        self._try_splice()
+
+    def _try_splice(self) -> None:
+        upstream, transport = self.upstream, self.transport
+        if not self._paused & PAUSED_SPLICE or self._splicer is not None:
+            return
+        if transport is None or upstream is None or upstream.transport is None:
+            return  # lost meanwhile: connection_lost or upstream_lost ends the exchange
+        if transport.get_write_buffer_size():
+            return  # resume_writing calls again once empty
+        transport.set_write_buffer_limits()  # back to the defaults for the rest of the life
+        try:
+            src, dst = dup_fds(upstream.transport, transport)
+        except OSError:  # out of fds: the reader takes the body, as for a short one
+            upstream.resume_reading()
+            self._resume_reading(PAUSED_SPLICE)
+            return
+        pool = self.route.tunnel_pool
+        assert isinstance(pool, PipePool)  # splice_min_bytes is infinite otherwise
+        size = upstream.reader.take_body()
+        self._splicer = BodySplice(self.loop, src, dst, size, pool, self._splice_ended)
+        self._splicer.start()
+
+    def _splice_ended(self, ok: bool) -> None:
+        """The body was moved whole (``ok``): resume both transports and end the response
+        as if the reader had seen it; else the answer is cut and both sides are reset."""
+        splicer, self._splicer = self._splicer, None
+        moved = splicer.moved if splicer is not None else 0
+        self._bytes_out += moved
+        self.route.stats.bytes_out += moved
+        upstream = self.upstream
+        if not ok or upstream is None:
+            if upstream is not None:
+                self.upstream = None
+                upstream.owner = None
+                upstream.abort()
+            self._abort_exchange()
+            self.abort()
+            return
+        upstream.resume_reading()
+        self._resume_reading(PAUSED_SPLICE)
+        upstream.reader.body_moved(moved)  # response_end: pool the upstream, finish
+        self._flush_client()
+
+    # --- a long request body --------------------------------------------------------------
+
+    def _try_splice_request(self) -> None:
+        """Splice the rest of the request body to the server once everything read before it
+        was written there (a write limit of 0 makes resume_upstream_writes say so). The
+        client's reading stays paused meanwhile; the server's goes on, so an early answer
+        (413, 401...) still reaches the client and ends the exchange (_finish_exchange)."""
+        upstream, transport = self.upstream, self.transport
+        if self._splicer is not None or transport is None or upstream is None:
+            return  # splicing already, lost, or still connecting (_open flushes again)
+        upstream_transport = upstream.transport
+        if upstream_transport is None:
+            return
+        if self.reader.remaining_body < self.route.splice_min_bytes:
+            self._resume_reading(PAUSED_REQUEST_SPLICE)  # most of it came with the head
+            return
+        if upstream_transport.get_write_buffer_size():
+            upstream_transport.set_write_buffer_limits(high=0)
+            return  # resume_upstream_writes calls again once empty
+        upstream_transport.set_write_buffer_limits()  # the pooled connection's defaults
+        try:
+            src, dst = dup_fds(transport, upstream_transport)
+        except OSError:  # out of fds: the reader takes the body, as for a short one
+            self._resume_reading(PAUSED_REQUEST_SPLICE)
+            return
+        pool = self.route.tunnel_pool
+        assert isinstance(pool, PipePool)  # splice_min_bytes is infinite otherwise
+        self._replay = None  # the body is not held: the request can no longer be replayed
+        size = self.reader.remaining_body
+        self._splicer = BodySplice(self.loop, src, dst, size, pool, self._request_splice_ended)
+        self._splicer.start()
+
+    def _request_splice_ended(self, ok: bool) -> None:
+        """The body reached the server whole (``ok``): the reader ends the request and the
+        client is read again. A client that stopped short is answered 400 and closed. Any
+        other failure (the server's socket, no pipe) hands the rest of the body back to the
+        plain path, which meets the same end the usual way (upstream_lost, 502)."""
+        splicer, self._splicer = self._splicer, None
+        if splicer is None:
+            return
+        self._account_request_splice(splicer.moved)
+        if not ok and splicer.source_failed:
+            self._reject(DownstreamProtocolError("request body cut short", 400))
+            return
+        self._resume_reading(PAUSED_REQUEST_SPLICE)
+        if splicer.moved:
+            self.reader.body_moved(splicer.moved)  # at the body's end: request_end
+
+    def _stop_request_splice(self) -> None:
+        """The exchange ended while the body was being spliced: what is left is never read,
+        so the connection closes after the answer (``_request_done`` stays False)."""
+        splicer, self._splicer = self._splicer, None
+        if splicer is not None:
+            splicer.stop()
+            self._account_request_splice(splicer.moved)
+
+    def _account_request_splice(self, moved: int) -> None:
+        self.route.stats.bytes_in += moved
+        if self.server is not None:
+            self.route.upstreams[self.server.name].stats.bytes_in += moved

@@ -1,7 +1,7 @@
 """TCP listeners: accept a client, pick and connect a server, then hand both sockets to a Pump.
 
 One ``TcpRoute`` per ``mode = "tcp"`` listener holds what its tunnels share (the backend, the
-settings, the pipe pool) and offers the daemon the same surface as http/proxy.py's ``Route``:
+settings, the pipe pool) and offers the daemon the same surface as http/route.py's ``Route``:
 ``sweep(now)``, ``stop_accepting()``, ``drained``, ``abort_all()``.
 
 Rules:
@@ -136,7 +136,7 @@ class TcpRoute:
 
     @property
     def connections(self) -> set[Tunnel]:
-        """The live tunnels, under the name http/proxy.py's Route uses (shutdown counts them)."""
+        """The live tunnels, under the name http/route.py's Route uses (shutdown counts them)."""
         return self.tunnels
 
     # --- accepting -----------------------------------------------------------------------

@@ -1,0 +1,141 @@
+"""What every connection of one HTTP listener shares (``Route``), and the sweeper that enforces
+their deadlines.
+
+Deadlines are not timer handles: each connection keeps one ``deadline`` and a sweeper task
+(``Route.sweep``) closes the ones past it. Re-arming a float costs nothing on the hot path,
+where a ``call_later`` per request would cost a heap push and a cancel. Tunnels are swept the
+same way, on the activity their pumps mark. The connections themselves are http/proxy.py's;
+this module holds no per-request code.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from zdlb.config.model import ListenerConfig
+from zdlb.http.tunnel import ProtocolSwitch, TunnelSettings
+from zdlb.http.upstream import ServerConnections
+from zdlb.metrics.registry import BackendStats, ListenerStats
+
+if TYPE_CHECKING:
+    from zdlb.balancer.pool import Backend
+    from zdlb.balancer.server import Server
+    from zdlb.balancer.sticky import StickyCookie
+    from zdlb.http.proxy import ClientConnection
+
+
+def _ignore_observation(server: Server, ok: bool) -> None:
+    """The default when no health checker runs: live traffic reports to nobody."""
+
+
+def _splice_min_bytes(tunnel: TunnelSettings) -> float:
+    """The body length from which responses are spliced; infinity: never (no splice)."""
+    if tunnel.splice_min_bytes is None or not tunnel.is_splicing:
+        return math.inf
+    return float(max(1, tunnel.splice_min_bytes))  # 0 bytes left: nothing to splice
+
+
+class Route:
+    """What every connection of one HTTP listener shares: its backend, pools and settings."""
+
+    def __init__(
+        self,
+        listener: ListenerConfig,
+        backend: Backend,
+        upstreams: dict[str, ServerConnections],
+        *,
+        log_access: bool,
+        observe: Callable[[Server, bool], None] = _ignore_observation,
+        sticky: StickyCookie | None = None,
+        stats: ListenerStats | None = None,
+        backend_stats: BackendStats | None = None,
+        tunnel: TunnelSettings | None = None,
+    ) -> None:
+        self.listener = listener
+        # Metrics: plain counters the hot path adds to (a scrape reads them; metrics/).
+        self.stats = stats if stats is not None else ListenerStats()
+        self.backend_stats = backend_stats if backend_stats is not None else BackendStats()
+        self.observe = observe  # passive health: called for servers with is_observed only
+        self.backend = backend
+        self.sticky = sticky
+        self.upstreams = upstreams
+        self.log_access = log_access
+        self.timeouts = listener.timeouts
+        self.server_s = backend.config.timeouts.server_s
+        self.retries = backend.config.retries
+        self.proto = listener.x_forwarded_proto.encode()
+        self.connections: set[ClientConnection] = set()
+        # Those of connections in Phase.TUNNEL: the sweeper needs their pump and deadline only.
+        self.tunnels: set[ProtocolSwitch] = set()
+        if tunnel is None:
+            tunnel = TunnelSettings(
+                listener.timeouts.tunnel_s,
+                listener.splice,
+                listener.pipe_bytes,
+                listener.splice_min_bytes,
+            )
+        self.tunnel = tunnel
+        self.tunnel_pool = tunnel.new_pool()
+        self.splice_min_bytes = _splice_min_bytes(tunnel)
+        self.is_stopping = False
+        self.drained = asyncio.Event()  # set once stopping and the last connection closed
+
+    def __repr__(self) -> str:
+        return (
+            f"<Route {self.listener.name} -> {self.backend.name} conns={len(self.connections)}"
+            f" tunnels={len(self.tunnels)}>"
+        )
+
+    def configure_tunnels(self, tunnel: TunnelSettings) -> None:
+        """Use ``tunnel`` for connections upgraded from now on (running tunnels keep theirs)."""
+        self.tunnel = tunnel
+        self.tunnel_pool.close()
+        self.tunnel_pool = tunnel.new_pool()
+        self.splice_min_bytes = _splice_min_bytes(tunnel)
+
+    def sweep(self, now: float) -> None:
+        """Enforce every connection's deadline and expire idle upstream connections."""
+        for conn in [c for c in self.connections if c.deadline <= now]:
+            conn.deadline_passed()
+        for pool in self.upstreams.values():
+            pool.close_expired(now)
+        if self.tunnels:
+            self._sweep_tunnels(now)
+
+    def _sweep_tunnels(self, now: float) -> None:
+        """Close tunnels idle for ``tunnel_s``: pumps mark activity, no timer per tunnel (as
+        tcp/proxy.py's TcpRoute.sweep)."""
+        tunnel_s = self.tunnel.tunnel_s
+        expired = []
+        for conn in self.tunnels:
+            pump = conn.pump
+            if pump is None:
+                continue
+            if pump.take_activity():
+                conn.tunnel_deadline = now + tunnel_s
+            elif conn.tunnel_deadline <= now:
+                expired.append(pump)
+        for pump in expired:
+            pump.close()
+
+    def stop_accepting(self) -> None:
+        """Shutdown, step 1: idle keep-alive connections close now, busy ones after their
+        current response (which then says ``Connection: close``)."""
+        self.is_stopping = True
+        for conn in list(self.connections):
+            conn.close_when_idle()
+        if not self.connections:
+            self.drained.set()
+
+    def forget(self, conn: ClientConnection) -> None:
+        self.connections.discard(conn)
+        if self.is_stopping and not self.connections:
+            self.drained.set()
+
+    def abort_all(self) -> None:
+        for conn in list(self.connections):
+            conn.abort()
+        self.tunnel_pool.close()
