@@ -39,7 +39,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
@@ -53,7 +53,8 @@ MIB = 1 << 20
 GIB = 1 << 30
 READY_TIMEOUT_S = 15.0
 CLIENT_TIMEOUT_S = 300.0
-STRACE_ATTACH_S = 1.0  # strace -p needs a moment to attach to every thread
+STRACE_ATTACH_S = 10.0  # bound on strace -p attaching to every thread (it takes milliseconds)
+STRACE_EXIT_S = 30.0  # bound on strace writing its summary after SIGINT
 DEFAULT_ZDLB_CMD = (
     f"{shlex.quote(sys.executable)} -m zdlb.daemon.cli run -c {{config}} --log-level warning"
 )
@@ -97,6 +98,7 @@ http {
     server {
         listen 127.0.0.1:$port;
         root $dir/www;
+$server_extra
     }
 }
 """
@@ -108,7 +110,7 @@ global
     tune.pipesize $pipe_bytes
 
 defaults
-    mode tcp
+    mode $mode
     option splice-request
     option splice-response
     timeout connect 5s
@@ -153,17 +155,22 @@ def say(text: str) -> None:
     print(text, flush=True)
 
 
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_common_args(p: argparse.ArgumentParser) -> None:
+    """The flags bulk.py and bulk_http.py share: rounds, pinning, zdlb command, strace, results."""
     p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--count", type=int, default=4, help="downloads per round and target")
-    p.add_argument("--file-mib", type=int, default=256)
-    p.add_argument("--pipe-sizes", default="65536,262144,1048576", help="zdlb splice variants")
     p.add_argument("--proxy-cpu", type=int, default=1)
     p.add_argument("--load-cpu", type=int, default=0)
     p.add_argument("--zdlb-cmd", default=DEFAULT_ZDLB_CMD)
     p.add_argument("--no-strace", action="store_true")
     p.add_argument("--results", action="store_true", help="append to benchmarks/RESULTS.md")
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_common_args(p)
+    p.add_argument("--count", type=int, default=4, help="downloads per round and target")
+    p.add_argument("--file-mib", type=int, default=256)
+    p.add_argument("--pipe-sizes", default="65536,262144,1048576", help="zdlb splice variants")
     return p.parse_args(argv)
 
 
@@ -172,10 +179,11 @@ def max_pipe_bytes(args: argparse.Namespace) -> int:
 
 
 def write_file(path: Path, size: int) -> None:
+    """A file of ``size`` random bytes, written 1 MiB at a time."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("wb") as out:
-        for _ in range(size // MIB):
-            out.write(os.urandom(MIB))
+        for offset in range(0, size, MIB):
+            out.write(os.urandom(min(MIB, size - offset)))
 
 
 def render(text: str, dest: Path, **values: object) -> Path:
@@ -192,7 +200,7 @@ def started(reg: ProcRegistry, tmp: Path, name: str, argv: list[str], port: int)
 
 def start_targets(args: argparse.Namespace, reg: ProcRegistry, tmp: Path) -> list[Target]:
     nginx_port = free_port()
-    conf = render(NGINX_CONF, tmp / "nginx.conf", dir=tmp, port=nginx_port)
+    conf = render(NGINX_CONF, tmp / "nginx.conf", dir=tmp, port=nginx_port, server_extra="")
     nginx = ["nginx", "-p", str(tmp), "-e", str(tmp / "nginx.early.log"), "-c", str(conf)]
     started(reg, tmp, "nginx", taskset(args.load_cpu, nginx), nginx_port)
     targets = [Target("direct", nginx_port, None)]
@@ -200,7 +208,12 @@ def start_targets(args: argparse.Namespace, reg: ProcRegistry, tmp: Path) -> lis
     for name, pipe_bytes in (("haproxy", max_pipe_bytes(args)), ("haproxy-64k", 65536)):
         port = free_port()
         cfg = render(
-            HAPROXY_CONF, tmp / f"{name}.cfg", port=port, backend=nginx_port, pipe_bytes=pipe_bytes
+            HAPROXY_CONF,
+            tmp / f"{name}.cfg",
+            mode="tcp",
+            port=port,
+            backend=nginx_port,
+            pipe_bytes=pipe_bytes,
         )
         argv = taskset(args.proxy_cpu, ["haproxy", "-db", "-f", str(cfg)])
         targets.append(Target(name, port, started(reg, tmp, name, argv, port)))
@@ -223,16 +236,16 @@ def start_targets(args: argparse.Namespace, reg: ProcRegistry, tmp: Path) -> lis
 
 
 def run_client(args: argparse.Namespace, port: int, count: int) -> dict[str, float]:
-    argv = [
-        sys.executable,
-        "-m",
-        "benchmarks.bulk_client",
-        f"--port={port}",
-        f"--count={count}",
-        f"--expect={args.file_mib * MIB}",
-    ]
+    return client_json(
+        args.load_cpu, [f"--port={port}", f"--count={count}", f"--expect={args.file_mib * MIB}"]
+    )
+
+
+def client_json(load_cpu: int, client_args: list[str]) -> dict[str, float]:
+    """Run bulk_client.py with ``client_args`` pinned to ``load_cpu``; its JSON result."""
+    argv = [sys.executable, "-m", "benchmarks.bulk_client", *client_args]
     done = subprocess.run(
-        taskset(args.load_cpu, argv),
+        taskset(load_cpu, argv),
         capture_output=True,
         text=True,
         timeout=CLIENT_TIMEOUT_S,
@@ -240,7 +253,7 @@ def run_client(args: argparse.Namespace, port: int, count: int) -> dict[str, flo
         cwd=HERE.parent,
     )
     if done.returncode != 0:
-        raise RuntimeError(f"client on port {port} failed: {done.stderr.strip()[-300:]}")
+        raise RuntimeError(f"client {' '.join(client_args)} failed: {done.stderr.strip()[-300:]}")
     result: dict[str, float] = json.loads(done.stdout)
     return result
 
@@ -262,24 +275,62 @@ def strace_counts(args: argparse.Namespace, target: Target, tmp: Path) -> dict[s
     """System calls the proxy made during one download, from strace -c."""
     assert target.pid is not None
     out = tmp / f"{target.name}.strace"
+    return trace_syscalls(target.pid, out, lambda: run_client(args, target.port, 1))
+
+
+def trace_syscalls(
+    pid: int, out: Path, work: Callable[[], object], calls: Sequence[str] = STRACE_CALLS
+) -> dict[str, int]:
+    """Counts of ``calls`` that pid's threads made while ``work()`` ran (strace -c -f)."""
     tracer = subprocess.Popen(
-        ["strace", "-c", "-f", "-p", str(target.pid), "-o", str(out)],
+        ["strace", "-c", "-f", "-p", str(pid), "-o", str(out)],
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
     try:
-        time.sleep(STRACE_ATTACH_S)
-        run_client(args, target.port, 1)
+        if not _wait_traced(pid, tracer, STRACE_ATTACH_S):
+            raise RuntimeError(f"strace did not attach to {pid} within {STRACE_ATTACH_S} s")
+        work()
     finally:
         tracer.send_signal(signal.SIGINT)
-        tracer.wait(timeout=30)
+        try:
+            tracer.wait(timeout=STRACE_EXIT_S)
+        except subprocess.TimeoutExpired:
+            tracer.kill()
+            tracer.wait(timeout=STRACE_EXIT_S)
     counts: dict[str, int] = {}
     for line in out.read_text().splitlines():
         fields = line.split()
-        if len(fields) >= 5 and fields[-1] in STRACE_CALLS and fields[3].isdigit():
+        if len(fields) >= 5 and fields[-1] in calls and fields[3].isdigit():
             counts[fields[-1]] = int(fields[3])
     return counts
+
+
+def _wait_traced(pid: int, tracer: subprocess.Popen[bytes], deadline_s: float) -> bool:
+    """Poll until every thread of pid has ``tracer`` as its TracerPid (/proc), bounded."""
+    end = time.monotonic() + deadline_s
+    while time.monotonic() < end and tracer.poll() is None:
+        if _tracer_pids(pid) == {tracer.pid}:
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def _tracer_pids(pid: int) -> set[int]:
+    """The TracerPid of each thread of pid (0: not traced); empty if pid is gone."""
+    found: set[int] = set()
+    try:
+        tasks = list(Path(f"/proc/{pid}/task").iterdir())
+    except OSError:
+        return found
+    for task in tasks:
+        try:
+            lines = (task / "status").read_text().splitlines()
+        except OSError:
+            continue  # the thread exited meanwhile
+        found.update(int(line.split()[1]) for line in lines if line.startswith("TracerPid:"))
+    return found
 
 
 def ratio(value: float | None, base: float | None) -> str:
@@ -314,7 +365,7 @@ def strace_table(args: argparse.Namespace, counts: dict[str, dict[str, int]]) ->
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    signal.signal(signal.SIGTERM, _on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
     reg = ProcRegistry()
     tmp = Path(tempfile.mkdtemp(prefix="zdlb-bulk-"))
     try:
@@ -337,8 +388,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         report = render_report(args, targets, counts)
         say(report)
         if args.results:
-            with (HERE / "RESULTS.md").open("a") as out:
-                out.write("\n" + report)
+            append_results(report)
     finally:
         reg.stop_all()
         subprocess.run(["rm", "-rf", str(tmp)], check=False)
@@ -348,14 +398,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 def render_report(
     args: argparse.Namespace, targets: list[Target], counts: dict[str, dict[str, int]]
 ) -> str:
-    now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
-    haproxy = subprocess.run(["haproxy", "-v"], capture_output=True, text=True, check=False)
     lines = [
-        f"## TCP bulk, {now}",
+        f"## TCP bulk, {utc_now()}",
         "",
-        f"- machine: nproc {os.cpu_count()}, Linux {platform.release()}; "
-        f"{haproxy.stdout.splitlines()[0] if haproxy.stdout else 'haproxy ?'}; "
-        f"Python {platform.python_version()}",
+        machine_line(),
         f"- setup: {args.file_mib} MiB file from nginx (sendfile), {args.count} downloads per "
         f"round and target, {args.rounds} rounds interleaved, medians; client reads 1 MiB at a "
         f"time; proxy on CPU{args.proxy_cpu}, nginx and client on CPU{args.load_cpu}",
@@ -369,7 +415,27 @@ def render_report(
     return "\n".join(lines)
 
 
-def _on_signal(signum: int, _frame: FrameType | None) -> None:
+def utc_now() -> str:
+    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
+
+
+def machine_line() -> str:
+    """The report's ``- machine:`` line: cores, kernel, HAProxy and Python versions."""
+    haproxy = subprocess.run(["haproxy", "-v"], capture_output=True, text=True, check=False)
+    return (
+        f"- machine: nproc {os.cpu_count()}, Linux {platform.release()}; "
+        f"{haproxy.stdout.splitlines()[0] if haproxy.stdout else 'haproxy ?'}; "
+        f"Python {platform.python_version()}"
+    )
+
+
+def append_results(report: str) -> None:
+    """Append a report section to benchmarks/RESULTS.md."""
+    with (HERE / "RESULTS.md").open("a") as out:
+        out.write("\n" + report)
+
+
+def on_signal(signum: int, _frame: FrameType | None) -> None:
     raise SystemExit(128 + signum)  # unwinds through the finally that stops every process
 
 
