@@ -41,9 +41,12 @@ DEFAULT_TUNNEL_S = 3600.0
 # Splice pipes: 1 MiB cost 24-30% less CPU per GiB than 64 KiB (benchmarks/bulk.sh; the
 # figures are in tcp/pipes.py).
 DEFAULT_PIPE_BYTES = 1 << 20
-# HTTP bodies with at least this many Content-Length bytes still to come are spliced
-# (http/splice.py). Provisional until benchmarks/bulk_http.sh measures the crossover.
-DEFAULT_SPLICE_MIN_BYTES = 256 * 1024
+# HTTP bodies with at least this many Content-Length bytes left after the first read are
+# spliced (http/splice.py). benchmarks/bulk_http.sh, CPU per GiB spliced vs not: downloads
+# 0.60-0.72x from 768 KiB bodies, even at 384-512 KiB, 1.13-1.16x at 256-320 KiB (a few KB left
+# after the first 256,000-byte read: ~25 us of setup for nothing); uploads 0.86-1.12x at 1 MiB,
+# 0.86x at 16 MiB, 0.27x at 256 MiB. At 1 MiB no size measured loses.
+DEFAULT_SPLICE_MIN_BYTES = 1 << 20
 MIN_PIPE_BYTES = 4096  # one page: the kernel's smallest pipe
 MAX_PIPE_BYTES = 1 << 20  # /proc/sys/fs/pipe-max-size's default for unprivileged processes
 # Sticky users of a drained server stay on it this long (5 minutes: most web sessions make

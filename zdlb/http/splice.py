@@ -3,13 +3,12 @@ client, a request's client -> server. ``BodySplice`` moves the bytes; ``BodySpli
 of http/proxy.py's ``ClientConnection`` (which picks the bodies), waits for the moment to start
 it and hands the connection back to HTTP after.
 
-Measured here (64 MiB responses with Content-Length from a sendfile backend, 8 downloads per
-round, 3 interleaved rounds, medians, proxy pinned to CPU1, backend and a 1 MiB-read client on
-CPU0): the HTTP path through ``data_received`` and ``transport.write`` cost 0.78-0.80 s of proxy
-CPU per GiB (700-1141 MB/s); this splice 0.38 s/GiB (1272 MB/s); a TCP listener's splice pump
-0.30-0.36 s/GiB. Throughput was capped by the Python backend on a shared core, so CPU per GiB is
-the figure to trust. Hence: a body with at least ``splice_min_bytes`` left after the first
-read goes through a ``BodySplice``.
+Measured with benchmarks/bulk_http.sh (nginx behind, proxy pinned to its own core, medians
+of 5 interleaved rounds, RESULTS.md): a 256 MiB download cost 0.30 s of proxy CPU per GiB
+spliced against 0.55 s through ``data_received``/``transport.write`` (HAProxy's forced splice:
+0.28 s), an upload 0.14 s against 0.53 s (HAProxy 0.14 s). Setting one up costs ~25 us (two
+dups, epoll registration), so only a body with at least ``splice_min_bytes`` left after the
+first read goes through a ``BodySplice`` (config/model.py gives the crossover).
 
 Unlike a tunnel, the connection goes on as HTTP afterwards, so the transports keep their
 sockets: a ``BodySplice`` works on *duplicated* descriptors of both, while the source
