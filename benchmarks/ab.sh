@@ -1,16 +1,22 @@
 #!/usr/bin/env bash
 # Same-run before/after for a hot-path change: two zdlb builds side by side, interleaved.
 #
-#   benchmarks/ab.sh REV [ROUNDS] [SECONDS]     # REV (e.g. 8c6fafd) against the working tree
+#   benchmarks/ab.sh REV [ROUNDS] [SECONDS] [PATCH]
+#
+# REV (e.g. 8c6fafd) is "before", the working tree "after". With PATCH, "before" is REV with
+# that patch applied: a feature on vs off in one tree, e.g. what the metrics counters cost:
+#
+#   benchmarks/ab.sh HEAD 7 5 benchmarks/patches/no-hot-path-counters.patch
 #
 # Both builds run pinned to CPU1 and proxy to the same two nginx backends on CPU0; they are
 # loaded one at a time, alternating, ROUNDS times, with `wrk -t1 -c50` keep-alive and
 # `Connection: close` (also on CPU0). Prints, per build and workload, the median rps and the
 # proxy's CPU microseconds per request (utime+stime from /proc).
 set -euo pipefail
-rev=${1:?usage: benchmarks/ab.sh REV [ROUNDS] [SECONDS]}
+rev=${1:?usage: benchmarks/ab.sh REV [ROUNDS] [SECONDS] [PATCH]}
 rounds=${2:-3}
 seconds=${3:-5}
+patch=${4:+$(realpath "$4")}
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 tmp=$(mktemp -d)
 pids=()
@@ -35,6 +41,7 @@ CONF
 taskset -c 0 nginx -c "$tmp/nginx.conf" & pids+=($!)
 
 git -C "$here" worktree add -q --detach "$tmp/before" "$rev"
+[[ -n $patch ]] && git -C "$tmp/before" apply "$patch"
 declare -A port pid
 for build in before after; do
     port[$build]=$(free_port)
@@ -64,7 +71,10 @@ done
 cpu() { awk '{print $14+$15}' "/proc/$1/stat"; }
 : > "$tmp/results"
 for round in $(seq "$rounds"); do
-    for build in before after; do
+    # Alternate which build goes first, so neither always follows the other's close workload
+    # (50,000 sockets left in TIME_WAIT) or always runs first.
+    order=(before after); (( round % 2 == 0 )) && order=(after before)
+    for build in "${order[@]}"; do
         for workload in keepalive close; do
             header=(); [[ $workload == close ]] && header=(-H "Connection: close")
             a=$(cpu "${pid[$build]}")
@@ -75,7 +85,7 @@ for round in $(seq "$rounds"); do
         done
     done
 done
-python3 - "$tmp/results" "$seconds" "$rev" <<'PY'
+python3 - "$tmp/results" "$seconds" "$rev" ${patch:+"$patch"} <<'PY'
 import statistics, sys
 ticks_per_s = 100
 rows = [line.split() for line in open(sys.argv[1])]
@@ -87,7 +97,7 @@ for workload in ("keepalive", "close"):
         rps = statistics.median(r / seconds for r, _ in runs)
         us = statistics.median(t / ticks_per_s * 1e6 / r for r, t in runs)
         medians[build] = rps
-        name = rev if build == "before" else "working tree"
+        name = rev + (" + patch" if len(sys.argv) > 4 else "") if build == "before" else "working tree"
         print(f"{workload:9s} {build:6s} ({name}): {rps:8.0f} rps  {us:6.1f} us/req")
     print(f"{workload:9s} after/before rps: {medians['after'] / medians['before']:.2f}x")
 PY
