@@ -229,6 +229,9 @@ class BodySplicing:
     A mixin of that class, which sets every field named below: they are declared for mypy only.
     """
 
+    if not TYPE_CHECKING:  # mypy would take the fields declared below for missing slots
+        __slots__ = ()  # ClientConnection holds the fields
+
     if TYPE_CHECKING:
         route: Route
         loop: asyncio.AbstractEventLoop

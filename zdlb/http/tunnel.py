@@ -103,6 +103,9 @@ class ProtocolSwitch:
     A mixin (proxy.py says why): what it uses of the connection is declared below, for mypy.
     """
 
+    if not TYPE_CHECKING:  # mypy would take the fields declared below for missing slots
+        __slots__ = ()  # ClientConnection holds the fields
+
     if TYPE_CHECKING:
         route: Route
         loop: asyncio.AbstractEventLoop
