@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import random
 import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -29,7 +30,7 @@ from tests.net.proxy_harness import (
     server_entry,
 )
 from tests.net.test_body_splice import assert_all_closed, open_fds
-from tests.servers import H11Client, pattern_bytes
+from tests.servers import H11Client, pattern_bytes, refused_address
 from zdlb.tcp.pipes import PipePool
 
 MIB = 1 << 20
@@ -251,3 +252,65 @@ async def test_below_the_threshold_stays_on_the_plain_path(
             response = await client.request("POST", "/up", body=body)
         assert response.body == digest(body)
         assert pipes_created(proxy) == 0
+
+
+async def test_retried_connect_then_spliced_upload(
+    bound_socket: socket.socket, proxies: ProxyStarter
+):
+    """The first server refuses the connection: the head and what was read with it go to the
+    other one (retries), and only then does the rest of the body go by splice."""
+    refused_sock, refused = refused_address()
+    try:
+        async with upload_server(bound_socket) as upstream:
+            config = proxy_config(
+                [server_entry("dead", refused), server_entry("s1", bound_socket.getsockname()[:2])],
+                retries=1,
+                splice_min_bytes=MIN_BYTES,
+            )
+            proxy = await proxies.start(config)
+            body = pattern_bytes(4 * MIB + 1)
+            async with await H11Client.connect(proxy.addr, timeout_s=WAIT_S) as client:
+                for _ in range(2):  # round robin: one of the two starts on the dead server
+                    response = await client.request("POST", "/up", body=body)
+                    assert response.body == digest(body)
+            assert upstream.received == [len(body)] * 2
+            assert pipes_created(proxy) > 0
+    finally:
+        refused_sock.close()
+
+
+@pytest.mark.parametrize("seed", range(4))
+async def test_random_uploads_in_random_pieces_stay_exact(
+    bound_socket: socket.socket, proxies: ProxyStarter, seed: int
+):
+    """Pipelined POSTs of random sizes around the threshold (empty ones too), written in pieces
+    of random sizes, so the first read of a body ends anywhere and later ones queue behind the
+    first: every answer is the digest of exactly its own body, in order, on one connection."""
+    rng = random.Random(seed)
+    min_bytes = 64 * 1024
+    async with upload_server(bound_socket) as upstream:
+        proxy = await start_proxy(proxies, bound_socket.getsockname()[:2], min_bytes=min_bytes)
+        bodies = [
+            pattern_bytes(rng.choice([0, 10, min_bytes - 1, min_bytes, 300_000, 2 * MIB + 3]))
+            for _ in range(6)
+        ]
+        stream = b"".join(
+            b"POST /%d HTTP/1.1\r\nHost: p\r\nContent-Length: %d\r\n\r\n%s" % (i, len(b), b)
+            for i, b in enumerate(bodies)
+        )
+        async with await RawClient.connect(proxy.addr) as client:
+            sender = asyncio.create_task(send_in_pieces(client, stream, rng))
+            for body in bodies:
+                response = await client.read_response()
+                assert response.body == digest(body)
+            await sender
+        assert upstream.accepted == 1
+        assert upstream.received == [len(b) for b in bodies]
+
+
+async def send_in_pieces(client: RawClient, data: bytes, rng: random.Random) -> None:
+    view = memoryview(data)
+    while view:
+        size = rng.choice([1, 7, 4096, 65_536, 300_000])
+        await client.send(bytes(view[:size]))
+        view = view[size:]
