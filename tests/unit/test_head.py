@@ -21,6 +21,7 @@ from zdlb.http.head import (
     Framing,
     Headers,
     RequestHead,
+    RequestHeadParser,
     ResponseHead,
 )
 from zdlb.http.stream import RequestReader, ResponseReader
@@ -1101,3 +1102,31 @@ def test_endless_response_trailers_are_refused() -> None:
     with pytest.raises(UpstreamProtocolError, match="trailers too large"):
         for _ in range(DEFAULT_MAX_RESPONSE_HEAD_BYTES // 100 + 2):
             reader.feed(b"v" * 100)
+
+
+SHARED_PARSER_HEADS = [
+    b"GET / HTTP/2.0\r\nHost: a\r\n\r\n",  # llhttp takes it, zdlb answers 505
+    b"GET /a b HTTP/1.1\r\nHost: a\r\n\r\n",  # llhttp refuses it
+    b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",  # llhttp takes it, zdlb answers 400
+    b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",  # llhttp then refuses any byte
+    b"GET / HTTP/1.0\r\nHost: a\r\n\r\n",  # closes too
+    b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\n",  # llhttp waits for a body
+    b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: a\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n",
+    b"CONNECT a:443 HTTP/1.1\r\nHost: a:443\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: a\r\nContent-Length: 0\r\n\r\n",
+]
+
+
+@pytest.mark.parametrize("first", SHARED_PARSER_HEADS)
+def test_shared_parser_takes_a_plain_head_after_any_other(first: bytes) -> None:
+    """One RequestHeadParser serves every connection of a listener: whatever the last head
+    left it with, accepted or refused, the next connection's GET must parse."""
+    parser = RequestHeadParser(Limits())
+    try:
+        parser.parse(first)
+    except DownstreamProtocolError:
+        pass
+    for _ in range(2):
+        head = parser.parse(b"GET /next HTTP/1.1\r\nHost: b\r\n\r\n")
+        assert (head.target, head.keep_alive) == (b"/next", True)

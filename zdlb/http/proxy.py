@@ -132,7 +132,7 @@ class ClientConnection(ProtocolSwitch, BodySplicing, asyncio.Protocol):
         self.loop = loop
         self.transport: asyncio.Transport | None = None
         self.client_ip = b"-"
-        self.reader = RequestReader(self, route.listener.limits)
+        self.reader = RequestReader(self, route.listener.limits, route.head_parser)
         self.phase = Phase.IDLE
         self.deadline = 0.0
         self._paused = 0

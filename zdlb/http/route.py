@@ -16,6 +16,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from zdlb.config.model import ListenerConfig
+from zdlb.http.head import RequestHeadParser
 from zdlb.http.tunnel import ProtocolSwitch, TunnelSettings
 from zdlb.http.upstream import ServerConnections
 from zdlb.metrics.registry import BackendStats, ListenerStats
@@ -67,6 +68,7 @@ class Route:
         self.server_s = backend.config.timeouts.server_s
         self.retries = backend.config.retries
         self.proto = listener.x_forwarded_proto.encode()
+        self.head_parser = RequestHeadParser(listener.limits)  # one for all its connections
         self.connections: set[ClientConnection] = set()
         # Those of connections in Phase.TUNNEL: the sweeper needs their pump and deadline only.
         self.tunnels: set[ProtocolSwitch] = set()

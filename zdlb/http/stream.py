@@ -167,10 +167,13 @@ class RequestReader:
         "held",
     )
 
-    def __init__(self, sink: RequestSink, limits: Limits) -> None:
+    def __init__(
+        self, sink: RequestSink, limits: Limits, head_parser: RequestHeadParser | None = None
+    ) -> None:
         self._sink = sink
         self._limits = limits
-        self._head_parser = RequestHeadParser(limits)
+        # Shared by the listener's connections (see RequestHeadParser), or this reader's own.
+        self._head_parser = head_parser or RequestHeadParser(limits)
         self._state = _State.HEAD
         self._partial = _HeadBuffer(DownstreamProtocolError)
         self._remaining = 0  # Content-Length bytes still to come
