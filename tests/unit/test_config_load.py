@@ -673,8 +673,8 @@ def test_describe_summarises_listeners_backends_and_servers(tmp_path: Path) -> N
         [
             f"{path}: 2 listeners, 2 backends",
             "listeners:",
-            "  web    http  0.0.0.0:80  -> app",
-            "  db.v6  http  [::1]:5432  -> db",
+            "  web    http  0.0.0.0:80  -> app  splice tunnels, bodies >= 1 MiB",
+            "  db.v6  http  [::1]:5432  -> db   splice tunnels, bodies >= 1 MiB",
             "backends:",
             "  app balance=leastconn retries=0 all_backups",
             "    main-1    front-1.internal:8080  main    weight=50   max_idle=8",
@@ -692,8 +692,27 @@ def test_describe_marks_free_port_and_unused_backend() -> None:
         ("backends.spare", {"servers": [{"name": "s", "address": "h:1"}]}),
     )
     text = describe(parse_config(data, SOURCE, BASE_DIR))
-    assert "  web  http  127.0.0.1:0 (any free port)  -> app" in text.splitlines()
+    assert (
+        "  web  http  127.0.0.1:0 (any free port)  -> app  splice tunnels, bodies >= 1 MiB"
+        in text.splitlines()
+    )
     assert "  spare balance=roundrobin retries=2 (no listener uses it)" in text.splitlines()
+
+
+@pytest.mark.parametrize(
+    ("changes", "expected"),
+    [
+        ([("listeners.web.splice_min_bytes", 300_000)], "splice tunnels, bodies >= 300000 B"),
+        ([("listeners.web.splice_min_bytes", 65536)], "splice tunnels, bodies >= 64 KiB"),
+        ([("listeners.web.splice_min_bytes", False)], "splice tunnels"),
+        ([("listeners.web.splice", False)], "copy"),
+        ([("listeners.web.mode", "tcp")], "splice"),
+    ],
+)
+def test_describe_says_how_bytes_move(changes: list[tuple[str, object]], expected: str) -> None:
+    text = describe(parse_config(_config(*changes), SOURCE, BASE_DIR))
+    [row] = [line for line in text.splitlines() if line.startswith("  web ")]
+    assert row.endswith(f"-> app  {expected}"), row
 
 
 def test_describe_empty_sections() -> None:

@@ -8,14 +8,22 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from zdlb.config.model import BackendConfig, CheckConfig, CheckKind, Config, ListenerConfig
+from zdlb.config.model import (
+    BackendConfig,
+    CheckConfig,
+    CheckKind,
+    Config,
+    ListenerConfig,
+    ListenerMode,
+)
 
 _INDENT = "  "
 _COLUMN_GAP = "  "
 
 
 def describe(config: Config) -> str:
-    """Listeners (name, mode, bind, backend) then backends (balance, retries, servers).
+    """Listeners (name, mode, bind, backend, how bytes move) then backends (balance, retries,
+    servers).
 
     Servers are listed with address, pool, weight, idle-connection cap and health check.
     Returns lines joined by newlines, without a trailing newline.
@@ -71,7 +79,23 @@ def _listener_row(listener: ListenerConfig) -> tuple[str, ...]:
     bind = str(listener.bind)
     if listener.bind.port == 0:
         bind += " (any free port)"
-    return (listener.name, listener.mode.value, bind, f"-> {listener.backend}")
+    return (listener.name, listener.mode.value, bind, f"-> {listener.backend}", _moves(listener))
+
+
+def _moves(listener: ListenerConfig) -> str:
+    """How bytes that zdlb does not parse move: tunnels, and (http) large bodies."""
+    if not listener.splice:
+        return "copy"
+    if listener.mode is ListenerMode.TCP or listener.splice_min_bytes is None:
+        return "splice tunnels" if listener.mode is ListenerMode.HTTP else "splice"
+    return f"splice tunnels, bodies >= {_size(listener.splice_min_bytes)}"
+
+
+def _size(size: int) -> str:
+    for unit, shift in (("MiB", 20), ("KiB", 10)):
+        if size and size % (1 << shift) == 0:
+            return f"{size >> shift} {unit}"
+    return f"{size} B"
 
 
 def _backend_line(backend: BackendConfig, is_used: bool) -> str:
