@@ -195,7 +195,7 @@ def _run(
 
 async def _serve(config: Config, stop: asyncio.Event, workers: int, options: WorkerOptions) -> None:
     """Bind, then serve in this process (one worker) or through worker processes."""
-    runtime = build_runtime(config)
+    runtime = build_runtime(config, workers=workers)
     if workers == 1:
         await serve(runtime, stop)
     else:

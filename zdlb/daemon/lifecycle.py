@@ -34,7 +34,7 @@ from zdlb.http.upstream import ServerConnections
 from zdlb.metrics.collector import SnapshotSource, new_registry, take_snapshot
 from zdlb.metrics.endpoint import MetricsEndpoint
 from zdlb.metrics.registry import Stats
-from zdlb.tcp.listener import bind_listener, bound_address
+from zdlb.tcp.listener import bind_listener, bind_listener_group, bound_address
 from zdlb.tcp.proxy import TcpRoute, TcpSettings
 
 log = logging.getLogger(__name__)
@@ -84,6 +84,9 @@ class Runtime:
     tcp_sockets: list[tuple[TcpRoute, socket.socket]] = field(default_factory=list)
     metrics_socket: socket.socket | None = None
     servers: list[asyncio.Server] = field(default_factory=list)
+    # A master's listening sockets, per listener in config order: one per worker (the first is
+    # also in sockets/tcp_sockets). Empty in a single process or a worker.
+    listener_groups: list[list[socket.socket]] = field(default_factory=list)
 
     @property
     def all_routes(self) -> list[Route | TcpRoute]:
@@ -93,6 +96,9 @@ class Runtime:
         """Close every bound socket not yet served (a start that failed half-way)."""
         for _, sock in [*self.sockets, *self.tcp_sockets]:
             sock.close()
+        for group in self.listener_groups:
+            for sock in group:
+                sock.close()
         if self.metrics_socket is not None:
             self.metrics_socket.close()
 
@@ -102,12 +108,14 @@ def build_runtime(
     listener_sockets: Sequence[socket.socket] | None = None,
     *,
     on_health: TransitionHook | None = None,
+    workers: int = 1,
 ) -> Runtime:
     """Create backends, pools and routes, and bind every listener. Raises ListenerError.
 
     A worker process passes the ``listener_sockets`` its master bound (one per listener, in
     config order): nothing is bound, no metrics socket, and the journal is not replayed (the
     master owns the state and sends it). ``on_health`` is the health checker's transition hook.
+    A master for ``workers`` > 1 binds one socket per worker and listener (``listener_groups``).
     """
     backends = {b.name: Backend(b) for b in config.backends}
     servers = [server for backend in backends.values() for server in backend.servers]
@@ -121,10 +129,14 @@ def build_runtime(
     runtime = Runtime(config, backends, health, Stats.from_config(config))
     try:
         for index, listener in enumerate(config.listeners):
-            if listener_sockets is None:
-                sock = bind_listener(listener.bind, listener.backlog)
-            else:
+            if listener_sockets is not None:
                 sock = listener_sockets[index]
+            elif workers > 1:
+                group = bind_listener_group(listener.bind, listener.backlog, workers)
+                runtime.listener_groups.append(group)
+                sock = group[0]
+            else:
+                sock = bind_listener(listener.bind, listener.backlog)
             if listener.mode is ListenerMode.TCP:
                 tcp_route = _tcp_route(runtime, listener)
                 runtime.tcp_routes.append(tcp_route)

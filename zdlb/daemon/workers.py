@@ -4,8 +4,10 @@
 
 1. The master binds every listener (and the metrics socket) before anything else, as the
    single process does, replays the state journal, then starts N worker processes
-   (daemon/worker.py) that inherit the listening sockets: one shared accept queue per listener,
-   so connections waiting in it while a worker restarts are taken by the others.
+   (daemon/worker.py), each accepting on its own socket of every listener: SO_REUSEPORT
+   spreads new connections over the workers, where one shared accept queue let a burst land
+   on one of them (tcp/listener.py has the figures). The master keeps every socket open, so
+   connections queued for a worker that restarts wait for it (~0.4 s) instead of being reset.
 2. The master never proxies. It runs the control socket, the health checks, the journal and the
    /metrics endpoint. Every change of a server's state (a command, a health verdict) is sent to
    every worker within ``PUSH_POLL_S`` (ipc.py, rule 1); their counters come back in reports.
@@ -107,9 +109,10 @@ class Supervisor:
         self._reported = asyncio.Event()
         self._is_stopping = False
         self._pushed_generation = Server.generation
-        by_name = {route.listener.name: sock for route, sock in runtime.sockets}
-        by_name.update((route.listener.name, sock) for route, sock in runtime.tcp_sockets)
-        self._listener_socks = [by_name[listener.name] for listener in runtime.config.listeners]
+        # Worker i accepts on the i-th socket of every listener's group (build_runtime).
+        groups = runtime.listener_groups
+        assert all(len(group) == count for group in groups), "build_runtime(workers=count)"
+        self._worker_socks = [[group[i] for group in groups] for i in range(count)]
 
     # --- WorkerLoad (control/commands.py) ---------------------------------------------------
 
@@ -188,8 +191,9 @@ class Supervisor:
     async def stop(self, grace_s: float) -> None:
         """Rule 5, after the control socket is closed. Returns once every worker is gone."""
         self._is_stopping = True
-        for sock in self._listener_socks:
-            sock.close()  # else the kernel keeps queueing connections nobody will accept
+        for socks in self._worker_socks:
+            for sock in socks:
+                sock.close()  # else the kernel keeps queueing connections nobody will accept
         procs = [slot.proc for slot in self.slots if slot.proc is not None]
         for proc in procs:
             if proc.returncode is None:
@@ -211,7 +215,7 @@ class Supervisor:
     async def _spawn(self, slot: WorkerSlot) -> None:
         master_end, worker_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            fds = tuple(sock.fileno() for sock in self._listener_socks)
+            fds = tuple(sock.fileno() for sock in self._worker_socks[slot.index])
             spec = WorkerSpec(
                 self.runtime.config, slot.index, fds, worker_end.fileno(), self._options
             )

@@ -18,17 +18,53 @@ def bind_listener(address: Address, backlog: int) -> socket.socket:
     SO_REUSEADDR lets a restarted daemon bind while old connections sit in TIME_WAIT; IPv6
     sockets are v6-only so ``[::]:80`` and ``0.0.0.0:80`` can be configured side by side.
     """
+    return _bind(address, backlog, reuse_port=False, listen=True)
+
+
+def bind_listener_group(address: Address, backlog: int, count: int) -> list[socket.socket]:
+    """``count`` listening sockets on one address, one per worker process, with SO_REUSEPORT:
+    the kernel spreads new connections over them by a hash of the client's address and port.
+
+    Why not one socket shared by the workers: each worker's event loop accepts every pending
+    connection when it wakes, so a burst lands on whichever woke first. Measured with 2
+    workers and ``wrk -c50``: 50/0, 40/10 and 48/2 connections per worker, and 32k rps for the
+    50/0 split against 38-44k for the others.
+
+    SO_REUSEPORT would also let a second zdlb share the port silently, so an exclusive bind
+    (no SO_REUSEPORT) first proves the port free, as ``bind_listener`` would, and resolves port
+    0; the group then binds to that port. Raises ListenerError; nothing stays open then.
+    """
+    probe = _bind(address, backlog, reuse_port=False, listen=False)
+    port = probe.getsockname()[1]
+    probe.close()
+    sockets: list[socket.socket] = []
+    try:
+        for _ in range(count):
+            sockets.append(_bind(Address(address.host, port), backlog, reuse_port=True))
+    except ListenerError:
+        for sock in sockets:
+            sock.close()
+        raise
+    return sockets
+
+
+def _bind(
+    address: Address, backlog: int, *, reuse_port: bool, listen: bool = True
+) -> socket.socket:
     family = socket.AF_INET6 if ":" in address.host else socket.AF_INET
     # proto=IPPROTO_TCP, not 0: the stdlib loop sets TCP_NODELAY on accepted sockets only when
     # sock.proto says TCP; without it a head and body written apart wait ~40 ms for an ACK.
     sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # inherited by accept()
         if family == socket.AF_INET6:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         sock.bind((address.host, address.port))
-        sock.listen(backlog)
+        if listen:
+            sock.listen(backlog)
         sock.setblocking(False)
     except OSError as exc:
         sock.close()
