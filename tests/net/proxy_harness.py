@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import os
 import socket
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -52,6 +53,7 @@ from zdlb.http.proxy import ClientConnection
 from zdlb.http.route import Route
 from zdlb.http.upstream import ServerConnections
 from zdlb.tcp.listener import bound_address
+from zdlb.tcp.pipes import PipePool
 
 # Every awaited expectation gets this deadline; pytest-timeout's 60 s is only the backstop.
 WAIT_S = DEFAULT_CLIENT_TIMEOUT_S
@@ -419,3 +421,28 @@ class GatedServer(UpstreamServer):
 
 def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+def open_fds() -> int:
+    """Sockets and pipes open in this process. (uvloop opens /dev/null once per loop, at its
+    first connect: not a leak, and it may happen in the middle of a test.)"""
+    count = 0
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except FileNotFoundError:  # the fd listdir itself used, closed since
+            continue
+        count += target.startswith(("socket:", "pipe:"))
+    return count
+
+
+async def assert_all_closed(proxy: RunningProxy, fds_before: int) -> None:
+    """Server ``s1`` idle, no client connection, pooled ones closed, and no fd left beyond
+    ``fds_before`` and the pipes the pool keeps for reuse."""
+    server = proxy.server("s1")
+    await eventually(lambda: server.inflight == 0 and not proxy.route.connections)
+    proxy.pool("s1").close_idle()
+    await eventually(lambda: server.conns == 0)
+    pool = proxy.route.tunnel_pool
+    pipe_fds = 2 * pool.idle_count if isinstance(pool, PipePool) else 0  # kept for reuse
+    await eventually(lambda: open_fds() <= fds_before + pipe_fds)

@@ -24,7 +24,9 @@ from tests.net.proxy_harness import (
     ProxyStarter,
     RawClient,
     RunningProxy,
+    assert_all_closed,
     eventually,
+    open_fds,
     proxy_config,
     server_entry,
 )
@@ -35,19 +37,6 @@ from zdlb.tcp.pipes import PipePool
 
 MIB = 1 << 20
 MIN_BYTES = 256 * 1024  # splice_min_bytes in these tests: above one read, far below the bodies
-
-
-def open_fds() -> int:
-    """Sockets and pipes open in this process. (uvloop opens /dev/null once per loop, at its
-    first connect: not a leak, and it may happen in the middle of a test.)"""
-    count = 0
-    for fd in os.listdir("/proc/self/fd"):
-        try:
-            target = os.readlink(f"/proc/self/fd/{fd}")
-        except FileNotFoundError:  # the fd listdir itself used, closed since
-            continue
-        count += target.startswith(("socket:", "pipe:"))
-    return count
 
 
 @pytest.fixture
@@ -90,16 +79,6 @@ async def start_proxy(
     proxy = await proxies.start(proxy_config([server_entry("s1", addr)]))
     proxy.route.configure_tunnels(TunnelSettings(splice_min_bytes=min_bytes))
     return proxy
-
-
-async def assert_all_closed(proxy: RunningProxy, fds_before: int) -> None:
-    server = proxy.server("s1")
-    await eventually(lambda: server.inflight == 0 and not proxy.route.connections)
-    proxy.pool("s1").close_idle()
-    await eventually(lambda: server.conns == 0)
-    pool = proxy.route.tunnel_pool
-    pipe_fds = 2 * pool.idle_count if isinstance(pool, PipePool) else 0  # kept for reuse
-    await eventually(lambda: open_fds() <= fds_before + pipe_fds)
 
 
 async def test_large_bodies_are_exact_and_the_connections_go_on(

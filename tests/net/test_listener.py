@@ -6,7 +6,7 @@ import socket
 
 import pytest
 
-from tests.net.test_body_splice import open_fds
+from tests.net.proxy_harness import open_fds
 from zdlb.config.model import Address
 from zdlb.errors import ListenerError
 from zdlb.tcp.listener import bind_listener, bind_listener_group, bound_address

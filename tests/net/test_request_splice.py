@@ -25,11 +25,12 @@ from tests.net.proxy_harness import (
     ProxyStarter,
     RawClient,
     RunningProxy,
+    assert_all_closed,
     eventually,
+    open_fds,
     proxy_config,
     server_entry,
 )
-from tests.net.test_body_splice import assert_all_closed, open_fds
 from tests.servers import H11Client, pattern_bytes, refused_address
 from zdlb.tcp.pipes import PipePool
 
