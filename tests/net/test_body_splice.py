@@ -39,12 +39,6 @@ MIB = 1 << 20
 MIN_BYTES = 256 * 1024  # splice_min_bytes in these tests: above one read, far below the bodies
 
 
-@pytest.fixture
-async def proxies() -> AsyncIterator[ProxyStarter]:
-    async with ProxyStarter() as starter:
-        yield starter
-
-
 class SizedServer:
     """Keep-alive server: ``GET /<n>`` is answered with ``pattern_bytes(n)``, Content-Length.
     ``accepted`` counts connections, so a test sees whether the proxy reused one."""

@@ -60,12 +60,6 @@ HANG_S = 2.0
 STALL_WATCH_S = 0.3
 
 
-@pytest.fixture
-async def proxies() -> AsyncIterator[ProxyStarter]:
-    async with ProxyStarter() as starter:
-        yield starter
-
-
 async def start_for(proxies: ProxyStarter, *servers: UpstreamServer, **options) -> RunningProxy:
     """A proxy whose backend lists ``servers`` under their fixture names."""
     for server in servers:

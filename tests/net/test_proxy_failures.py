@@ -53,12 +53,6 @@ HANG_S = 2.0
 GOOD_REQUEST = b"GET /good HTTP/1.1\r\nHost: front.test\r\n\r\n"
 
 
-@pytest.fixture
-async def proxies() -> AsyncIterator[ProxyStarter]:
-    async with ProxyStarter() as starter:
-        yield starter
-
-
 async def start_for(
     proxies: ProxyStarter, *servers: UpstreamServer | tuple[str, tuple[str, int]], **options
 ) -> RunningProxy:

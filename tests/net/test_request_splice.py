@@ -38,12 +38,6 @@ MIB = 1 << 20
 MIN_BYTES = 256 * 1024  # splice_min_bytes here: above one read, far below the large bodies
 
 
-@pytest.fixture
-async def proxies() -> AsyncIterator[ProxyStarter]:
-    async with ProxyStarter() as starter:
-        yield starter
-
-
 class UploadServer:
     """Keep-alive server that reads each request's Content-Length body and answers 200 with
     ``<length> <sha256>``. ``/early`` is answered 413 right after its head, body unread, and
@@ -127,7 +121,7 @@ async def test_uploads_are_exact_and_the_connections_go_on(
         await assert_all_closed(proxy, fds_before)
 
 
-async def test_pipelined_upload_then_get_come_back_in_order(
+async def test_pipelined_uploads_come_back_in_order(
     bound_socket: socket.socket, proxies: ProxyStarter
 ):
     async with upload_server(bound_socket):

@@ -50,12 +50,6 @@ def splice(request: pytest.FixtureRequest) -> bool:
     return bool(request.param == "splice")
 
 
-@pytest.fixture
-async def proxies() -> AsyncIterator[ProxyStarter]:
-    async with ProxyStarter() as starter:
-        yield starter
-
-
 async def echo(ws: ServerConnection) -> None:
     """Echo every message; ``close:<code>`` closes from the server, ``die`` vanishes (no close
     frame, no FIN handshake: the transport is aborted)."""
