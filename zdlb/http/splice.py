@@ -282,17 +282,10 @@ class BodySplicing:
         if transport.get_write_buffer_size():
             return  # resume_writing calls again once empty
         transport.set_write_buffer_limits()  # back to the defaults for the rest of the life
-        try:
-            src, dst = dup_fds(upstream.transport, transport)
-        except OSError:  # out of fds: the reader takes the body, as for a short one
-            upstream.resume_reading()
+        size = upstream.reader.take_body()  # (its llhttp parser is then not reused: harmless)
+        if not self._start_splicer(upstream.transport, transport, size, self._splice_ended):
+            upstream.resume_reading()  # out of fds: the reader takes the body, as for a short one
             self._resume_reading(PAUSED_SPLICE)
-            return
-        pool = self.route.tunnel_pool
-        assert isinstance(pool, PipePool)  # splice_min_bytes is infinite otherwise
-        size = upstream.reader.take_body()
-        self._splicer = BodySplice(self.loop, src, dst, size, pool, self._splice_ended)
-        self._splicer.start()
 
     def _splice_ended(self, ok: bool) -> None:
         """The body was moved whole (``ok``): resume both transports and end the response
@@ -335,17 +328,30 @@ class BodySplicing:
             upstream_transport.set_write_buffer_limits(high=0)
             return  # resume_upstream_writes calls again once empty
         upstream_transport.set_write_buffer_limits()  # the pooled connection's defaults
-        try:
-            src, dst = dup_fds(transport, upstream_transport)
-        except OSError:  # out of fds: the reader takes the body, as for a short one
-            self._resume_reading(PAUSED_REQUEST_SPLICE)
+        size = self.reader.remaining_body
+        if not self._start_splicer(transport, upstream_transport, size, self._request_splice_ended):
+            self._resume_reading(PAUSED_REQUEST_SPLICE)  # out of fds: the plain path takes it
             return
+        self._replay = None  # the body is not held: the request can no longer be replayed
+
+    def _start_splicer(
+        self,
+        src: asyncio.Transport,
+        dst: asyncio.Transport,
+        size: int,
+        on_end: Callable[[bool], None],
+    ) -> bool:
+        """Start moving ``size`` bytes from ``src``'s socket to ``dst``'s; False if no
+        descriptor was left to duplicate them (nothing started)."""
+        try:
+            src_fd, dst_fd = dup_fds(src, dst)
+        except OSError:
+            return False
         pool = self.route.tunnel_pool
         assert isinstance(pool, PipePool)  # splice_min_bytes is infinite otherwise
-        self._replay = None  # the body is not held: the request can no longer be replayed
-        size = self.reader.remaining_body
-        self._splicer = BodySplice(self.loop, src, dst, size, pool, self._request_splice_ended)
+        self._splicer = BodySplice(self.loop, src_fd, dst_fd, size, pool, on_end)
         self._splicer.start()
+        return True
 
     def _request_splice_ended(self, ok: bool) -> None:
         """The body reached the server whole (``ok``): the reader ends the request and the
