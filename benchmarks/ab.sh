@@ -16,6 +16,7 @@ set -euo pipefail
 rev=${1:?usage: benchmarks/ab.sh REV [ROUNDS] [SECONDS] [PATCH]}
 rounds=${2:-3}
 seconds=${3:-5}
+[[ -z ${4:-} || -f $4 ]] || { echo "ab.sh: no such patch: $4" >&2; exit 2; }
 patch=${4:+$(realpath "$4")}
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 tmp=$(mktemp -d)
