@@ -24,7 +24,7 @@ from zdlb.errors import ListenerError
 from zdlb.metrics import endpoint as endpoint_module
 from zdlb.metrics.collector import new_registry
 from zdlb.metrics.endpoint import MAX_CLIENTS, MAX_REQUEST_BYTES, MetricsEndpoint
-from zdlb.metrics.registry import Snapshot, Stats
+from zdlb.stats import Snapshot, Stats
 
 # Every awaited expectation gets this deadline; pytest-timeout's 60 s is only the backstop.
 WAIT_S = 5.0

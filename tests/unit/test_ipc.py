@@ -9,7 +9,7 @@ import pytest
 from zdlb.balancer.server import AdminState, Health, Server
 from zdlb.config.model import Address, Config, ListenerConfig, PoolName, ServerConfig
 from zdlb.daemon import ipc
-from zdlb.metrics.registry import Snapshot, Stats
+from zdlb.stats import Snapshot, Stats
 
 
 def make_servers() -> list[Server]:

@@ -26,7 +26,7 @@ from zdlb.config.model import PoolName
 from zdlb.health.probes import ProbeResult
 from zdlb.health.scheduler import HealthChecker
 from zdlb.metrics.collector import CheckRecord, new_registry, take_snapshot
-from zdlb.metrics.registry import Stats, merge
+from zdlb.stats import Stats, merge
 
 DOCS = Path(__file__).parents[2] / "docs" / "metrics.md"
 # (sample name, sorted label pairs) -> value

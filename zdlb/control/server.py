@@ -29,7 +29,7 @@ from zdlb.control.protocol import (
     wants_json,
 )
 from zdlb.errors import ControlCommandError, ControlUsageError, ListenerError
-from zdlb.metrics.registry import ControlStats
+from zdlb.stats import ControlStats
 
 log = logging.getLogger(__name__)
 

@@ -29,7 +29,7 @@ from typing import Any, cast
 
 from zdlb.balancer.server import AdminState, Health, Server
 from zdlb.config.model import PoolName
-from zdlb.metrics.registry import Snapshot
+from zdlb.stats import Snapshot
 
 # A snapshot is ~300 bytes per server; 16 MiB holds tens of thousands of servers.
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024

@@ -33,7 +33,7 @@ from zdlb.http.route import Route
 from zdlb.http.upstream import ServerConnections
 from zdlb.metrics.collector import SnapshotSource, new_registry, take_snapshot
 from zdlb.metrics.endpoint import MetricsEndpoint
-from zdlb.metrics.registry import Stats
+from zdlb.stats import Stats
 from zdlb.tcp.listener import bind_listener, bind_listener_group, bound_address
 from zdlb.tcp.proxy import TcpRoute, TcpSettings
 

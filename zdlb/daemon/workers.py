@@ -14,7 +14,7 @@
    every worker within ``PUSH_POLL_S`` (ipc.py, rule 1); their counters come back in reports.
 3. ``show servers``, ``wait idle`` and ``show info`` read load summed over the workers' reports,
    asked fresh (a ``Poll``) before answering; a scrape merges the latest reports
-   (``registry.merge``), plus what exited workers counted, so counters never go backwards.
+   (``stats.merge``), plus what exited workers counted, so counters never go backwards.
 4. A worker that exits while the master runs is logged (``worker_exited``) and started again with
    the current state; a worker that keeps dying is restarted with a growing delay.
 5. SIGTERM/SIGINT: close the control socket, close the master's copies of the listeners, pass
@@ -42,7 +42,7 @@ from zdlb.daemon.lifecycle import Runtime, log_listener_started, start_control, 
 from zdlb.daemon.worker import WorkerOptions, WorkerSpec
 from zdlb.errors import ZdlbError
 from zdlb.metrics.collector import take_snapshot
-from zdlb.metrics.registry import Snapshot, merge
+from zdlb.stats import Snapshot, merge
 
 log = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ from zdlb.config.model import ListenerConfig
 from zdlb.http.head import RequestHeadParser
 from zdlb.http.tunnel import ProtocolSwitch, TunnelSettings
 from zdlb.http.upstream import ServerConnections
-from zdlb.metrics.registry import BackendStats, ListenerStats
+from zdlb.stats import BackendStats, ListenerStats
 
 if TYPE_CHECKING:
     from zdlb.balancer.pool import Backend

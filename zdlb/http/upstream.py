@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Protocol, cast
 from zdlb.balancer.server import Server
 from zdlb.errors import UpstreamConnectError, UpstreamProtocolError, UpstreamTimeout
 from zdlb.http.stream import ResponseReader, ResponseSink
-from zdlb.metrics.registry import ServerStats
+from zdlb.stats import ServerStats
 
 if TYPE_CHECKING:
     from zdlb.http.head import Headers, ResponseHead

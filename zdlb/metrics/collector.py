@@ -1,10 +1,10 @@
 """The Prometheus view of zdlb: a custom collector that turns a stats snapshot into metrics.
 
-``SnapshotCollector`` asks its source for a ``Snapshot`` (metrics/registry.py) at every scrape
+``SnapshotCollector`` asks its source for a ``Snapshot`` (zdlb/stats.py) at every scrape
 and yields metric families from it; nothing is registered per series, nothing is kept between
 scrapes, so the hot path never touches prometheus-client. In one process the source is
 ``take_snapshot`` over the live ``Stats``, servers and health checker; with several workers it
-is ``registry.merge`` of their snapshots, and the output is the same.
+is ``stats.merge`` of their snapshots, and the output is the same.
 
 Names follow HAProxy's exporter, prefixed ``zdlb_``; states are one-hot gauges with a ``state``
 label (``zdlb_server_admin_state{backend,server,state="drain"} 1``). docs/metrics.md lists them
@@ -30,7 +30,7 @@ from prometheus_client.registry import CollectorRegistry
 from zdlb import __version__
 from zdlb.balancer.server import AdminState, Health, Server
 from zdlb.config.model import PoolName
-from zdlb.metrics.registry import (
+from zdlb.stats import (
     RESPONSE_TIME_BOUNDS_S,
     STATUS_CLASSES,
     ServerSnapshot,

@@ -50,7 +50,7 @@ from zdlb.config.model import (
     Address,
     ListenerConfig,
 )
-from zdlb.metrics.registry import ListenerStats
+from zdlb.stats import ListenerStats
 from zdlb.tcp.pipes import BufferPool, PipePool
 from zdlb.tcp.pump import SPLICE_AVAILABLE, Pump
 

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from zdlb.config.load import parse_config
 from zdlb.config.model import Config
-from zdlb.metrics.registry import (
+from zdlb.stats import (
     RESPONSE_TIME_BOUNDS_S,
     SNAPSHOT_VERSION,
     STATUS_CLASSES,
