@@ -17,7 +17,7 @@ import uvloop
 
 from zdlb.balancer.pool import Backend
 from zdlb.config.load import parse_config
-from zdlb.http.proxy import ClientConnection
+from zdlb.http.connection import ClientConnection
 from zdlb.http.route import Route
 from zdlb.http.upstream import ServerConnections, UpstreamConnection
 

@@ -542,6 +542,39 @@ class StaleKeepAliveServer(UpstreamServer):
                 assert_never(self.mode)
 
 
+class StrayServer(UpstreamServer):
+    """Answers each connection's first request with ``first-<conn>``, then, before reading the
+    next one, waits for ``send_stray`` and sends an unsolicited second answer ``STRAY-<conn>``:
+    a server that answers twice. Later requests on the connection get ``later-<conn>``."""
+
+    def __init__(self, sock: socket.socket, *, name: str = "", idle_s: float = DEFAULT_IDLE_S):
+        super().__init__(sock, name=name, idle_s=idle_s)
+        self.send_stray = asyncio.Event()
+        self.strays_sent = 0
+
+    async def handle(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, conn_seq: int
+    ) -> None:
+        conn = h11.Connection(h11.SERVER)
+        if await self.read_request(conn, reader, writer, conn_seq) is None:
+            return
+        await self.send(writer, _small_answer(b"first-%d" % conn_seq))
+        async with asyncio.timeout(self.idle_s):
+            await self.send_stray.wait()
+        await self.send(writer, _small_answer(b"STRAY-%d" % conn_seq))
+        self.strays_sent += 1
+        self.changed()
+        while True:  # answers are written raw, so h11 sees each request on a fresh state
+            conn = h11.Connection(h11.SERVER)
+            if await self.read_request(conn, reader, writer, conn_seq) is None:
+                return
+            await self.send(writer, _small_answer(b"later-%d" % conn_seq))
+
+
+def _small_answer(body: bytes) -> bytes:
+    return b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+
+
 class DribbleServer(UpstreamServer):
     """Reads one request, then sends a valid response one byte every ``interval_s``; closes."""
 

@@ -117,6 +117,7 @@ class ServerSnapshot(TypedDict):
     requests: int
     responses: list[int]  # STATUS_CLASSES order
     connect_errors: int
+    stray_responses: int
     bytes_in: int
     bytes_out: int
     state: ServerState | None  # None: the snapshot was taken without the live servers
@@ -200,14 +201,24 @@ class ServerStats:
     """One server's counters. ``requests`` counts every request assigned to it (retries and
     redispatches included); ``bytes_in`` is request bytes sent to it, ``bytes_out`` response
     bytes received from it (HAProxy's server convention). In-flight requests and open
-    connections are not here: ``Server.inflight``/``Server.conns`` already count them."""
+    connections are not here: ``Server.inflight``/``Server.conns`` already count them.
+    ``stray_responses`` counts idle pooled connections that received bytes nobody asked for
+    (closed at once: exchange.py, rule 3)."""
 
-    __slots__ = ("bytes_in", "bytes_out", "connect_errors", "requests", "responses")
+    __slots__ = (
+        "bytes_in",
+        "bytes_out",
+        "connect_errors",
+        "requests",
+        "responses",
+        "stray_responses",
+    )
 
     def __init__(self) -> None:
         self.requests = 0
         self.responses = [0] * STATUS_SLOTS  # responses[status // 100] += 1
         self.connect_errors = 0
+        self.stray_responses = 0
         self.bytes_in = 0
         self.bytes_out = 0
 
@@ -216,6 +227,7 @@ class ServerStats:
             "requests": self.requests,
             "responses": fold_statuses(self.responses),
             "connect_errors": self.connect_errors,
+            "stray_responses": self.stray_responses,
             "bytes_in": self.bytes_in,
             "bytes_out": self.bytes_out,
             "state": None if state is None else ServerState(**state),
@@ -366,6 +378,7 @@ def _add_server(a: ServerSnapshot, b: ServerSnapshot) -> ServerSnapshot:
         "requests": a["requests"] + b["requests"],
         "responses": _add_lists(a["responses"], b["responses"]),
         "connect_errors": a["connect_errors"] + b["connect_errors"],
+        "stray_responses": a["stray_responses"] + b["stray_responses"],
         "bytes_in": a["bytes_in"] + b["bytes_in"],
         "bytes_out": a["bytes_out"] + b["bytes_out"],
         "state": state,

@@ -31,7 +31,7 @@ import socket
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Self, cast
 
 import h11
 
@@ -49,7 +49,7 @@ from zdlb.balancer.server import Server
 from zdlb.config.load import parse_config
 from zdlb.config.model import Config
 from zdlb.daemon.lifecycle import Runtime, build_runtime, serve
-from zdlb.http.proxy import ClientConnection
+from zdlb.http.connection import ClientConnection
 from zdlb.http.route import Route
 from zdlb.http.upstream import ServerConnections
 from zdlb.tcp.listener import bound_address
@@ -86,6 +86,7 @@ def proxy_config(
     check: dict[str, Any] | None = None,
     sticky: dict[str, Any] | None = None,
     splice_min_bytes: int | bool | None = None,
+    reuse: str | None = None,
 ) -> Config:
     """A one-listener, one-backend config, validated by ``parse_config`` like a file would be.
 
@@ -107,6 +108,8 @@ def proxy_config(
     backend: dict[str, Any] = {"balance": balance, "servers": [dict(s) for s in servers]}
     if retries is not None:
         backend["retries"] = retries
+    if reuse is not None:
+        backend["reuse"] = reuse
     if backend_timeouts:
         backend["timeouts"] = dict(backend_timeouts)
     if check is not None:
@@ -142,7 +145,8 @@ class RunningProxy:
 
     @property
     def connections(self) -> list[ClientConnection]:
-        return list(self.route.connections)
+        # The only kind of connection an HTTP route holds; it sees them through a Protocol.
+        return [cast(ClientConnection, conn) for conn in self.route.connections]
 
     def only_connection(self) -> ClientConnection:
         conns = self.connections

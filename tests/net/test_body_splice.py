@@ -32,7 +32,7 @@ from tests.net.proxy_harness import (
 )
 from tests.servers import H11Client, TruncatingServer, pattern_bytes
 from zdlb.http.splice import BodySplice
-from zdlb.http.tunnel import TunnelSettings
+from zdlb.http.upgrade import TunnelSettings
 from zdlb.tcp.pipes import PipePool
 
 MIB = 1 << 20
@@ -190,7 +190,7 @@ async def test_body_arriving_in_bursts_to_a_slow_client(
             writer.write(b"GET / HTTP/1.1\r\nHost: p\r\n\r\n")
             await reader.readuntil(b"\r\n\r\n")
             conn = proxy.only_connection()
-            await eventually(lambda: "pending=0" not in repr(conn._splicer))  # waits on dst
+            await eventually(lambda: "pending=0" not in repr(conn.detour))  # waits on dst
             # Now room for all: the pipe drains, the next fill is partial and drains at once.
             transport.get_extra_info("socket").setsockopt(
                 socket.SOL_SOCKET, socket.SO_SNDBUF, 4 * MIB

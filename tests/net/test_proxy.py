@@ -40,6 +40,8 @@ from tests.servers import (
     UpstreamServer,
     pattern_bytes,
 )
+from zdlb.http.connection import ClientConnection
+from zdlb.http.upstream import UpstreamConnection
 
 # Bodies above 1 MiB cross many socket reads, writes and pauses on the way.
 LARGE_BODY_BYTES = 1_500_000
@@ -100,10 +102,10 @@ async def test_keep_alive_requests_reuse_one_upstream_connection(
     assert proxy.pool("echo").idle_count == 1
 
 
-async def test_new_client_connections_reuse_the_pooled_upstream_connection(
+async def test_reuse_always_gives_new_clients_the_pooled_upstream_connection(
     echo_server: EchoServer, proxies: ProxyStarter
 ):
-    proxy = await start_for(proxies, echo_server)
+    proxy = await start_for(proxies, echo_server, reuse="always")
     for _ in range(3):
         async with await H11Client.connect(proxy.addr) as client:
             response = await client.request()
@@ -111,6 +113,33 @@ async def test_new_client_connections_reuse_the_pooled_upstream_connection(
     assert echo_server.accepted == 1
     assert [r.conn_seq for r in echo_server.requests] == [1, 1, 1]
     assert_idle(proxy, "echo", conns=1)
+
+
+async def test_reuse_safe_keeps_first_requests_off_pooled_connections(
+    echo_server: EchoServer, proxies: ProxyStarter
+):
+    """HAProxy's `http-reuse safe`: each client connection's first request gets a connection
+    of its own; its later requests may take any pooled one."""
+    proxy = await start_for(proxies, echo_server)  # reuse = "safe" is the default
+    for _ in range(3):
+        async with await H11Client.connect(proxy.addr) as client:
+            first = await client.request()
+            second = await client.request()
+        assert first.header("x-req-seq") == "1"  # a fresh upstream connection each time
+        assert second.header("x-req-seq") == "2"  # ... reused for the client's next request
+        assert second.header("x-conn-seq") == first.header("x-conn-seq")
+    assert echo_server.accepted == 3
+    assert proxy.pool("echo").idle_count == 3
+
+
+async def test_reuse_never_pools_nothing(echo_server: EchoServer, proxies: ProxyStarter):
+    proxy = await start_for(proxies, echo_server, reuse="never")
+    async with await H11Client.connect(proxy.addr) as client:
+        for _ in range(3):
+            response = await client.request()
+            assert response.header("x-req-seq") == "1"
+    assert echo_server.accepted == 3
+    assert proxy.pool("echo").idle_count == 0
 
 
 async def test_client_connection_close_is_honoured(echo_server: EchoServer, proxies: ProxyStarter):
@@ -576,7 +605,7 @@ async def test_client_that_does_not_read_pauses_the_server(
             conn = proxy.only_connection()
 
             def upstream_paused() -> bool:
-                upstream = conn.upstream
+                upstream = conn.exchange.upstream if conn.exchange is not None else None
                 transport = upstream.transport if upstream is not None else None
                 return transport is not None and not transport.is_reading()
 
@@ -631,9 +660,13 @@ async def test_server_that_does_not_read_pauses_the_uploading_client(
             conn = proxy.only_connection()
             transport = conn.transport
             assert transport is not None
+
             # Reading also pauses while the upstream connection opens: wait for the stall.
-            await eventually(lambda: conn.upstream is not None and not transport.is_reading())
-            upstream = conn.upstream
+            def upstream_of(conn: ClientConnection) -> UpstreamConnection | None:
+                return conn.exchange.upstream if conn.exchange is not None else None
+
+            await eventually(lambda: upstream_of(conn) is not None and not transport.is_reading())
+            upstream = upstream_of(conn)
             assert upstream is not None
             assert upstream.transport is not None
             buffered = await watch_stall(upstream.transport.get_write_buffer_size)

@@ -34,7 +34,7 @@ from tests.net.proxy_harness import (
     proxy_config,
     server_entry,
 )
-from zdlb.http.tunnel import TunnelSettings
+from zdlb.http.upgrade import TunnelSettings
 from zdlb.tcp.pipes import BufferPool, PipePool
 
 MIB = 1 << 20
@@ -123,7 +123,7 @@ async def test_text_and_binary_messages_echo(ws_server, proxies: ProxyStarter, s
             server = proxy.server("ws1")
             assert (server.inflight, server.conns) == (1, 1)  # the tunnel counts on its server
             conn = proxy.only_connection()
-            assert conn.pump is not None and conn.pump.is_splicing is splice
+            assert conn.tunnel is not None and conn.tunnel.pump.is_splicing is splice
     await assert_all_closed(proxy, fds_before)
     assert proxy.route.stats.responses[1] == 1  # the 101, counted once the tunnel ended
 

@@ -159,13 +159,21 @@ def pieces(data: bytes, feed: Feed, trailing: bytes) -> Iterator[bytes]:
             yield data + trailing
 
 
+def feed_and_answer(reader: RequestReader, data: bytes) -> None:
+    """Feed ``data`` as a connection that answers every request at once would: the reader
+    pauses after each request's end, holding what follows, until ``resume``."""
+    reader.feed(data)
+    while reader.is_paused:
+        reader.resume()
+
+
 def run_requests(
     data: bytes, feed: Feed = Feed.WHOLE, limits: Limits = LIMITS
 ) -> tuple[Recorder, RequestReader]:
     sink = Recorder()
     reader = RequestReader(sink, limits)
     for piece in pieces(data, feed, NEXT_REQUEST):
-        reader.feed(piece)
+        feed_and_answer(reader, piece)
     return sink, reader
 
 
@@ -176,7 +184,7 @@ def request_error(
     reader = RequestReader(sink, limits)
     with pytest.raises(DownstreamProtocolError) as info:
         for piece in pieces(data, feed, NEXT_REQUEST):
-            reader.feed(piece)
+            feed_and_answer(reader, piece)
     return info.value, sink
 
 
@@ -394,8 +402,8 @@ def test_bytes_after_a_closing_request_are_ignored(data: bytes, after: bytes) ->
     # them, rather than raising, lets the proxy still answer the request in flight.
     for feed in (Feed.WHOLE, Feed.BYTEWISE):
         sink, reader = run_requests(data, feed)
-        reader.feed(after)
-        reader.feed(after)
+        feed_and_answer(reader, after)
+        feed_and_answer(reader, after)
         assert [e[0] for e in sink.events] == ["head", "end"]
     sink, reader = run_requests(data + after)
     assert [e[0] for e in sink.events] == ["head", "end"]
@@ -406,8 +414,8 @@ def test_request_split_at_every_offset(data: bytes, expected: list[Event]) -> No
     for first, second in split_everywhere(data):
         sink = Recorder()
         reader = RequestReader(sink, LIMITS)
-        reader.feed(first)
-        reader.feed(second)
+        feed_and_answer(reader, first)
+        feed_and_answer(reader, second)
         assert sink.merged() == expected, first
 
 
@@ -459,14 +467,14 @@ def test_is_idle_tracks_a_partial_next_request() -> None:
     sink = Recorder()
     reader = RequestReader(sink, LIMITS)
     idle = [reader.is_idle]
-    reader.feed(b"GET / HTTP/1.1\r\nHost: a\r\n\r\nGE")  # a second request has begun
+    feed_and_answer(reader, b"GET / HTTP/1.1\r\nHost: a\r\n\r\nGE")  # a second request has begun
     assert [e[0] for e in sink.events] == ["head", "end"]
     idle.append(reader.is_idle)
-    reader.feed(b"T /2 HTTP/1.1\r\nHost: a\r\n\r\n")
+    feed_and_answer(reader, b"T /2 HTTP/1.1\r\nHost: a\r\n\r\n")
     idle.append(reader.is_idle)
-    reader.feed(b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\n\r\n")
+    feed_and_answer(reader, b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\n\r\n")
     idle.append(reader.is_idle)  # in the body
-    reader.feed(b"ok")
+    feed_and_answer(reader, b"ok")
     idle.append(reader.is_idle)
     assert idle == [True, False, True, False, True]
 
@@ -676,10 +684,11 @@ SMALL = Limits(max_line_bytes=64, max_head_bytes=1024, max_headers=8)
 def feed_until_refused(reader: RequestReader, start: bytes, filler: bytes, budget: int) -> int:
     """Feed ``start`` then ``filler`` over and over; return the bytes fed when it raised."""
     fed = len(start)
-    reader.feed(start)
+    feed_and_answer(reader, start)
     while fed < budget:
         fed += len(filler)
-        reader.feed(filler)  # raises before the budget runs out, or the test fails below
+        # Raises before the budget runs out, or the test fails below.
+        feed_and_answer(reader, filler)
     pytest.fail(f"no error after {fed} bytes")
 
 
@@ -779,7 +788,7 @@ def test_chunk_framing_without_data_is_bounded(start: bytes, filler: bytes) -> N
     limits = Limits(max_line_bytes=64, max_head_bytes=1024, max_headers=10_000)
     reader = RequestReader(Recorder(), limits)
     head = b"POST / HTTP/1.1\r\nHost: a\r\n" + CHUNKED + b"\r\n"
-    reader.feed(head)
+    feed_and_answer(reader, head)
     with pytest.raises(DownstreamProtocolError) as info:
         feed_until_refused(reader, start, filler, 2 * limits.max_head_bytes)
     assert info.value.status == 431
@@ -788,11 +797,11 @@ def test_chunk_framing_without_data_is_bounded(start: bytes, filler: bytes) -> N
 def test_long_chunked_body_in_small_reads_is_not_limited() -> None:
     # Only feeds without body bytes count against the limit: data chunks reset it.
     reader = RequestReader(Recorder(), SMALL)
-    reader.feed(b"POST / HTTP/1.1\r\nHost: a\r\n" + CHUNKED + b"\r\n")
+    feed_and_answer(reader, b"POST / HTTP/1.1\r\nHost: a\r\n" + CHUNKED + b"\r\n")
     for _ in range(2000):
-        reader.feed(b"3\r\n")
-        reader.feed(b"abc\r\n")
-    reader.feed(b"0\r\n\r\n")
+        feed_and_answer(reader, b"3\r\n")
+        feed_and_answer(reader, b"abc\r\n")
+    feed_and_answer(reader, b"0\r\n\r\n")
     assert reader.is_idle
 
 
@@ -1130,3 +1139,22 @@ def test_shared_parser_takes_a_plain_head_after_any_other(first: bytes) -> None:
     for _ in range(2):
         head = parser.parse(b"GET /next HTTP/1.1\r\nHost: b\r\n\r\n")
         assert (head.target, head.keep_alive) == (b"/next", True)
+
+
+def test_reader_pauses_after_each_request_until_resumed() -> None:
+    """Pipelined requests wait in the reader as bytes, not events: the next head is parsed
+    only once the connection is done with the previous request (and a bad one is refused
+    only then, after the good one's answer)."""
+    sink = Recorder()
+    reader = RequestReader(sink, LIMITS)
+    reader.feed(b"GET /1 HTTP/1.1\r\nHost: a\r\n\r\nGET /2 HTTP/1.1\r\nHost: a\r\n\r\nBAD")
+    assert [e[0] for e in sink.events] == ["head", "end"]
+    assert reader.is_paused
+    assert bytes(reader.held) == b"GET /2 HTTP/1.1\r\nHost: a\r\n\r\nBAD"
+    reader.feed(b" REQUEST\r\n\r\n")  # more bytes while paused are only held
+    assert [e[0] for e in sink.events] == ["head", "end"]
+    reader.resume()
+    assert [e[0] for e in sink.events] == ["head", "end", "head", "end"]
+    assert bytes(reader.held) == b"BAD REQUEST\r\n\r\n"  # still paused: only held
+    with pytest.raises(DownstreamProtocolError):
+        reader.resume()

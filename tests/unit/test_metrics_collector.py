@@ -107,6 +107,7 @@ EXPECTED_FAMILIES = {
     "zdlb_server_requests": "counter",
     "zdlb_server_http_responses": "counter",
     "zdlb_server_connect_errors": "counter",
+    "zdlb_server_stray_responses": "counter",
     "zdlb_server_bytes_in": "counter",
     "zdlb_server_bytes_out": "counter",
     "zdlb_server_pool": "gauge",

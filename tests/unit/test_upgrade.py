@@ -99,7 +99,8 @@ def test_bytes_after_an_upgrade_request_are_held_until_the_answer(bytewise: bool
 
 def test_a_refused_upgrade_goes_back_to_http() -> None:
     sink, reader = read_requests(b"GET / HTTP/1.1\r\nHost: a\r\n" + WS + b"\r\n", False)
-    reader.end_upgrade()
+    assert reader.is_paused and not reader.held  # nothing followed: HTTP may go on
+    reader.resume()
     reader.feed(b"GET /next HTTP/1.1\r\nHost: a\r\n\r\n")
     assert [h.target for h in sink.heads if isinstance(h, RequestHead)] == [b"/", b"/next"]
 

@@ -35,22 +35,23 @@ _COOKIE_LINE = re.compile(rb"\r\ncookie:[ \t]*([^\r]*)", re.IGNORECASE)
 class StickyCookie:
     """The sticky cookie of one backend: its values, Set-Cookie lines and request stripping."""
 
-    __slots__ = ("_by_value", "_lines", "_marker", "config", "name")
+    __slots__ = ("_by_value", "_marker", "config", "lines", "name")
 
     def __init__(self, config: StickyConfig, backend: str, identities: Iterable[str]) -> None:
         self.config = config
         self.name = config.cookie.encode()
         self._marker = self.name + b"="  # cheap pre-check: most heads do not carry it
         self._by_value: dict[bytes, str] = {}
-        self._lines: dict[str, bytes] = {}
+        # identity -> its Set-Cookie lines: read once per pinned answer, a dict lookup.
+        self.lines: dict[str, bytes] = {}
         for identity in identities:
             value = encode_value(identity, backend, config.secret)
             self._by_value[value] = identity
-            self._lines[identity] = set_cookie_lines(config, value)
+            self.lines[identity] = set_cookie_lines(config, value)
 
     def set_cookie(self, identity: str) -> bytes:
         """The response lines (CRLF-terminated) that pin a client to ``identity``."""
-        return self._lines[identity]
+        return self.lines[identity]
 
     def extract(self, raw_head: bytes) -> tuple[str | None, bytes | None]:
         """(identity the request carries, the head without zdlb's cookie) from a raw head.

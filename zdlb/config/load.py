@@ -36,6 +36,7 @@ from zdlb.config.model import (
     LoggingConfig,
     MetricsConfig,
     PoolName,
+    Reuse,
     ServerConfig,
     Timeouts,
 )
@@ -66,7 +67,16 @@ _LISTENER_KEYS = (
     "limits",
 )
 _HTTP_ONLY_KEYS = ("x_forwarded_proto", "limits", "splice_min_bytes")
-_BACKEND_KEYS = ("balance", "retries", "all_backups", "timeouts", "check", "sticky", "servers")
+_BACKEND_KEYS = (
+    "balance",
+    "retries",
+    "all_backups",
+    "reuse",
+    "timeouts",
+    "check",
+    "sticky",
+    "servers",
+)
 _SERVER_KEYS = ("name", "address", "weight", "pool", "max_idle", "check", "pair")
 _TIMEOUT_KEYS = tuple(f.name for f in dataclasses.fields(Timeouts))
 _LIMIT_KEYS = tuple(f.name for f in dataclasses.fields(Limits))
@@ -252,6 +262,7 @@ def _read_backend(table: Table, name: str, default_timeouts: Timeouts) -> Backen
     balance = table.enum_choice("balance", Balance, _BACKEND_DEFAULTS.balance)
     retries = table.integer("retries", _BACKEND_DEFAULTS.retries, minimum=0)
     all_backups = table.boolean("all_backups", _BACKEND_DEFAULTS.all_backups)
+    reuse = table.enum_choice("reuse", Reuse, _BACKEND_DEFAULTS.reuse)
     timeouts = _read_timeouts(table, default_timeouts)
     if table.data.get("servers", []) == []:
         table.fail("servers", "a backend needs at least one server")
@@ -267,7 +278,7 @@ def _read_backend(table: Table, name: str, default_timeouts: Timeouts) -> Backen
     is_complete = isinstance(raw_servers, list) and len(valid) == len(raw_servers) > 0
     if is_complete and all(server.pool is PoolName.BACKUP for server in valid):
         table.fail("servers", "every server is in the 'backup' pool; at least one must be 'main'")
-    return BackendConfig(name, valid, balance, retries, all_backups, timeouts, sticky)
+    return BackendConfig(name, valid, balance, retries, all_backups, timeouts, sticky, reuse)
 
 
 def _read_server(table: Table, backend_check: CheckConfig | None) -> ServerConfig | None:

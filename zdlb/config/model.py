@@ -70,6 +70,19 @@ class Balance(enum.Enum):
     SOURCE = "source"  # hash of the client address: L4 stickiness
 
 
+class Reuse(enum.Enum):
+    """Which requests may go on an idle pooled upstream connection (HAProxy's ``http-reuse``).
+
+    A pooled connection served another client before; if its server sends a stray answer, the
+    next request on it receives that answer. ``safe`` keeps each client connection's first
+    request on a connection of its own, so a stray can only reach the client that caused it.
+    """
+
+    SAFE = "safe"  # HAProxy's default: a client's later requests only
+    ALWAYS = "always"  # any request, the first included: cheaper for Connection: close clients
+    NEVER = "never"  # every request on a new connection; nothing is pooled
+
+
 class PoolName(enum.Enum):
     MAIN = "main"
     BACKUP = "backup"
@@ -196,6 +209,7 @@ class BackendConfig:
     all_backups: bool = False  # False: only the first usable backup serves (HAProxy's default)
     timeouts: Timeouts = field(default_factory=Timeouts)
     sticky: StickyConfig | None = None  # None: no sticky cookie
+    reuse: Reuse = Reuse.SAFE  # which requests may use idle pooled upstream connections
 
 
 @dataclass(frozen=True, slots=True)

@@ -28,7 +28,7 @@ from zdlb.control.commands import Controller, WorkerLoad
 from zdlb.control.server import ControlServer
 from zdlb.errors import ZdlbError
 from zdlb.health.scheduler import HealthChecker, TransitionHook
-from zdlb.http.proxy import ClientConnection
+from zdlb.http.connection import ClientConnection
 from zdlb.http.route import Route
 from zdlb.http.upstream import ServerConnections
 from zdlb.metrics.collector import SnapshotSource, new_registry, take_snapshot

@@ -294,6 +294,8 @@ class RequestHeadParser:
         if len(target) > limits.max_line_bytes:
             raise DownstreamProtocolError("request target too long", 414)
         fields = _NOTABLE_FIELD.findall(raw)
+        if target[:1] != b"/":  # not origin-form: rare, never on the hot path
+            raw, target = _origin_form(raw, raw[:method_end], target, line_end, fields)
         if http_minor and len(fields) == 1 and fields[0][0].lower() == b"host":
             # The common case: nothing to edit, no body, persistent.
             return RequestHead(
@@ -384,6 +386,34 @@ class RequestHeadParser:
         except httptools.HttpParserError as exc:
             self._parser = None
             raise DownstreamProtocolError(f"malformed request: {exc}") from None
+
+
+def _origin_form(
+    raw: bytes, method: bytes, target: bytes, line_end: int, fields: list[tuple[bytes, bytes]]
+) -> tuple[bytes, bytes]:
+    """``(raw, target)`` with an absolute-form target made origin-form, or as they are for
+    OPTIONS's asterisk-form. RFC 9112 section 3.2.2: a request in absolute-form is meant for
+    the authority in its target, whatever Host says, and a server behind zdlb may route by
+    either; so the two must agree (the request is refused otherwise, as HAProxy does), and the
+    server gets the path with Host, the only form every origin server must accept."""
+    if target == b"*" and method == b"OPTIONS":
+        return raw, target
+    scheme, sep, rest = target.partition(b"://")
+    if not sep or scheme.lower() not in (b"http", b"https"):
+        raise DownstreamProtocolError("request target is neither origin- nor absolute-form")
+    cut = min((i for i in (rest.find(b"/"), rest.find(b"?")) if i >= 0), default=len(rest))
+    authority, path = rest[:cut], rest[cut:]
+    if not authority or b"@" in authority:  # RFC 9110 section 4.2.4: no userinfo in http(s)
+        raise DownstreamProtocolError("absolute-form target without a valid authority")
+    hosts = [value.rstrip() for name, value in fields if name.lower() == b"host"]
+    if len(hosts) != 1:
+        raise DownstreamProtocolError("absolute-form target needs exactly one Host header")
+    if hosts[0].lower() != authority.lower():
+        raise DownstreamProtocolError("Host does not match the absolute-form target")
+    if not path.startswith(b"/"):
+        path = b"/" + path
+    version = raw[line_end - 9 : line_end]  # " HTTP/1.x", checked by the caller
+    return b"%s %s%s%s" % (method, path, version, raw[line_end:]), path
 
 
 def _honoured_upgrade(

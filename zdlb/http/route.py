@@ -4,8 +4,9 @@ their deadlines.
 Deadlines are not timer handles: each connection keeps one ``deadline`` and a sweeper task
 (``Route.sweep``) closes the ones past it. Re-arming a float costs nothing on the hot path,
 where a ``call_later`` per request would cost a heap push and a cancel. Tunnels are swept the
-same way, on the activity their pumps mark. The connections themselves are http/proxy.py's;
-this module holds no per-request code.
+same way, on the activity their pumps mark. The connections themselves are
+http/connection.py's, seen here only through ``ListenedConnection``; this module holds no
+per-request code.
 """
 
 from __future__ import annotations
@@ -13,11 +14,11 @@ from __future__ import annotations
 import asyncio
 import math
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from zdlb.config.model import ListenerConfig
 from zdlb.http.head import RequestHeadParser
-from zdlb.http.tunnel import ProtocolSwitch, TunnelSettings
+from zdlb.http.upgrade import Tunnel, TunnelSettings
 from zdlb.http.upstream import ServerConnections
 from zdlb.stats import BackendStats, ListenerStats
 
@@ -25,7 +26,17 @@ if TYPE_CHECKING:
     from zdlb.balancer.pool import Backend
     from zdlb.balancer.server import Server
     from zdlb.balancer.sticky import StickyCookie
-    from zdlb.http.proxy import ClientConnection
+
+
+class ListenedConnection(Protocol):
+    """What the listener needs of each of its client connections (http/connection.py)."""
+
+    deadline: float
+    tunnel: Tunnel | None
+
+    def deadline_passed(self) -> None: ...
+    def close_when_idle(self) -> None: ...
+    def abort(self) -> None: ...
 
 
 def _ignore_observation(server: Server, ok: bool) -> None:
@@ -67,11 +78,12 @@ class Route:
         self.timeouts = listener.timeouts
         self.server_s = backend.config.timeouts.server_s
         self.retries = backend.config.retries
+        self.reuse = backend.config.reuse
         self.proto = listener.x_forwarded_proto.encode()
         self.head_parser = RequestHeadParser(listener.limits)  # one for all its connections
-        self.connections: set[ClientConnection] = set()
-        # Those of connections in Phase.TUNNEL: the sweeper needs their pump and deadline only.
-        self.tunnels: set[ProtocolSwitch] = set()
+        self.connections: set[ListenedConnection] = set()
+        # Connections in Phase.TUNNEL: the sweeper needs their tunnel only.
+        self.tunnels: set[ListenedConnection] = set()
         if tunnel is None:
             tunnel = TunnelSettings(
                 listener.timeouts.tunnel_s,
@@ -113,13 +125,13 @@ class Route:
         tunnel_s = self.tunnel.tunnel_s
         expired = []
         for conn in self.tunnels:
-            pump = conn.pump
-            if pump is None:
+            tunnel = conn.tunnel
+            if tunnel is None:
                 continue
-            if pump.take_activity():
-                conn.tunnel_deadline = now + tunnel_s
-            elif conn.tunnel_deadline <= now:
-                expired.append(pump)
+            if tunnel.pump.take_activity():
+                tunnel.deadline = now + tunnel_s
+            elif tunnel.deadline <= now:
+                expired.append(tunnel.pump)
         for pump in expired:
             pump.close()
 
@@ -132,7 +144,7 @@ class Route:
         if not self.connections:
             self.drained.set()
 
-    def forget(self, conn: ClientConnection) -> None:
+    def forget(self, conn: ListenedConnection) -> None:
         self.connections.discard(conn)
         if self.is_stopping and not self.connections:
             self.drained.set()

@@ -6,14 +6,19 @@ chunked coding (chunked.py) or, for responses, by the server closing. zdlb frame
 because llhttp reports no offsets: only this way does it know where one message ends and the
 next pipelined one begins. Bodies are emitted decoded; the proxy re-encodes for the other side.
 
-After a request whose Upgrade zdlb forwards, and after the ``101`` answering it, the bytes that
-follow may belong to another protocol: they are kept raw (``held``) or handed over unparsed
-until the proxy knows whether the connection switched. The proxy stops reading both sides
-meanwhile, so at most one read's worth is ever held.
+A request reader stops at every message boundary (h11's PAUSED state): once a request has
+ended, whatever follows is only kept (``held``) until the connection, done answering, calls
+``resume``. Pipelined requests therefore wait in the reader as bytes, never as queued events,
+and are answered in order (RFC 9112 section 9.3.2); a bad request pipelined behind a good one
+is refused only after the good one's answer. After a request whose Upgrade zdlb forwards, the
+held bytes may belong to another protocol: the connection either hands them to the tunnel (a
+``101``) or, if the server refused the upgrade, never parses them. After the ``101`` itself,
+the response reader hands every byte over unparsed.
 
 Memory is bounded: a head that arrives in pieces is kept in one bytearray and scanned only from
 where the last scan stopped (linear, not quadratic: h11's receivebuffer lesson), and refused
-once past its limit; chunk lines and trailers are bounded by chunked.py.
+once past its limit; chunk lines and trailers are bounded by chunked.py; held bytes are at
+most what arrives before the connection pauses its transport (one read, or two).
 No I/O, no clock, no logging here.
 """
 
@@ -78,7 +83,8 @@ class _State(enum.Enum):
     CHUNKED = "chunked"  # a chunked body
     CLOSE = "close"  # a body that ends when the server closes (responses only)
     DONE = "done"  # nothing more may follow (a response, or a request that closes)
-    SWITCHING = "switching"  # after an Upgrade request or a 101: bytes kept raw, not parsed
+    PAUSED = "paused"  # a request ended: what follows is held until resume()
+    SWITCHING = "switching"  # after a 101: every byte goes to the sink raw, not parsed
 
 
 def check_line_ends(chunk: bytes, error: type[ProtocolError]) -> None:
@@ -150,8 +156,9 @@ class RequestReader:
     """Splits client bytes into requests and emits their events to ``sink``.
 
     ``feed`` raises ``DownstreamProtocolError`` (400, 414, 431, 501 or 505) on the first
-    violation; the connection must then be answered and closed, never fed again. Bytes after a
-    request that closes the connection are ignored (RFC 9112 section 9.6).
+    violation; the connection must then be answered and closed, never fed again. After each
+    request's end the reader is paused (``is_paused``) and holds what follows until ``resume``.
+    Bytes after a request that closes the connection are ignored (RFC 9112 section 9.6).
     """
 
     __slots__ = (
@@ -180,12 +187,31 @@ class RequestReader:
         self._chunked: ChunkedDecoder | None = None
         self._keep_alive = True
         self._is_upgrade = False
-        self.held = bytearray()  # bytes after an Upgrade request, unparsed
+        self.held = bytearray()  # bytes after the last request's end, unparsed until resume()
 
     @property
     def is_idle(self) -> bool:
         """True between requests: no byte of a next request has been seen."""
-        return self._state in (_State.HEAD, _State.DONE) and not self._partial.buf
+        return (
+            self._state in (_State.HEAD, _State.DONE, _State.PAUSED)
+            and not self._partial.buf
+            and not self.held
+        )
+
+    @property
+    def is_paused(self) -> bool:
+        """A request ended and ``resume`` was not called yet."""
+        return self._state is _State.PAUSED
+
+    def resume(self) -> None:
+        """Go on with the next request: parse what was held (events may follow at once).
+        Raises as ``feed``."""
+        self._state = _State.HEAD
+        held = self.held
+        if held:
+            data = bytes(held)
+            held.clear()
+            self.feed(data)
 
     def detach(self) -> None:
         """Forget the sink (the connection is gone): breaks the reader <-> sink cycle."""
@@ -223,7 +249,7 @@ class RequestReader:
                 if decoder.is_done:
                     self._chunked = None
                     self._end(decoder.trailers)
-            elif state is _State.SWITCHING:
+            elif state is _State.PAUSED:
                 self.held += data[pos:] if pos else data
                 return
             else:
@@ -240,11 +266,6 @@ class RequestReader:
         self._remaining -= size
         if not self._remaining:
             self._end([])
-
-    def end_upgrade(self) -> None:
-        """The upgrade was refused (no 101) and nothing was held: parse requests again."""
-        assert not self.held
-        self._state = _State.HEAD
 
     def _start_body(self, head: RequestHead) -> None:
         self._keep_alive = head.keep_alive
@@ -264,10 +285,7 @@ class RequestReader:
                 self._end([])
 
     def _end(self, trailers: Headers) -> None:
-        if self._is_upgrade:
-            self._state = _State.SWITCHING
-        else:
-            self._state = _State.HEAD if self._keep_alive else _State.DONE
+        self._state = _State.PAUSED if self._keep_alive or self._is_upgrade else _State.DONE
         self._sink.request_end(trailers)
 
     def _check_partial(self) -> None:

@@ -1,10 +1,12 @@
 """Connections to servers: one protocol object per TCP connection, a LIFO idle pool per server.
 
-A pooled connection is reused for any client's request, the first one included: a new upstream
-connection costs ~70 us of CPU here (PERFORMANCE.md) against ~2 us for a pop. LIFO keeps the
-hottest connection in use and lets the coldest reach ``upstream_idle_s`` and be closed by us,
-before the server's own keep-alive timeout closes it under a request. The pool decides
-synchronously; closing happens after (httpcore's pattern).
+A pooled connection is reused for the requests that the backend's ``reuse`` policy allows
+(exchange.py, rule 3): a new upstream connection costs ~70 us of CPU here (PERFORMANCE.md)
+against ~2 us for a pop. LIFO keeps the hottest connection in use and lets the coldest reach
+``upstream_idle_s`` and be closed by us, before the server's own keep-alive timeout closes it
+under a request. A server that sends bytes on an idle connection (a stray second answer) gets
+that connection closed at once and the stray counted against it, so it never reaches the next
+request. The pool decides synchronously; closing happens after (httpcore's pattern).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol, cast
 
@@ -110,9 +113,13 @@ class UpstreamConnection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         owner = self.owner
-        if owner is None:  # bytes on an idle pooled connection: the server is confused
-            self.pool.discard(self)
+        if owner is None:  # bytes on an idle pooled connection: a stray answer
+            pool = self.pool
+            pool.stats.stray_responses += 1
+            pool.discard(self)
             self.abort()
+            if count := pool.failures_to_log(time.monotonic()):
+                log.warning("upstream_stray_bytes server=%s failures=%d", pool.server.name, count)
             return
         self.got_data = True
         try:

@@ -202,6 +202,11 @@ def _server_counters(snap: Snapshot) -> Iterator[Metric]:
         [*names, "code"],
     )
     errors = _counter("zdlb_server_connect_errors", "Failed connects to the server.", names)
+    strays = _counter(
+        "zdlb_server_stray_responses",
+        "Idle pooled connections closed because the server sent unrequested bytes.",
+        names,
+    )
     bytes_in = _counter("zdlb_server_bytes_in", "Request bytes sent to the server.", names)
     bytes_out = _counter("zdlb_server_bytes_out", "Response bytes from the server.", names)
     for labels, server in _servers(snap):
@@ -209,9 +214,10 @@ def _server_counters(snap: Snapshot) -> Iterator[Metric]:
         for code, count in zip(STATUS_CLASSES, server["responses"], strict=True):
             responses.add_metric([*labels, code], count)
         errors.add_metric(labels, server["connect_errors"])
+        strays.add_metric(labels, server["stray_responses"])
         bytes_in.add_metric(labels, server["bytes_in"])
         bytes_out.add_metric(labels, server["bytes_out"])
-    yield from (requests, responses, errors, bytes_in, bytes_out)
+    yield from (requests, responses, errors, strays, bytes_in, bytes_out)
 
 
 def _server_gauges(snap: Snapshot) -> Iterator[Metric]:

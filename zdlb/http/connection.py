@@ -1,0 +1,926 @@
+"""The HTTP/1.1 hot path: one protocol object per client connection, applying what the pure
+modules decide.
+
+Bytes from the client go through ``RequestReader`` (stream.py), are rewritten by rewrite.py and
+written to an ``UpstreamConnection`` (upstream.py); the answer comes back the same way. The
+request and its answer are one ``Exchange`` (exchange.py, whose rules are stated on top of it):
+this module holds at most one, moves bytes, keeps deadlines and counts. The reader stops at
+every message boundary, so a pipelined request waits in it as bytes until the exchange before
+it has ended: there is no queue of events here.
+
+Two detours take the sockets away from the transports for a while: a ``101`` hands both to a
+``ProtocolSwitch`` and then a pump (upgrade.py), and a body with at least ``splice_min_bytes``
+left goes through a ``BodyDetour`` (splice.py). Each is an object with a narrow interface:
+``poll()`` when a write buffer may have emptied, ``stop()``, ``take_activity()``; it calls back
+once.
+
+Why protocols and callbacks, not streams and a coroutine per request: through a proxy every
+request already costs ~15 us of kernel time on loopback, and a Task plus coroutine per upstream
+connect measured ~42 us on its own (PERFORMANCE.md). Writes are coalesced: each readiness event
+produces at most one ``transport.write`` per direction. The hot path has a budget of ~30 Python
+calls per keep-alive request, builtins included (benchmarks/calls_per_request.sh prints the
+count): the decisions are called once per exchange, counters are attribute increments.
+
+Deadlines are not timer handles: each connection keeps one ``deadline`` that ``Route.sweep``
+(route.py) enforces, so re-arming one is a float store. A long class on purpose: every method
+is one event from one side, and splitting it would only hide the state they share.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import socket
+import time
+from bisect import bisect_left
+from typing import TYPE_CHECKING, Protocol, cast
+
+from zdlb.config.model import Reuse
+from zdlb.errors import (
+    DownstreamProtocolError,
+    UpstreamError,
+    UpstreamProtocolError,
+    UpstreamReset,
+)
+from zdlb.http import rewrite
+from zdlb.http.exchange import (
+    MAX_PENDING_BYTES,
+    MAX_REPLAY_BYTES,
+    PAUSED_CONNECTING,
+    PAUSED_DETOUR,
+    PAUSED_NEXT_REQUEST,
+    PAUSED_UPSTREAM_FULL,
+    Exchange,
+    Phase,
+    Replay,
+    keeps_alive,
+    may_reuse,
+    replay_after_loss,
+    retry_target,
+    status_for_upstream_failure,
+)
+from zdlb.http.head import Framing, Headers, RequestHead, ResponseHead
+from zdlb.http.splice import BodyDetour
+from zdlb.http.stream import RequestReader
+from zdlb.http.upgrade import ProtocolSwitch, Tunnel
+from zdlb.stats import RESPONSE_TIME_BOUNDS_S
+from zdlb.tcp.pipes import PipePool
+from zdlb.tcp.pump import Pump
+
+if TYPE_CHECKING:
+    from zdlb.balancer.server import Server
+    from zdlb.balancer.sticky import StickyCookie
+    from zdlb.http.route import Route
+    from zdlb.http.upstream import ServerConnections, UpstreamConnection
+
+log = logging.getLogger(__name__)
+access_log = logging.getLogger("zdlb.access")
+
+
+class Detour(Protocol):
+    """What the connection needs of a ``BodyDetour`` or a ``ProtocolSwitch``."""
+
+    def poll(self) -> None: ...
+    def stop(self) -> int: ...
+    def take_activity(self) -> bool: ...
+
+
+class ClientConnection(asyncio.Protocol):
+    """One client (downstream) connection: reads requests, forwards them, relays answers."""
+
+    # Slots, not a __dict__: an idle keep-alive connection holds only these and its reader.
+    __slots__ = (
+        "answered",
+        "client_done",
+        "client_ip",
+        "close_after_write",
+        "deadline",
+        "detour",
+        "exchange",
+        "loop",
+        "paused",
+        "phase",
+        "reader",
+        "route",
+        "transport",
+        "tunnel",
+        "wbuf",
+        "writes_paused",
+    )
+
+    def __init__(self, route: Route, loop: asyncio.AbstractEventLoop) -> None:
+        self.route = route
+        self.loop = loop
+        self.transport: asyncio.Transport | None = None
+        self.client_ip = b"-"
+        self.reader = RequestReader(self, route.listener.limits, route.head_parser)
+        self.phase = Phase.IDLE
+        self.deadline = 0.0
+        self.paused = 0  # PAUSED_* bits
+        self.writes_paused = False
+        self.exchange: Exchange | None = None
+        self.answered = 0  # exchanges finished on this connection (exchange.py, rule 3)
+        self.client_done = False  # the client half-closed: its answer is the last
+        self.wbuf: list[bytes] = []  # bytes for the client, written once per event
+        self.close_after_write = False
+        self.detour: Detour | None = None
+        self.tunnel: Tunnel | None = None
+
+    def __repr__(self) -> str:
+        ex = self.exchange
+        server = ex.server.name if ex is not None and ex.server is not None else "-"
+        return f"<ClientConnection {self.client_ip.decode()} {self.phase.value} server={server}>"
+
+    # --- client side: asyncio.Protocol ---------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports implement asyncio.Transport without subclassing it.
+        self.transport = cast(asyncio.Transport, transport)
+        peer = transport.get_extra_info("peername")
+        if peer:
+            self.client_ip = str(peer[0]).encode()
+        route = self.route
+        route.connections.add(self)
+        route.stats.connections_open += 1
+        route.stats.connections_total += 1
+        self.deadline = self.loop.time() + route.timeouts.client_s
+
+    def data_received(self, data: bytes) -> None:
+        route = self.route
+        route.stats.bytes_in += len(data)
+        phase = self.phase
+        if phase is Phase.IDLE:
+            self.phase = Phase.HEAD
+            self.deadline = self.loop.time() + route.timeouts.http_request_s
+        elif phase is Phase.EXCHANGE:
+            self.deadline = self.loop.time() + route.server_s
+        elif phase is Phase.CLOSING:
+            return  # the answer that closes this connection is already decided
+        reader = self.reader
+        try:
+            reader.feed(data)
+        except DownstreamProtocolError as exc:
+            self._reject(exc)
+            return
+        if reader.held:  # bytes past a request still being answered: stop reading more
+            self._pause(PAUSED_NEXT_REQUEST)
+        self._flush_both()
+
+    def eof_received(self) -> bool:
+        # A client that half-closes after a complete request still gets its answer.
+        exchange = self.exchange
+        if exchange is not None and exchange.request_done:
+            self.client_done = True  # the answer is its last: Connection: close
+            return True
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.tunnel is not None:  # the transport let go of a socket the pump owns
+            self.transport = None
+            return
+        detour, self.detour = self.detour, None
+        if detour is not None:
+            detour.stop()
+        route = self.route
+        route.forget(self)
+        route.stats.connections_open -= 1
+        self.phase = Phase.CLOSING
+        exchange = self.exchange
+        if exchange is not None:
+            if exchange.connect_task is not None:
+                exchange.connect_task.cancel()
+            self._drop_upstream(exchange)  # an answer was still coming: unusable
+            self._end_server_request(exchange)
+        # Break the reference cycles (transport <-> protocol, reader -> sink) so refcounting
+        # frees this connection at once: left to the cyclic GC, closed connections cost 12% of
+        # the CPU of a Connection: close workload and full collections stalled requests ~80 ms.
+        self.transport = None
+        self.reader.detach()
+
+    def pause_writing(self) -> None:
+        # The client reads slower than the server sends: stop reading the server.
+        self.writes_paused = True
+        exchange = self.exchange
+        if exchange is not None and exchange.upstream is not None:
+            exchange.upstream.pause_reading()
+
+    def resume_writing(self) -> None:
+        self.writes_paused = False
+        if self.detour is not None:
+            self.loop.call_soon(self._poll_detour)  # see ProtocolSwitch.poll
+            return
+        exchange = self.exchange
+        if exchange is not None and exchange.upstream is not None:
+            exchange.upstream.resume_reading()
+
+    # --- requests from the client: RequestSink ---------------------------------------------
+
+    def request_head(self, head: RequestHead) -> None:
+        """A request to forward; the reader emits none while an exchange is in flight."""
+        route = self.route
+        exchange = self.exchange = Exchange(head, time.monotonic())
+        self.phase = Phase.EXCHANGE
+        now = self.loop.time()
+        self.deadline = now + route.server_s
+        if route.sticky is None:
+            server = route.backend.select(now, self.client_ip)
+        else:
+            server = self._select_sticky(exchange, route.sticky, now)
+        if server is None:
+            self._fail(exchange, 503)
+            return
+        pool = route.upstreams[server.name]
+        data = rewrite.build_request_head(head, self.client_ip, route.proto, pool.host_header)
+        exchange.ubuf.append(data)
+        exchange.ubuf_bytes = len(data)
+        exchange.is_chunked_up = head.framing is Framing.CHUNKED
+        if head.framing is Framing.LENGTH and (head.content_length or 0) >= route.splice_min_bytes:
+            # Read no more of the body: once the head and what came with it reach the server,
+            # the rest goes by splice (_start_request_detour).
+            exchange.splice_request = True
+            self._pause(PAUSED_DETOUR)
+        self._use_server(exchange, server, pool)
+
+    def request_body(self, data: bytes) -> None:
+        exchange = self.exchange
+        if exchange is not None:
+            self._send_upstream(
+                exchange, rewrite.encode_chunk(data) if exchange.is_chunked_up else data
+            )
+
+    def request_end(self, trailers: Headers) -> None:
+        exchange = self.exchange
+        if exchange is None:
+            return
+        if exchange.is_chunked_up:
+            self._send_upstream(exchange, rewrite.encode_last_chunk(trailers))
+        exchange.request_done = True
+        if exchange.upstream is not None:
+            self._flush_upstream(exchange)  # before a pooled connection can be released
+
+    # --- choosing a server and connecting ----------------------------------------------------
+
+    def _select_sticky(self, exchange: Exchange, sticky: StickyCookie, now: float) -> Server | None:
+        """The client's pinned host if it can serve, else a balanced pick to pin it to."""
+        head = exchange.request
+        identity, stripped = sticky.extract(head.raw)
+        if stripped is not None:
+            head.replace_raw(stripped)  # the server never sees zdlb's cookie
+        backend = self.route.backend
+        server = backend.select_sticky(identity, now) if identity is not None else None
+        if server is None:
+            server = backend.select(now, self.client_ip)
+            if identity is not None and server is not None:
+                self.route.backend_stats.sticky_repins += 1
+        exchange.identity = identity
+        if server is not None and server.identity != identity:
+            exchange.set_cookie = sticky.lines[server.identity]
+        return server
+
+    def _use_server(self, exchange: Exchange, server: Server, pool: ServerConnections) -> None:
+        exchange.server = server
+        server.inflight += 1  # Server.request_started(), inlined: once per request
+        pool.stats.requests += 1
+        head = exchange.request
+        if may_reuse(self.route.reuse, not self.answered, head.upgrade is not None):
+            upstream = pool.acquire()
+            if upstream is not None:
+                self._attach(exchange, upstream)
+                return
+        self._connect(exchange, pool)
+
+    def _connect(self, exchange: Exchange, pool: ServerConnections) -> None:
+        if exchange.ubuf_bytes > MAX_PENDING_BYTES:
+            self._pause(PAUSED_CONNECTING)
+        exchange.connect_task = self.loop.create_task(self._open(exchange, pool))
+
+    async def _open(self, exchange: Exchange, pool: ServerConnections) -> None:
+        try:
+            upstream = await pool.connect(self.loop)
+        except UpstreamError as exc:
+            exchange.connect_task = None
+            self._connect_failed(exchange, pool.server, exc)
+            return
+        exchange.connect_task = None
+        if self.exchange is not exchange or exchange.server is not pool.server:
+            pool.release(upstream, self.loop.time())  # the client left meanwhile: keep it warm
+            return
+        self._attach(exchange, upstream)
+        self._flush_upstream(exchange)
+
+    def _connect_failed(self, exchange: Exchange, server: Server, exc: UpstreamError) -> None:
+        pool = self.route.upstreams[server.name]
+        pool.stats.connect_errors += 1
+        if server.is_observed:
+            self.route.observe(server, False)
+        if count := pool.failures_to_log(self.loop.time()):
+            log.warning(
+                "upstream_connect_failed server=%s failures=%d error=%s", server.name, count, exc
+            )
+        self._retry_elsewhere(exchange, server, exc)
+
+    def _retry_elsewhere(self, exchange: Exchange, server: Server, exc: UpstreamError) -> None:
+        """Send the request to another server (exchange.py, rule 5), or answer 502/504."""
+        route = self.route
+        self._end_server_request(exchange)
+        exchange.tried.append(server)
+        now = self.loop.time()
+        retry = retry_target(
+            server,
+            exchange.tried,
+            route.retries,
+            lambda exclude: route.backend.select(now, self.client_ip, exclude),
+        )
+        if retry is None:
+            self._fail(exchange, status_for_upstream_failure(exc, answering=False))
+            return
+        route.backend_stats.redispatches += 1
+        head = exchange.request
+        pool = route.upstreams[retry.name]
+        if not head.has_host:  # the stand-in Host names the server
+            exchange.ubuf[0] = rewrite.build_request_head(
+                head, self.client_ip, route.proto, pool.host_header
+            )
+        sticky = route.sticky
+        if sticky is not None and retry.identity != exchange.identity:
+            exchange.set_cookie = sticky.lines[retry.identity]
+        self._use_server(exchange, retry, pool)
+        self._flush_upstream(exchange)  # a pooled connection is attached at once: send now
+
+    def _attach(self, exchange: Exchange, upstream: UpstreamConnection) -> None:
+        head = exchange.request
+        exchange.upstream = upstream
+        upstream.attach(self, head.method == b"HEAD", head.upgrade is not None)
+        if self.writes_paused:
+            upstream.pause_reading()
+        if self.paused & PAUSED_CONNECTING:
+            self._resume(PAUSED_CONNECTING)
+
+    def _send_upstream(self, exchange: Exchange, data: bytes) -> None:
+        exchange.ubuf.append(data)
+        exchange.ubuf_bytes += len(data)
+        if exchange.upstream is None and exchange.ubuf_bytes > MAX_PENDING_BYTES:
+            self._pause(PAUSED_CONNECTING)
+
+    def _flush_upstream(self, exchange: Exchange) -> None:
+        upstream = exchange.upstream
+        ubuf = exchange.ubuf
+        if upstream is None or not ubuf:
+            return
+        data = b"".join(ubuf) if len(ubuf) > 1 else ubuf[0]
+        ubuf.clear()
+        exchange.ubuf_bytes = 0
+        replay = exchange.replay
+        if replay is not None:
+            exchange.replay_bytes += len(data)
+            if exchange.replay_bytes <= MAX_REPLAY_BYTES:
+                replay.append(data)
+            else:
+                exchange.replay = None
+        upstream.pool.stats.bytes_in += len(data)
+        upstream.write(data)
+        if exchange.splice_request and self.detour is None:
+            self._start_request_detour(exchange, upstream)
+
+    # --- the server's answer: ResponseSink and UpstreamOwner ------------------------------
+
+    def response_head(self, head: ResponseHead) -> None:
+        exchange = self.exchange
+        assert exchange is not None
+        request = exchange.request
+        if head.status == 101:  # head.py lets it through only to an upgrade request
+            self._switch_protocols(exchange, head)
+            return
+        if head.status < 200:  # 1xx
+            if request.http_minor == 1:  # RFC 9110 section 15.2: never 1xx to HTTP/1.0
+                self.wbuf.append(rewrite.build_response_head(head, Framing.NONE, True, 1))
+            return
+        framing = head.framing
+        if framing is Framing.CHUNKED and request.http_minor == 0:
+            framing = rewrite.downstream_framing(head, 0)
+        keep_alive = exchange.keep_alive = keeps_alive(
+            request,
+            exchange.request_done,
+            framing is Framing.CLOSE,
+            self.route.is_stopping,
+            self.client_done,
+            request.upgrade is not None and bool(self.reader.held),
+        )
+        server = exchange.server
+        if server is not None and server.is_observed:
+            self.route.observe(server, head.status < 500)
+        exchange.response_started = True
+        exchange.is_chunked_down = framing is Framing.CHUNKED
+        # Only once the request is sent whole: the client's reading stops during the splice.
+        exchange.splice_response = (
+            framing is Framing.LENGTH
+            and (head.content_length or 0) >= self.route.splice_min_bytes
+            and exchange.request_done
+        )
+        exchange.status = head.status
+        self.wbuf.append(
+            rewrite.build_response_head(
+                head, framing, keep_alive, request.http_minor, exchange.set_cookie
+            )
+        )
+
+    def response_body(self, data: bytes) -> None:
+        exchange = self.exchange
+        assert exchange is not None
+        exchange.bytes_out += len(data)
+        self.wbuf.append(rewrite.encode_chunk(data) if exchange.is_chunked_down else data)
+
+    def response_end(self, trailers: Headers, keep_alive: bool) -> None:
+        exchange = self.exchange
+        assert exchange is not None
+        if exchange.is_chunked_down:
+            self.wbuf.append(rewrite.encode_last_chunk(trailers))
+        upstream = exchange.upstream
+        exchange.upstream = None
+        if upstream is not None:
+            if (
+                keep_alive
+                and exchange.request_done
+                and not upstream.is_closed
+                and exchange.request.upgrade is None  # exchange.py, rule 3
+                and self.route.reuse is not Reuse.NEVER
+            ):
+                upstream.pool.release(upstream, self.loop.time())
+            else:
+                upstream.owner = None
+                upstream.close()
+        self._finish_exchange(exchange)
+
+    def upstream_flushed(self) -> None:
+        """The server's bytes of one read were all handled: write the client's share."""
+        exchange = self.exchange
+        if self.phase is Phase.EXCHANGE:
+            self.deadline = self.loop.time() + self.route.server_s
+        self._flush_client()
+        if exchange is None or self.detour is not None or self.tunnel is not None:
+            return
+        if exchange.status == 101:
+            self._start_switch(exchange)
+        elif exchange.splice_response:
+            self._start_response_detour(exchange)
+
+    def upstream_lost(self, conn: UpstreamConnection, exc: Exception | None) -> None:
+        exchange = self.exchange
+        if exchange is None or conn is not exchange.upstream:
+            return
+        if exchange.response_started:
+            if not conn.reader.feed_eof():  # not a close-delimited body: the answer is cut
+                exchange.upstream = None
+                exchange.status = exchange.status or 502
+                self._abort_exchange(exchange)
+            self._flush_client()
+            return
+        exchange.upstream = None
+        server = exchange.server
+        assert server is not None
+        replay = exchange.replay
+        match replay_after_loss(
+            conn.got_data, replay is not None, conn.reused, exchange.retried_stale
+        ):
+            case Replay.SAME_SERVER | Replay.OTHER_SERVER as how:
+                assert replay is not None
+                exchange.retried_stale = exchange.retried_stale or conn.reused
+                exchange.ubuf[:0] = replay
+                exchange.ubuf_bytes = sum(len(b) for b in exchange.ubuf)
+                exchange.replay, exchange.replay_bytes = [], 0
+                if how is Replay.SAME_SERVER:
+                    self.route.backend_stats.retries += 1
+                    self._connect(exchange, self.route.upstreams[server.name])
+                else:
+                    self._connect_failed(
+                        exchange, server, UpstreamReset("closed without an answer")
+                    )
+                return
+            case Replay.NO:
+                pass
+        status = exc.status if isinstance(exc, UpstreamProtocolError) else 502
+        if server.is_observed:
+            self.route.observe(server, False)
+        if count := self.route.upstreams[server.name].failures_to_log(self.loop.time()):
+            log.warning(
+                "upstream_failed server=%s failures=%d status=%d error=%s",
+                server.name,
+                count,
+                status,
+                exc,
+            )
+        self._fail(exchange, status)
+
+    def pause_upstream_writes(self) -> None:
+        self._pause(PAUSED_UPSTREAM_FULL)
+
+    def resume_upstream_writes(self) -> None:
+        if self.detour is not None:
+            self.loop.call_soon(self._poll_detour)  # see ProtocolSwitch.poll
+        self._resume(PAUSED_UPSTREAM_FULL)
+
+    # --- detours: a switch to a tunnel, a spliced body -------------------------------------
+
+    def _poll_detour(self) -> None:
+        if self.detour is not None:
+            self.detour.poll()
+
+    def _switch_protocols(self, exchange: Exchange, head: ResponseHead) -> None:
+        """A 101: stop reading the server; once the client has the head and both buffers are
+        empty, both sockets go to a pump (``_tunnel_ready``)."""
+        upstream = exchange.upstream
+        assert upstream is not None and upstream.transport is not None
+        assert self.transport is not None
+        server = exchange.server
+        if server is not None and server.is_observed:
+            self.route.observe(server, True)
+        exchange.response_started = True
+        exchange.status = 101
+        upstream.pause_reading()  # bytes after the head in this read arrive as response_body
+        self._pause(PAUSED_DETOUR)
+        self.wbuf.append(rewrite.build_switch_head(head, exchange.set_cookie))
+
+    def _start_switch(self, exchange: Exchange) -> None:
+        """The 101 and what followed it are written: send the client's bytes held past its
+        upgrade request on, and wait until both write buffers are empty."""
+        upstream = exchange.upstream
+        if upstream is None or upstream.transport is None or self.transport is None:
+            return  # lost meanwhile: connection_lost or upstream_lost ends the exchange
+        held = self.reader.held
+        data = bytes(held)
+        held.clear()
+        upstream.pool.stats.bytes_in += len(data)
+        switch = ProtocolSwitch(self.transport, upstream.transport, self._tunnel_ready)
+        self.detour = switch
+        switch.start(data)
+
+    def _tunnel_ready(self, sockets: tuple[socket.socket, socket.socket] | None) -> None:
+        """Hand both sockets to a pump. The server keeps counting this request and, for the
+        aborted upstream transport, one connection, until the pump ends (``_tunnel_ended``)."""
+        self.detour = None
+        exchange = self.exchange
+        assert exchange is not None and exchange.server is not None
+        upstream = exchange.upstream
+        exchange.upstream = None
+        if upstream is not None:
+            upstream.owner = None  # its connection_lost (after the abort) only leaves the pool
+        if sockets is None:  # out of fds: both transports are untouched
+            log.warning("tunnel_failed client=%s error=no descriptor", self.client_ip.decode())
+            if upstream is not None:
+                upstream.abort()
+            self.abort()
+            return
+        exchange.server.connection_opened()
+        route = self.route
+        pool = route.tunnel_pool
+        pump = Pump(self.loop, sockets[0], sockets[1], pool, self._tunnel_ended)
+        self.tunnel = Tunnel(pump, self.loop.time() + route.tunnel.tunnel_s)
+        self.transport = None
+        self.phase = Phase.TUNNEL
+        self.deadline = math.inf  # route.sweep checks the tunnel's deadline instead
+        route.tunnels.add(self)
+        pump.start()
+
+    def _tunnel_ended(self, pump: Pump) -> None:
+        """Called once by the pump, both sockets closed: account the exchange and the client
+        connection as ended, as connection_lost does for any other."""
+        route = self.route
+        route.tunnels.discard(self)
+        exchange = self.exchange
+        assert exchange is not None
+        server = exchange.server
+        if server is not None:
+            server.connection_closed()
+            route.upstreams[server.name].stats.bytes_in += pump.bytes_up
+        route.stats.bytes_in += pump.bytes_up
+        route.stats.bytes_out += pump.bytes_down
+        exchange.bytes_out += pump.bytes_down
+        exchange.keep_alive = False
+        self._finish_exchange(exchange)  # request_finished, response counters, access log
+        self.tunnel = None
+        self.phase = Phase.CLOSING
+        route.forget(self)
+        route.stats.connections_open -= 1
+        self.reader.detach()
+
+    def _start_response_detour(self, exchange: Exchange) -> None:
+        """Splice the rest of a long response body: stop both transports reading first."""
+        exchange.splice_response = False
+        upstream, transport = exchange.upstream, self.transport
+        if (
+            upstream is None
+            or upstream.transport is None
+            or transport is None
+            or upstream.reader.remaining_body < self.route.splice_min_bytes
+        ):
+            return  # most of the body came with the head: the plain path
+        upstream.pause_reading()
+        self._pause(PAUSED_DETOUR)
+        pool = self.route.tunnel_pool
+        assert isinstance(pool, PipePool)  # splice_min_bytes is infinite otherwise
+        size = upstream.reader.take_body()
+        detour = BodyDetour(
+            self.loop, pool, upstream.transport, transport, size, self._response_moved
+        )
+        self.detour = detour
+        detour.poll()
+
+    def _response_moved(self, ok: bool, moved: int, source_failed: bool) -> None:
+        """The body was moved whole (``ok``): resume both transports and end the response as
+        if the reader had seen it. Out of fds before any byte: the plain path takes the body.
+        Else the answer is cut and both sides are reset."""
+        self.detour = None
+        exchange = self.exchange
+        assert exchange is not None
+        exchange.bytes_out += moved
+        self.route.stats.bytes_out += moved
+        upstream = exchange.upstream
+        if not ok and not moved and not source_failed and upstream is not None:
+            upstream.resume_reading()  # no descriptor to splice with: the reader takes it
+            self._resume(PAUSED_DETOUR)
+            return
+        if not ok or upstream is None:
+            self._drop_upstream(exchange)
+            self._abort_exchange(exchange)
+            self.abort()
+            return
+        upstream.resume_reading()
+        self._resume(PAUSED_DETOUR)
+        upstream.reader.body_moved(moved)  # response_end: pool the upstream, finish
+        self._flush_client()
+
+    def _start_request_detour(self, exchange: Exchange, upstream: UpstreamConnection) -> None:
+        """Splice the rest of a long request body to the server. The client's reading stays
+        paused; the server's goes on, so an early answer (413, 401...) still reaches the client
+        and ends the exchange (``_finish_exchange``)."""
+        transport = self.transport
+        if transport is None or upstream.transport is None:
+            return
+        exchange.splice_request = False
+        size = self.reader.remaining_body
+        if size < self.route.splice_min_bytes:
+            self._resume(PAUSED_DETOUR)  # most of it came with the head
+            return
+        pool = self.route.tunnel_pool
+        assert isinstance(pool, PipePool)
+        exchange.replay = None  # the body is not held: the request can no longer be replayed
+        detour = BodyDetour(
+            self.loop, pool, transport, upstream.transport, size, self._request_moved
+        )
+        self.detour = detour
+        detour.poll()
+
+    def _request_moved(self, ok: bool, moved: int, source_failed: bool) -> None:
+        """The body reached the server whole (``ok``): the reader ends the request and the
+        client is read again. A client that stopped short is answered 400 and closed. Any other
+        failure (the server's socket, no pipe) hands the rest of the body back to the plain
+        path, which meets the same end the usual way (upstream_lost, 502)."""
+        self.detour = None
+        exchange = self.exchange
+        if exchange is None:
+            return
+        self._count_request_splice(exchange, moved)
+        if not ok and source_failed:
+            self._reject(DownstreamProtocolError("request body cut short", 400))
+            return
+        self._resume(PAUSED_DETOUR)
+        if moved:
+            self.reader.body_moved(moved)  # at the body's end: request_end
+
+    def _count_request_splice(self, exchange: Exchange, moved: int) -> None:
+        self.route.stats.bytes_in += moved
+        if exchange.server is not None:
+            self.route.upstreams[exchange.server.name].stats.bytes_in += moved
+
+    # --- ending an exchange ------------------------------------------------------------------
+
+    def _finish_exchange(self, exchange: Exchange) -> None:
+        route = self.route
+        detour = self.detour
+        if detour is not None:  # answered before the request body was all spliced
+            self.detour = None
+            self._count_request_splice(exchange, detour.stop())
+        status = exchange.status
+        route.stats.responses[status // 100] += 1
+        server = exchange.server
+        if server is not None and exchange.response_started:
+            server_stats = route.upstreams[server.name].stats
+            server_stats.responses[status // 100] += 1
+            server_stats.bytes_out += exchange.bytes_out
+            seconds = time.monotonic() - exchange.started_at
+            backend_stats = route.backend_stats
+            # BackendStats.observe_response_s, inlined: once per request (stats.py).
+            backend_stats.response_time_buckets[bisect_left(RESPONSE_TIME_BOUNDS_S, seconds)] += 1
+            backend_stats.response_time_sum_s += seconds
+        if route.log_access:
+            self._log_access(exchange, status)
+        self._end_server_request(exchange)
+        self.answered += 1
+        if not exchange.keep_alive or route.is_stopping:
+            self._close_after_write()
+            return
+        self.exchange = None
+        reader = self.reader
+        if reader.held:  # a pipelined request: parse it on the next iteration, not deeper
+            self.phase = Phase.HEAD
+            self.deadline = self.loop.time() + route.timeouts.http_request_s
+            self.loop.call_soon(self._next_request)
+        else:
+            self.phase = Phase.IDLE
+            self.deadline = self.loop.time() + route.timeouts.client_s
+            reader.resume()
+
+    def _next_request(self) -> None:
+        """Parse what the reader held past the last request (data_received's work)."""
+        if self.phase is Phase.CLOSING or self.exchange is not None:
+            return
+        reader = self.reader
+        try:
+            reader.resume()
+        except DownstreamProtocolError as exc:
+            self._reject(exc)
+            return
+        if not reader.held:
+            self._resume(PAUSED_NEXT_REQUEST)
+        self._flush_both()
+
+    def _flush_both(self) -> None:
+        """Write what parsing the client's bytes queued for the server and for the client."""
+        exchange = self.exchange
+        if exchange is not None and exchange.ubuf:
+            self._flush_upstream(exchange)
+        if self.wbuf or self.close_after_write:
+            self._flush_client()
+
+    def _end_server_request(self, exchange: Exchange) -> None:
+        server = exchange.server
+        if server is not None:
+            exchange.server = None
+            server.inflight -= 1  # Server.request_finished(), inlined: once per request
+
+    def _drop_upstream(self, exchange: Exchange) -> None:
+        upstream = exchange.upstream
+        if upstream is not None:
+            exchange.upstream = None
+            upstream.owner = None
+            upstream.abort()
+
+    def _fail(self, exchange: Exchange, status: int) -> None:
+        """Answer an error zdlb generated (no byte of a server answer was sent yet)."""
+        request = exchange.request
+        keep_alive = exchange.keep_alive = keeps_alive(
+            request,
+            exchange.request_done,
+            False,
+            self.route.is_stopping,
+            self.client_done,
+            request.upgrade is not None and bool(self.reader.held),
+        )
+        exchange.status = status
+        self.wbuf.append(rewrite.error_response(status, close=not keep_alive))
+        self._finish_exchange(exchange)
+        self._flush_client()
+
+    def _abort_exchange(self, exchange: Exchange) -> None:
+        """The answer was cut after it started: the client can only learn it by a close."""
+        exchange.keep_alive = False
+        self._finish_exchange(exchange)
+
+    def _reject(self, exc: DownstreamProtocolError) -> None:
+        """The client broke the protocol: answer ``exc.status`` if no answer started, close."""
+        log.info(
+            "bad_request client=%s status=%d error=%s", self.client_ip.decode(), exc.status, exc
+        )
+        exchange = self.exchange
+        if exchange is None:  # refused before any head was accepted
+            route = self.route
+            self.wbuf.append(rewrite.error_response(exc.status))
+            route.stats.responses[exc.status // 100] += 1
+            if route.log_access:
+                self._log_access(None, exc.status)
+            self._close_after_write()
+        else:
+            self._drop_upstream(exchange)
+            if not exchange.response_started:
+                self.wbuf.append(rewrite.error_response(exc.status))
+            exchange.status = exc.status
+            exchange.keep_alive = False
+            self._finish_exchange(exchange)
+        self._flush_client()
+
+    def _close_after_write(self) -> None:
+        self.phase = Phase.CLOSING
+        self.close_after_write = True
+        # transport.close() still flushes: bound how long a client that does not read may hold
+        # the socket.
+        self.deadline = self.loop.time() + self.route.timeouts.client_s
+
+    def _log_access(self, exchange: Exchange | None, status: int) -> None:
+        if exchange is None:
+            method = target = "-"
+            server = None
+            size = 0
+            elapsed_ms = 0.0
+        else:
+            method = exchange.request.method.decode("latin-1")
+            target = exchange.request.target.decode("latin-1")
+            server = exchange.server or (exchange.tried[-1] if exchange.tried else None)
+            size = exchange.bytes_out
+            elapsed_ms = (time.monotonic() - exchange.started_at) * 1000.0
+        access_log.info(
+            "request client=%s method=%s target=%s status=%d bytes=%d server=%s pool=%s ms=%.1f",
+            self.client_ip.decode(),
+            method,
+            target,
+            status,
+            size,
+            server.name if server else "-",
+            server.pool.value if server else "-",
+            elapsed_ms,
+        )
+
+    def _flush_client(self) -> None:
+        transport = self.transport
+        if transport is None:
+            return
+        wbuf = self.wbuf
+        if wbuf:
+            data = b"".join(wbuf) if len(wbuf) > 1 else wbuf[0]
+            self.route.stats.bytes_out += len(data)
+            transport.write(data)
+            wbuf.clear()
+        if self.close_after_write:
+            transport.close()
+
+    # --- flow control, deadlines, shutdown -------------------------------------------------
+
+    def _pause(self, reason: int) -> None:
+        if not self.paused and self.transport is not None:
+            self.transport.pause_reading()
+        self.paused |= reason
+
+    def _resume(self, reason: int) -> None:
+        if not self.paused & reason:
+            return
+        self.paused &= ~reason
+        if not self.paused and self.transport is not None and self.phase is not Phase.CLOSING:
+            self.transport.resume_reading()
+
+    def deadline_passed(self) -> None:
+        """Called by ``Route.sweep``: the current wait took longer than its timeout."""
+        match self.phase:
+            case Phase.IDLE:
+                self._close_now()
+            case Phase.CLOSING:
+                self.abort()
+            case Phase.TUNNEL:
+                pass  # its deadline is the tunnel's, enforced by Route.sweep
+            case Phase.HEAD:
+                self._reject(DownstreamProtocolError("request head timed out", 408))
+            case Phase.EXCHANGE:
+                self._exchange_timed_out()
+
+    def _exchange_timed_out(self) -> None:
+        exchange = self.exchange
+        assert exchange is not None
+        detour = self.detour
+        if detour is not None and detour.take_activity():
+            self.deadline = self.loop.time() + self.route.server_s  # bytes still move
+            return
+        server = exchange.server
+        if exchange.response_started or server is None:
+            self._abort_exchange(exchange)
+            self._flush_client()
+            self.abort()
+            return
+        if server.is_observed:
+            self.route.observe(server, False)
+        if count := self.route.upstreams[server.name].failures_to_log(self.loop.time()):
+            log.warning("upstream_timeout server=%s failures=%d", server.name, count)
+        self._drop_upstream(exchange)
+        if exchange.connect_task is not None:
+            exchange.connect_task.cancel()
+            exchange.connect_task = None
+        exchange.request_done = False  # the client may still be sending: close after
+        self._fail(exchange, 504)
+
+    def close_when_idle(self) -> None:
+        if self.phase is Phase.IDLE:
+            self._close_now()
+
+    def _close_now(self) -> None:
+        self.phase = Phase.CLOSING
+        if self.transport is not None:
+            self.transport.close()
+
+    def abort(self) -> None:
+        tunnel = self.tunnel
+        if tunnel is not None:
+            tunnel.pump.abort()
+            return
+        detour, self.detour = self.detour, None
+        if detour is not None:  # its fds first: the transport closes the socket
+            detour.stop()
+        if self.transport is not None:
+            self.transport.abort()
