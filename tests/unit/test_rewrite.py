@@ -469,7 +469,7 @@ def _fields(headers: Iterable[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]
 def test_raw_request_edit_matches_rebuild(raw: bytes) -> None:
     from zdlb.http.head import RequestHeadParser
 
-    head = RequestHeadParser(Limits()).parse(raw)
+    head = RequestHeadParser(Limits()).parse(raw, len(raw))
     assert head.hop_lines_only
     edited = build_request(head)
     head.is_plain = head.hop_lines_only = False
@@ -505,7 +505,7 @@ RAW_EDIT_RESPONSES = [
 def test_raw_response_edit_matches_rebuild(raw: bytes, keep_alive: bool, client_minor: int) -> None:
     from zdlb.http.head import new_response_parser, parse_response_head
 
-    head = parse_response_head(raw, new_response_parser(), answers_head=False)
+    head = parse_response_head(raw, len(raw), new_response_parser(), answers_head=False)
     assert head.hop_lines_only
     edited = rewrite.build_response_head(head, head.framing, keep_alive, client_minor)
     head.is_plain = head.hop_lines_only = False
@@ -540,7 +540,7 @@ ADDED = b"Set-Cookie: SERVERID=front-1; Path=/\r\nCache-Control: private\r\n"
 def test_added_lines_follow_the_status_line_on_every_path(raw: bytes, keep_alive: bool) -> None:
     from zdlb.http.head import new_response_parser, parse_response_head
 
-    head = parse_response_head(raw, new_response_parser(), answers_head=False)
+    head = parse_response_head(raw, len(raw), new_response_parser(), answers_head=False)
     out = rewrite.build_response_head(head, head.framing, keep_alive, 1, ADDED)
     assert out.startswith(b"HTTP/1.1 200 OK\r\n" + ADDED)
     assert values(out, b"Set-Cookie") == [b"SERVERID=front-1; Path=/"]

@@ -36,7 +36,7 @@ from hypothesis import strategies as st
 
 from zdlb.config.model import Limits
 from zdlb.errors import DownstreamProtocolError
-from zdlb.http.head import Headers, RequestHead
+from zdlb.http.head import Framing, Headers, RequestHead
 from zdlb.http.stream import RequestReader
 
 LIMITS = Limits()
@@ -61,6 +61,8 @@ class ListSink:
     def request_head(self, head: RequestHead) -> None:
         if self.head is None:
             self.head = head
+            if head.framing is Framing.NONE:  # the whole request: the reader sends no end
+                self.is_complete = True
 
     def request_body(self, data: bytes) -> None:
         if not self.is_complete:

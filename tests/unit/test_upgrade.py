@@ -12,7 +12,7 @@ import pytest
 from zdlb.config.model import Limits
 from zdlb.errors import DownstreamProtocolError, UpstreamProtocolError
 from zdlb.http import rewrite
-from zdlb.http.head import Headers, RequestHead, ResponseHead
+from zdlb.http.head import Framing, Headers, RequestHead, ResponseHead
 from zdlb.http.stream import RequestReader, ResponseReader
 
 LIMITS = Limits()
@@ -27,6 +27,8 @@ class Sink:
 
     def request_head(self, head: RequestHead) -> None:
         self.heads.append(head)
+        if head.framing is Framing.NONE:  # the whole request: the reader sends no end
+            self.ends += 1
 
     def request_body(self, data: bytes) -> None:
         self.body += data
@@ -41,6 +43,11 @@ class Sink:
         self.body += data
 
     def response_end(self, trailers: Headers, keep_alive: bool) -> None:
+        self.ends += 1
+
+    def response_complete(self, head: ResponseHead, body: bytes) -> None:
+        self.heads.append(head)
+        self.body += body
         self.ends += 1
 
 

@@ -35,12 +35,13 @@ _COOKIE_LINE = re.compile(rb"\r\ncookie:[ \t]*([^\r]*)", re.IGNORECASE)
 class StickyCookie:
     """The sticky cookie of one backend: its values, Set-Cookie lines and request stripping."""
 
-    __slots__ = ("_by_value", "_marker", "config", "lines", "name")
+    __slots__ = ("_by_value", "config", "lines", "marker", "name")
 
     def __init__(self, config: StickyConfig, backend: str, identities: Iterable[str]) -> None:
         self.config = config
         self.name = config.cookie.encode()
-        self._marker = self.name + b"="  # cheap pre-check: most heads do not carry it
+        # A cheap pre-check (``in``, no call): most heads do not carry it.
+        self.marker = self.name + b"="
         self._by_value: dict[bytes, str] = {}
         # identity -> its Set-Cookie lines: read once per pinned answer, a dict lookup.
         self.lines: dict[str, bytes] = {}
@@ -59,7 +60,7 @@ class StickyCookie:
         The identity is None when there is no valid cookie, or several that disagree. The
         head is None when it carried no zdlb cookie at all, so the caller keeps the original.
         """
-        if self._marker not in raw_head:  # ~50 ns: the common no-cookie case stops here
+        if self.marker not in raw_head:  # ~50 ns: the common no-cookie case stops here
             return None, None
         found: set[str | None] = set()
 

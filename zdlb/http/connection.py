@@ -55,7 +55,6 @@ from zdlb.http.exchange import (
     Phase,
     Replay,
     keeps_alive,
-    may_reuse,
     replay_after_loss,
     retry_target,
     status_for_upstream_failure,
@@ -76,6 +75,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 access_log = logging.getLogger("zdlb.access")
+
+_NO_TRAILERS: Headers = []  # never appended to: response_end only reads trailers
+_FIRST_BOUND_S = RESPONSE_TIME_BOUNDS_S[0]
 
 
 class Detour(Protocol):
@@ -148,7 +150,6 @@ class ClientConnection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         route = self.route
-        route.stats.bytes_in += len(data)
         phase = self.phase
         if phase is Phase.IDLE:
             self.phase = Phase.HEAD
@@ -165,7 +166,12 @@ class ClientConnection(asyncio.Protocol):
             return
         if reader.held:  # bytes past a request still being answered: stop reading more
             self._pause(PAUSED_NEXT_REQUEST)
-        self._flush_both()
+        # _flush_both, inlined: once per read.
+        exchange = self.exchange
+        if exchange is not None and exchange.ubuf:
+            self._flush_upstream(exchange)
+        if self.wbuf or self.close_after_write:
+            self._flush_client()
 
     def eof_received(self) -> bool:
         # A client that half-closes after a complete request still gets its answer.
@@ -185,6 +191,8 @@ class ClientConnection(asyncio.Protocol):
         route = self.route
         route.forget(self)
         route.stats.connections_open -= 1
+        route.stats.bytes_in += self.reader.bytes_read
+        self.reader.bytes_read = 0
         self.phase = Phase.CLOSING
         exchange = self.exchange
         if exchange is not None:
@@ -223,10 +231,13 @@ class ClientConnection(asyncio.Protocol):
         self.phase = Phase.EXCHANGE
         now = self.loop.time()
         self.deadline = now + route.server_s
-        if route.sticky is None:
-            server = route.backend.select(now, self.client_ip)
+        sticky = route.sticky
+        if sticky is not None and sticky.marker in head.raw:  # the client names its host
+            server = self._select_sticky(exchange, sticky, now)
         else:
-            server = self._select_sticky(exchange, route.sticky, now)
+            server = route.backend.select(now, self.client_ip)
+            if sticky is not None and server is not None:
+                exchange.set_cookie = sticky.lines[server.identity]  # pin it
         if server is None:
             self._fail(exchange, 503)
             return
@@ -234,8 +245,12 @@ class ClientConnection(asyncio.Protocol):
         data = rewrite.build_request_head(head, self.client_ip, route.proto, pool.host_header)
         exchange.ubuf.append(data)
         exchange.ubuf_bytes = len(data)
-        exchange.is_chunked_up = head.framing is Framing.CHUNKED
-        if head.framing is Framing.LENGTH and (head.content_length or 0) >= route.splice_min_bytes:
+        framing = head.framing
+        if framing is Framing.NONE:
+            exchange.request_done = True  # the head is the whole request (stream.py)
+        elif framing is Framing.CHUNKED:
+            exchange.is_chunked_up = True
+        elif (head.content_length or 0) >= route.splice_min_bytes:
             # Read no more of the body: once the head and what came with it reach the server,
             # the rest goes by splice (_start_request_detour).
             exchange.splice_request = True
@@ -262,7 +277,8 @@ class ClientConnection(asyncio.Protocol):
     # --- choosing a server and connecting ----------------------------------------------------
 
     def _select_sticky(self, exchange: Exchange, sticky: StickyCookie, now: float) -> Server | None:
-        """The client's pinned host if it can serve, else a balanced pick to pin it to."""
+        """The client's pinned host if it can serve, else a balanced pick to pin it to (or
+        none at all: a cookie that only looked like ours leaves the head as it was)."""
         head = exchange.request
         identity, stripped = sticky.extract(head.raw)
         if stripped is not None:
@@ -283,7 +299,9 @@ class ClientConnection(asyncio.Protocol):
         server.inflight += 1  # Server.request_started(), inlined: once per request
         pool.stats.requests += 1
         head = exchange.request
-        if may_reuse(self.route.reuse, not self.answered, head.upgrade is not None):
+        route = self.route
+        # may_reuse (exchange.py, rule 3), resolved for this backend once by the route.
+        if (route.reuse_later if self.answered else route.reuse_first) and head.upgrade is None:
             upstream = pool.acquire()
             if upstream is not None:
                 self._attach(exchange, upstream)
@@ -366,20 +384,21 @@ class ClientConnection(asyncio.Protocol):
     def _flush_upstream(self, exchange: Exchange) -> None:
         upstream = exchange.upstream
         ubuf = exchange.ubuf
-        if upstream is None or not ubuf:
+        if upstream is None or upstream.transport is None or not ubuf:
             return
-        data = b"".join(ubuf) if len(ubuf) > 1 else ubuf[0]
-        ubuf.clear()
+        data = b"".join(ubuf)  # one piece: that piece itself, no copy
+        exchange.ubuf = []
+        size = exchange.ubuf_bytes
         exchange.ubuf_bytes = 0
         replay = exchange.replay
         if replay is not None:
-            exchange.replay_bytes += len(data)
+            exchange.replay_bytes += size
             if exchange.replay_bytes <= MAX_REPLAY_BYTES:
                 replay.append(data)
             else:
                 exchange.replay = None
-        upstream.pool.stats.bytes_in += len(data)
-        upstream.write(data)
+        upstream.pool.stats.bytes_in += size
+        upstream.transport.write(data)
         if exchange.splice_request and self.detour is None:
             self._start_request_detour(exchange, upstream)
 
@@ -424,6 +443,16 @@ class ClientConnection(asyncio.Protocol):
                 head, framing, keep_alive, request.http_minor, exchange.set_cookie
             )
         )
+
+    def response_complete(self, head: ResponseHead, body: bytes) -> None:
+        """A whole response in one read: its head, its entire body, its end."""
+        self.response_head(head)
+        exchange = self.exchange
+        assert exchange is not None
+        if body:
+            exchange.bytes_out += head.content_length or 0
+            self.wbuf.append(body)
+        self.response_end(_NO_TRAILERS, head.keep_alive)
 
     def response_body(self, data: bytes) -> None:
         exchange = self.exchange
@@ -710,26 +739,36 @@ class ClientConnection(asyncio.Protocol):
             server_stats.bytes_out += exchange.bytes_out
             seconds = time.monotonic() - exchange.started_at
             backend_stats = route.backend_stats
-            # BackendStats.observe_response_s, inlined: once per request (stats.py).
-            backend_stats.response_time_buckets[bisect_left(RESPONSE_TIME_BOUNDS_S, seconds)] += 1
+            # BackendStats.observe_response_s, inlined: once per request (stats.py); a LAN
+            # answer under the first bound (1 ms) needs no bisect.
+            buckets = backend_stats.response_time_buckets
+            if seconds <= _FIRST_BOUND_S:
+                buckets[0] += 1
+            else:
+                buckets[bisect_left(RESPONSE_TIME_BOUNDS_S, seconds)] += 1
             backend_stats.response_time_sum_s += seconds
         if route.log_access:
             self._log_access(exchange, status)
-        self._end_server_request(exchange)
+        if server is not None:
+            exchange.server = None
+            server.inflight -= 1  # Server.request_finished(), inlined: once per request
         self.answered += 1
+        reader = self.reader
+        route.stats.bytes_in += reader.bytes_read  # counted by the reader, published here
+        reader.bytes_read = 0
         if not exchange.keep_alive or route.is_stopping:
             self._close_after_write()
-            return
-        self.exchange = None
-        reader = self.reader
-        if reader.held:  # a pipelined request: parse it on the next iteration, not deeper
+        elif reader.held:  # a pipelined request: parse it on the next iteration, not deeper
+            self.exchange = None
             self.phase = Phase.HEAD
             self.deadline = self.loop.time() + route.timeouts.http_request_s
             self.loop.call_soon(self._next_request)
         else:
+            self.exchange = None
             self.phase = Phase.IDLE
             self.deadline = self.loop.time() + route.timeouts.client_s
             reader.resume()
+        self._flush_client()
 
     def _next_request(self) -> None:
         """Parse what the reader held past the last request (data_received's work)."""
@@ -780,7 +819,6 @@ class ClientConnection(asyncio.Protocol):
         exchange.status = status
         self.wbuf.append(rewrite.error_response(status, close=not keep_alive))
         self._finish_exchange(exchange)
-        self._flush_client()
 
     def _abort_exchange(self, exchange: Exchange) -> None:
         """The answer was cut after it started: the client can only learn it by a close."""
@@ -800,6 +838,7 @@ class ClientConnection(asyncio.Protocol):
             if route.log_access:
                 self._log_access(None, exc.status)
             self._close_after_write()
+            self._flush_client()
         else:
             self._drop_upstream(exchange)
             if not exchange.response_started:
@@ -807,7 +846,6 @@ class ClientConnection(asyncio.Protocol):
             exchange.status = exc.status
             exchange.keep_alive = False
             self._finish_exchange(exchange)
-        self._flush_client()
 
     def _close_after_write(self) -> None:
         self.phase = Phase.CLOSING
@@ -846,10 +884,10 @@ class ClientConnection(asyncio.Protocol):
             return
         wbuf = self.wbuf
         if wbuf:
-            data = b"".join(wbuf) if len(wbuf) > 1 else wbuf[0]
+            data = b"".join(wbuf)  # one piece: that piece itself, no copy
+            self.wbuf = []
             self.route.stats.bytes_out += len(data)
             transport.write(data)
-            wbuf.clear()
         if self.close_after_write:
             transport.close()
 
@@ -891,7 +929,6 @@ class ClientConnection(asyncio.Protocol):
         server = exchange.server
         if exchange.response_started or server is None:
             self._abort_exchange(exchange)
-            self._flush_client()
             self.abort()
             return
         if server.is_observed:

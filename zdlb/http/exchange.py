@@ -45,6 +45,7 @@ from typing import TYPE_CHECKING
 
 from zdlb.config.model import Reuse
 from zdlb.errors import UpstreamError, UpstreamTimeout
+from zdlb.http.head import IDEMPOTENT_METHODS
 
 if TYPE_CHECKING:
     import asyncio
@@ -122,7 +123,7 @@ class Exchange:
         self.ubuf: list[bytes] = []  # bytes for the server not written yet
         self.ubuf_bytes = 0
         # Bytes written to the server, kept for a replay (rule 4); None: not replayable.
-        self.replay: list[bytes] | None = [] if request.is_idempotent else None
+        self.replay: list[bytes] | None = [] if request.method in IDEMPOTENT_METHODS else None
         self.replay_bytes = 0
         self.tried: list[Server] = []  # servers that failed this request, in order
         self.retried_stale = False  # replayed once already after a stale pooled connection

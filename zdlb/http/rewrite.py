@@ -126,7 +126,10 @@ def build_response_head(
     """
     if head.is_plain and keep_alive and client_http_minor == 1 and head.http_minor == 1:
         # Nothing to edit: a passed-on "Connection: keep-alive" says what zdlb does anyway.
-        return _insert_after_status(head.raw, added) if added else head.raw
+        if not added:
+            return head.raw
+        cut = head.line_end + 2  # after the status line (sliced here: no call per answer)
+        return head.raw[:cut] + added + head.raw[cut:]
     if head.hop_lines_only and head.http_minor == 1 and framing is head.framing:
         persistence = b""
         if head.status >= 200:
@@ -134,7 +137,7 @@ def build_response_head(
                 persistence = b"Connection: close\r\n"
             elif client_http_minor == 0:
                 persistence = b"Connection: keep-alive\r\n"
-        raw = _insert_after_status(head.raw, added) if added else head.raw
+        raw = _insert_after_status(head, added) if added else head.raw
         return b"%s%s\r\n" % (_HOP_LINE.sub(b"", raw[:-2]), persistence)
     named = _connection_tokens(head.headers)
     lines = [b"HTTP/1.1 %d %s\r\n" % (head.status, head.reason), added]
@@ -172,9 +175,9 @@ def build_switch_head(head: ResponseHead, added: bytes = b"") -> bytes:
     return b"".join(lines)
 
 
-def _insert_after_status(raw: bytes, lines: bytes) -> bytes:
-    cut = raw.find(b"\r\n") + 2
-    return raw[:cut] + lines + raw[cut:]
+def _insert_after_status(head: ResponseHead, lines: bytes) -> bytes:
+    cut = head.line_end + 2
+    return head.raw[:cut] + lines + head.raw[cut:]
 
 
 def encode_chunk(data: bytes) -> bytes:

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
 
 from zdlb.config.model import ListenerConfig
+from zdlb.http.exchange import may_reuse
 from zdlb.http.head import RequestHeadParser
 from zdlb.http.upgrade import Tunnel, TunnelSettings
 from zdlb.http.upstream import ServerConnections
@@ -79,6 +80,9 @@ class Route:
         self.server_s = backend.config.timeouts.server_s
         self.retries = backend.config.retries
         self.reuse = backend.config.reuse
+        # exchange.py's rule 3 for this backend's policy, resolved once: read per request.
+        self.reuse_first = may_reuse(self.reuse, is_first_request=True, is_upgrade=False)
+        self.reuse_later = may_reuse(self.reuse, is_first_request=False, is_upgrade=False)
         self.proto = listener.x_forwarded_proto.encode()
         self.head_parser = RequestHeadParser(listener.limits)  # one for all its connections
         self.connections: set[ListenedConnection] = set()

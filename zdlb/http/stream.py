@@ -48,7 +48,8 @@ _HEAD_END = b"\r\n\r\n"
 
 
 class RequestSink(Protocol):
-    """Receives a request reader's events, in wire order, possibly several requests per feed."""
+    """Receives a request reader's events, in wire order. A head without a body (framing
+    ``NONE``) is the whole request: no ``request_end`` follows it (one call less per GET)."""
 
     def request_head(self, head: RequestHead) -> None: ...
     def request_body(self, data: bytes) -> None: ...
@@ -56,9 +57,14 @@ class RequestSink(Protocol):
 
 
 class ResponseSink(Protocol):
+    """Receives a response reader's events. ``response_complete`` stands for a head, its
+    whole Content-Length body and its end, when all of it came in one read (most responses:
+    one call instead of three)."""
+
     def response_head(self, head: ResponseHead) -> None: ...
     def response_body(self, data: bytes) -> None: ...
     def response_end(self, trailers: Headers, keep_alive: bool) -> None: ...
+    def response_complete(self, head: ResponseHead, body: bytes) -> None: ...
 
 
 class _DetachedSink:
@@ -171,12 +177,16 @@ class RequestReader:
         "_remaining",
         "_sink",
         "_state",
+        "bytes_read",
         "held",
     )
 
     def __init__(
         self, sink: RequestSink, limits: Limits, head_parser: RequestHeadParser | None = None
     ) -> None:
+        # Bytes fed so far: the connection publishes and resets it once per exchange (a len()
+        # per read saved: feed measures every read anyway).
+        self.bytes_read = 0
         self._sink = sink
         self._limits = limits
         # Shared by the listener's connections (see RequestHeadParser), or this reader's own.
@@ -225,6 +235,13 @@ class RequestReader:
     def feed(self, data: bytes) -> None:
         pos = 0
         end = len(data)
+        self.bytes_read += end
+        if self._state is _State.HEAD and not self._partial.buf:
+            # The common read: exactly one whole head, nothing before or after it.
+            head_end = data.find(_HEAD_END)
+            if head_end > 0 and head_end == end - 4 and data[0] != 0x0D:
+                self._start_body(self._head_parser.parse(data, end))
+                return
         sink = self._sink
         while pos < end:
             state = self._state
@@ -234,7 +251,7 @@ class RequestReader:
                 if raw is None:
                     self._check_partial()
                     return
-                self._start_body(self._head_parser.parse(raw))
+                self._start_body(self._head_parser.parse(raw, len(raw)))
             elif state is _State.LENGTH:
                 take = min(self._remaining, end - pos)
                 sink.request_body(data if pos == 0 and take == end else data[pos : pos + take])
@@ -268,10 +285,15 @@ class RequestReader:
             self._end([])
 
     def _start_body(self, head: RequestHead) -> None:
+        """Set the state for what follows ``head``, then emit it: the sink may resume this
+        reader from inside ``request_head`` (an answer decided at once)."""
         self._keep_alive = head.keep_alive
         self._is_upgrade = head.upgrade is not None
-        self._sink.request_head(head)
         match head.framing:
+            case Framing.NONE:
+                self._state = (
+                    _State.PAUSED if head.keep_alive or head.upgrade is not None else _State.DONE
+                )
             case Framing.LENGTH:
                 self._remaining = head.content_length or 0
                 self._state = _State.LENGTH
@@ -281,8 +303,9 @@ class RequestReader:
                     DownstreamProtocolError, 431, limits.max_head_bytes, limits.max_headers
                 )
                 self._state = _State.CHUNKED
-            case _:
-                self._end([])
+            case Framing.CLOSE:
+                raise AssertionError("requests are never close-delimited")
+        self._sink.request_head(head)
 
     def _end(self, trailers: Headers) -> None:
         self._state = _State.PAUSED if self._keep_alive or self._is_upgrade else _State.DONE
@@ -378,15 +401,38 @@ class ResponseReader:
     def feed(self, data: bytes) -> None:
         pos = 0
         end = len(data)
+        if self._state is _State.HEAD and not self._partial.buf:
+            # The common read: a whole final head first (16 bytes at least: "HTTP/1.1 200" and
+            # two CRLFs). A "1xx" one, and anything shorter, take the general path below.
+            size = data.find(_HEAD_END) + 4
+            if size >= 16 and data[9] != 0x31:
+                parser = self._llhttp or new_response_parser()
+                self._llhttp = None  # until this head proves valid and its body is fed through
+                raw = data if size == end else data[:size]
+                head = parse_response_head(raw, size, parser, self._is_head, self._is_upgrade)
+                framing = head.framing
+                if (framing is Framing.LENGTH and head.content_length == end - size) or (
+                    framing is Framing.NONE and size == end
+                ):
+                    body = data[size:] if framing is Framing.LENGTH else b""
+                    if body:
+                        parser.feed_data(body)  # keeps it at a message boundary for reuse
+                    # A HEAD answer's Content-Length told llhttp of a body that never comes.
+                    self._llhttp = None if self._is_head else parser
+                    self._state = _State.DONE
+                    self.sink.response_complete(head, body)
+                    return
+                self._start_response(head, parser)
+                pos = size
         while pos < end:
             state = self._state
             if state is _State.HEAD:
-                raw, data, pos = self._partial.split(data, pos, skip_crlf=False)
+                head_raw, data, pos = self._partial.split(data, pos, skip_crlf=False)
                 end = len(data)
-                if raw is None:
+                if head_raw is None:
                     self._check_partial()
                     return
-                self._on_head(raw)
+                self._on_head(head_raw)
             elif state is _State.LENGTH:
                 take = min(self._remaining, end - pos)
                 body = data if pos == 0 and take == end else data[pos : pos + take]
@@ -413,7 +459,11 @@ class ResponseReader:
     def _on_head(self, raw: bytes) -> None:
         parser = self._llhttp or new_response_parser()
         self._llhttp = None  # until this head proves valid and its body is fed through
-        head = parse_response_head(raw, parser, self._is_head, self._is_upgrade)
+        head = parse_response_head(raw, len(raw), parser, self._is_head, self._is_upgrade)
+        self._start_response(head, parser)
+
+    def _start_response(self, head: ResponseHead, parser: httptools.HttpResponseParser) -> None:
+        """Set the state for what follows a validated head, and emit it."""
         if head.status == 101:  # only to an upgrade request: the connection switched
             self._state = _State.SWITCHING
             self.sink.response_head(head)

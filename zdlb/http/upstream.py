@@ -54,6 +54,9 @@ class _IdleSink:
     def response_end(self, trailers: Headers, keep_alive: bool) -> None:
         raise UpstreamProtocolError("bytes after the end of a response")
 
+    def response_complete(self, head: ResponseHead, body: bytes) -> None:
+        raise UpstreamProtocolError("bytes after the end of a response")
+
 
 _IDLE_SINK = _IdleSink()
 
@@ -131,7 +134,9 @@ class UpstreamConnection(asyncio.Protocol):
                 owner.upstream_lost(self, exc)
             else:  # garbage after a complete response: the connection was already released
                 self.pool.discard(self)
-        owner.upstream_flushed()
+                return
+        if self.owner is owner:  # an answer ended with this read flushed itself already
+            owner.upstream_flushed()
 
     def eof_received(self) -> bool:
         return False  # close our side too; a close-delimited body ends in connection_lost
