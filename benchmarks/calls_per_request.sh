@@ -5,8 +5,8 @@
 # one STYLE.md budgets (~30 per request; the issue that set it measured 104 before the HTTP
 # rebuild). Setup as in ../shared/hooks/calls_per_request.sh: two nginx backends, one zdlb
 # process with the sticky cookie (insert, as for a client without one) and HTTP checks on, wrk
-# -t1 -c10 for 3 s against it under cProfile; then the count per request, every function called
-# at least MIN_PER_REQUEST times a request, and the callers of the builtins among them.
+# -t1 -c10 against it under cProfile; then the count per request, every function called at
+# least MIN_PER_REQUEST times a request, and the callers of the builtins among them.
 # Usage: benchmarks/calls_per_request.sh [MIN_PER_REQUEST]   (default 0.5)
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -57,29 +57,52 @@ address = "127.0.0.1:$b1"
 name = "s2"
 address = "127.0.0.1:$b2"
 TOML
-"$py" -m cProfile -o "$work/prof" -m zdlb.daemon.cli run -c "$work/z.toml" 2>"$work/z.log" &
-zdlb=$!; pids+=($zdlb)
-for _ in $(seq 100); do curl -s -o /dev/null "http://127.0.0.1:$lb/" && break; sleep 0.1; done
-requests=$(timeout 30 wrk -t1 -c10 -d3s "http://127.0.0.1:$lb/" | awk '/requests in/ {print $1}')
-kill -INT "$zdlb"
-wait "$zdlb" || true
-[[ -s "$work/prof" && -n "$requests" ]] || { cat "$work/z.log" >&2; exit 1; }
-"$py" - "$work/prof" "$requests" "$min" <<'PY'
+# Two runs, 2 s and 6 s of load: the difference cancels start-up and shutdown (imports, config,
+# the first checks), which a single short run spreads over its requests.
+profile() {  # profile SECONDS: writes $work/prof-SECONDS, prints the requests served
+    "$py" -m cProfile -o "$work/prof-$1" -m zdlb.daemon.cli run -c "$work/z.toml" 2>"$work/z.log" &
+    local zdlb=$! served
+    pids+=($zdlb)
+    for _ in $(seq 100); do curl -s -o /dev/null "http://127.0.0.1:$lb/" && break; sleep 0.1; done
+    served=$(timeout 30 wrk -t1 -c10 -d"$1"s "http://127.0.0.1:$lb/" | awk '/requests in/ {print $1}')
+    kill -INT "$zdlb"
+    wait "$zdlb" || true
+    [[ -s "$work/prof-$1" && -n "$served" ]] || { cat "$work/z.log" >&2; exit 1; }
+    echo "$served"
+}
+short=$(profile 2)
+long=$(profile 6)
+"$py" - "$work/prof-2" "$short" "$work/prof-6" "$long" "$min" <<'PY'
 import pstats
 import sys
 
-stats = pstats.Stats(sys.argv[1])
-requests, minimum = int(sys.argv[2]), float(sys.argv[3])
-total = sum(v[1] for v in stats.stats.values())
-print(f"{total / requests:.1f} Python calls per keep-alive request ({requests} requests, budget ~30)")
-rows = sorted(stats.stats.items(), key=lambda kv: -kv[1][1])
-for (path, line, name), (_, calls, _, _, callers) in rows:
-    if calls / requests < minimum:
+short, short_requests = pstats.Stats(sys.argv[1]), int(sys.argv[2])
+long, long_requests = pstats.Stats(sys.argv[3]), int(sys.argv[4])
+minimum = float(sys.argv[5])
+requests = long_requests - short_requests
+
+
+def calls(stats: pstats.Stats) -> dict[tuple[str, int, str], int]:
+    return {key: value[1] for key, value in stats.stats.items()}  # type: ignore[attr-defined]
+
+
+before, after = calls(short), calls(long)
+total = sum(after.values()) - sum(before.values())
+print(
+    f"{total / requests:.1f} Python calls per keep-alive request, builtins included"
+    f" ({requests} requests between a {short_requests}- and a {long_requests}-request run;"
+    f" budget ~30). One run alone: {sum(after.values()) / long_requests:.1f}."
+)
+marginal = {key: (n - before.get(key, 0)) / requests for key, n in after.items()}
+callers = long.stats  # type: ignore[attr-defined]
+for key, per_request in sorted(marginal.items(), key=lambda kv: -kv[1]):
+    if per_request < minimum:
         break
+    path, line, name = key
     where = "builtin" if path == "~" else f"{path.rsplit('/', 1)[-1]}:{line}"
-    print(f"  {calls / requests:5.1f}/req  {name}  ({where})")
-    if path == "~":  # a builtin: say who calls it
-        for (cpath, cline, cname), counts in sorted(callers.items(), key=lambda kv: -kv[1][0]):
-            if counts[0] / requests >= minimum:
-                print(f"        {counts[0] / requests:5.1f} from {cname} ({cpath.rsplit('/', 1)[-1]}:{cline})")
+    print(f"  {per_request:5.1f}/req  {name}  ({where})")
+    if path == "~":  # a builtin: say who calls it (whole long run)
+        for (cpath, cline, cname), counts in sorted(callers[key][4].items(), key=lambda kv: -kv[1][0]):
+            if counts[0] / long_requests >= minimum:
+                print(f"        {counts[0] / long_requests:5.1f} from {cname} ({cpath.rsplit('/', 1)[-1]}:{cline})")
 PY

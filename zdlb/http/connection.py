@@ -243,7 +243,7 @@ class ClientConnection(asyncio.Protocol):
             return
         pool = route.upstreams[server.name]
         data = rewrite.build_request_head(head, self.client_ip, route.proto, pool.host_header)
-        exchange.ubuf.append(data)
+        exchange.ubuf = [data]
         exchange.ubuf_bytes = len(data)
         framing = head.framing
         if framing is Framing.NONE:
@@ -303,8 +303,11 @@ class ClientConnection(asyncio.Protocol):
         # may_reuse (exchange.py, rule 3), resolved for this backend once by the route.
         if (route.reuse_later if self.answered else route.reuse_first) and head.upgrade is None:
             upstream = pool.acquire()
-            if upstream is not None:
-                self._attach(exchange, upstream)
+            if upstream is not None:  # _attach, inlined: nothing is paused for a connect yet
+                exchange.upstream = upstream
+                upstream.attach(self, head.method == b"HEAD")
+                if self.writes_paused:
+                    upstream.pause_reading()
                 return
         self._connect(exchange, pool)
 
@@ -393,10 +396,12 @@ class ClientConnection(asyncio.Protocol):
         replay = exchange.replay
         if replay is not None:
             exchange.replay_bytes += size
-            if exchange.replay_bytes <= MAX_REPLAY_BYTES:
-                replay.append(data)
-            else:
+            if exchange.replay_bytes > MAX_REPLAY_BYTES:
                 exchange.replay = None
+            elif replay:
+                replay.append(data)
+            else:  # the first write: keep the pieces just sent (no copy, no call)
+                exchange.replay = ubuf
         upstream.pool.stats.bytes_in += size
         upstream.transport.write(data)
         if exchange.splice_request and self.detour is None:
@@ -415,6 +420,12 @@ class ClientConnection(asyncio.Protocol):
             if request.http_minor == 1:  # RFC 9110 section 15.2: never 1xx to HTTP/1.0
                 self.wbuf.append(rewrite.build_response_head(head, Framing.NONE, True, 1))
             return
+        self.wbuf.append(self._answer_head(exchange, head))
+
+    def _answer_head(self, exchange: Exchange, head: ResponseHead) -> bytes:
+        """Decide how a final answer goes to the client (exchange.py, rule 2) and serialise
+        its head for it."""
+        request = exchange.request
         framing = head.framing
         if framing is Framing.CHUNKED and request.http_minor == 0:
             framing = rewrite.downstream_framing(head, 0)
@@ -438,20 +449,19 @@ class ClientConnection(asyncio.Protocol):
             and exchange.request_done
         )
         exchange.status = head.status
-        self.wbuf.append(
-            rewrite.build_response_head(
-                head, framing, keep_alive, request.http_minor, exchange.set_cookie
-            )
+        return rewrite.build_response_head(
+            head, framing, keep_alive, request.http_minor, exchange.set_cookie
         )
 
     def response_complete(self, head: ResponseHead, body: bytes) -> None:
-        """A whole response in one read: its head, its entire body, its end."""
-        self.response_head(head)
+        """A whole final response in one read: its head, its entire body, its end."""
         exchange = self.exchange
         assert exchange is not None
+        out = self._answer_head(exchange, head)
         if body:
             exchange.bytes_out += head.content_length or 0
-            self.wbuf.append(body)
+            out += body
+        self.wbuf.append(out)
         self.response_end(_NO_TRAILERS, head.keep_alive)
 
     def response_body(self, data: bytes) -> None:

@@ -306,19 +306,22 @@ class RequestHeadParser:
             self._parser = None  # llhttp took a head zdlb refuses: no state to build on
             raise _request_line_error(raw)
         method, target = line[1], line[2]
-        if len(target) > limits.max_line_bytes:
+        # A head shorter than the line limit cannot hold a target over it: no len() then.
+        if size > limits.max_line_bytes and len(target) > limits.max_line_bytes:
             self._parser = None
             raise DownstreamProtocolError("request target too long", 414)
         fields = _NOTABLE_FIELD.findall(raw)
         try:
             if target[:1] != b"/":  # not origin-form: rare, never on the hot path
                 raw, target = _origin_form(raw, method, target, line.end(2), fields)
-            if line[3] == b"1" and len(fields) == 1 and fields[0][0] in _HOST_SPELLINGS:
-                # The common case: nothing to edit, no body, persistent.
-                return RequestHead(
-                    raw, method, target, 1, Framing.NONE, None, True, False, True, True
-                )
-            return self._parse_fields(raw, method, target, 1 if line[3] == b"1" else 0, fields)
+            http_minor = 1 if line[3] == b"1" else 0
+            match fields:
+                case [(name, _)] if http_minor and name in _HOST_SPELLINGS:
+                    # The common case: only Host: nothing to edit, no body, persistent.
+                    return RequestHead(
+                        raw, method, target, 1, Framing.NONE, None, True, False, True, True
+                    )
+            return self._parse_fields(raw, method, target, http_minor, fields)
         except DownstreamProtocolError:
             self._parser = None
             raise

@@ -240,7 +240,15 @@ class RequestReader:
             # The common read: exactly one whole head, nothing before or after it.
             head_end = data.find(_HEAD_END)
             if head_end > 0 and head_end == end - 4 and data[0] != 0x0D:
-                self._start_body(self._head_parser.parse(data, end))
+                head = self._head_parser.parse(data, end)
+                if head.framing is Framing.NONE:  # the whole request (_start_body, inlined)
+                    if head.keep_alive or head.upgrade is not None:
+                        self._state = _State.PAUSED
+                    else:
+                        self._state = _State.DONE
+                    self._sink.request_head(head)
+                else:
+                    self._start_body(head)
                 return
         sink = self._sink
         while pos < end:
