@@ -68,6 +68,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default=tg.DEFAULT_ZDLB_CMD,
         help="zdlb command line; {config} becomes the generated TOML path",
     )
+    p.add_argument(
+        "--baseline",
+        metavar="REV",
+        help="also run zdlb at git revision REV (target zdlb-base, same config as zdlb): the "
+        "before/after of a change in the same interleaved run",
+    )
     p.add_argument("--zdlb-ready-timeout", type=float, default=tg.READY_TIMEOUT_S)
     p.add_argument("--proxy-cpu", type=int, default=1, help="CPU for the proxies (default 1)")
     p.add_argument("--load-cpu", type=int, default=0, help="CPU for wrk+backends (default 0)")
@@ -77,6 +83,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--keep-tmp", action="store_true", help="keep configs and logs for debugging")
     args = p.parse_args(argv)
     args.only = _pick(p, args.only, tg.ALL_TARGETS, "--only")
+    if args.baseline:
+        args.only = (*args.only, tg.BASELINE_TARGET)
     args.workloads = _pick(p, args.workloads, tuple(WORKLOADS), "--workloads")
     if args.rounds < 1 or args.duration < 1:
         p.error("--rounds and --duration must be >= 1")
@@ -190,6 +198,19 @@ def start_targets(args: argparse.Namespace, reg: ProcRegistry, tmp: Path) -> lis
             target = tg.start_haproxy(reg, tmp, backends, proxy_cpu)
         elif name == "nginx":
             target = tg.start_nginx_proxy(reg, tmp, backends, proxy_cpu)
+        elif name == tg.BASELINE_TARGET:
+            root = tg.checkout(args.baseline, tmp / "baseline")
+            target = tg.start_zdlb(
+                reg,
+                tmp,
+                backends,
+                proxy_cpu,
+                args.zdlb_cmd,
+                args.zdlb_ready_timeout,
+                name,
+                template="zdlb",
+                root=root,
+            )
         else:
             target = tg.start_zdlb(
                 reg, tmp, backends, proxy_cpu, args.zdlb_cmd, args.zdlb_ready_timeout, name
@@ -353,6 +374,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         idle = run_idle(args, targets) if args.idle_conns > 0 else []
     finally:
         reg.stop_all()
+        if args.baseline:
+            tg.remove_checkout(tmp / "baseline")
         if args.keep_tmp:
             say(f"configs and logs kept in {tmp}")
         else:

@@ -62,6 +62,9 @@ def main() -> None:
         "listeners": {"web": {"bind": "127.0.0.1:0", "backend": "app"}},
         "backends": {
             "app": {
+                # Every request on the pooled connections (the first included): what is timed
+                # is the keep-alive path, not a connect.
+                "reuse": "always",
                 "servers": [
                     {"name": "s1", "address": "127.0.0.1:1"},
                     {"name": "s2", "address": "127.0.0.1:2"},
@@ -83,9 +86,9 @@ def main() -> None:
 
     def one_request() -> None:
         client.data_received(REQUEST)
-        upstream = client.upstream
-        assert upstream is not None
-        upstream.data_received(RESPONSE)
+        exchange = client.exchange
+        assert exchange is not None and exchange.upstream is not None
+        exchange.upstream.data_received(RESPONSE)
 
     for _ in range(1000):  # warm up caches and the round-robin schedule
         one_request()

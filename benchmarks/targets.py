@@ -12,6 +12,7 @@ import http.client
 import os
 import shlex
 import string
+import subprocess
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -34,6 +35,8 @@ PROBE_TIMEOUT_S = 5.0
 
 # zdlb-bare: zdlb without checks, sticky cookie and control socket (templates/zdlb-bare.toml).
 PROXY_NAMES = ("zdlb", "zdlb-bare", "haproxy", "nginx")
+# zdlb at another git revision (bench.py --baseline REV), configured as the zdlb target.
+BASELINE_TARGET = "zdlb-base"
 ALL_TARGETS = ("direct", *PROXY_NAMES)
 
 
@@ -145,6 +148,24 @@ def start_nginx_proxy(
     )
 
 
+def checkout(rev: str, dest: Path) -> Path:
+    """A detached git worktree of this repository at ``rev`` (for --baseline)."""
+    subprocess.run(
+        ["git", "-C", str(REPO_ROOT), "worktree", "add", "--detach", str(dest), rev],
+        check=True,
+        capture_output=True,
+    )
+    return dest
+
+
+def remove_checkout(dest: Path) -> None:
+    subprocess.run(
+        ["git", "-C", str(REPO_ROOT), "worktree", "remove", "--force", str(dest)],
+        check=False,
+        capture_output=True,
+    )
+
+
 def start_zdlb(
     reg: ProcRegistry,
     tmp: Path,
@@ -153,12 +174,15 @@ def start_zdlb(
     cmd_template: str,
     ready_timeout_s: float,
     name: str = "zdlb",
+    *,
+    template: str | None = None,
+    root: Path = REPO_ROOT,
 ) -> Target:
     """Start zdlb from cmd_template ({config} is replaced by the generated TOML's path), with
-    templates/NAME.toml."""
+    templates/TEMPLATE.toml (TEMPLATE defaults to NAME), importing zdlb from ``root``."""
     port = free_port()
     conf = render(
-        f"{name}.toml",
+        f"{template or name}.toml",
         tmp / f"{name}.toml",
         port=port,
         backend1=backends[0],
@@ -167,9 +191,9 @@ def start_zdlb(
     )
     argv = [part.replace("{config}", str(conf)) for part in shlex.split(cmd_template)]
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH")]))
     try:
-        proc = reg.spawn(name, taskset(cpu, argv), tmp, cwd=REPO_ROOT, env=env)
+        proc = reg.spawn(name, taskset(cpu, argv), tmp, cwd=root, env=env)
     except OSError as exc:
         return Target(name, port, skip_reason=f"cannot start {argv[0]!r}: {exc}")
     return _ready(Target(name, port, proc), ready_timeout_s)

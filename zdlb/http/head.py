@@ -46,8 +46,11 @@ DEFAULT_MAX_RESPONSE_FIELDS = 200
 
 # The fields zdlb must look at or may have to edit; anything else passes through untouched.
 # llhttp has already refused whitespace before the colon, so "\r\nname:" is exact.
+# The lookahead on their first letters lets every other line fail at its first byte: 0.67 ->
+# 0.49 us for an nginx response head (Server, Date, Content-Type...), timeit on this box.
 _NOTABLE_FIELD = re.compile(
-    rb"\n(content[-_]length|transfer[-_]encoding|connection|keep-alive|proxy-connection|te"
+    rb"\n(?=[CcTtKkPpUuXxEeHh])"
+    rb"(content[-_]length|transfer[-_]encoding|connection|keep-alive|proxy-connection|te"
     rb"|trailer|upgrade|x-forwarded-for|x-forwarded-proto|expect|host):[ \t]*([^\r]*)\r",
     re.IGNORECASE,
 )  # values keep trailing whitespace (stripped where used): a lazy match measured 2.5x slower
