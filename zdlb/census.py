@@ -146,6 +146,10 @@ class Census:
     def key(self) -> int:
         return self._key
 
+    @property
+    def window_s(self) -> float:
+        return self.slice_s * self._slices
+
     def observe(self, host: str, token: bytes) -> None:
         """Count the user ``token`` on ``host`` (the hot-path entry: call once per connection
         and token). An unknown host or a token that is not hex is ignored, never raised."""

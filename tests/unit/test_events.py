@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 
 import pytest
 
 from zdlb.events import MAX_DETAIL_CHARS, EventKind, Timeline
 
 
-def _clock():
+def _clock() -> Callable[[], float]:
     ticks = itertools.count(1000)
     return lambda: float(next(ticks))
 

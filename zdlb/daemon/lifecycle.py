@@ -21,19 +21,25 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from zdlb.balancer.pool import Backend
+from zdlb.balancer.server import AdminState
 from zdlb.balancer.sticky import StickyCookie
+from zdlb.census import Census
 from zdlb.config.model import Config, ListenerConfig, ListenerMode
 from zdlb.control import journal
 from zdlb.control.commands import Controller, WorkerLoad
+from zdlb.control.protocol import Command, Flip, SetServerState
 from zdlb.control.server import ControlServer
-from zdlb.errors import ZdlbError
+from zdlb.errors import ControlCommandError, ZdlbError
+from zdlb.events import Timeline
 from zdlb.health.scheduler import HealthChecker, TransitionHook
 from zdlb.http.proxy import ClientConnection
 from zdlb.http.route import Route
 from zdlb.http.upstream import ServerConnections
+from zdlb.metrics.actions import Action, ActionKind, ActionRefused
 from zdlb.metrics.collector import SnapshotSource, new_registry, take_snapshot
-from zdlb.metrics.endpoint import MetricsEndpoint
+from zdlb.metrics.endpoint import ActionRunner, MetricsEndpoint
 from zdlb.metrics.registry import Stats
+from zdlb.metrics.status import StatusBoard
 from zdlb.tcp.listener import bind_listener, bind_listener_group, bound_address
 from zdlb.tcp.proxy import TcpRoute, TcpSettings
 
@@ -47,6 +53,8 @@ EXIT_OK = 0
 EXIT_FAILURE = 1
 # A scraper or two, not a crowd: the endpoint caps its connections anyway.
 METRICS_BACKLOG = 64
+# The uid logged for a change made from the status page: a TCP peer has no uid to read.
+STATUS_PAGE_UID = -1
 
 
 # The cyclic GC's gen-0 pass runs every 700 net allocations by default: about every 50
@@ -87,6 +95,10 @@ class Runtime:
     # A master's listening sockets, per listener in config order: one per worker (the first is
     # also in sockets/tcp_sockets). Empty in a single process or a worker.
     listener_groups: list[list[socket.socket]] = field(default_factory=list)
+    # What changed and when (commands, health verdicts); recorded by the process owning them.
+    events: Timeline = field(default_factory=Timeline)
+    # Per sticky backend: distinct users per host (census.py), fed by the HTTP connections.
+    census: dict[str, Census] = field(default_factory=dict)
 
     @property
     def all_routes(self) -> list[Route | TcpRoute]:
@@ -125,8 +137,16 @@ def build_runtime(
         # Small, one-off blocking I/O at start-up, before anything is served.
         # time.monotonic() is the loop's clock (asyncio's, and uvloop's via libuv).
         journal.replay(journal.load(state_file), servers, time.monotonic())
-    health = HealthChecker(servers, on_transition=on_health)
-    runtime = Runtime(config, backends, health, Stats.from_config(config))
+    # A worker's checker only judges live traffic; the master's verdicts are the timeline's.
+    events = Timeline()
+    is_worker = listener_sockets is not None
+    health = HealthChecker(servers, on_transition=on_health, events=None if is_worker else events)
+    runtime = Runtime(config, backends, health, Stats.from_config(config), events=events)
+    runtime.census = {
+        name: Census(backend.identities())
+        for name, backend in backends.items()
+        if backend.config.sticky
+    }
     try:
         for index, listener in enumerate(config.listeners):
             if listener_sockets is not None:
@@ -215,13 +235,7 @@ async def start_control(
     control_config = runtime.config.control
     if control_config.socket is None:
         return None
-    controller = Controller(
-        runtime.backends,
-        runtime.all_routes,
-        runtime.health,
-        control_config.state_file,
-        workers=workers,
-    )
+    controller = new_controller(runtime, workers)
     control = ControlServer(
         control_config.socket, control_config.group, controller, runtime.stats.control
     )
@@ -278,11 +292,58 @@ async def start_listeners(runtime: Runtime, *, log_started: bool = True) -> None
             log_listener_started(tcp_route.listener, sock, tcp_route.backend)
 
 
-async def start_metrics(runtime: Runtime, source: SnapshotSource) -> MetricsEndpoint | None:
-    """The /metrics endpoint on the socket build_runtime bound, if [metrics] listen is set."""
+def new_controller(runtime: Runtime, workers: WorkerLoad | None = None) -> Controller:
+    """The control commands over ``runtime`` (the socket's, and the status page's actions)."""
+    return Controller(
+        runtime.backends,
+        runtime.all_routes,
+        runtime.health,
+        runtime.config.control.state_file,
+        workers=workers,
+        events=runtime.events,
+    )
+
+
+def action_runner(controller: Controller) -> ActionRunner:
+    """The status page's write actions, run as the control socket runs them."""
+
+    async def run(action: Action) -> tuple[int, dict[str, object]]:
+        command: Command
+        match action.kind:
+            case ActionKind.FLIP:
+                command = Flip(action.backend, action.server)
+            case ActionKind.DRAIN:
+                command = SetServerState(action.backend, action.server, AdminState.DRAIN)
+            case ActionKind.READY:
+                command = SetServerState(action.backend, action.server, AdminState.READY)
+        try:
+            reply = await controller.execute(command, STATUS_PAGE_UID)
+        except ControlCommandError as exc:  # unknown server, a flip refused by its checks
+            raise ActionRefused(409, str(exc)) from None
+        if reply.is_error:
+            raise ActionRefused(409, reply.text.strip())
+        return 200, {"ok": True, "text": reply.text.strip()}
+
+    return run
+
+
+async def start_metrics(
+    runtime: Runtime, source: SnapshotSource, workers: WorkerLoad | None = None
+) -> MetricsEndpoint | None:
+    """The /metrics endpoint and status page on the socket build_runtime bound, if [metrics]
+    listen is set; with ``admin = true`` the page's write actions too."""
     if runtime.metrics_socket is None:
         return None
-    endpoint = MetricsEndpoint(new_registry(source), runtime.metrics_socket)
+    admin = runtime.config.metrics.admin
+    board = StatusBoard(
+        runtime.backends, runtime.health, runtime.events, source, runtime.census, is_admin=admin
+    )
+    endpoint = MetricsEndpoint(
+        new_registry(source, runtime.events, runtime.census),
+        runtime.metrics_socket,
+        status=board,
+        run_action=action_runner(new_controller(runtime, workers)) if admin else None,
+    )
     await endpoint.start()  # logs metrics_started with the bound address
     return endpoint
 

@@ -41,6 +41,7 @@ from zdlb.daemon import ipc
 from zdlb.daemon.lifecycle import Runtime, log_listener_started, start_control, start_metrics
 from zdlb.daemon.worker import WorkerOptions, WorkerSpec
 from zdlb.errors import ZdlbError
+from zdlb.events import EventKind
 from zdlb.metrics.collector import take_snapshot
 from zdlb.metrics.registry import Snapshot, merge
 
@@ -325,6 +326,7 @@ class Supervisor:
                 transition.new.value,
                 reason,
             )
+            self.runtime.events.record(EventKind.HEALTH, key, f"up -> down: {reason}")
 
     async def _push_forever(self) -> None:
         while True:
@@ -355,7 +357,7 @@ async def serve_master(
     """lifecycle.serve for ``count`` > 1 workers: the rules above, until ``stop`` is set."""
     supervisor = Supervisor(runtime, count, options)
     control = await start_control(runtime, supervisor)
-    metrics = await start_metrics(runtime, supervisor.snapshot)
+    metrics = await start_metrics(runtime, supervisor.snapshot, supervisor)
     try:
         await supervisor.start()
     except BaseException:
