@@ -12,6 +12,8 @@ Skipped, saying why, where Chromium is not installed (``.ci/run`` installs it).
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import re
 import socket
@@ -40,6 +42,9 @@ FLIP_VISIBLE_S = 2.0
 # The page's first render: Chromium's start, then one poll.
 FIRST_RENDER_S = 15.0
 HOSTS = ("front-1", "front-2")
+# Background traffic while the page is watched, so its counters move: bounded in both ways.
+LOAD_RATE = 50
+LOAD_MAX = 2000
 CHECK = """
 [backends.app.check]
 kind = "http"
@@ -124,10 +129,31 @@ async def test_page_shows_servers_and_a_flip_live(
     browser: Browser,
 ) -> None:
     daemon, config, addr, base = await start_demo_daemon(start_daemon, write_config, demo_vhosts)
-    async with await H11Client.connect(addr) as client:  # some traffic for the counters
-        for _ in range(6):
-            assert (await client.request("GET", "/")).status == 200
+    stop_load = asyncio.Event()
+    load = asyncio.get_running_loop().create_task(_load(addr, stop_load))
+    try:
+        await _watch_a_flip(browser, config, base)
+    finally:
+        stop_load.set()
+        answered = await load
+    assert answered > 0
+    assert "Traceback" not in daemon.output
 
+
+async def _load(addr: tuple[str, int], stop: asyncio.Event) -> int:
+    """Paced requests (LOAD_RATE a second) until ``stop`` or LOAD_MAX: req/s on the page."""
+    answered = 0
+    async with await H11Client.connect(addr) as client:
+        while answered < LOAD_MAX and not stop.is_set():
+            assert (await client.request("GET", "/")).status == 200
+            answered += 1
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(1 / LOAD_RATE):
+                    await stop.wait()
+    return answered
+
+
+async def _watch_a_flip(browser: Browser, config: Path, base: str) -> None:
     await browser.navigate(base + "/")
     await browser.wait_for(SERVING.format(host="front-1"), timeout_s=FIRST_RENDER_S)
     # Every member probed once (the first probes are jittered over interval_s).
@@ -174,4 +200,3 @@ async def test_page_shows_servers_and_a_flip_live(
     assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 10_000
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     (ARTIFACTS / "status-page-flip.png").write_bytes(png)
-    assert "Traceback" not in daemon.output
