@@ -19,6 +19,7 @@ import re
 import socket
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -94,6 +95,7 @@ async def start_demo_daemon(
     start_daemon: StartDaemon,
     write_config: WriteConfig,
     vhosts: dict[str, DemoVhostServer],
+    workers: int = 1,
 ) -> tuple[Daemon, Path, tuple[str, int], str]:
     specs = []
     for host in HOSTS:
@@ -105,7 +107,7 @@ async def start_demo_daemon(
     text += '\n[control]\nsocket = "ctl.sock"\n'
     text += f'\n[metrics]\nlisten = "{LOOPBACK}:0"\n'
     config = write_config(text)
-    daemon = await start_daemon("run", "--workers", "1", "-c", str(config))
+    daemon = await start_daemon("run", "--workers", str(workers), "-c", str(config))
     addr = await daemon.listener_addr("web", timeout_s=START_TIMEOUT_S)
     line = await daemon.wait_text("metrics_started")
     match = re.search(r"addr=(\S+:\d+)", line)
@@ -200,3 +202,46 @@ async def _watch_a_flip(browser: Browser, config: Path, base: str) -> None:
     assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 10_000
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     (ARTIFACTS / "status-page-flip.png").write_bytes(png)
+
+
+async def test_status_json_with_workers_is_the_masters(
+    start_daemon: StartDaemon,
+    write_config: WriteConfig,
+    demo_vhosts: dict[str, DemoVhostServer],
+) -> None:
+    """Two workers proxy; the master's document counts their requests and its timeline has
+    the flip (the master owns control and checks)."""
+    daemon, config, addr, base = await start_demo_daemon(
+        start_daemon, write_config, demo_vhosts, workers=2
+    )
+    metrics = _host_port(base)
+    async with await H11Client.connect(addr) as client:
+        for _ in range(10):
+            assert (await client.request("GET", "/")).status == 200
+    result = await run_zdlb("ctl", "-c", str(config), "flip", "app/front-2")
+    assert result.returncode == 0, result
+    async with asyncio.timeout(FIRST_RENDER_S):
+        while True:  # worker reports arrive every 0.1 s; the document is cached 0.25 s
+            doc = await _status_json(metrics)
+            members = [m for host in doc["backends"][0]["hosts"] for m in host["members"]]
+            if sum(m["requests"] for m in members) >= 10:
+                break
+            await asyncio.sleep(0.1)
+    hosts = {host["host"]: host for host in doc["backends"][0]["hosts"]}
+    assert hosts["front-2"]["serving"] == "front-2-backup"
+    assert hosts["front-1"]["serving"] == "front-1"
+    assert [e["kind"] for e in doc["events"][:2]] == ["flip", "admin"]
+    assert "Traceback" not in daemon.output
+
+
+def _host_port(base: str) -> tuple[str, int]:
+    host, port = base.removeprefix("http://").rsplit(":", 1)
+    return host, int(port)
+
+
+async def _status_json(metrics: tuple[str, int]) -> dict[str, Any]:
+    async with await H11Client.connect(metrics) as client:
+        response = await client.request("GET", "/status.json")
+    assert response.status == 200, response
+    doc: dict[str, Any] = json.loads(response.body)
+    return doc
