@@ -199,17 +199,26 @@ class Census:
         self._pending.clear()
         return taken
 
-    def merge_registers(self, taken: Mapping[str, Iterable[Sequence[int]]]) -> None:
+    def merge_registers(self, taken: object) -> None:
         """Fold a worker's ``take_registers()`` into the current slice. Hostile-safe: unknown
         hosts, bad indexes and ranks are skipped (the channel is zdlb's own, but a bug must
         not raise into the master)."""
+        if not isinstance(taken, Mapping):
+            return
         for host, pairs in taken.items():
             registers = self._current.get(host)
             if registers is None:
                 continue
+            if not isinstance(pairs, list | tuple):
+                continue
             for pair in pairs:
-                if len(pair) != 2:
+                if not isinstance(pair, list | tuple) or len(pair) != 2:
                     continue
                 index, rank = pair
-                if 0 <= index < REGISTERS and 0 < rank <= _RANK_BITS + 1:
+                if (
+                    type(index) is int
+                    and type(rank) is int
+                    and 0 <= index < REGISTERS
+                    and 0 < rank <= _RANK_BITS + 1
+                ):
                     registers[index] = max(registers[index], rank)

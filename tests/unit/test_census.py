@@ -16,6 +16,8 @@ from zdlb.census import (
     mint_token,
     split_value,
 )
+from zdlb.daemon import ipc
+from zdlb.metrics.registry import Stats
 
 # The stated error: 3 standard errors hold 99.7% of estimates.
 BOUND = 3 * STANDARD_ERROR
@@ -107,6 +109,37 @@ def test_worker_registers_merge_at_the_master():
         master.merge_registers(worker.take_registers())
         assert worker.take_registers() == {}  # emptied by the take
     assert abs(master.counts()["front-1"] - 2000) <= BOUND * 2000
+
+
+def test_worker_registers_travel_in_the_stats_report():
+    # What worker.py sends and workers.py merges, through the real channel encoding.
+    rng = random.Random(8)
+    key = rng.getrandbits(64)
+    master, worker = Census(["front-1"], key=key), Census(["front-1"], key=key)
+    for token in _tokens(rng, 300):
+        worker.observe("front-1", token)
+    taken = {"app": {h: [list(p) for p in pairs] for h, pairs in worker.take_registers().items()}}
+    snapshot = Stats().snapshot({})
+    message = ipc.decode(ipc.encode(ipc.StatsReport(1, 0, snapshot, taken)))
+    assert isinstance(message, ipc.StatsReport)
+    master.merge_registers(message.census["app"])
+    assert abs(master.counts()["front-1"] - 300) <= BOUND * 300
+
+
+@pytest.mark.parametrize(
+    "taken",
+    [
+        "not a map",
+        {"h": "not a list"},
+        {"h": [["1", 2], [1, "2"], [True, 2], [1.0, 2], None, [1, 2, 3]]},
+        {"h": {"1": 2}},
+    ],
+    ids=["string", "host-string", "bad-pairs", "host-map"],
+)
+def test_merge_registers_ignores_hostile_shapes(taken):
+    census = Census(["h"], key=9)
+    census.merge_registers(taken)
+    assert census.counts() == {"h": 0}
 
 
 def test_merge_registers_skips_garbage():

@@ -13,6 +13,7 @@ import asyncio
 import gc
 import logging
 import resource
+import secrets
 import signal
 import socket
 import time
@@ -97,8 +98,10 @@ class Runtime:
     listener_groups: list[list[socket.socket]] = field(default_factory=list)
     # What changed and when (commands, health verdicts); recorded by the process owning them.
     events: Timeline = field(default_factory=Timeline)
-    # Per sticky backend: distinct users per host (census.py), fed by the HTTP connections.
+    # Per sticky backend: distinct users per host (census.py), fed by the HTTP connections,
+    # all hashed with census_key (a worker gets its master's, so their sketches merge).
     census: dict[str, Census] = field(default_factory=dict)
+    census_key: int = 0
 
     @property
     def all_routes(self) -> list[Route | TcpRoute]:
@@ -121,6 +124,7 @@ def build_runtime(
     *,
     on_health: TransitionHook | None = None,
     workers: int = 1,
+    census_key: int | None = None,
 ) -> Runtime:
     """Create backends, pools and routes, and bind every listener. Raises ListenerError.
 
@@ -142,8 +146,9 @@ def build_runtime(
     is_worker = listener_sockets is not None
     health = HealthChecker(servers, on_transition=on_health, events=None if is_worker else events)
     runtime = Runtime(config, backends, health, Stats.from_config(config), events=events)
+    runtime.census_key = secrets.randbits(64) if census_key is None else census_key
     runtime.census = {
-        name: Census(backend.identities())
+        name: Census(backend.identities(), key=runtime.census_key)
         for name, backend in backends.items()
         if backend.config.sticky
     }

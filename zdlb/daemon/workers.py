@@ -219,7 +219,12 @@ class Supervisor:
         try:
             fds = tuple(sock.fileno() for sock in self._worker_socks[slot.index])
             spec = WorkerSpec(
-                self.runtime.config, slot.index, fds, worker_end.fileno(), self._options
+                self.runtime.config,
+                slot.index,
+                fds,
+                worker_end.fileno(),
+                self._options,
+                self.runtime.census_key,
             )
             proc = await asyncio.create_subprocess_exec(
                 sys.executable,
@@ -302,6 +307,9 @@ class Supervisor:
             case ipc.StatsReport():
                 slot.report = message
                 self._reported.set()
+                for backend, taken in message.census.items():
+                    if (census := self.runtime.census.get(backend)) is not None:
+                        census.merge_registers(taken)
             case ipc.Ready(pid=pid):
                 slot.ready.set()
                 log.info("worker_started worker=%d pid=%d", slot.index, pid)
