@@ -15,6 +15,7 @@ from zdlb.census import (
     merge,
     mint_token,
     split_value,
+    with_token,
 )
 from zdlb.daemon import ipc
 from zdlb.metrics.registry import Stats
@@ -166,6 +167,17 @@ def test_merge_is_max_per_register():
 )
 def test_split_value(value, expected):
     assert split_value(value) == expected
+
+
+def test_with_token_goes_after_the_value():
+    lines = b"Set-Cookie: SERVERID=front-1.abc_-; Path=/; HttpOnly; SameSite=Lax\r\n"
+    token = b"0123456789abcdef"
+    added = with_token(lines, token)
+    assert added == (
+        b"Set-Cookie: SERVERID=front-1.abc_-~0123456789abcdef; Path=/; HttpOnly; SameSite=Lax\r\n"
+    )
+    value = added.split(b"=", 1)[1].split(b";", 1)[0]
+    assert split_value(value) == (b"front-1.abc_-", token)
 
 
 def test_minted_tokens_are_sixteen_hex_digits_and_distinct():
