@@ -113,9 +113,10 @@ class Browser:
         await self.wait_for("document.readyState === 'complete'", timeout_s=COMMAND_TIMEOUT_S)
 
     async def evaluate(self, expression: str) -> Any:
-        """The JSON value of a JavaScript expression in the page."""
+        """The JSON value of a JavaScript expression in the page (a promise: awaited)."""
         result = await self.send(
-            "Runtime.evaluate", {"expression": expression, "returnByValue": True}
+            "Runtime.evaluate",
+            {"expression": expression, "returnByValue": True, "awaitPromise": True},
         )
         if "exceptionDetails" in result:
             raise RuntimeError(f"{expression}: {result['exceptionDetails']}")

@@ -96,6 +96,7 @@ async def start_demo_daemon(
     write_config: WriteConfig,
     vhosts: dict[str, DemoVhostServer],
     workers: int = 1,
+    admin: bool = False,
 ) -> tuple[Daemon, Path, tuple[str, int], str]:
     specs = []
     for host in HOSTS:
@@ -105,7 +106,7 @@ async def start_demo_daemon(
         specs.append(ServerSpec(f"{host}-backup", _addr(backup), "backup", pair=host))
     text = render_config(specs, backend_extra=CHECK)
     text += '\n[control]\nsocket = "ctl.sock"\n'
-    text += f'\n[metrics]\nlisten = "{LOOPBACK}:0"\n'
+    text += f'\n[metrics]\nlisten = "{LOOPBACK}:0"\nadmin = {str(admin).lower()}\n'
     config = write_config(text)
     daemon = await start_daemon("run", "--workers", str(workers), "-c", str(config))
     addr = await daemon.listener_addr("web", timeout_s=START_TIMEOUT_S)
@@ -245,3 +246,55 @@ async def _status_json(metrics: tuple[str, int]) -> dict[str, Any]:
     assert response.status == 200, response
     doc: dict[str, Any] = json.loads(response.body)
     return doc
+
+
+async def test_admin_buttons_flip_and_a_foreign_page_cannot(
+    start_daemon: StartDaemon,
+    write_config: WriteConfig,
+    demo_vhosts: dict[str, DemoVhostServer],
+    browser: Browser,
+) -> None:
+    """``admin = true``: the page's flip button works; a page of another origin (a demo vhost,
+    another port) cannot make the browser do the same, with or without the custom header."""
+    daemon, _, _, base = await start_demo_daemon(
+        start_daemon, write_config, demo_vhosts, admin=True
+    )
+    foreign = f"http://{LOOPBACK}:{demo_vhosts['front-2'].spec.port}/"
+    await browser.navigate(foreign)
+    attempts = await browser.evaluate(
+        FOREIGN_ATTEMPTS.replace("ACTION_URL", base + "/status/action")
+    )
+    # With the header: the CORS preflight is refused, nothing is sent. Without: 403 (the
+    # no-cors answer is opaque to the page, status 0), and either way nothing changed.
+    assert attempts == ["blocked", 0], attempts
+    doc = await _status_json(_host_port(base))
+    hosts = {host["host"]: host for host in doc["backends"][0]["hosts"]}
+    assert hosts["front-1"]["serving"] == "front-1"
+    assert doc["events"] == []
+
+    await browser.navigate(base + "/")
+    button = 'document.querySelector(\'button[data-action="flip"][data-target="app/front-1"]\')'
+    await browser.wait_for(button + " !== null", timeout_s=FIRST_RENDER_S)
+    await browser.evaluate(button + ".click(); true")
+    await browser.wait_for(
+        SERVING.format(host="front-1") + " === 'front-1-backup'", timeout_s=FLIP_VISIBLE_S
+    )
+    assert "uid=-1" in await daemon.wait_text("server_admin server=app/front-1")
+    assert "Traceback" not in daemon.output
+
+
+# Run in the foreign page: a cross-origin POST with the custom header (needs a preflight the
+# endpoint never grants), then a "simple" one without it (sent, refused with 403).
+FOREIGN_ATTEMPTS = """(async () => {
+  const body = JSON.stringify({action: "flip", server: "app/front-1"});
+  const results = [];
+  try {
+    await fetch("ACTION_URL", {method: "POST", body,
+      headers: {"X-Zdlb-Action": "1", "Content-Type": "application/json"}});
+    results.push("sent");
+  } catch (err) { results.push("blocked"); }
+  const simple = await fetch("ACTION_URL", {method: "POST", mode: "no-cors", body,
+    headers: {"Content-Type": "text/plain"}});
+  results.push(simple.status);
+  return results;
+})()"""
