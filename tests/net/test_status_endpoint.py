@@ -17,7 +17,7 @@ from tests.servers import H11Client
 from tests.status_fixtures import DemoState, demo_state
 from zdlb.balancer.server import AdminState
 from zdlb.control.commands import Controller
-from zdlb.daemon.lifecycle import action_runner
+from zdlb.daemon.page_actions import action_runner
 from zdlb.metrics.collector import new_registry
 from zdlb.metrics.endpoint import MetricsEndpoint
 from zdlb.metrics.status import StatusBoard

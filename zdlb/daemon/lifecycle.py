@@ -22,23 +22,21 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from zdlb.balancer.pool import Backend
-from zdlb.balancer.server import AdminState
 from zdlb.balancer.sticky import StickyCookie
 from zdlb.census import Census
 from zdlb.config.model import Config, ListenerConfig, ListenerMode
 from zdlb.control import journal
 from zdlb.control.commands import Controller, WorkerLoad
-from zdlb.control.protocol import Command, Flip, SetServerState
 from zdlb.control.server import ControlServer
-from zdlb.errors import ControlCommandError, ZdlbError
+from zdlb.daemon.page_actions import action_runner
+from zdlb.errors import ZdlbError
 from zdlb.events import Timeline
 from zdlb.health.scheduler import HealthChecker, TransitionHook
 from zdlb.http.proxy import ClientConnection
 from zdlb.http.route import Route
 from zdlb.http.upstream import ServerConnections
-from zdlb.metrics.actions import Action, ActionKind, ActionRefused
 from zdlb.metrics.collector import SnapshotSource, new_registry, take_snapshot
-from zdlb.metrics.endpoint import ActionRunner, MetricsEndpoint
+from zdlb.metrics.endpoint import MetricsEndpoint
 from zdlb.metrics.registry import Stats
 from zdlb.metrics.status import StatusBoard
 from zdlb.tcp.listener import bind_listener, bind_listener_group, bound_address
@@ -54,8 +52,6 @@ EXIT_OK = 0
 EXIT_FAILURE = 1
 # A scraper or two, not a crowd: the endpoint caps its connections anyway.
 METRICS_BACKLOG = 64
-# The uid logged for a change made from the status page: a TCP peer has no uid to read.
-STATUS_PAGE_UID = -1
 
 
 # The cyclic GC's gen-0 pass runs every 700 net allocations by default: about every 50
@@ -307,29 +303,6 @@ def new_controller(runtime: Runtime, workers: WorkerLoad | None = None) -> Contr
         workers=workers,
         events=runtime.events,
     )
-
-
-def action_runner(controller: Controller) -> ActionRunner:
-    """The status page's write actions, run as the control socket runs them."""
-
-    async def run(action: Action) -> tuple[int, dict[str, object]]:
-        command: Command
-        match action.kind:
-            case ActionKind.FLIP:
-                command = Flip(action.backend, action.server)
-            case ActionKind.DRAIN:
-                command = SetServerState(action.backend, action.server, AdminState.DRAIN)
-            case ActionKind.READY:
-                command = SetServerState(action.backend, action.server, AdminState.READY)
-        try:
-            reply = await controller.execute(command, STATUS_PAGE_UID)
-        except ControlCommandError as exc:  # unknown server, a flip refused by its checks
-            raise ActionRefused(409, str(exc)) from None
-        if reply.is_error:
-            raise ActionRefused(409, reply.text.strip())
-        return 200, {"ok": True, "text": reply.text.strip()}
-
-    return run
 
 
 async def start_metrics(
