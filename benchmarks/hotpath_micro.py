@@ -68,7 +68,7 @@ def main() -> None:
                 "servers": [
                     {"name": "s1", "address": "127.0.0.1:1"},
                     {"name": "s2", "address": "127.0.0.1:2"},
-                ]
+                ],
             }
         },
     }

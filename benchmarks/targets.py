@@ -181,13 +181,15 @@ def start_zdlb(
     """Start zdlb from cmd_template ({config} is replaced by the generated TOML's path), with
     templates/TEMPLATE.toml (TEMPLATE defaults to NAME), importing zdlb from ``root``."""
     port = free_port()
+    run_dir = tmp if template is None else tmp / name  # its own control socket path
+    run_dir.mkdir(exist_ok=True)
     conf = render(
         f"{template or name}.toml",
         tmp / f"{name}.toml",
         port=port,
         backend1=backends[0],
         backend2=backends[1],
-        dir=tmp,
+        dir=run_dir,
     )
     argv = [part.replace("{config}", str(conf)) for part in shlex.split(cmd_template)]
     env = dict(os.environ)

@@ -43,6 +43,10 @@ MESSAGES = [
     pytest.param(ipc.CloseIdle("app/s1"), id="close-idle"),
     pytest.param(ipc.Ready(1234), id="ready"),
     pytest.param(ipc.StatsReport(5, 2, a_snapshot()), id="stats"),
+    pytest.param(
+        ipc.StatsReport(5, 2, a_snapshot(), {"app": {"front-1": [[3, 2], [4095, 1]]}}),
+        id="stats-census",
+    ),
     pytest.param(ipc.ObservedDown("app/s2", "3 consecutive errors"), id="down"),
 ]
 
@@ -77,6 +81,9 @@ REJECTED = [
     pytest.param(b'{"t":"poll","seq":true}\n', id="seq-bool"),
     pytest.param(b'{"t":"close_idle","server":1}\n', id="server-not-str"),
     pytest.param(b'{"t":"stats","seq":1,"connections":0,"snapshot":[]}\n', id="bad-snapshot"),
+    pytest.param(
+        b'{"t":"stats","seq":1,"connections":0,"snapshot":{},"census":[]}\n', id="bad-census"
+    ),
     pytest.param(
         b'{"t":"state","servers":[{"key":"a/b","pool":"side","admin":"ready","health":"up",'
         b'"weight":1,"drain_ends":null}]}\n',

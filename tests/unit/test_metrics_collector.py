@@ -21,8 +21,10 @@ from prometheus_client.registry import CollectorRegistry
 from zdlb import __version__
 from zdlb.balancer.pool import Backend
 from zdlb.balancer.server import AdminState, Health, Server
+from zdlb.census import Census
 from zdlb.config.load import parse_config
 from zdlb.config.model import PoolName
+from zdlb.events import Timeline
 from zdlb.health.probes import ProbeResult
 from zdlb.health.scheduler import HealthChecker
 from zdlb.metrics.collector import CheckRecord, new_registry, take_snapshot
@@ -85,7 +87,9 @@ def fleet() -> Fleet:
     backends = {b.name: Backend(b) for b in config.backends}
     servers = [server for backend in backends.values() for server in backend.servers]
     fleet = Fleet(stats, backends, {}, CollectorRegistry())
-    fleet.registry = new_registry(lambda: take_snapshot(stats, servers, fleet))
+    # The status page's series too: a timeline, and a census of app's hosts.
+    census = {"app": Census(fleet.backends["app"].identities())}
+    fleet.registry = new_registry(lambda: take_snapshot(stats, servers, fleet), Timeline(), census)
     return fleet
 
 
@@ -119,6 +123,8 @@ EXPECTED_FAMILIES = {
     "zdlb_server_check_passed": "gauge",
     "zdlb_server_check_duration_seconds": "gauge",
     "zdlb_control_commands": "counter",
+    "zdlb_events": "counter",
+    "zdlb_sticky_users": "gauge",
     "zdlb_build_info": "gauge",
 }
 
@@ -293,7 +299,8 @@ def test_merged_snapshots_render_like_live_ones(fleet: Fleet) -> None:
     fleet.server("app", "s1").inflight = 2
     servers = [s for backend in fleet.backends.values() for s in backend.servers]
     worker = take_snapshot(fleet.stats, servers, fleet)
-    registry = new_registry(lambda: merge([worker, worker, worker]))
+    census = {"app": Census(fleet.backends["app"].identities())}
+    registry = new_registry(lambda: merge([worker, worker, worker]), Timeline(), census)
     scraped = samples(generate_latest(registry).decode())
     assert scraped[key("zdlb_listener_http_responses_total", listener="web", code="2xx")] == 15
     assert scraped[key("zdlb_backend_response_time_seconds_count", backend="app")] == 3

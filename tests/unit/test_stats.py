@@ -43,7 +43,7 @@ def make_config(servers: dict[str, list[str]], listeners: dict[str, str] | None 
     listeners = listeners if listeners is not None else {f"l-{b}": b for b in servers}
     listener_tables = {name: {"bind": "127.0.0.1:0", "backend": b} for name, b in listeners.items()}
     data = {"listeners": listener_tables, "backends": backends}
-    return parse_config(data, "test_metrics_registry", Path("."))
+    return parse_config(data, "test_stats", Path("."))
 
 
 def state(**changes: Any) -> ServerState:

@@ -10,6 +10,7 @@ between calls; the only I/O is reading the one file in ``load_config``.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 import tomllib
 from collections.abc import Mapping, Sequence
@@ -48,7 +49,7 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 FORWARDED_PROTOS = ("http", "https")
 
 _TOP_KEYS = ("defaults", "logging", "control", "metrics", "listeners", "backends", "workers")
-_METRICS_KEYS = ("listen",)
+_METRICS_KEYS = ("listen", "admin")
 _CONTROL_KEYS = ("socket", "group", "state_file")
 # sun_path holds 108 bytes on Linux, NUL included: a longer path cannot be bound.
 _MAX_UNIX_PATH_BYTES = 107
@@ -191,9 +192,14 @@ def _read_control(table: Table, base_dir: Path) -> ControlConfig:
 
 
 def _read_metrics(table: Table) -> MetricsConfig:
+    admin = table.boolean("admin", False)  # off by default: see metrics/actions.py
     if not table.has("listen"):
-        return MetricsConfig()
-    return MetricsConfig(_read_address(table, "listen", is_bind=True))
+        return MetricsConfig(admin=admin)
+    listen = _read_address(table, "listen", is_bind=True)
+    # Write actions are for someone already on the host: a loopback listener only.
+    if admin and listen is not None and not ipaddress.ip_address(listen.host).is_loopback:
+        table.fail("admin", f"needs a loopback listen address, not {listen.host}")
+    return MetricsConfig(listen, admin)
 
 
 def _read_timeouts(parent: Table, base: Timeouts) -> Timeouts:

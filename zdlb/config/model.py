@@ -242,9 +242,11 @@ class ControlConfig:
 
 @dataclass(frozen=True, slots=True)
 class MetricsConfig:
-    """``[metrics]``: the Prometheus endpoint. ``listen`` None: no endpoint."""
+    """``[metrics]``: the Prometheus endpoint and status page. ``listen`` None: no endpoint.
+    ``admin``: the status page may flip, drain and ready servers (loopback ``listen`` only)."""
 
     listen: Address | None = None
+    admin: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -36,6 +36,7 @@ from zdlb.control.protocol import (
     render_table,
 )
 from zdlb.errors import ControlCommandError
+from zdlb.events import EventKind, Timeline
 from zdlb.health.scheduler import HealthChecker
 from zdlb.http.route import Route
 from zdlb.tcp.proxy import TcpRoute
@@ -101,7 +102,9 @@ class Controller:
         health: HealthChecker,
         state_file: Path | None = None,
         workers: WorkerLoad | None = None,
+        events: Timeline | None = None,
     ) -> None:
+        self.events = events if events is not None else Timeline()  # what changed, when
         self._backends = backends
         self._routes = routes
         self._health = health
@@ -250,6 +253,7 @@ class Controller:
             state.value,
             peer_uid,
         )
+        self.events.record(EventKind.ADMIN, _key(server), f"{old.value} -> {state.value}")
         if state is not AdminState.READY:
             self._close_idle(server)  # pooled connections must not keep it from going idle
         return f"{server.backend}/{server.name}: admin {old.value} -> {state.value}\n"
@@ -277,6 +281,7 @@ class Controller:
                 text += self._set_admin(member, state, peer_uid)
         serving = main if plan.main is AdminState.READY else pair
         text += f"{command.backend}/{serving.name} serves {main.identity}\n"
+        self.events.record(EventKind.FLIP, _key(main), f"{serving.name} serves {main.identity}")
         data = {
             "server": f"{command.backend}/{main.name}",
             "admin": plan.main.value,
@@ -299,6 +304,7 @@ class Controller:
             peer_uid,
         )
         pools = {f"{backend.name}/{s.name}": s.pool.value for s in backend.servers}
+        self.events.record(EventKind.SWAP, backend.name, lines[0].strip() + ", ...")
         return Reply("".join(lines), {"backend": backend.name, "pools": pools})
 
     def _set_weight(self, command: SetServerWeight, peer_uid: int) -> Reply:
@@ -314,6 +320,7 @@ class Controller:
             peer_uid,
         )
         text = f"{server.backend}/{server.name}: weight {old} -> {command.weight}\n"
+        self.events.record(EventKind.WEIGHT, _key(server), f"{old} -> {command.weight}")
         return Reply(text, {"server": f"{server.backend}/{server.name}", "weight": command.weight})
 
     async def _wait_idle(self, command: WaitIdle) -> Reply:
@@ -366,6 +373,10 @@ class Controller:
             pool = route.upstreams.get(server.name)
             if pool is not None and pool.server is server:
                 pool.close_idle()
+
+
+def _key(server: Server) -> str:
+    return f"{server.backend}/{server.name}"
 
 
 def _changes(server: Server) -> str:

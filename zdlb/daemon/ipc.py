@@ -8,7 +8,9 @@ Rules, stated once:
    ``time.monotonic()`` values: CLOCK_MONOTONIC is one clock for every process of the host.
 2. A worker owns its load counters. It sends a ``StatsReport`` (its metrics snapshot, server
    gauges included, and its client connection count) every tick and in answer to a ``Poll``,
-   echoing the poll's ``seq`` so the master knows the answer is fresh.
+   echoing the poll's ``seq`` so the master knows the answer is fresh. The report also carries
+   the census registers its connections raised since the last one (census.py: per backend,
+   per host, ``[index, rank]`` pairs); the master keeps the max of each register.
 3. Passive health: a worker that sees a server fail on live traffic marks it down at once and
    says so (``ObservedDown``); the master's verdict decides from then on (rule 1).
 4. ``CloseIdle`` asks a worker to close its idle pooled connections to one server (a ``wait
@@ -24,7 +26,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, cast
 
 from zdlb.balancer.server import AdminState, Health, Server
@@ -72,6 +74,8 @@ class StatsReport:
     seq: int  # the last Poll answered; 0 before any
     connections: int  # client connections open in the worker
     snapshot: Snapshot
+    # backend -> host -> [index, rank] pairs (Census.take_registers); only what was raised.
+    census: dict[str, dict[str, list[list[int]]]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,8 +141,10 @@ def encode(message: Message) -> bytes:
             data = {"t": "close_idle", "server": server}
         case Ready(pid=pid):
             data = {"t": "ready", "pid": pid}
-        case StatsReport(seq=seq, connections=connections, snapshot=snapshot):
+        case StatsReport(seq=seq, connections=connections, snapshot=snapshot, census=census):
             data = {"t": "stats", "seq": seq, "connections": connections, "snapshot": snapshot}
+            if census:
+                data["census"] = census
         case ObservedDown(server=server, reason=reason):
             data = {"t": "down", "server": server, "reason": reason}
     return json.dumps(data, separators=(",", ":")).encode() + b"\n"
@@ -164,8 +170,14 @@ def decode(line: bytes) -> Message:
                 snapshot = data["snapshot"]
                 if not isinstance(snapshot, dict):
                     raise TypeError("snapshot is not an object")
+                census = data.get("census", {})
+                if not isinstance(census, dict):
+                    raise TypeError("census is not an object")
                 return StatsReport(
-                    _int(data["seq"]), _int(data["connections"]), cast(Snapshot, snapshot)
+                    _int(data["seq"]),
+                    _int(data["connections"]),
+                    cast(Snapshot, snapshot),
+                    census,  # each value checked where it is merged (Census.merge_registers)
                 )
             case "down":
                 return ObservedDown(_str(data["server"]), _str(data["reason"]))

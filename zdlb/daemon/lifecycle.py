@@ -13,6 +13,7 @@ import asyncio
 import gc
 import logging
 import resource
+import secrets
 import signal
 import socket
 import time
@@ -22,17 +23,21 @@ from typing import Any
 
 from zdlb.balancer.pool import Backend
 from zdlb.balancer.sticky import StickyCookie
+from zdlb.census import Census
 from zdlb.config.model import Config, ListenerConfig, ListenerMode
 from zdlb.control import journal
 from zdlb.control.commands import Controller, WorkerLoad
 from zdlb.control.server import ControlServer
+from zdlb.daemon.page_actions import action_runner
 from zdlb.errors import ZdlbError
+from zdlb.events import Timeline
 from zdlb.health.scheduler import HealthChecker, TransitionHook
 from zdlb.http.connection import ClientConnection
 from zdlb.http.route import Route
 from zdlb.http.upstream import ServerConnections
 from zdlb.metrics.collector import SnapshotSource, new_registry, take_snapshot
 from zdlb.metrics.endpoint import MetricsEndpoint
+from zdlb.metrics.status import StatusBoard
 from zdlb.stats import Stats
 from zdlb.tcp.listener import bind_listener, bind_listener_group, bound_address
 from zdlb.tcp.proxy import TcpRoute, TcpSettings
@@ -87,6 +92,12 @@ class Runtime:
     # A master's listening sockets, per listener in config order: one per worker (the first is
     # also in sockets/tcp_sockets). Empty in a single process or a worker.
     listener_groups: list[list[socket.socket]] = field(default_factory=list)
+    # What changed and when (commands, health verdicts); recorded by the process owning them.
+    events: Timeline = field(default_factory=Timeline)
+    # Per sticky backend: distinct users per host (census.py), fed by the HTTP connections,
+    # all hashed with census_key (a worker gets its master's, so their sketches merge).
+    census: dict[str, Census] = field(default_factory=dict)
+    census_key: int = 0
 
     @property
     def all_routes(self) -> list[Route | TcpRoute]:
@@ -109,6 +120,7 @@ def build_runtime(
     *,
     on_health: TransitionHook | None = None,
     workers: int = 1,
+    census_key: int | None = None,
 ) -> Runtime:
     """Create backends, pools and routes, and bind every listener. Raises ListenerError.
 
@@ -125,8 +137,17 @@ def build_runtime(
         # Small, one-off blocking I/O at start-up, before anything is served.
         # time.monotonic() is the loop's clock (asyncio's, and uvloop's via libuv).
         journal.replay(journal.load(state_file), servers, time.monotonic())
-    health = HealthChecker(servers, on_transition=on_health)
-    runtime = Runtime(config, backends, health, Stats.from_config(config))
+    # A worker's checker only judges live traffic; the master's verdicts are the timeline's.
+    events = Timeline()
+    is_worker = listener_sockets is not None
+    health = HealthChecker(servers, on_transition=on_health, events=None if is_worker else events)
+    runtime = Runtime(config, backends, health, Stats.from_config(config), events=events)
+    runtime.census_key = secrets.randbits(64) if census_key is None else census_key
+    runtime.census = {
+        name: Census(backend.identities(), key=runtime.census_key)
+        for name, backend in backends.items()
+        if backend.config.sticky
+    }
     try:
         for index, listener in enumerate(config.listeners):
             if listener_sockets is not None:
@@ -215,13 +236,7 @@ async def start_control(
     control_config = runtime.config.control
     if control_config.socket is None:
         return None
-    controller = Controller(
-        runtime.backends,
-        runtime.all_routes,
-        runtime.health,
-        control_config.state_file,
-        workers=workers,
-    )
+    controller = new_controller(runtime, workers)
     control = ControlServer(
         control_config.socket, control_config.group, controller, runtime.stats.control
     )
@@ -278,11 +293,35 @@ async def start_listeners(runtime: Runtime, *, log_started: bool = True) -> None
             log_listener_started(tcp_route.listener, sock, tcp_route.backend)
 
 
-async def start_metrics(runtime: Runtime, source: SnapshotSource) -> MetricsEndpoint | None:
-    """The /metrics endpoint on the socket build_runtime bound, if [metrics] listen is set."""
+def new_controller(runtime: Runtime, workers: WorkerLoad | None = None) -> Controller:
+    """The control commands over ``runtime`` (the socket's, and the status page's actions)."""
+    return Controller(
+        runtime.backends,
+        runtime.all_routes,
+        runtime.health,
+        runtime.config.control.state_file,
+        workers=workers,
+        events=runtime.events,
+    )
+
+
+async def start_metrics(
+    runtime: Runtime, source: SnapshotSource, workers: WorkerLoad | None = None
+) -> MetricsEndpoint | None:
+    """The /metrics endpoint and status page on the socket build_runtime bound, if [metrics]
+    listen is set; with ``admin = true`` the page's write actions too."""
     if runtime.metrics_socket is None:
         return None
-    endpoint = MetricsEndpoint(new_registry(source), runtime.metrics_socket)
+    admin = runtime.config.metrics.admin
+    board = StatusBoard(
+        runtime.backends, runtime.health, runtime.events, source, runtime.census, is_admin=admin
+    )
+    endpoint = MetricsEndpoint(
+        new_registry(source, runtime.events, runtime.census),
+        runtime.metrics_socket,
+        status=board,
+        run_action=action_runner(new_controller(runtime, workers)) if admin else None,
+    )
     await endpoint.start()  # logs metrics_started with the bound address
     return endpoint
 

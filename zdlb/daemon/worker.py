@@ -75,6 +75,7 @@ class WorkerSpec:
     listener_fds: tuple[int, ...]  # one per config listener, in config order
     channel_fd: int
     options: WorkerOptions
+    census_key: int  # the master's census hash key: sketches merge only under one key
 
 
 class Worker:
@@ -99,7 +100,12 @@ class Worker:
     def report(self) -> None:
         connections = sum(len(route.connections) for route in self.runtime.all_routes)
         snapshot = take_snapshot(self.runtime.stats, self._servers)
-        self.send(ipc.StatsReport(self._seq, connections, snapshot))
+        census = {
+            name: {host: [list(pair) for pair in pairs] for host, pairs in taken.items()}
+            for name, backend_census in self.runtime.census.items()
+            if (taken := backend_census.take_registers())
+        }
+        self.send(ipc.StatsReport(self._seq, connections, snapshot, census))
 
     def handle(self, message: ipc.Message) -> None:
         match message:
@@ -148,7 +154,7 @@ async def run_worker(spec: WorkerSpec) -> None:
     channel = socket.socket(fileno=spec.channel_fd)
     reader, writer = await asyncio.open_unix_connection(sock=channel, limit=ipc.MAX_MESSAGE_BYTES)
     hook = _DeferredHook()
-    runtime = build_runtime(spec.config, sockets, on_health=hook)
+    runtime = build_runtime(spec.config, sockets, on_health=hook, census_key=spec.census_key)
     worker = Worker(runtime, writer)
     hook.target = worker
     stop = asyncio.Event()

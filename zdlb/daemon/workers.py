@@ -41,6 +41,7 @@ from zdlb.daemon import ipc
 from zdlb.daemon.lifecycle import Runtime, log_listener_started, start_control, start_metrics
 from zdlb.daemon.worker import WorkerOptions, WorkerSpec
 from zdlb.errors import ZdlbError
+from zdlb.events import EventKind
 from zdlb.metrics.collector import take_snapshot
 from zdlb.stats import Snapshot, merge
 
@@ -218,7 +219,12 @@ class Supervisor:
         try:
             fds = tuple(sock.fileno() for sock in self._worker_socks[slot.index])
             spec = WorkerSpec(
-                self.runtime.config, slot.index, fds, worker_end.fileno(), self._options
+                self.runtime.config,
+                slot.index,
+                fds,
+                worker_end.fileno(),
+                self._options,
+                self.runtime.census_key,
             )
             proc = await asyncio.create_subprocess_exec(
                 sys.executable,
@@ -301,6 +307,9 @@ class Supervisor:
             case ipc.StatsReport():
                 slot.report = message
                 self._reported.set()
+                for backend, taken in message.census.items():
+                    if (census := self.runtime.census.get(backend)) is not None:
+                        census.merge_registers(taken)
             case ipc.Ready(pid=pid):
                 slot.ready.set()
                 log.info("worker_started worker=%d pid=%d", slot.index, pid)
@@ -325,6 +334,7 @@ class Supervisor:
                 transition.new.value,
                 reason,
             )
+            self.runtime.events.record(EventKind.HEALTH, key, f"up -> down: {reason}")
 
     async def _push_forever(self) -> None:
         while True:
@@ -355,7 +365,7 @@ async def serve_master(
     """lifecycle.serve for ``count`` > 1 workers: the rules above, until ``stop`` is set."""
     supervisor = Supervisor(runtime, count, options)
     control = await start_control(runtime, supervisor)
-    metrics = await start_metrics(runtime, supervisor.snapshot)
+    metrics = await start_metrics(runtime, supervisor.snapshot, supervisor)
     try:
         await supervisor.start()
     except BaseException:

@@ -19,10 +19,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import time
 from collections.abc import Callable, Iterable
 
 from zdlb.balancer.server import Health, Server
 from zdlb.config.model import Address, CheckConfig
+from zdlb.events import EventKind, Timeline
 from zdlb.health.probes import ProbeResult, probe_target, run_probe
 from zdlb.health.verdict import Transition, Verdict
 
@@ -35,7 +37,16 @@ TransitionHook = Callable[[Server, Transition], None]
 class _ServerCheck:
     """Everything the checker keeps for one checked server."""
 
-    __slots__ = ("check", "errors", "host_header", "last_result", "server", "target", "verdict")
+    __slots__ = (
+        "check",
+        "checked_at",
+        "errors",
+        "host_header",
+        "last_result",
+        "server",
+        "target",
+        "verdict",
+    )
 
     def __init__(self, server: Server, check: CheckConfig) -> None:
         self.server = server
@@ -46,6 +57,7 @@ class _ServerCheck:
         # own address, even when the probe goes to an override.
         self.host_header = str(server.address)
         self.last_result: ProbeResult | None = None
+        self.checked_at = 0.0  # wall clock (time.time()) of last_result, for people to read
         self.errors = 0  # consecutive errors seen on live traffic
 
 
@@ -55,7 +67,7 @@ class HealthChecker:
     Only servers whose ``config.check`` is not ``None`` are checked; others are ignored by every
     method. ``rng`` draws the start jitter (pass a seeded one for reproducible tests).
     ``on_transition`` is called after each health change is applied and logged; it must not
-    block or raise.
+    block or raise. ``events``: the timeline every transition is recorded in.
     """
 
     def __init__(
@@ -64,8 +76,10 @@ class HealthChecker:
         rng: random.Random | None = None,
         *,
         on_transition: TransitionHook | None = None,
+        events: Timeline | None = None,
     ) -> None:
         self._rng = rng if rng is not None else random.Random()
+        self._events = events
         self._on_transition = on_transition
         self._checks: dict[Server, _ServerCheck] = {}
         for server in servers:
@@ -123,12 +137,17 @@ class HealthChecker:
         entry = self._checks.get(server)
         return entry.last_result if entry is not None else None
 
+    def checked_at(self, server: Server) -> float | None:
+        """When (``time.time()``) the latest probe of ``server`` ended; ``None`` if none."""
+        entry = self._checks.get(server)
+        return entry.checked_at if entry is not None and entry.last_result is not None else None
+
     async def _check_forever(self, entry: _ServerCheck, delay_s: float) -> None:
         check = entry.check
         await asyncio.sleep(delay_s)
         while True:
             result = await run_probe(check, entry.target, entry.host_header)
-            entry.last_result = result
+            entry.last_result, entry.checked_at = result, time.time()
             transition = entry.verdict.record(result.passed, result.detail)
             if transition is not None:
                 self._apply(entry, transition)
@@ -148,5 +167,8 @@ class HealthChecker:
             transition.new.value,
             transition.reason,
         )
+        if self._events is not None:
+            detail = f"{transition.old.value} -> {transition.new.value}: {transition.reason}"
+            self._events.record(EventKind.HEALTH, f"{server.backend}/{server.name}", detail)
         if self._on_transition is not None:
             self._on_transition(server, transition)

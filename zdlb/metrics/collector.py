@@ -15,7 +15,7 @@ tests and successive runtimes do not collide. No I/O here.
 from __future__ import annotations
 
 import platform
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Protocol
 
 from prometheus_client.core import (
@@ -29,7 +29,9 @@ from prometheus_client.registry import CollectorRegistry
 
 from zdlb import __version__
 from zdlb.balancer.server import AdminState, Health, Server
+from zdlb.census import STANDARD_ERROR, Census
 from zdlb.config.model import PoolName
+from zdlb.events import Timeline
 from zdlb.stats import (
     RESPONSE_TIME_BOUNDS_S,
     STATUS_CLASSES,
@@ -104,9 +106,16 @@ class SnapshotCollector:
     not block. Whatever it raises propagates out of ``collect`` (the endpoint answers 500).
     """
 
-    def __init__(self, source: SnapshotSource) -> None:
+    def __init__(
+        self,
+        source: SnapshotSource,
+        events: Timeline | None = None,
+        census: Mapping[str, Census] | None = None,
+    ) -> None:
         self._source = source
         self._build_info = build_info()
+        self._events = events
+        self._census = census or {}
 
     def collect(self) -> Iterator[Metric]:
         snap = self._source()
@@ -115,15 +124,21 @@ class SnapshotCollector:
         yield from _server_counters(snap)
         yield from _server_gauges(snap)
         yield from _control_metrics(snap)
+        yield from _status_metrics(self._events, self._census)
         info = InfoMetricFamily("zdlb_build", "zdlb's version and the Python running it.")
         info.add_metric([], self._build_info)
         yield info
 
 
-def new_registry(source: SnapshotSource) -> CollectorRegistry:
-    """A dedicated registry holding one ``SnapshotCollector`` over ``source``."""
+def new_registry(
+    source: SnapshotSource,
+    events: Timeline | None = None,
+    census: Mapping[str, Census] | None = None,
+) -> CollectorRegistry:
+    """A dedicated registry holding one ``SnapshotCollector`` over ``source`` (and the events
+    timeline and sticky census, when given)."""
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(SnapshotCollector(source))
+    registry.register(SnapshotCollector(source, events, census))
     return registry
 
 
@@ -262,3 +277,24 @@ def _control_metrics(snap: Snapshot) -> Iterator[Metric]:
     ):
         commands.add_metric([result], count)
     yield commands
+
+
+def _status_metrics(events: Timeline | None, census: Mapping[str, Census]) -> Iterator[Metric]:
+    """Events by kind (a fixed set) and users per host (the configured hosts): both label
+    sets are bounded by the code and the config, never by traffic."""
+    if events is not None:
+        counts = _counter("zdlb_events", "Timeline events recorded, by kind.", ["kind"])
+        for kind, count in events.counts():
+            counts.add_metric([kind.value], count)
+        yield counts
+    if census:
+        users = _gauge(
+            "zdlb_sticky_users",
+            "Distinct sticky users seen per host over the census window (HyperLogLog, "
+            f"{STANDARD_ERROR:.1%} standard error).",
+            ["backend", "host"],
+        )
+        for backend, backend_census in census.items():
+            for host, count in backend_census.counts().items():
+                users.add_metric([backend, host], count)
+        yield users

@@ -1,9 +1,12 @@
 """The ``/metrics`` listener: one strict HTTP/1.1 request per connection, answered, closed.
 
-A scraper asks every few seconds; nobody else should be talking here, so this is not the proxy's
-hot path and takes no shortcut with the protocol: h11 parses the request (and refuses what is
-malformed with 400), only ``GET`` and ``HEAD`` of ``/metrics`` are served (404 for another
-path, 405 for another method), and every answer ends with ``Connection: close``. Each
+A scraper asks every few seconds, the status page once a second per open tab; this is not the
+proxy's hot path and takes no shortcut with the protocol: h11 parses the request (and refuses
+what is malformed with 400), only ``GET`` and ``HEAD`` of ``/metrics`` are served -- and, with
+a ``StatusBoard``, of ``/`` and ``/status`` (the page, metrics/status.html) and
+``/status.json`` (the document it polls) -- 404 for another path, 405 for another method; and
+``POST /status/action`` only when write actions are on (metrics/actions.py says who may).
+Every answer ends with ``Connection: close``. Each
 connection lives under one deadline: a client that has not sent a whole request by then gets
 408 and is closed, one that does not read its answer is aborted. Requests are bounded in bytes
 and clients in number, so a port scan or a slowloris costs a few buffers, not the daemon.
@@ -20,8 +23,10 @@ from __future__ import annotations
 
 import asyncio
 import http
+import json
 import logging
 import socket
+from collections.abc import Awaitable, Callable
 from typing import cast
 
 import h11
@@ -29,11 +34,16 @@ from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import CollectorRegistry
 
 from zdlb.config.model import Address
+from zdlb.metrics.actions import Action, ActionRefused, check_request, parse_action
+from zdlb.metrics.status import StatusBoard, page
 from zdlb.tcp.listener import bind_listener, bound_address
 
 log = logging.getLogger(__name__)
 
 METRICS_PATH = b"/metrics"
+PAGE_PATHS = (b"/", b"/status")
+STATUS_JSON_PATH = b"/status.json"
+ACTION_PATH = b"/status/action"
 # The whole exchange (request in, answer out) must finish within this. Prometheus's default
 # scrape_timeout is 10 s; a scrape answered after 5 s is already a problem worth seeing as one.
 DEFAULT_DEADLINE_S = 5.0
@@ -45,6 +55,13 @@ MAX_REQUEST_BYTES = 8192
 MAX_CLIENTS = 16
 DEFAULT_BACKLOG = 64
 _ALLOWED_METHODS = (b"GET", b"HEAD")
+_JSON = b"application/json"
+# Every status answer is live: no cache may keep one.
+_NO_STORE = (b"Cache-Control", b"no-store")
+
+# Runs a write action; returns the HTTP status and a JSON-able reply. Must not raise but
+# ActionRefused (daemon glue maps control errors to it).
+ActionRunner = Callable[[Action], Awaitable[tuple[int, dict[str, object]]]]
 
 
 class MetricsEndpoint:
@@ -62,8 +79,15 @@ class MetricsEndpoint:
         *,
         deadline_s: float = DEFAULT_DEADLINE_S,
         backlog: int = DEFAULT_BACKLOG,
+        status: StatusBoard | None = None,
+        run_action: ActionRunner | None = None,
     ) -> None:
         self.registry = registry
+        self.status = status
+        self.run_action = run_action  # None: write actions are off (404)
+        self._page = page() if status is not None else None
+        self._actions: set[asyncio.Task[None]] = set()
+        self._slider: asyncio.Task[None] | None = None
         self.deadline_s = deadline_s
         self._listen = listen
         self._backlog = backlog
@@ -102,6 +126,8 @@ class MetricsEndpoint:
         except BaseException:
             self._sock.close()
             raise
+        if self.status is not None:
+            self._slider = loop.create_task(self.status.slide_census_forever())
         log.info("metrics_started addr=%s", self.address)
 
     def close(self) -> None:
@@ -112,11 +138,18 @@ class MetricsEndpoint:
             self._sock.close()
         for conn in list(self._connections):
             conn.abort()
+        for task in self._actions:
+            task.cancel()
+        if self._slider is not None:
+            self._slider.cancel()
 
     async def wait_closed(self) -> None:
         """Return once ``close()`` took effect and every connection is gone."""
         if self._server is not None:
             await self._server.wait_closed()
+        await asyncio.gather(*self._actions, return_exceptions=True)
+        if self._slider is not None:
+            await asyncio.gather(self._slider, return_exceptions=True)
         await self._no_connections.wait()
 
     def _opened(self, conn: _MetricsConnection) -> bool:
@@ -136,6 +169,31 @@ class MetricsEndpoint:
         encoder, content_type = choose_encoder(accept)
         return encoder(self.registry), content_type
 
+    def status_page(self) -> tuple[bytes, bytes] | None:
+        """The page and its Content-Security-Policy, or None without a status board."""
+        return self._page
+
+    def status_json(self) -> bytes | None:
+        """The /status.json body, or None without a status board."""
+        if self.status is None:
+            return None
+        return json.dumps(self.status.document(), separators=(",", ":")).encode()
+
+    def _start_action(self, conn: _MetricsConnection, action: Action) -> None:
+        """Run ``action`` in a task this endpoint owns; ``conn`` gets the answer."""
+        assert self.run_action is not None
+        task = asyncio.get_running_loop().create_task(self._action(conn, action))
+        self._actions.add(task)
+        task.add_done_callback(self._actions.discard)
+
+    async def _action(self, conn: _MetricsConnection, action: Action) -> None:
+        assert self.run_action is not None
+        try:
+            status, reply = await self.run_action(action)
+        except ActionRefused as exc:
+            status, reply = exc.status, {"error": exc.reason}
+        conn.answer_json(status, reply)
+
 
 class _MetricsConnection(asyncio.Protocol):
     """One scraper connection: parse one request, answer it, close."""
@@ -146,6 +204,7 @@ class _MetricsConnection(asyncio.Protocol):
         self._transport: asyncio.Transport | None = None
         self._parser = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_REQUEST_BYTES)
         self._request: h11.Request | None = None
+        self._body = bytearray()  # a POST's body; bounded by MAX_REQUEST_BYTES (data_received)
         self._received = 0
         self._is_answered = False
         self._timer: asyncio.TimerHandle | None = None
@@ -201,9 +260,12 @@ class _MetricsConnection(asyncio.Protocol):
                 self._request = event
                 if _declared_length(event) > MAX_REQUEST_BYTES:
                     self._answer_error(413)  # refused before its body is read
+            elif isinstance(event, h11.Data):
+                self._body += event.data
             elif isinstance(event, h11.EndOfMessage):
                 assert self._request is not None  # h11 gives a Request first
                 self._answer_request(self._request)
+                return  # an action's answer comes later, from its task
             elif isinstance(event, h11.ConnectionClosed):
                 self._is_answered = True  # closed before sending anything: nobody to answer
                 if self._transport is not None:
@@ -211,11 +273,20 @@ class _MetricsConnection(asyncio.Protocol):
 
     def _answer_request(self, request: h11.Request) -> None:
         path = request.target.partition(b"?")[0]
-        if path != METRICS_PATH:
+        endpoint = self._endpoint
+        if path == ACTION_PATH and endpoint.run_action is not None:
+            self._answer_action(request)
+            return
+        page = endpoint.status_page()
+        is_status = page is not None and (path in PAGE_PATHS or path == STATUS_JSON_PATH)
+        if path != METRICS_PATH and not is_status:
             self._answer_error(404)
             return
         if request.method not in _ALLOWED_METHODS:
             self._answer_error(405, [(b"Allow", b", ".join(_ALLOWED_METHODS))])
+            return
+        if is_status:
+            self._answer_status(path, is_head=request.method == b"HEAD")
             return
         accept = b", ".join(value for name, value in request.headers if name == b"accept")
         try:
@@ -226,6 +297,50 @@ class _MetricsConnection(asyncio.Protocol):
             self._answer_error(500)
             return
         self._answer(200, content_type.encode(), body, is_head=request.method == b"HEAD")
+
+    def _answer_status(self, path: bytes, *, is_head: bool) -> None:
+        if path == STATUS_JSON_PATH:
+            try:
+                body = self._endpoint.status_json()
+            except Exception:
+                log.exception("status_failed")  # as a scrape: one answer fails, not the daemon
+                self._answer_error(500)
+                return
+            assert body is not None
+            self._answer(200, _JSON, body, is_head=is_head, headers=[_NO_STORE])
+            return
+        page = self._endpoint.status_page()
+        assert page is not None
+        html, policy = page
+        headers = [
+            _NO_STORE,
+            (b"Content-Security-Policy", policy),
+            (b"X-Content-Type-Options", b"nosniff"),
+            (b"X-Frame-Options", b"DENY"),
+        ]
+        self._answer(200, b"text/html; charset=utf-8", html, is_head=is_head, headers=headers)
+
+    def _answer_action(self, request: h11.Request) -> None:
+        """POST /status/action: refused unless metrics/actions.py's rules hold, else run."""
+        try:
+            check_request(request.method, list(request.headers))
+            action = parse_action(bytes(self._body))
+        except ActionRefused as exc:
+            headers = [(b"Allow", b"POST")] if exc.status == 405 else []
+            self.answer_json(exc.status, {"error": exc.reason}, headers)
+            return
+        self._is_answered = True  # nothing more is read; the task answers
+        self._endpoint._start_action(self, action)
+
+    def answer_json(
+        self,
+        status: int,
+        reply: dict[str, object],
+        headers: list[tuple[bytes, bytes]] | None = None,
+    ) -> None:
+        """Answer with ``reply`` as JSON (an action's result or refusal)."""
+        body = json.dumps(reply).encode()
+        self._answer(status, _JSON, body, headers=[_NO_STORE, *(headers or ())])
 
     def _answer_error(self, status: int, headers: list[tuple[bytes, bytes]] | None = None) -> None:
         phrase = http.HTTPStatus(status).phrase
