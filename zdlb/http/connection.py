@@ -586,9 +586,7 @@ class ClientConnection(asyncio.Protocol):
         upstream = exchange.upstream
         if upstream is None or upstream.transport is None or self.transport is None:
             return  # lost meanwhile: connection_lost or upstream_lost ends the exchange
-        held = self.reader.held
-        data = bytes(held)
-        held.clear()
+        data = self.reader.take_held()
         upstream.pool.stats.bytes_in += len(data)
         switch = ProtocolSwitch(self.transport, upstream.transport, self._tunnel_ready)
         self.detour = switch

@@ -192,19 +192,23 @@ class RequestReader:
         # Shared by the listener's connections (see RequestHeadParser), or this reader's own.
         self._head_parser = head_parser or RequestHeadParser(limits)
         self._state = _State.HEAD
-        self._partial = _HeadBuffer(DownstreamProtocolError)
+        # The start of a head that came without its end; None between heads. Made only when
+        # needed (~120 bytes that 5,000 idle keep-alive connections need not hold).
+        self._partial: _HeadBuffer | None = None
         self._remaining = 0  # Content-Length bytes still to come
         self._chunked: ChunkedDecoder | None = None
         self._keep_alive = True
         self._is_upgrade = False
-        self.held = bytearray()  # bytes after the last request's end, unparsed until resume()
+        # Bytes after the last request's end, unparsed until resume(). Immutable, so idle
+        # connections share the empty one; holding is rare and bounded (stream docstring).
+        self.held = b""
 
     @property
     def is_idle(self) -> bool:
         """True between requests: no byte of a next request has been seen."""
         return (
             self._state in (_State.HEAD, _State.DONE, _State.PAUSED)
-            and not self._partial.buf
+            and self._partial is None
             and not self.held
         )
 
@@ -219,24 +223,23 @@ class RequestReader:
         self._state = _State.HEAD
         held = self.held
         if held:
-            data = bytes(held)
-            held.clear()
-            self.feed(data)
+            self.held = b""
+            self.feed(held)
+
+    def take_held(self) -> bytes:
+        """What was held past the last request, handed over (to a tunnel) and forgotten."""
+        held, self.held = self.held, b""
+        return held
 
     def detach(self) -> None:
         """Forget the sink (the connection is gone): breaks the reader <-> sink cycle."""
         self._sink = _DETACHED
 
-    @property
-    def pending_head(self) -> bytearray:
-        """The start of a head still arriving (empty if none): tested once per request."""
-        return self._partial.buf
-
     def feed(self, data: bytes) -> None:
         pos = 0
         end = len(data)
         self.bytes_read += end
-        if self._state is _State.HEAD and not self._partial.buf:
+        if self._state is _State.HEAD and self._partial is None:
             # The common read: exactly one whole head, nothing before or after it.
             head_end = data.find(_HEAD_END)
             if head_end > 0 and head_end == end - 4 and data[0] != 0x0D:
@@ -254,11 +257,16 @@ class RequestReader:
         while pos < end:
             state = self._state
             if state is _State.HEAD:
-                raw, data, pos = self._partial.split(data, pos, skip_crlf=True)
+                partial = self._partial
+                if partial is None:
+                    partial = self._partial = _HeadBuffer(DownstreamProtocolError)
+                raw, data, pos = partial.split(data, pos, skip_crlf=True)
                 end = len(data)
                 if raw is None:
-                    self._check_partial()
+                    self._check_partial(partial)
                     return
+                if not partial.buf:
+                    self._partial = None
                 self._start_body(self._head_parser.parse(raw, len(raw)))
             elif state is _State.LENGTH:
                 take = min(self._remaining, end - pos)
@@ -319,10 +327,10 @@ class RequestReader:
         self._state = _State.PAUSED if self._keep_alive or self._is_upgrade else _State.DONE
         self._sink.request_end(trailers)
 
-    def _check_partial(self) -> None:
+    def _check_partial(self, partial: _HeadBuffer) -> None:
         limits = self._limits
-        size = len(self._partial.buf)
-        if size > limits.max_line_bytes and not self._partial.has_line_end():
+        size = len(partial.buf)
+        if size > limits.max_line_bytes and not partial.has_line_end():
             raise DownstreamProtocolError("request line too long", 414)
         if size > limits.max_head_bytes:
             raise DownstreamProtocolError("request head too large", 431)
