@@ -16,6 +16,7 @@ import pytest
 
 from zdlb.config.model import Limits
 from zdlb.errors import DownstreamProtocolError, UpstreamProtocolError
+from zdlb.http.chunked import FREE_CHUNKS, MIN_AVERAGE_CHUNK_BYTES
 from zdlb.http.head import (
     DEFAULT_MAX_RESPONSE_HEAD_BYTES,
     Framing,
@@ -805,11 +806,38 @@ def test_long_chunked_body_in_small_reads_is_not_limited() -> None:
     # Only feeds without body bytes count against the limit: data chunks reset it.
     reader = RequestReader(Recorder(), SMALL)
     feed_and_answer(reader, b"POST / HTTP/1.1\r\nHost: a\r\n" + CHUNKED + b"\r\n")
-    for _ in range(2000):
-        feed_and_answer(reader, b"3\r\n")
-        feed_and_answer(reader, b"abc\r\n")
+    for _ in range(2000):  # chunks of 64 bytes: the average the chunk budget asks for
+        feed_and_answer(reader, b"40\r\n")
+        feed_and_answer(reader, b"x" * 64 + b"\r\n")
     feed_and_answer(reader, b"0\r\n\r\n")
     assert reader.is_idle
+
+
+@pytest.mark.parametrize(
+    ("chunk_bytes", "chunks", "refused"),
+    [
+        pytest.param(1, FREE_CHUNKS, False, id="free-chunks-of-one-byte"),
+        pytest.param(1, FREE_CHUNKS + 1, True, id="one-more-byte-chunk-refused"),
+        pytest.param(MIN_AVERAGE_CHUNK_BYTES, 3 * FREE_CHUNKS, False, id="at-the-average"),
+        pytest.param(MIN_AVERAGE_CHUNK_BYTES - 1, 3 * FREE_CHUNKS, True, id="under-the-average"),
+    ],
+)
+@pytest.mark.parametrize("feed", [Feed.WHOLE, Feed.BYTEWISE], ids=["whole", "bytewise"])
+def test_chunk_budget(chunk_bytes: int, chunks: int, refused: bool, feed: Feed) -> None:
+    """chunked.py's budget: framing may not cost more than the payload it carries."""
+    chunk = b"%x\r\n%s\r\n" % (chunk_bytes, b"x" * chunk_bytes)
+    data = b"POST / HTTP/1.1\r\nHost: a\r\n" + CHUNKED + b"\r\n" + chunk * chunks + b"0\r\n\r\n"
+    if feed is Feed.BYTEWISE and len(data) > 100_000:
+        pytest.skip("byte by byte over 100 KB adds nothing but time")
+    if refused:
+        error, _ = request_error(data, feed)
+        assert (error.status, str(error)) == (
+            400,
+            "chunks too small: framing would cost more than the payload",
+        )
+    else:
+        sink, _ = run_requests(data, feed)
+        assert sink.merged()[-1] == ("end", ())
 
 
 # --- responses --------------------------------------------------------------------------------

@@ -15,9 +15,10 @@ in C: 0.01 s). A body may therefore use ``FREE_CHUNKS`` chunks of any size, and 
 chunks must average at least ``MIN_AVERAGE_CHUNK_BYTES`` of payload, or it is refused (400 for a
 request, 502 for a response). Real senders stay far inside that: HTTP client libraries chunk
 uploads in 8-64 KiB pieces and servers flush 4-16 KiB at a time, and a stream of small events
-(one chunk each) gets 4,096 of them before the average counts. An attacker gets at most
-``FREE_CHUNKS + payload / MIN_AVERAGE_CHUNK_BYTES`` chunks of work, so a 256 KiB read can hold
-the loop for at most ~8,000 chunks (~10 ms) instead of ~43,000.
+(one chunk each) gets 1,024 of them before the average counts. An attacker gets at most
+``FREE_CHUNKS + payload / MIN_AVERAGE_CHUNK_BYTES`` chunks of work: one-byte chunks are refused
+at the 1,025th (~4 ms of work), where a 256 KiB read of them would be ~43,000 (~150 ms).
+benchmarks/tiny_chunks.py measures the other clients' latency meanwhile.
 
 No I/O here.
 """
@@ -36,7 +37,7 @@ MAX_CHUNK_LINE_BYTES = 4096
 # 16 hex digits is 2**64 - 1: anything longer can only be an overflow attempt.
 MAX_CHUNK_SIZE_DIGITS = 16
 # The chunk budget of the module docstring: chunks of any size first, then an average.
-FREE_CHUNKS = 4096
+FREE_CHUNKS = 1024
 MIN_AVERAGE_CHUNK_BYTES = 64
 
 _SIZE_LINE = re.compile(rb"([0-9A-Fa-f]{1,16})((?:[ \t]*;[^\x00-\x08\x0a-\x1f\x7f]*)?)")
@@ -89,7 +90,7 @@ class ChunkedDecoder:
         self._max_trailer_fields = max_trailer_fields
         self._state = _State.SIZE
         self._remaining = 0
-        self._chunks = 0  # size lines read, the last-chunk included
+        self._chunks = 0  # data chunks announced (the last-chunk is not one)
         self._payload_bytes = 0  # chunk data announced so far
         self._line = bytearray()  # a partial line carried between feeds
         self.trailers: list[tuple[bytes, bytes]] = []
@@ -161,7 +162,10 @@ class ChunkedDecoder:
             if match is None:
                 raise self._error("invalid chunk size line")
             size = self._remaining = int(match.group(1), 16)
-            self._state = _State.DATA if size else _State.TRAILER
+            if not size:  # the last-chunk: trailers follow
+                self._state = _State.TRAILER
+                return
+            self._state = _State.DATA
             self._chunks += 1
             self._payload_bytes += size
             if (
