@@ -42,6 +42,7 @@ Pure: no I/O, no clock reads (``tick`` is given ``now``), no logging.
 from __future__ import annotations
 
 import math
+import re
 import secrets
 from collections.abc import Iterable, Mapping, Sequence
 
@@ -58,6 +59,7 @@ TOKEN_SEP = b"~"
 TOKEN_HEX_DIGITS = 16  # 64 bits: no two users of one host share one before ~4e9 users
 
 _MASK64 = (1 << 64) - 1
+_TOKEN = re.compile(rb"[0-9a-f]{%d}" % TOKEN_HEX_DIGITS)
 _INDEX_MASK = REGISTERS - 1
 _RANK_BITS = 64 - PRECISION
 # An odd 64-bit multiplier (splitmix64's first): a bijection of 64-bit ints that carries every
@@ -75,9 +77,11 @@ def mint_token() -> bytes:
 
 
 def split_value(value: bytes) -> tuple[bytes, bytes | None]:
-    """(the host part of a sticky cookie value, its user token or ``None``)."""
+    """(the host part of a sticky cookie value, its user token or ``None``). A token that is
+    not exactly what ``mint_token`` makes is ``None``: it is echoed back in Set-Cookie when the
+    user is re-pinned, so a client's bytes must never get there."""
     host, sep, token = value.partition(TOKEN_SEP)
-    return host, (token if sep else None)
+    return host, (token if sep and _TOKEN.fullmatch(token) else None)
 
 
 def with_token(set_cookie: bytes, token: bytes) -> bytes:

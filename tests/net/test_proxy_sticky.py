@@ -6,6 +6,7 @@ control commands go through the daemon's own ``Controller``, as ``zdlb ctl`` wou
 
 from __future__ import annotations
 
+import asyncio
 import socket
 from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack
@@ -13,6 +14,7 @@ from contextlib import AsyncExitStack
 import pytest
 
 from tests.net.proxy_harness import (
+    WAIT_S,
     ProxyStarter,
     RunningProxy,
     eventually,
@@ -177,3 +179,40 @@ async def test_wait_idle_after_a_flip_returns_once_the_main_has_nothing_open(
         reply = await ctl(proxy, "wait app/front-1 idle 5")
         assert reply.text == "app/front-1: idle\n"
         assert (proxy.server("front-1").inflight, proxy.server("front-1").conns) == (0, 0)
+
+
+async def test_census_counts_distinct_cookie_jars_per_host(proxy: RunningProxy) -> None:
+    """Issue 15's census through the real proxy: 1,000 users, each its own cookie jar (a new
+    connection, pinned by its first answer, back once with its cookie), over two hosts; each
+    host's estimate is within 5% (3 standard errors of census.py's sketch) of the truth."""
+    census = proxy.route.census
+    assert census is not None
+    pinned = {"front-1": 0, "front-2": 0}
+    cookies = set()
+
+    async def user() -> None:
+        async with await H11Client.connect(proxy.addr) as client:
+            cookie = set_cookie(await get(client, None))
+            assert cookie is not None
+            pinned[cookie.removeprefix("SERVERID=").split(".", 1)[0]] += 1
+            cookies.add(cookie)
+            again = await get(client, cookie)
+            assert set_cookie(again) is None  # the token is kept: no re-pin
+
+    for _ in range(20):  # 20 rounds of 50 users at once
+        async with asyncio.timeout(WAIT_S):
+            await asyncio.gather(*(user() for _ in range(50)))
+    assert len(cookies) == 1000  # every user got a token of its own
+    counts = census.counts()
+    for host, truth in pinned.items():
+        assert abs(counts[host] - truth) <= 0.05 * truth, (counts, pinned)
+
+
+async def test_a_returning_user_keeps_its_token_across_a_flip(proxy: RunningProxy) -> None:
+    async with await H11Client.connect(proxy.addr) as client:
+        cookie = set_cookie(await get(client, None)) or ""
+        host = cookie.removeprefix("SERVERID=").split(".", 1)[0]
+        await ctl(proxy, f"flip app/{host}")
+        response = await get(client, cookie)
+    assert response.header("x-echo-server") == f"{host}-backup"
+    assert set_cookie(response) is None  # the pair serves the same host: no new cookie

@@ -160,10 +160,14 @@ def test_merge_is_max_per_register():
     [
         (b"front-1", (b"front-1", None)),
         (b"front-1~0123456789abcdef", (b"front-1", b"0123456789abcdef")),
-        (b"front-1.TAGtag~abc", (b"front-1.TAGtag", b"abc")),
-        (b"~", (b"", b"")),
+        (b"front-1.TAGtag~0123456789abcdef", (b"front-1.TAGtag", b"0123456789abcdef")),
+        (b"front-1~abc", (b"front-1", None)),  # not what mint_token makes: never echoed
+        (b"front-1~0123456789ABCDEF", (b"front-1", None)),
+        (b"front-1~0123456789abcdef0", (b"front-1", None)),
+        (b"front-1~Domain=evil", (b"front-1", None)),
+        (b"~", (b"", None)),
     ],
-    ids=["no-token", "token", "signed", "bare-sep"],
+    ids=["no-token", "token", "signed", "short", "upper", "long", "junk", "bare-sep"],
 )
 def test_split_value(value, expected):
     assert split_value(value) == expected

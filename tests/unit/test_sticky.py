@@ -45,32 +45,32 @@ def test_no_address_in_any_value() -> None:
 def test_a_valid_cookie_is_found_and_cut_out(secret: str | None) -> None:
     sticky = cookie(secret)
     value = encode_value("front-2", "app", secret)
-    identity, stripped = sticky.extract(head(b"Cookie: a=1; SERVERID=" + value + b"; b=2"))
+    identity, stripped, _ = sticky.extract(head(b"Cookie: a=1; SERVERID=" + value + b"; b=2"))
     assert identity == "front-2"
     assert stripped == head(b"Cookie: a=1; b=2")
 
 
 def test_a_cookie_line_holding_only_ours_disappears() -> None:
-    identity, stripped = cookie().extract(head(b"Cookie: SERVERID=front-1", b"Accept: */*"))
+    identity, stripped, _ = cookie().extract(head(b"Cookie: SERVERID=front-1", b"Accept: */*"))
     assert identity == "front-1"
     assert stripped == head(b"Accept: */*")
 
 
 def test_without_our_cookie_nothing_changes() -> None:
     for raw in (head(), head(b"Cookie: a=1"), head(b"X-Note: SERVERID=front-1 elsewhere")):
-        assert cookie().extract(raw) == (None, None)
+        assert cookie().extract(raw) == (None, None, None)
 
 
 def test_other_cookie_lines_stay_byte_for_byte() -> None:
     raw = head(b"Cookie: a=1;b=2", b"cookie: SERVERID=front-1", b"Cookie:  c=3")
-    identity, stripped = cookie().extract(raw)
+    identity, stripped, _ = cookie().extract(raw)
     assert identity == "front-1"
     assert stripped == head(b"Cookie: a=1;b=2", b"Cookie:  c=3")
 
 
 def test_a_cookie_name_is_case_sensitive_and_exact() -> None:
     raw = head(b"Cookie: serverid=front-1; XSERVERID=front-2")
-    assert cookie().extract(raw) == (None, None)
+    assert cookie().extract(raw) == (None, None, None)
 
 
 FORGED = [
@@ -84,22 +84,22 @@ FORGED = [
 
 @pytest.mark.parametrize("pair", FORGED)
 def test_forged_or_garbage_values_are_ignored_and_still_stripped(pair: bytes) -> None:
-    identity, stripped = cookie(SECRET).extract(head(b"Cookie: " + pair + b"; a=1"))
+    identity, stripped, _ = cookie(SECRET).extract(head(b"Cookie: " + pair + b"; a=1"))
     assert identity is None
     assert stripped == head(b"Cookie: a=1")
 
 
 def test_a_tag_from_another_identity_does_not_verify() -> None:
     tag = encode_value("front-2", "app", SECRET).split(b".")[1]
-    identity, _ = cookie(SECRET).extract(head(b"Cookie: SERVERID=front-1." + tag))
+    identity, _, _ = cookie(SECRET).extract(head(b"Cookie: SERVERID=front-1." + tag))
     assert identity is None
 
 
 def test_several_cookies_that_agree_count_once_and_disagreeing_ones_count_none() -> None:
     agree = head(b"Cookie: SERVERID=front-1", b"Cookie: SERVERID=front-1")
-    assert cookie().extract(agree) == ("front-1", head())
+    assert cookie().extract(agree) == ("front-1", head(), None)
     disagree = head(b"Cookie: SERVERID=front-1; SERVERID=front-2")
-    assert cookie().extract(disagree) == (None, head())
+    assert cookie().extract(disagree) == (None, head(), None)
 
 
 def test_a_quoted_value_is_accepted() -> None:
@@ -110,7 +110,7 @@ def test_a_quoted_value_is_accepted() -> None:
 def test_any_cookie_line_never_raises_and_leaves_no_cookie_of_ours(value: bytes) -> None:
     clean = value.replace(b"\r", b"").replace(b"\n", b"")
     raw = head(b"Cookie: " + clean)
-    identity, stripped = cookie(SECRET).extract(raw)
+    identity, stripped, _ = cookie(SECRET).extract(raw)
     assert identity is None  # a random value never verifies
     out = stripped if stripped is not None else raw
     assert out.startswith(b"GET / HTTP/1.1\r\nHost: a\r\n") and out.endswith(b"\r\n\r\n")
@@ -148,3 +148,18 @@ def test_set_cookie_is_prepared_per_identity() -> None:
     assert line.startswith(b"Set-Cookie: SERVERID=" + encode_value("front-2", "app", SECRET))
     with pytest.raises(KeyError):
         sticky.set_cookie("unknown")
+
+
+def test_a_user_token_after_the_value_is_returned_and_stripped_with_the_cookie() -> None:
+    """census.py's ``VALUE~TOKEN``: the host part still routes, the token is handed back."""
+    raw = head(b"Cookie: a=1; SERVERID=front-1~0123456789abcdef")
+    identity, stripped, token = cookie().extract(raw)
+    assert (identity, token) == ("front-1", b"0123456789abcdef")
+    assert stripped == head(b"Cookie: a=1")
+
+
+def test_a_token_on_a_forged_value_is_not_returned() -> None:
+    assert cookie(SECRET).extract(head(b"Cookie: SERVERID=front-1~0123456789abcdef"))[::2] == (
+        None,
+        None,
+    )

@@ -23,6 +23,7 @@ import hmac
 import re
 from collections.abc import Iterable
 
+from zdlb.census import split_value
 from zdlb.config.model import StickyConfig
 
 # 12 bytes of HMAC-SHA256 -> 16 characters of base64: 96 bits against forgery.
@@ -54,15 +55,19 @@ class StickyCookie:
         """The response lines (CRLF-terminated) that pin a client to ``identity``."""
         return self.lines[identity]
 
-    def extract(self, raw_head: bytes) -> tuple[str | None, bytes | None]:
-        """(identity the request carries, the head without zdlb's cookie) from a raw head.
+    def extract(self, raw_head: bytes) -> tuple[str | None, bytes | None, bytes | None]:
+        """(identity the request carries, the head without zdlb's cookie, the user token the
+        cookie carries) from a raw head.
 
         The identity is None when there is no valid cookie, or several that disagree. The
         head is None when it carried no zdlb cookie at all, so the caller keeps the original.
+        The token (census.py: ``VALUE~TOKEN``) is None when the cookie had none or was not
+        valid; it is only a counting aid and never changes where the request goes.
         """
         if self.marker not in raw_head:  # ~50 ns: the common no-cookie case stops here
-            return None, None
+            return None, None, None
         found: set[str | None] = set()
+        tokens: list[bytes | None] = []
 
         def strip(match: re.Match[bytes]) -> bytes:
             kept = []
@@ -70,7 +75,9 @@ class StickyCookie:
             for pair in match.group(1).split(b";"):
                 name, eq, value = pair.strip().partition(b"=")
                 if eq and name == self.name:
-                    found.add(self._by_value.get(value.strip(b'"')))
+                    host_value, token = split_value(value.strip(b'"'))
+                    found.add(self._by_value.get(host_value))
+                    tokens.append(token)
                     is_ours = True
                 elif pair.strip():
                     kept.append(pair.strip())
@@ -81,9 +88,10 @@ class StickyCookie:
         head_end = raw_head.rfind(b"\r\n\r\n")
         stripped = _COOKIE_LINE.sub(strip, raw_head[:head_end]) + raw_head[head_end:]
         if not found:
-            return None, None  # the name only appeared elsewhere (a URL, another header)
+            return None, None, None  # the name only appeared elsewhere (a URL, another header)
         identity = found.pop() if len(found) == 1 else None
-        return identity, stripped
+        token = tokens[0] if identity is not None and len(tokens) == 1 else None
+        return identity, stripped, token
 
 
 def encode_value(identity: str, backend: str, secret: str | None) -> bytes:

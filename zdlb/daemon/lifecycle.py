@@ -192,6 +192,7 @@ def _http_route(runtime: Runtime, listener: ListenerConfig) -> Route:
         log_access=runtime.config.logging.access_log,
         observe=runtime.health.observe,
         sticky=StickyCookie(sticky, backend.name, backend.identities()) if sticky else None,
+        census=runtime.census.get(backend.name),
         stats=stats.listeners[listener.name],
         backend_stats=stats.backends[backend.name],
     )

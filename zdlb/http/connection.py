@@ -36,6 +36,7 @@ import time
 from bisect import bisect_left
 from typing import TYPE_CHECKING, Protocol, cast
 
+from zdlb.census import mint_token, with_token
 from zdlb.config.model import Reuse
 from zdlb.errors import (
     DownstreamProtocolError,
@@ -107,6 +108,7 @@ class ClientConnection(asyncio.Protocol):
         "route",
         "transport",
         "tunnel",
+        "user_token",
         "wbuf",
         "writes_paused",
     )
@@ -128,6 +130,7 @@ class ClientConnection(asyncio.Protocol):
         self.close_after_write = False
         self.detour: Detour | None = None
         self.tunnel: Tunnel | None = None
+        self.user_token = b""  # the sticky census token of this connection's user, once known
 
     def __repr__(self) -> str:
         ex = self.exchange
@@ -237,7 +240,7 @@ class ClientConnection(asyncio.Protocol):
         else:
             server = route.backend.select(now, self.client_ip)
             if sticky is not None and server is not None:
-                exchange.set_cookie = sticky.lines[server.identity]  # pin it
+                exchange.set_cookie = self._pin(sticky, server.identity, None)
         if server is None:
             self._fail(exchange, 503)
             return
@@ -280,7 +283,7 @@ class ClientConnection(asyncio.Protocol):
         """The client's pinned host if it can serve, else a balanced pick to pin it to (or
         none at all: a cookie that only looked like ours leaves the head as it was)."""
         head = exchange.request
-        identity, stripped = sticky.extract(head.raw)
+        identity, stripped, token = sticky.extract(head.raw)
         if stripped is not None:
             head.replace_raw(stripped)  # the server never sees zdlb's cookie
         backend = self.route.backend
@@ -290,9 +293,26 @@ class ClientConnection(asyncio.Protocol):
             if identity is not None and server is not None:
                 self.route.backend_stats.sticky_repins += 1
         exchange.identity = identity
-        if server is not None and server.identity != identity:
-            exchange.set_cookie = sticky.lines[server.identity]
+        if server is None:
+            return None
+        if server.identity != identity or token is None:  # (re-)pin, the user's token kept
+            exchange.set_cookie = self._pin(sticky, server.identity, token)
+        elif token != self.user_token:  # a returning user: counted once per connection
+            self.user_token = token
+            census = self.route.census
+            if census is not None:
+                census.observe(identity, token)
         return server
+
+    def _pin(self, sticky: StickyCookie, identity: str, token: bytes | None) -> bytes:
+        """The Set-Cookie lines that pin this client to ``identity``, with its user token
+        (census.py): the one its cookie carried, else this connection's, else a new one."""
+        token = token or self.user_token or mint_token()
+        census = self.route.census
+        if census is not None and token != self.user_token:
+            census.observe(identity, token)
+        self.user_token = token
+        return with_token(sticky.lines[identity], token)
 
     def _use_server(self, exchange: Exchange, server: Server, pool: ServerConnections) -> None:
         exchange.server = server
@@ -365,7 +385,7 @@ class ClientConnection(asyncio.Protocol):
             )
         sticky = route.sticky
         if sticky is not None and retry.identity != exchange.identity:
-            exchange.set_cookie = sticky.lines[retry.identity]
+            exchange.set_cookie = self._pin(sticky, retry.identity, None)
         self._use_server(exchange, retry, pool)
         self._flush_upstream(exchange)  # a pooled connection is attached at once: send now
 

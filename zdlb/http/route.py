@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from zdlb.balancer.pool import Backend
     from zdlb.balancer.server import Server
     from zdlb.balancer.sticky import StickyCookie
+    from zdlb.census import Census
 
 
 class ListenedConnection(Protocol):
@@ -66,6 +67,7 @@ class Route:
         stats: ListenerStats | None = None,
         backend_stats: BackendStats | None = None,
         tunnel: TunnelSettings | None = None,
+        census: Census | None = None,
     ) -> None:
         self.listener = listener
         # Metrics: plain counters the hot path adds to (a scrape reads them; metrics/).
@@ -74,6 +76,7 @@ class Route:
         self.observe = observe  # passive health: called for servers with is_observed only
         self.backend = backend
         self.sticky = sticky
+        self.census = census  # distinct users per host, fed by pins (http/connection.py)
         self.upstreams = upstreams
         self.log_access = log_access
         self.timeouts = listener.timeouts
