@@ -47,8 +47,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1, help="wrk -t (default 1)")
     p.add_argument(
         "--only",
-        default=",".join(tg.ALL_TARGETS),
-        help=f"comma list among {','.join(tg.ALL_TARGETS)} (default all)",
+        default=",".join(tg.DEFAULT_TARGETS),
+        help=f"comma list among {','.join(tg.ALL_TARGETS)} (default {','.join(tg.DEFAULT_TARGETS)})",
     )
     p.add_argument(
         "--workloads",

@@ -33,11 +33,13 @@ DEFAULT_ZDLB_CMD = (
 READY_TIMEOUT_S = 15.0  # bounded wait for a port to accept; a Python daemon can take a moment
 PROBE_TIMEOUT_S = 5.0
 
-# zdlb-bare: zdlb without checks, sticky cookie and control socket (templates/zdlb-bare.toml).
-PROXY_NAMES = ("zdlb", "zdlb-bare", "haproxy", "nginx")
+# zdlb-bare: zdlb without checks, sticky cookie and control socket (templates/zdlb-bare.toml);
+# zdlb-always: zdlb with reuse = "always" (templates/zdlb-always.toml).
+PROXY_NAMES = ("zdlb", "zdlb-bare", "zdlb-always", "haproxy", "nginx")
 # zdlb at another git revision (bench.py --baseline REV), configured as the zdlb target.
 BASELINE_TARGET = "zdlb-base"
 ALL_TARGETS = ("direct", *PROXY_NAMES)
+DEFAULT_TARGETS = ("direct", "zdlb", "haproxy", "nginx")
 
 
 @dataclass
@@ -181,7 +183,7 @@ def start_zdlb(
     """Start zdlb from cmd_template ({config} is replaced by the generated TOML's path), with
     templates/TEMPLATE.toml (TEMPLATE defaults to NAME), importing zdlb from ``root``."""
     port = free_port()
-    run_dir = tmp if template is None else tmp / name  # its own control socket path
+    run_dir = tmp / name  # its own directory: each zdlb target needs its own control socket
     run_dir.mkdir(exist_ok=True)
     conf = render(
         f"{template or name}.toml",
