@@ -48,7 +48,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--only",
         default=",".join(tg.DEFAULT_TARGETS),
-        help=f"comma list among {','.join(tg.ALL_TARGETS)} (default {','.join(tg.DEFAULT_TARGETS)})",
+        help=f"comma list among {','.join(tg.ALL_TARGETS)}"
+        f" (default {','.join(tg.DEFAULT_TARGETS)})",
     )
     p.add_argument(
         "--workloads",
