@@ -27,6 +27,7 @@ from zdlb.control.protocol import (
     ShowServers,
     Swap,
     WaitIdle,
+    WaitUp,
     format_command,
     frame,
     help_text,
@@ -79,6 +80,9 @@ COMMANDS = [
     pytest.param(b"wait a/b idle 1e3", WaitIdle("a", "b", 1000.0), id="wait-exponent"),
     pytest.param(b"flip app/front-1", Flip("app", "front-1"), id="flip"),
     pytest.param(b"flip app/front-1 force", Flip("app", "front-1", True), id="flip-force"),
+    pytest.param(b"flip app/front-1 wait 30", Flip("app", "front-1", wait_s=30.0), id="flip-wait"),
+    pytest.param(b"wait a/b up", WaitUp("a", "b", 30.0), id="wait-up-default-timeout"),
+    pytest.param(b"wait a/b up 2.5", WaitUp("a", "b", 2.5), id="wait-up-timeout"),
     pytest.param(b"swap app", Swap("app"), id="swap"),
 ]
 
@@ -245,7 +249,17 @@ ERRORS = [
     pytest.param(b"flip", "missing BACKEND/SERVER", U_FLIP, id="flip-alone"),
     pytest.param(b"flip app", "expected BACKEND/SERVER, got 'app'", U_FLIP, id="flip-no-slash"),
     pytest.param(
-        b"flip a/b now", "unknown option 'now': expected 'force'", U_FLIP, id="flip-unknown-option"
+        b"flip a/b now",
+        "unknown option 'now': expected 'force' or 'wait'",
+        U_FLIP,
+        id="flip-unknown-option",
+    ),
+    pytest.param(b"flip a/b wait", "missing TIMEOUT_S after 'wait'", U_FLIP, id="flip-wait-alone"),
+    pytest.param(
+        b"flip a/b wait 0", "timeout 0 must be > 0 and <= 3600 seconds", U_FLIP, id="flip-wait-0"
+    ),
+    pytest.param(
+        b"flip a/b wait 5 force", "unexpected 'force' after 'flip a/b wait 5'", U_FLIP, id="flip-wf"
     ),
     pytest.param(
         b"flip a/b force x", "unexpected 'x' after 'flip a/b force'", U_FLIP, id="flip-extra"
@@ -260,9 +274,17 @@ ERRORS = [
     ),
     pytest.param(b"wait", "missing BACKEND/SERVER", U_WAIT, id="wait-alone"),
     pytest.param(b"wait ab idle", "expected BACKEND/SERVER, got 'ab'", U_WAIT, id="wait-no-slash"),
-    pytest.param(b"wait a/b", "missing condition: expected 'idle'", U_WAIT, id="wait-no-idle"),
     pytest.param(
-        b"wait a/b empty", "unknown condition 'empty': expected 'idle'", U_WAIT, id="wait-unknown"
+        b"wait a/b", "missing condition: expected 'idle' or 'up'", U_WAIT, id="wait-no-idle"
+    ),
+    pytest.param(
+        b"wait a/b empty",
+        "unknown condition 'empty': expected 'idle' or 'up'",
+        U_WAIT,
+        id="wait-unknown",
+    ),
+    pytest.param(
+        b"wait a/b up 7 8", "unexpected '8' after 'wait a/b up 7'", U_WAIT, id="wait-up-extra"
     ),
     pytest.param(
         b"wait a/b idle 0", "timeout 0 must be > 0 and <= 3600 seconds", U_WAIT, id="timeout-zero"
@@ -372,7 +394,7 @@ def test_random_bytes_raise_only_usage_errors(line: bytes) -> None:
 
 WORDS = st.sampled_from(
     "json help show info backends servers set server state ready drain maint weight wait idle"
-    " a/b a 0 256 30 -1 x/".split()
+    " up flip force a/b a 0 256 30 -1 x/".split()
 )
 
 
@@ -403,6 +425,19 @@ NAMES = st.text(
             WaitIdle,
             NAMES,
             NAMES,
+            st.floats(min_value=0, max_value=MAX_WAIT_TIMEOUT_S, exclude_min=True),
+        ),
+        st.builds(
+            WaitUp,
+            NAMES,
+            NAMES,
+            st.floats(min_value=0, max_value=MAX_WAIT_TIMEOUT_S, exclude_min=True),
+        ),
+        st.builds(
+            Flip,
+            NAMES,
+            NAMES,
+            st.just(False),
             st.floats(min_value=0, max_value=MAX_WAIT_TIMEOUT_S, exclude_min=True),
         ),
     )
@@ -439,9 +474,9 @@ def test_usage_lines_one_per_command_form() -> None:
         "usage: show servers [BACKEND]",
         "usage: set server BACKEND/SERVER state ready|drain|maint",
         "usage: set server BACKEND/SERVER weight 0..256",
-        "usage: flip BACKEND/SERVER [force]",
+        "usage: flip BACKEND/SERVER [force | wait TIMEOUT_S]",
         "usage: swap BACKEND",
-        "usage: wait BACKEND/SERVER idle [TIMEOUT_S]",
+        "usage: wait BACKEND/SERVER idle|up [TIMEOUT_S]",
     )
 
 

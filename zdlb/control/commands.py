@@ -31,6 +31,7 @@ from zdlb.control.protocol import (
     ShowServers,
     Swap,
     WaitIdle,
+    WaitUp,
     help_text,
     render_json,
     render_table,
@@ -138,7 +139,7 @@ class Controller:
                 await self._journal()
                 return reply
             case Flip():
-                reply = self._flip(command, peer_uid)
+                reply = await self._flip_when_up(command, peer_uid)
                 await self._journal()
                 return reply
             case Swap(backend=name):
@@ -147,6 +148,8 @@ class Controller:
                 return reply
             case WaitIdle():
                 return await self._wait_idle(command)
+            case WaitUp():
+                return await self._wait_up(command)
             case _:
                 assert_never(command)
 
@@ -283,6 +286,57 @@ class Controller:
             "serving": f"{command.backend}/{serving.name}",
         }
         return Reply(text, data)
+
+    async def _flip_when_up(self, command: Flip, peer_uid: int) -> Reply:
+        """``flip``; with ``wait T``, a refusal because the member taking over fails its checks
+        becomes a wait (up to T s) for it to pass them, then the flip."""
+        if command.wait_s is None:
+            return self._flip(command, peer_uid)
+        server = self._server(command.backend, command.server)
+        pair = server.pair
+        if pair is not None:
+            main = server if server.pool is PoolName.MAIN else pair
+            taking_over = main if main.admin is AdminState.MAINT else main.pair
+            assert taking_over is not None  # a pair's members point at each other
+            if taking_over.health is Health.DOWN:
+                up = await self._wait_up(WaitUp(command.backend, taking_over.name, command.wait_s))
+                if up.is_error:
+                    text = f"{up.text.rstrip()}; {command.backend}/{server.name} not flipped\n"
+                    return Reply(text, up.data, is_error=True)
+        return self._flip(command, peer_uid)
+
+    async def _wait_up(self, command: WaitUp) -> Reply:
+        """Until the server is up and ``rise`` probes started since this call passed, or the
+        timeout. An unchecked server is always up: answered at once."""
+        server = self._server(command.backend, command.server)
+        name = f"{server.backend}/{server.name}"
+        loop = asyncio.get_running_loop()
+        began = loop.time()
+        deadline = began + command.timeout_s
+        verdict = self._health.verdict(server)
+        rise = verdict.rise if verdict is not None else 0
+        while True:
+            passes = self._health.passes_since(server, began)
+            if server.health is Health.UP and (passes is None or passes >= rise):
+                waited_s = round(loop.time() - began, 3)
+                data = {"server": name, "up": True, "passes": passes, "waited_s": waited_s}
+                return Reply(f"{name}: up\n", data)
+            if self._stopping.is_set():
+                return Reply(f"{name}: the daemon is stopping\n", {"error": "stopping"}, True)
+            if loop.time() >= deadline:
+                result = self._health.last_result(server)
+                check = result.detail if result is not None else "no probe yet"
+                data = {
+                    "error": "timeout",
+                    "server": name,
+                    "up": False,
+                    "health": server.health.value,
+                    "passes": passes,
+                    "check": check,
+                }
+                text = f"{name}: timeout, health={server.health.value} check={check}\n"
+                return Reply(text, data, is_error=True)
+            await asyncio.sleep(WAIT_POLL_S)
 
     def _swap(self, backend: Backend, peer_uid: int) -> Reply:
         """Blue/green: exchange the pools. In-flight requests finish where they are."""

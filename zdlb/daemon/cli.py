@@ -234,7 +234,9 @@ Sticky users and a deploy by hand (another terminal):
   {program} ctl -c {config} flip app/front-1    # front-1's users move to its v2
   curl -s -c jar -b jar http://127.0.0.1:8000/     # still your host (v2 if it is front-1)
   {program} ctl -c {config} wait app/front-1 idle 30
-  {program} ctl -c {config} flip app/front-1    # front-1's v1 serves again
+  curl -s -X POST 'http://127.0.0.1:8081/demo/deploy?version=v3&seconds=2'  # deploy v3
+  {program} ctl -c {config} wait app/front-1 up 30
+  {program} ctl -c {config} flip app/front-1    # front-1's main (v3) serves again
 A crash (POST /demo/stop?seconds=N: a vhost refuses connections for N s, 1..600, default 30):
   curl -s -X POST 'http://127.0.0.1:8081/demo/stop?seconds=30'  # front-1's v2 stands in
   {program} ctl -c {config} show servers
@@ -278,7 +280,9 @@ DEMO_APP_HELP = """\
 zdlb demo-app: demo vhosts without the load balancer
 {vhosts}
 Each answers GET / with its host, vhost and version, GET /health with "ok";
-POST /demo/stop?seconds=N refuses connections for N s (1..600), then serves again.
+POST /demo/stop?seconds=N refuses connections for N s (1..600), then serves again;
+POST /demo/deploy?version=V&seconds=N the same, then answers as version V (&broken=health:
+failing /health; &broken=500: answering 500).
 Stop with Ctrl-C (or SIGTERM)."""
 
 
