@@ -20,13 +20,21 @@ from zdlb.balancer.pool import Backend
 from zdlb.balancer.server import AdminState, Health, Server, plan_flip
 from zdlb.config.model import PoolName
 from zdlb.control import journal
+from zdlb.control.deploys import DeployDesk
 from zdlb.control.protocol import (
     Command,
+    DeployBegin,
+    DeployEnd,
+    DeployHost,
+    DeployRenew,
+    DeployStep,
+    DeployTakeover,
     Flip,
     Help,
     SetServerState,
     SetServerWeight,
     ShowBackends,
+    ShowDeploy,
     ShowInfo,
     ShowServers,
     Swap,
@@ -36,6 +44,7 @@ from zdlb.control.protocol import (
     render_json,
     render_table,
 )
+from zdlb.deploy.record import DeployRecord
 from zdlb.errors import ControlCommandError
 from zdlb.health.scheduler import HealthChecker
 from zdlb.http.route import Route
@@ -110,6 +119,14 @@ class Controller:
         self._workers = workers
         self._started_at = time.monotonic()
         self._stopping = asyncio.Event()  # set at shutdown: waits answer at once
+        # zdlb deploy's lock and record; the last one is read back from the journal.
+        last_deploy = journal.load_deploy(state_file) if state_file is not None else None
+        self._deploys = DeployDesk(backends, last_deploy)
+
+    def deploy_snapshot(self) -> DeployRecord | None:
+        """The current or last deploy (frozen; ``effective_status(time.time())`` says whether
+        it still runs): for a status page or metrics, never None-checked twice."""
+        return self._deploys.record
 
     def stop_waiting(self) -> None:
         """Shutdown: every `wait` in progress answers now (with an error) instead of later."""
@@ -150,6 +167,21 @@ class Controller:
                 return await self._wait_idle(command)
             case WaitUp():
                 return await self._wait_up(command)
+            case ShowDeploy():
+                text, data = self._deploys.show()
+                return Reply(text, data)
+            case (
+                DeployBegin()
+                | DeployTakeover()
+                | DeployRenew()
+                | DeployStep()
+                | DeployHost()
+                | DeployEnd()
+            ):
+                text, data = self._deploys.apply(command, peer_uid)
+                if not isinstance(command, DeployRenew):
+                    await self._journal()
+                return Reply(text, data)
             case _:
                 assert_never(command)
 
@@ -405,7 +437,8 @@ class Controller:
             return
         servers = [server for backend in self._backends.values() for server in backend.servers]
         try:
-            await asyncio.to_thread(journal.save, self._state_file, servers)
+            deploy = self._deploys.journal_data()
+            await asyncio.to_thread(journal.save, self._state_file, servers, deploy)
         except OSError as exc:
             # The change is made; only its survival across a restart failed: say so loudly.
             log.error("state_journal_write_failed file=%s error=%s", self._state_file, exc)

@@ -1,4 +1,4 @@
-"""The ``zdlb`` command: ``run``, ``check``, ``ctl``, ``demo`` and ``demo-app``.
+"""The ``zdlb`` command: ``run``, ``check``, ``ctl``, ``deploy``, ``demo`` and ``demo-app``.
 
 Exit codes: 0 success, 2 invalid config or usage (argparse's convention), 1 a runtime failure
 such as a busy port. Errors are one readable message, never a traceback.
@@ -33,6 +33,8 @@ from zdlb.daemon.lifecycle import (
 from zdlb.daemon.logs import setup_logging
 from zdlb.daemon.worker import WorkerOptions
 from zdlb.daemon.workers import serve_master, worker_count
+from zdlb.deploy.cli import add_parser as add_deploy_parser
+from zdlb.deploy.cli import run_deploy
 from zdlb.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -72,6 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--timeout", type=float, default=CTL_TIMEOUT_S, metavar="S", help="give up after S s"
     )
     ctl.add_argument("words", nargs="+", metavar="COMMAND", help="e.g. show servers")
+
+    add_deploy_parser(commands)
 
     demo = commands.add_parser(
         "demo", help="start two demo hosts (main + backup vhosts) behind zdlb on :8000"
@@ -166,6 +170,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _run(args, config, _run_daemon)
         case "demo":
             return _run(args, config, _run_demo)
+        case "deploy":
+            return run_deploy(args, config)
         case "ctl":
             if config.control.socket is None:
                 print(f"zdlb: {config.source} configures no [control] socket", file=sys.stderr)
