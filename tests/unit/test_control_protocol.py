@@ -18,11 +18,18 @@ from zdlb.control.protocol import (
     MAX_WAIT_TIMEOUT_S,
     USAGE,
     Command,
+    DeployBegin,
+    DeployEnd,
+    DeployHost,
+    DeployRenew,
+    DeployStep,
+    DeployTakeover,
     Flip,
     Help,
     SetServerState,
     SetServerWeight,
     ShowBackends,
+    ShowDeploy,
     ShowInfo,
     ShowServers,
     Swap,
@@ -38,11 +45,14 @@ from zdlb.control.protocol import (
     render_table,
     wants_json,
 )
+from zdlb.deploy.plan import Step, Target
+from zdlb.deploy.record import DeployStatus, HostStatus
 from zdlb.errors import ControlUsageError
 
-U_HELP, U_INFO, U_BACKENDS, U_SERVERS, U_STATE, U_WEIGHT, U_FLIP, U_SWAP, U_WAIT = USAGE
+U_HELP, U_INFO, U_BACKENDS, U_SERVERS, U_STATE, U_WEIGHT, U_FLIP, U_SWAP, U_WAIT = USAGE[:9]
+U_SHOW_DEPLOY, U_BEGIN, U_TAKEOVER, U_UPDATE = USAGE[9:]
 U_ALL = "\n".join(USAGE)
-U_SHOW = "\n".join((U_INFO, U_BACKENDS, U_SERVERS))
+U_SHOW = "\n".join((U_INFO, U_BACKENDS, U_SERVERS, U_SHOW_DEPLOY))
 U_SET = "\n".join((U_STATE, U_WEIGHT))
 
 COMMANDS = [
@@ -82,6 +92,26 @@ COMMANDS = [
     pytest.param(b"flip app/front-1 force", Flip("app", "front-1", True), id="flip-force"),
     pytest.param(b"flip app/front-1 wait 30", Flip("app", "front-1", wait_s=30.0), id="flip-wait"),
     pytest.param(b"wait a/b up", WaitUp("a", "b", 30.0), id="wait-up-default-timeout"),
+    pytest.param(b"show deploy", ShowDeploy(), id="show-deploy"),
+    pytest.param(
+        b"deploy begin app to main pid 42", DeployBegin("app", Target.MAIN, 42), id="begin-all"
+    ),
+    pytest.param(
+        b"deploy begin app to backup pid 7 front-1 front-2",
+        DeployBegin("app", Target.BACKUP, 7, ("front-1", "front-2")),
+        id="begin-named",
+    ),
+    pytest.param(b"deploy takeover pid 9", DeployTakeover(9), id="takeover"),
+    pytest.param(b"deploy renew 0af3", DeployRenew("0af3"), id="renew"),
+    pytest.param(
+        b"deploy step 0af3 front-1 wait-up", DeployStep("0af3", "front-1", Step.WAIT_UP), id="step"
+    ),
+    pytest.param(
+        b"deploy host 0af3 front-1 failed wait-up: timeout (health=down)",
+        DeployHost("0af3", "front-1", HostStatus.FAILED, "wait-up: timeout (health=down)"),
+        id="host-failed",
+    ),
+    pytest.param(b"deploy end 0af3 done", DeployEnd("0af3", DeployStatus.DONE), id="end-done"),
     pytest.param(b"wait a/b up 2.5", WaitUp("a", "b", 2.5), id="wait-up-timeout"),
     pytest.param(b"swap app", Swap("app"), id="swap"),
 ]
@@ -272,6 +302,36 @@ ERRORS = [
         U_SWAP,
         id="swap-target",
     ),
+    pytest.param(b"show deploy x", "unexpected 'x' after 'show deploy'", U_SHOW_DEPLOY, id="sd-x"),
+    pytest.param(
+        b"deploy", "missing what to do", "\n".join((U_BEGIN, U_TAKEOVER, U_UPDATE)), id="deploy"
+    ),
+    pytest.param(
+        b"deploy begin app to side pid 1",
+        "unknown pool 'side': expected main, backup",
+        U_BEGIN,
+        id="begin-bad-pool",
+    ),
+    pytest.param(
+        b"deploy begin app to main pid 0", "pid '0' is not a positive integer", U_BEGIN, id="pid0"
+    ),
+    pytest.param(b"deploy begin app main", "expected 'to', got 'main'", U_BEGIN, id="begin-no-to"),
+    pytest.param(
+        b"deploy renew XYZ", "token 'XYZ' is not 1..64 hex digits", U_UPDATE, id="bad-token"
+    ),
+    pytest.param(
+        b"deploy step ab s1 dance",
+        "unknown step 'dance': expected check, flip, wait-idle, run, wait-up, verify, "
+        "flip-back, confirm",
+        U_UPDATE,
+        id="bad-step",
+    ),
+    pytest.param(
+        b"deploy end ab running",
+        "unknown result 'running': expected done, failed, interrupted, rolled-back",
+        U_UPDATE,
+        id="end-running",
+    ),
     pytest.param(b"wait", "missing BACKEND/SERVER", U_WAIT, id="wait-alone"),
     pytest.param(b"wait ab idle", "expected BACKEND/SERVER, got 'ab'", U_WAIT, id="wait-no-slash"),
     pytest.param(
@@ -433,6 +493,13 @@ NAMES = st.text(
             NAMES,
             st.floats(min_value=0, max_value=MAX_WAIT_TIMEOUT_S, exclude_min=True),
         ),
+        st.builds(DeployBegin, NAMES, st.sampled_from(Target), st.integers(1, 10**6)),
+        st.builds(DeployStep, st.sampled_from(["0", "ab12"]), NAMES, st.sampled_from(Step)),
+        st.builds(
+            DeployEnd,
+            st.sampled_from(["0", "ab12"]),
+            st.sampled_from([r for r in DeployStatus if r is not DeployStatus.RUNNING]),
+        ),
         st.builds(
             Flip,
             NAMES,
@@ -477,6 +544,10 @@ def test_usage_lines_one_per_command_form() -> None:
         "usage: flip BACKEND/SERVER [force | wait TIMEOUT_S]",
         "usage: swap BACKEND",
         "usage: wait BACKEND/SERVER idle|up [TIMEOUT_S]",
+        "usage: show deploy",
+        "usage: deploy begin BACKEND to main|backup pid PID [SERVER...]",
+        "usage: deploy takeover pid PID",
+        "usage: deploy renew|step|host|end TOKEN ...",
     )
 
 
