@@ -140,7 +140,7 @@ def test_a_lease_not_renewed_reads_interrupted_and_blocks_a_new_deploy() -> None
     deploy = record.host_step(begun(), "aa", "front-1", S.RUN, T0 + 1)
     later = T0 + 1 + DEPLOY_LEASE_S
     assert deploy.effective_status(later) is DeployStatus.INTERRUPTED
-    with pytest.raises(ControlCommandError, match="is interrupted .*resume it"):
+    with pytest.raises(ControlCommandError, match=r"is interrupted .*resume it"):
         begun(later, deploy, token="bb")
     with pytest.raises(ControlCommandError, match="lock expired"):
         record.renew(deploy, "aa", later)
