@@ -189,7 +189,7 @@ def test_a_host_is_named_by_its_main_or_its_pair() -> None:
         record.host_step(deploy, "aa", "front-3", S.CHECK, T0)
 
 
-def test_the_record_round_trips_through_json_without_its_token() -> None:
+def test_the_record_round_trips_through_json_with_or_without_its_token() -> None:
     deploy = record.host_result(
         record.host_step(begun(), "aa", "front-1", S.VERIFY, T0 + 1),
         "aa",
@@ -198,7 +198,9 @@ def test_the_record_round_trips_through_json_without_its_token() -> None:
         "verify: GET / answered 500",
         T0 + 2,
     )
+    assert "token" not in deploy.to_json(T0 + 2)
     back = record.from_json(deploy.to_json(T0 + 2))
     assert back.hosts == deploy.hosts
     assert back.token == ""
+    assert record.from_json({**deploy.to_json(T0 + 2), "token": "aa"}).token == "aa"
     assert (back.backend, back.to, back.holder_pid) == ("app", M, 42)

@@ -59,8 +59,12 @@ class DeployDesk:
         return f"<DeployDesk {self.record.backend} {status}>"
 
     def journal_data(self) -> dict[str, Any] | None:
-        """The record as the journal stores it (no token)."""
-        return None if self.record is None else self.record.to_json(self._clock())
+        """The record as the journal stores it, token included: a daemon restarted in the
+        middle of a deploy (an upgrade) lets its live client go on. The journal is the
+        daemon's own file; ``show deploy`` never shows the token."""
+        if self.record is None:
+            return None
+        return {**self.record.to_json(self._clock()), "token": self.record.token}
 
     def apply(self, command: DeployCommand, peer_uid: int) -> tuple[str, dict[str, Any]]:
         """Carry out one ``deploy ...`` command: (text, data) of the reply.

@@ -153,7 +153,8 @@ class Deployer:
     async def _renew_forever(self) -> None:
         while True:
             await asyncio.sleep(RENEW_EVERY_S)
-            with contextlib.suppress(ControlUnreachable):
+            # A lost renewal is retried; a lost lock makes the next step fail and say why.
+            with contextlib.suppress(ControlUnreachable, DeployCommandRefused):
                 await self._client.call(f"deploy renew {self._token}")
 
     async def _end(self, token: str, result: str, reason: str) -> None:

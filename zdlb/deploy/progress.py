@@ -128,7 +128,7 @@ class JsonProgress:
                 for h in hosts
             ],
         }
-        self._stream.write(json.dumps(data, sort_keys=True) + "\n")
+        self._stream.write(json.dumps(data) + "\n")  # steps in the order they ran
         self._stream.flush()
 
 

@@ -110,7 +110,7 @@ class DeployRecord:
         raise ControlCommandError(f"{main!r} is not a host of the deploy of {self.backend}")
 
     def to_json(self, now: float) -> dict[str, Any]:
-        """The record for ``json show deploy`` and the journal (no token: it is a secret)."""
+        """The record for ``json show deploy`` (no token: only its holder may know it)."""
         current = self.current()
         return {
             "backend": self.backend,
@@ -153,7 +153,7 @@ def from_json(data: Mapping[str, Any]) -> DeployRecord:
         backend=str(data["backend"]),
         to=Target(data["to"]),
         hosts=hosts,
-        token="",  # never journaled: after a restart only a takeover continues it
+        token=str(data.get("token", "")),  # the journal keeps it; `show deploy` does not
         holder_pid=int(data["holder_pid"]),
         holder_uid=int(data["holder_uid"]),
         started_at=float(data["started_at"]),
