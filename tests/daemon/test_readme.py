@@ -37,6 +37,7 @@ CLIENTS = 4
 # by the block's own deadline.
 TAIL_REQUESTS = 5
 _BLOCK_RE = re.compile(r"```sh\n(?P<body>.*?)```", re.S)
+_EXITS_RE = re.compile(r"#.*\bexits (?P<status>[0-9]+)\b")
 
 
 def readme_block(after: str) -> list[str]:
@@ -105,7 +106,8 @@ async def wait_started(daemon: Daemon) -> None:
 
 
 async def run_line(line: str, cwd: Path) -> str:
-    """Run one README line with bash in ``cwd``; fail the test unless it exits 0."""
+    """Run one README line with bash in ``cwd``; fail the test unless it exits as its comment
+    says (``# exits N``), 0 by default."""
     proc = await asyncio.create_subprocess_exec(
         "bash",
         "-c",
@@ -124,13 +126,13 @@ async def run_line(line: str, cwd: Path) -> str:
         await proc.wait()
         pytest.fail(f"README line still running after {LINE_TIMEOUT_S} s: {line}")
     text = out.decode(errors="replace")
-    assert proc.returncode == 0, f"README line failed (rc={proc.returncode}): {line}\n{text}"
+    expected = int(match["status"]) if (match := _EXITS_RE.search(line)) else 0
+    assert proc.returncode == expected, f"README line: rc={proc.returncode}: {line}\n{text}"
     return text
 
 
-async def test_the_readme_deploy_by_hand_works_verbatim_under_load(demo_dir: Path) -> None:
-    lines = readme_block("A deploy by hand, one host at a time")
-    assert any("wait app/front-1 up" in line for line in lines), lines
+async def run_block_under_load(lines: list[str], cwd: Path) -> tuple[list[str], list[User]]:
+    """Run the lines in order while keep-alive users load the demo; their failures fail it."""
     users = [User() for _ in range(CLIENTS)]
     done = asyncio.Event()
     outputs = []
@@ -139,15 +141,42 @@ async def test_the_readme_deploy_by_hand_works_verbatim_under_load(demo_dir: Pat
             tasks.create_task(user.run(done))
         try:
             for line in lines:
-                outputs.append(await run_line(line, demo_dir))
+                outputs.append(await run_line(line, cwd))
         finally:
             done.set()
     assert [f for user in users for f in user.failures] == []
-    assert "app/front-1-backup serves front-1" in outputs[0]
-    assert outputs[-1].endswith("app/front-1 serves front-1\n")
-    # front-1's main now answers as the version the README deployed, directly and through zdlb.
-    async with await H11Client.connect((LOOPBACK, 8081)) as client:
-        assert parse_page((await client.request("GET", "/")).body)["version"] == "v3"
     for user in users:
         host = user.versions[0][0]
         assert {h for h, _ in user.versions} == {host}, user  # every user stayed on its host
+    return outputs, users
+
+
+async def page_version(port: int) -> str:
+    """The version a demo vhost answers as (from its header: a broken one answers 500)."""
+    async with await H11Client.connect((LOOPBACK, port)) as client:
+        served_by = (await client.request("GET", "/")).header("x-demo-server") or "?/?/?"
+    return served_by.split("/")[2]
+
+
+async def test_the_readme_deploy_by_hand_works_verbatim_under_load(demo_dir: Path) -> None:
+    lines = readme_block("A deploy by hand, one host at a time")
+    assert any("wait app/front-1 up" in line for line in lines), lines
+    outputs, _ = await run_block_under_load(lines, demo_dir)
+    assert "app/front-1-backup serves front-1" in outputs[0]
+    assert outputs[-1].endswith("app/front-1 serves front-1\n")
+    assert await page_version(8081) == "v3"  # front-1's main runs what the README deployed
+
+
+async def test_the_readme_rolling_deploys_work_verbatim_under_load(demo_dir: Path) -> None:
+    lines = readme_block("### Rolling deploys")
+    assert [line.split()[1] for line in lines] == ["deploy", "deploy", "ctl", "deploy"], lines
+    outputs, users = await run_block_under_load(lines, demo_dir)
+    assert "deploy completed" in outputs[0]
+    assert "front-1 failed at step verify" in outputs[1]
+    assert "front-1  front-1-backup  failed" in outputs[2]
+    assert "deploy completed" in outputs[3]
+    # front-2 kept v3 (the failed deploy stopped before it); front-1's users are on its pair.
+    assert (await page_version(8082), await page_version(8081)) == ("v3", "v4")
+    front_1 = [u for u in users if u.versions[0][0] == "front-1"]
+    assert all(u.versions[-1] == ("front-1", "v2") for u in front_1)
+    assert all(version != "v4" for u in users for _, version in u.versions)  # nobody saw it
