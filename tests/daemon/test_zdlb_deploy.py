@@ -51,6 +51,9 @@ access_log = false
 socket = "ctl.sock"
 state_file = "zdlb.state"
 
+[metrics]
+listen = "127.0.0.1:0"
+
 [listeners.web]
 bind = "127.0.0.1:0"
 backend = "app"
@@ -174,13 +177,16 @@ class Site:
     vhosts: dict[str, DemoVhostServer]
     daemon: Daemon
     start_daemon: StartDaemon
+    workers: int = 1
     users: list[User] = field(default_factory=list)
 
     async def restart_daemon(self) -> None:
         """Stop the daemon (SIGTERM) and start it again on the same config and state file."""
         self.daemon.send_signal(signal.SIGTERM)
         assert await self.daemon.wait_exit() == 0
-        self.daemon = await self.start_daemon("run", "-c", str(self.config))
+        self.daemon = await self.start_daemon(
+            "run", "--workers", str(self.workers), "-c", str(self.config)
+        )
         self.addr = await self.daemon.listener_addr()
         await self.daemon.wait_text("control_started")
 
@@ -235,13 +241,23 @@ class Site:
         for user in self.users:
             assert {vhost.split("/")[0] for vhost, _, _ in user.answers} == {user.host}, user
 
+    async def metrics(self) -> str:
+        line = await self.daemon.wait_text("metrics_started")
+        host, port = line.rsplit("addr=", 1)[1].rsplit(":", 1)
+        async with await H11Client.connect((host, int(port))) as client:
+            return (await client.request("GET", "/metrics")).body.decode()
+
     async def version_of(self, vhost: str) -> str:
         async with await H11Client.connect(self.vhosts[vhost].addr) as client:
             return (await client.request("GET", "/")).header("x-demo-server") or ""
 
 
 @pytest.fixture
-async def site(start_daemon: StartDaemon, write_config: WriteConfig) -> AsyncIterator[Site]:
+async def site(
+    start_daemon: StartDaemon, write_config: WriteConfig, request: pytest.FixtureRequest
+) -> AsyncIterator[Site]:
+    """The site; ``indirect`` parametrization gives the daemon's worker count (default 1)."""
+    workers = getattr(request, "param", 1)
     vhosts: dict[str, DemoVhostServer] = {}
     text = CONFIG
     for host in HOSTS:
@@ -258,8 +274,9 @@ async def site(start_daemon: StartDaemon, write_config: WriteConfig) -> AsyncIte
                 text += f'pool = "backup"\npair = "{host}"\n'
     config = write_config(text)
     try:
-        daemon = await start_daemon("run", "-c", str(config))
-        site = Site(config, await daemon.listener_addr(), vhosts, daemon, start_daemon)
+        daemon = await start_daemon("run", "--workers", str(workers), "-c", str(config))
+        addr = await daemon.listener_addr()
+        site = Site(config, addr, vhosts, daemon, start_daemon, workers)
         await daemon.wait_text("control_started")
         names = [name for host in HOSTS for name in (host, f"{host}-backup")]
         # Every server passed its checks (`wait ... up` is part of what is tested here too).
@@ -280,6 +297,7 @@ def report(title: str, run: DeployRun) -> None:
         print(f"  {host['host']}: {host['status']} in {host['elapsed_s']:.2f} s ({steps})")
 
 
+@pytest.mark.parametrize("site", [1, 2], indirect=True, ids=["1-process", "2-workers"])
 async def test_a_rolling_deploy_under_load_fails_no_request_and_leaves_every_main_new(
     site: Site,
 ) -> None:
@@ -290,7 +308,7 @@ async def test_a_rolling_deploy_under_load_fails_no_request_and_leaves_every_mai
 
     run = await site.under_load(deploy)
     site.assert_no_failure_nor_slow_request_and_users_kept()
-    report("rolling deploy of 2 hosts", run)
+    report(f"rolling deploy of 2 hosts ({site.workers} worker process(es))", run)
     assert [h["status"] for h in run.summary["hosts"]] == ["done", "done"]
     for host in HOSTS:
         assert await site.version_of(f"{host}/main") == f"{host}/main/v3"
@@ -302,6 +320,9 @@ async def test_a_rolling_deploy_under_load_fails_no_request_and_leaves_every_mai
     assert all(servers[h]["admin"] == "ready" for h in HOSTS)
     shown = await site.ctl_json("show", "deploy")
     assert shown["status"] == "done" and [h["status"] for h in shown["hosts"]] == ["done"] * 2
+    metrics = await site.metrics()
+    assert 'zdlb_deploy_status{backend="app",status="done"} 1.0' in metrics
+    assert 'zdlb_deploy_hosts{backend="app",status="done"} 2.0' in metrics
     steps = [e["step"] for e in run.events if e["event"] == "step-done" and e["host"] == "front-1"]
     assert steps == [
         "check",

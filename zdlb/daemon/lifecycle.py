@@ -241,7 +241,7 @@ async def serve(runtime: Runtime, stop: asyncio.Event) -> None:
     control = await start_control(runtime)
     servers = [server for backend in runtime.backends.values() for server in backend.servers]
     metrics = await start_metrics(
-        runtime, lambda: take_snapshot(runtime.stats, servers, runtime.health)
+        runtime, lambda: take_snapshot(runtime.stats, servers, runtime.health), control
     )
     await start_listeners(runtime)
     interval_s = sweep_interval_s(runtime.config)
@@ -278,11 +278,15 @@ async def start_listeners(runtime: Runtime, *, log_started: bool = True) -> None
             log_listener_started(tcp_route.listener, sock, tcp_route.backend)
 
 
-async def start_metrics(runtime: Runtime, source: SnapshotSource) -> MetricsEndpoint | None:
-    """The /metrics endpoint on the socket build_runtime bound, if [metrics] listen is set."""
+async def start_metrics(
+    runtime: Runtime, source: SnapshotSource, control: ControlServer | None = None
+) -> MetricsEndpoint | None:
+    """The /metrics endpoint on the socket build_runtime bound, if [metrics] listen is set;
+    with ``control``, the deploy metrics too."""
     if runtime.metrics_socket is None:
         return None
-    endpoint = MetricsEndpoint(new_registry(source), runtime.metrics_socket)
+    deploys = control.controller.deploy_snapshot if control is not None else None
+    endpoint = MetricsEndpoint(new_registry(source, deploys), runtime.metrics_socket)
     await endpoint.start()  # logs metrics_started with the bound address
     return endpoint
 

@@ -355,7 +355,7 @@ async def serve_master(
     """lifecycle.serve for ``count`` > 1 workers: the rules above, until ``stop`` is set."""
     supervisor = Supervisor(runtime, count, options)
     control = await start_control(runtime, supervisor)
-    metrics = await start_metrics(runtime, supervisor.snapshot)
+    metrics = await start_metrics(runtime, supervisor.snapshot, control)
     try:
         await supervisor.start()
     except BaseException:
