@@ -79,14 +79,11 @@ secret = "deploy-test-secret-0123456789"
 
 
 def deploy_command(version: str, broken_host: str | None = None, broken: str = "health") -> str:
-    """A --run COMMAND: POST /demo/deploy to $ZDLB_ADDRESS (with Python: no curl needed)."""
-    script = (
-        "import os, urllib.request as u; a = os.environ['ZDLB_ADDRESS']; "
-        f"b = {broken!r} if os.environ['ZDLB_MAIN'] == {broken_host!r} else 'no'; "
-        f"r = u.urlopen(u.Request(f'http://{{a}}/demo/deploy?version={version}"
-        f"&seconds={STOP_S}&broken={{b}}', method='POST'), timeout=5); print(r.read().decode())"
-    )
-    return f"{shlex.quote(sys.executable)} -c {shlex.quote(script)}"
+    """A --run COMMAND: ``zdlb demo-deploy "$ZDLB_ADDRESS" VERSION`` (the demo's POST
+    /demo/deploy), coming back ``broken`` on ``broken_host`` only."""
+    zdlb = shlex.join(ZDLB_CMD)
+    command = f'{zdlb} demo-deploy "$ZDLB_ADDRESS" {version} --seconds {STOP_S} --broken "$b"'
+    return f'b=no; if [ "$ZDLB_MAIN" = {broken_host or "-"} ]; then b={broken}; fi; {command}'
 
 
 @dataclass

@@ -22,6 +22,8 @@ from zdlb.config.model import MAX_WORKERS, Config, LogFormat, LoggingConfig
 from zdlb.config.summary import describe
 from zdlb.daemon.ctl import run_ctl
 from zdlb.daemon.demo_app import DEMO_HOSTS, DemoVhost, start_demo_hosts, vhosts_of
+from zdlb.daemon.demo_deploy import add_parser as add_demo_deploy_parser
+from zdlb.daemon.demo_deploy import run_demo_deploy
 from zdlb.daemon.lifecycle import (
     EXIT_OK,
     build_runtime,
@@ -76,6 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     ctl.add_argument("words", nargs="+", metavar="COMMAND", help="e.g. show servers")
 
     add_deploy_parser(commands)
+    add_demo_deploy_parser(commands)
 
     demo = commands.add_parser(
         "demo", help="start two demo hosts (main + backup vhosts) behind zdlb on :8000"
@@ -154,6 +157,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "demo-app":  # no config file: the demo's vhosts are built in
         return _run_demo_apps(args)
+    if args.command == "demo-deploy":
+        return run_demo_deploy(args)
     if args.command == "ctl" and args.socket is not None:
         return run_ctl(args.socket, args.words, as_json=args.json, timeout_s=args.timeout)
     try:
