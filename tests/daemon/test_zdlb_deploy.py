@@ -187,13 +187,15 @@ class Site:
         self.addr = await self.daemon.listener_addr()
         await self.daemon.wait_text("control_started")
 
-    async def deploy(self, *args: str) -> DeployRun:
+    async def deploy(self, *args: str, servers: tuple[str, ...] = ()) -> DeployRun:
+        """``zdlb deploy -c CONFIG app [SERVER...] --json ARGS``, started."""
         proc = await asyncio.create_subprocess_exec(
             *ZDLB_CMD,
             "deploy",
             "-c",
             str(self.config),
             "app",
+            *servers,
             "--json",
             *args,
             stdin=asyncio.subprocess.DEVNULL,
@@ -453,3 +455,55 @@ async def test_a_deploy_interrupted_then_a_daemon_restart_is_still_shown_and_res
     resumed = await site.deploy("--run", deploy_command("v3"), "--resume")
     assert await resumed.wait() == EXIT_OK, resumed.stderr
     assert (await site.ctl_json("show", "deploy"))["status"] == "done"
+
+
+async def test_flip_wait_waits_for_a_main_that_is_down_to_pass_its_checks(site: Site) -> None:
+    config = str(site.config)
+    assert (await run_zdlb("ctl", "-c", config, "flip", "app/front-1")).returncode == EXIT_OK
+    main = site.vhosts["front-1/main"]
+    main.stop(1.0)  # the deploy's restart: refused for 1 s
+    assert (await site.ctl_json("wait", "app/front-1", "idle", "5"))["idle"] is True
+    await site.daemon.wait_text("server_health server=app/front-1 old=up new=down", timeout_s=10)
+    refused = await run_zdlb("ctl", "-c", config, "flip", "app/front-1")
+    assert refused.returncode == EXIT_FAILED
+    assert "front-1 fails its checks; flipping back needs 'force'" in refused.stderr
+    began = time.monotonic()
+    flipped = await run_zdlb("ctl", "-c", config, "flip", "app/front-1", "wait", "10")
+    assert flipped.returncode == EXIT_OK, flipped
+    assert flipped.stdout.endswith("app/front-1 serves front-1\n")
+    assert main.state.value == "serving" and time.monotonic() - began < 10
+    assert (await site.servers())["front-1"]["admin"] == "ready"
+
+
+async def test_a_deploy_to_backup_that_fails_verify_leaves_the_main_serving_and_runs_on_failure(
+    site: Site, tmp_path: Path
+) -> None:
+    record = tmp_path / "on-failure.txt"
+    on_failure = f'echo "$ZDLB_SERVER $ZDLB_FAILED_STEP $ZDLB_REASON" > {shlex.quote(str(record))}'
+
+    async def deploy() -> DeployRun:
+        run = await site.deploy(
+            "--to",
+            "backup",
+            "--run",
+            deploy_command("v3", broken_host="front-1", broken="500"),
+            "--verify",
+            "/",
+            "--on-failure",
+            on_failure,
+            servers=("front-1",),
+        )
+        assert await run.wait() == EXIT_FAILED, (run.stderr, run.events)
+        return run
+
+    run = await site.under_load(deploy)
+    site.assert_no_failure_nor_slow_request_and_users_kept()
+    assert "front-1 failed at step verify: GET http://" in run.stderr
+    assert "answered 500" in run.stderr
+    assert [h["host"] for h in run.summary["hosts"]] == ["front-1"]  # only the host named
+    written = await asyncio.to_thread(record.read_text)
+    assert written.startswith("front-1-backup verify GET http://")
+    servers = await site.servers()
+    assert (servers["front-1"]["admin"], servers["front-1-backup"]["admin"]) == ("ready", "ready")
+    assert await site.version_of("front-1/backup") == "front-1/backup/v3"
+    assert all(version != "v3" for u in site.users for _, version, _ in u.answers)
