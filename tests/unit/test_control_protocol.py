@@ -13,17 +13,19 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from zdlb.balancer.server import AdminState
-from zdlb.control.protocol import (
-    MAX_LINE_BYTES,
-    MAX_WAIT_TIMEOUT_S,
-    USAGE,
-    Command,
+from zdlb.control.deploy_protocol import (
     DeployBegin,
     DeployEnd,
     DeployHost,
     DeployRenew,
     DeployStep,
     DeployTakeover,
+)
+from zdlb.control.protocol import (
+    MAX_LINE_BYTES,
+    MAX_WAIT_TIMEOUT_S,
+    USAGE,
+    Command,
     Flip,
     Help,
     SetServerState,

@@ -20,15 +20,17 @@ from zdlb.balancer.pool import Backend
 from zdlb.balancer.server import AdminState, Health, Server, plan_flip
 from zdlb.config.model import PoolName
 from zdlb.control import journal
-from zdlb.control.deploys import DeployDesk
-from zdlb.control.protocol import (
-    Command,
+from zdlb.control.deploy_protocol import (
     DeployBegin,
     DeployEnd,
     DeployHost,
     DeployRenew,
     DeployStep,
     DeployTakeover,
+)
+from zdlb.control.deploys import DeployDesk
+from zdlb.control.protocol import (
+    Command,
     Flip,
     Help,
     SetServerState,

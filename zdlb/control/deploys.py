@@ -16,7 +16,7 @@ from typing import Any, assert_never
 
 from zdlb.balancer.pool import Backend
 from zdlb.config.model import PoolName
-from zdlb.control.protocol import (
+from zdlb.control.deploy_protocol import (
     DeployBegin,
     DeployCommand,
     DeployEnd,
@@ -24,6 +24,8 @@ from zdlb.control.protocol import (
     DeployRenew,
     DeployStep,
     DeployTakeover,
+)
+from zdlb.control.protocol import (
     render_table,
 )
 from zdlb.deploy import record

@@ -138,7 +138,8 @@ class Deployer:
         self.hosts = {
             h["main"]: HostSummary(h["main"], status=h["status"]) for h in record["hosts"]
         }
-        self._progress.emit(Event(EventKind.DEPLOY_STARTED, text=record["status"]))
+        started = Event(EventKind.DEPLOY_STARTED, text=record["status"], hosts=tuple(self.hosts))
+        self._progress.emit(started)
         renewer = asyncio.create_task(self._renew_forever())
         try:
             await work

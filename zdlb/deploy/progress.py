@@ -49,6 +49,7 @@ class Event:
     elapsed_s: float | None = None
     text: str = ""  # a reason, an output line, a note, or the deploy's result
     at: float = field(default_factory=time.time)
+    hosts: tuple[str, ...] = ()  # DEPLOY_STARTED: every host of the deploy, in order
 
     def to_json(self) -> dict[str, object]:
         data: dict[str, object] = {"event": self.kind.value, "at": round(self.at, 3)}
@@ -60,6 +61,8 @@ class Event:
             data["elapsed_s"] = round(self.elapsed_s, 3)
         if self.text:
             data["text"] = self.text
+        if self.hosts:
+            data["hosts"] = list(self.hosts)
         return data
 
 
@@ -172,8 +175,10 @@ class TtyProgress:
 
     def emit(self, event: Event) -> None:
         host = event.host
-        if host is not None and host not in self._state:
-            self._hosts.append(host)
+        for name in (*event.hosts, host):
+            if name is not None and name not in self._state:
+                self._hosts.append(name)
+                self._state[name] = ("pending", None)
         match event.kind:
             case EventKind.STEP_STARTED if host is not None and event.step is not None:
                 self._state[host] = (event.step.value, time.monotonic())
