@@ -13,6 +13,7 @@ import asyncio
 import json
 import shlex
 import signal
+import socket
 import sys
 import time
 from collections import Counter
@@ -24,9 +25,17 @@ from typing import Any
 import h11
 import pytest
 
-from tests.daemon.conftest import ZDLB_CMD, Daemon, StartDaemon
+from tests.daemon.conftest import (
+    HELD_TARGET,
+    ZDLB_CMD,
+    Daemon,
+    HeldServer,
+    ServerSpec,
+    StartDaemon,
+    render_config,
+)
 from tests.daemon.test_control import EXIT_OK, run_zdlb
-from tests.servers import LOOPBACK, H11Client
+from tests.servers import LOOPBACK, EchoServer, H11Client
 from zdlb.daemon.demo_app import DemoVhost, DemoVhostServer, bind_demo_socket
 
 WriteConfig = Callable[[str], Path]
@@ -507,3 +516,47 @@ async def test_a_deploy_to_backup_that_fails_verify_leaves_the_main_serving_and_
     assert (servers["front-1"]["admin"], servers["front-1-backup"]["admin"]) == ("ready", "ready")
     assert await site.version_of("front-1/backup") == "front-1/backup/v3"
     assert all(version != "v3" for u in site.users for _, version, _ in u.answers)
+
+
+async def test_a_main_that_never_goes_idle_gets_its_traffic_back_and_the_deploy_stops(
+    bound_socket_factory: Callable[[], socket.socket],
+    start_daemon: StartDaemon,
+    write_config: WriteConfig,
+    tmp_path: Path,
+) -> None:
+    """A request held in flight on the main past --idle-timeout: abort, flip back, exit 1,
+    and COMMAND never ran."""
+    async with (
+        HeldServer(bound_socket_factory(), name="s1") as main,
+        EchoServer(bound_socket_factory(), name="s1-backup") as pair,
+    ):
+        specs = [
+            ServerSpec("s1", main.addr),
+            ServerSpec("s1-backup", pair.addr, pool="backup", pair="s1"),
+        ]
+        text = render_config(specs, access_log=False) + '\n[control]\nsocket = "ctl.sock"\n'
+        config = write_config(text)
+        daemon = await start_daemon("run", "-c", str(config))
+        addr = await daemon.listener_addr()
+        await daemon.wait_text("control_started")
+        ran = tmp_path / "ran"
+        async with await H11Client.connect(addr) as client, asyncio.TaskGroup() as tasks:
+            held = tasks.create_task(client.request("GET", HELD_TARGET))
+            async with asyncio.timeout(DEPLOY_TIMEOUT_S):
+                await main.wait_requests(1)
+            site = Site(config, addr, {}, daemon, start_daemon)
+            run = await site.deploy(
+                "--run", f"touch {shlex.quote(str(ran))}", "--idle-timeout", "0.5"
+            )
+            assert await run.wait() == EXIT_FAILED
+            assert "s1 failed at step wait-idle: timeout (conns=1, idle=False, inflight=1" in (
+                run.stderr
+            )
+            assert not held.done()
+            main.release.set()
+            assert (await held).status == 200
+        servers = await site.servers()
+        assert (servers["s1"]["admin"], servers["s1-backup"]["admin"]) == ("ready", "ready")
+        assert not await asyncio.to_thread(ran.exists)
+        notes = [e["text"] for e in run.events if e["event"] == "note"]
+        assert notes == ["s1 serves"]

@@ -79,12 +79,13 @@ class DeployDesk:
             case DeployBegin(backend_name, to, pid, servers):
                 backend = self._backend(backend_name)
                 hosts = _hosts(backend, servers)
-                _check_serving(backend, hosts, to)
                 token = secrets.token_hex(TOKEN_BYTES)
-                self.record = record.begin(
+                begun = record.begin(
                     last, backend=backend_name, to=to, hosts=hosts, token=token, pid=pid,
                     uid=peer_uid, now=now,
                 )  # fmt: skip
+                _check_serving(backend, hosts, to)  # after the lock: a holder is named first
+                self.record = begun
                 self._log("deploy_begin", f"hosts={','.join(h for h, _ in hosts)} pid={pid}")
             case DeployTakeover(pid):
                 token = secrets.token_hex(TOKEN_BYTES)
