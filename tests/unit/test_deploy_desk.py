@@ -128,7 +128,8 @@ def test_show_deploy_follows_steps_lease_and_takeover(
     assert text.splitlines()[0].startswith("deploy of app to main: running; started ")
     assert text.splitlines()[2].split()[:4] == ["f1", "f1-b", "running", "wait-up"]
     clock.now += DEPLOY_LEASE_S  # the client died
-    assert deploys.show()[1]["status"] == "interrupted"  # type: ignore[index]
+    _, after = deploys.show()
+    assert after is not None and after["status"] == "interrupted"
     with pytest.raises(ControlCommandError, match="lock expired"):
         deploys.apply(DeployEnd(token, DeployStatus.DONE), 0)
     _, taken = deploys.apply(DeployTakeover(8), 0)

@@ -147,7 +147,8 @@ def test_a_lease_not_renewed_reads_interrupted_and_blocks_a_new_deploy() -> None
     taken = record.takeover(deploy, token="cc", pid=43, uid=0, now=later)
     assert (taken.holder_pid, taken.token) == (43, "cc")
     assert taken.effective_status(later) is DeployStatus.RUNNING
-    assert taken.current() is not None and taken.current().step is S.RUN  # type: ignore[union-attr]
+    current = taken.current()
+    assert current is not None and current.step is S.RUN
 
 
 @pytest.mark.parametrize(
