@@ -37,6 +37,7 @@ from tests.daemon.conftest import (
 from tests.daemon.test_control import EXIT_OK, run_zdlb
 from tests.servers import LOOPBACK, EchoServer, H11Client
 from zdlb.daemon.demo_app import DemoVhost, DemoVhostServer, bind_demo_socket
+from zdlb.deploy.record import DEPLOY_LEASE_S
 
 WriteConfig = Callable[[str], Path]
 
@@ -560,3 +561,22 @@ async def test_a_main_that_never_goes_idle_gets_its_traffic_back_and_the_deploy_
         assert not await asyncio.to_thread(ran.exists)
         notes = [e["text"] for e in run.events if e["event"] == "note"]
         assert notes == ["s1 serves"]
+
+
+async def test_a_crashed_deploy_reads_interrupted_once_its_lease_ran_out(site: Site) -> None:
+    """SIGKILL: nobody says goodbye. The lock holds until the lease (15 s) runs out, then the
+    deploy reads as interrupted and can be rolled back."""
+    sleeper = f"{shlex.quote(sys.executable)} -c 'import time; time.sleep({DEPLOY_LEASE_S + 5})'"
+    run = await site.deploy("--run", sleeper)
+    await run.event(lambda e: e["event"] == "step-started" and e["step"] == "run")
+    run.proc.kill()
+    await run.proc.wait()
+    shown = await site.ctl_json("show", "deploy")
+    assert (shown["status"], shown["holder_pid"]) == ("running", run.proc.pid)
+    assert shown["lease_until"] - time.time() <= DEPLOY_LEASE_S
+    await asyncio.sleep(max(0.0, shown["lease_until"] - time.time()))  # a deadline, not a guess
+    shown = await site.ctl_json("show", "deploy")
+    assert (shown["status"], shown["current"]) == ("interrupted", "front-1")
+    rolled = await site.deploy("--rollback")
+    assert await rolled.wait() == EXIT_OK, rolled.stderr
+    assert (await site.servers())["front-1"]["admin"] == "maint"  # on its pair, as before
