@@ -226,8 +226,8 @@ class Deployer:
 
     async def _on_failure(self, host: Host, step: Step, reason: str) -> None:
         assert self._options.on_failure is not None
-        env = {**self._env(host), "ZDLB_FAILED_STEP": step.value, "ZDLB_REASON": reason}
         try:
+            env = {**self._env(host), "ZDLB_FAILED_STEP": step.value, "ZDLB_REASON": reason}
             await run_command(
                 self._options.on_failure, env, self._options.run_timeout_s, self._output(host)
             )
@@ -288,16 +288,24 @@ class Deployer:
     async def _verify(self, host: Host) -> None:
         o = self._options
         if o.verify_path is not None:
-            address = self._addresses[host.target]
+            address = self._address(host.target)
             await verify(address, o.verify_path, o.expect_status, o.verify_timeout_s)
+
+    def _address(self, server: str) -> Address:
+        """``server``'s address in the config file zdlb deploy read (the daemon's may differ
+        if it was not restarted since: then the step fails and says so)."""
+        address = self._addresses.get(server)
+        if address is None:
+            raise StepFailed(f"{server} is not in this config file's backend; is it the daemon's?")
+        return address
 
     def _env(self, host: Host) -> dict[str, str]:
         return {
             "ZDLB_BACKEND": self._options.backend,
             "ZDLB_SERVER": host.target,
-            "ZDLB_ADDRESS": str(self._addresses[host.target]),
+            "ZDLB_ADDRESS": str(self._address(host.target)),
             "ZDLB_PAIR": host.other,
-            "ZDLB_PAIR_ADDRESS": str(self._addresses[host.other]),
+            "ZDLB_PAIR_ADDRESS": str(self._address(host.other)),
             "ZDLB_MAIN": host.main,
             "ZDLB_TO": host.to.value,
         }
