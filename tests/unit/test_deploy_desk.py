@@ -136,3 +136,8 @@ def test_show_deploy_follows_steps_lease_and_takeover(
     assert taken["token"] != token and taken["holder_pid"] == 8
     journaled = deploys.journal_data()
     assert journaled is not None and journaled["token"] == taken["token"]
+    assert [(e.server, e.what) for e in deploys.events] == [
+        (None, "begin"),
+        ("f1", "wait-up"),
+        (None, "takeover"),
+    ]

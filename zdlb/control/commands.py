@@ -28,7 +28,7 @@ from zdlb.control.deploy_protocol import (
     DeployStep,
     DeployTakeover,
 )
-from zdlb.control.deploys import DeployDesk
+from zdlb.control.deploys import DeployDesk, DeployEvent
 from zdlb.control.protocol import (
     Command,
     Flip,
@@ -129,6 +129,11 @@ class Controller:
         """The current or last deploy (frozen; ``effective_status(time.time())`` says whether
         it still runs): for a status page or metrics, never None-checked twice."""
         return self._deploys.record
+
+    def deploy_events(self) -> tuple[DeployEvent, ...]:
+        """The latest deploy events (begin, each host's steps and result, end), oldest first,
+        since this daemon started (at most ``deploys.MAX_EVENTS``)."""
+        return tuple(self._deploys.events)
 
     def stop_waiting(self) -> None:
         """Shutdown: every `wait` in progress answers now (with an error) instead of later."""

@@ -11,7 +11,9 @@ from __future__ import annotations
 import logging
 import secrets
 import time
+from collections import deque
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any, assert_never
 
 from zdlb.balancer.pool import Backend
@@ -39,6 +41,20 @@ log = logging.getLogger(__name__)
 TOKEN_BYTES = 8
 
 Clock = Callable[[], float]
+# Deploy events kept for a status page: a rolling deploy of 50 hosts makes ~450.
+MAX_EVENTS = 500
+
+
+@dataclass(frozen=True, slots=True)
+class DeployEvent:
+    """One line of the deploy's history: ``what`` is "begin", "takeover", a step's name, a
+    host's result or "end RESULT"; ``at`` is wall-clock seconds."""
+
+    at: float
+    backend: str
+    server: str | None
+    what: str
+    reason: str = ""
 
 
 class DeployDesk:
@@ -53,6 +69,7 @@ class DeployDesk:
         self._backends = backends
         self._clock = clock
         self.record = last
+        self.events: deque[DeployEvent] = deque(maxlen=MAX_EVENTS)
 
     def __repr__(self) -> str:
         if self.record is None:
@@ -87,22 +104,27 @@ class DeployDesk:
                 _check_serving(backend, hosts, to)  # after the lock: a holder is named first
                 self.record = begun
                 self._log("deploy_begin", f"hosts={','.join(h for h, _ in hosts)} pid={pid}")
+                self._event(None, "begin")
             case DeployTakeover(pid):
                 token = secrets.token_hex(TOKEN_BYTES)
                 self.record = record.takeover(last, token=token, pid=pid, uid=peer_uid, now=now)
                 self._log("deploy_takeover", f"pid={pid} uid={peer_uid}")
+                self._event(None, "takeover")
             case DeployRenew(token):
                 self.record = record.renew(last, token, now)
                 return "renewed\n", {"lease_until": self.record.lease_until}
             case DeployStep(token, server, step):
                 self.record = record.host_step(last, token, server, step, now)
                 self._log("deploy_step", f"server={server} step={step.value}")
+                self._event(server, step.value)
             case DeployHost(token, server, result, reason):
                 self.record = record.host_result(last, token, server, result, reason, now)
                 self._log("deploy_host", f"server={server} result={result.value} reason={reason}")
+                self._event(server, result.value, reason)
             case DeployEnd(token, result, reason):
                 self.record = record.end(last, token, result, reason, now)
                 self._log("deploy_end", f"result={result.value} reason={reason}")
+                self._event(None, f"end {result.value}", reason)
             case _:
                 assert_never(command)
         data = self.record.to_json(now)
@@ -124,6 +146,10 @@ class DeployDesk:
             known = ", ".join(sorted(self._backends)) or "none"
             raise ControlCommandError(f"no backend {name!r} (backends: {known})")
         return backend
+
+    def _event(self, server: str | None, what: str, reason: str = "") -> None:
+        assert self.record is not None
+        self.events.append(DeployEvent(self._clock(), self.record.backend, server, what, reason))
 
     def _log(self, event: str, details: str) -> None:
         assert self.record is not None
