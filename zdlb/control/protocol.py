@@ -501,9 +501,14 @@ def format_command(command: Command) -> str:
             return f"swap {backend}"
         case ShowDeploy():
             return "show deploy"
-        case DeployBegin() | DeployTakeover() | DeployRenew() | DeployStep() | DeployHost():
-            return format_deploy(command)
-        case DeployEnd():
+        case (
+            DeployBegin()
+            | DeployTakeover()
+            | DeployRenew()
+            | DeployStep()
+            | DeployHost()
+            | DeployEnd()
+        ):
             return format_deploy(command)
         case _:
             assert_never(command)
