@@ -186,8 +186,9 @@ class Controller:
                 | DeployEnd()
             ):
                 text, data = self._deploys.apply(command, peer_uid)
-                if not isinstance(command, DeployRenew):
-                    await self._journal()
+                # Renewals too (one small fsync'ed write per 3 s): a daemon restarted during a
+                # long step finds the lease still held, and its live client goes on.
+                await self._journal()
                 return Reply(text, data)
             case _:
                 assert_never(command)
