@@ -580,3 +580,19 @@ async def test_a_crashed_deploy_reads_interrupted_once_its_lease_ran_out(site: S
     rolled = await site.deploy("--rollback")
     assert await rolled.wait() == EXIT_OK, rolled.stderr
     assert (await site.servers())["front-1"]["admin"] == "maint"  # on its pair, as before
+
+
+async def test_a_deploy_goes_on_across_a_daemon_restart_during_its_run_step(
+    site: Site, tmp_path: Path
+) -> None:
+    """The journal keeps the lock (token and lease): the restarted daemon knows its holder."""
+    flag = shlex.quote(str(tmp_path / "restarted"))
+    command = f"while [ ! -e {flag} ]; do sleep 0.05; done; {deploy_command('v3')}"
+    run = await site.deploy("--run", command, servers=("front-1",))
+    await run.event(lambda e: e["event"] == "step-started" and e["step"] == "run")
+    await site.restart_daemon()
+    await asyncio.to_thread((tmp_path / "restarted").touch)
+    assert await run.wait() == EXIT_OK, run.stderr
+    assert await site.version_of("front-1/main") == "front-1/main/v3"
+    shown = await site.ctl_json("show", "deploy")
+    assert (shown["status"], shown["holder_pid"]) == ("done", run.proc.pid)
