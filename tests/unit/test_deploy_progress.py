@@ -84,3 +84,14 @@ def test_summary_table_lists_each_steps_seconds() -> None:
     table = summary_table(HOSTS)
     assert "run=0.25 wait-up=3.00" in table
     assert table.splitlines()[2].split()[:4] == ["front-2", "failed", "verify", "1.50"]
+
+
+def test_tty_shows_a_failed_hosts_last_output_lines_at_the_end() -> None:
+    out = io.StringIO()
+    progress = TtyProgress(out, ["front-2"])
+    for index in range(30):
+        progress.emit(Event(EventKind.OUTPUT, "front-2", Step.RUN, text=f"line {index}"))
+    progress.emit(Event(EventKind.HOST_FAILED, "front-2", Step.RUN, text="exit status 3"))
+    progress.finish(HOSTS, "failed")
+    tail = out.getvalue().split("front-2: the command's last output lines:\n", 1)[1]
+    assert tail.splitlines()[:20] == [f"  line {index}" for index in range(10, 30)]

@@ -13,6 +13,7 @@ import enum
 import json
 import logging
 import time
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, TextIO
@@ -24,6 +25,8 @@ log = logging.getLogger("zdlb.deploy")
 
 # A command's output line longer than this is cut in a live line (a terminal is ~80-200 wide).
 LIVE_OUTPUT_CHARS = 60
+# On a terminal a failed host's command output is shown at the end: its last lines, this many.
+FAILED_OUTPUT_LINES = 20
 
 
 class EventKind(enum.Enum):
@@ -170,6 +173,8 @@ class TtyProgress:
         self._hosts = list(hosts)
         self._state: dict[str, tuple[str, float | None]] = {h: ("pending", None) for h in hosts}
         self._last_output: dict[str, str] = {}
+        self._outputs: dict[str, deque[str]] = {}
+        self._failed: list[str] = []
         self._notes: list[str] = []
         self._drawn = 0
 
@@ -185,10 +190,13 @@ class TtyProgress:
                 self._last_output.pop(host, None)
             case EventKind.OUTPUT if host is not None:
                 self._last_output[host] = event.text[:LIVE_OUTPUT_CHARS]
+                lines = self._outputs.setdefault(host, deque(maxlen=FAILED_OUTPUT_LINES))
+                lines.append(event.text)
             case EventKind.HOST_DONE if host is not None:
                 self._state[host] = (f"done in {event.elapsed_s or 0:.1f} s", None)
             case EventKind.HOST_FAILED if host is not None:
                 self._state[host] = (f"FAILED: {event.text}", None)
+                self._failed.append(host)
             case EventKind.HOST_ROLLED_BACK if host is not None:
                 self._state[host] = ("rolled back", None)
             case EventKind.NOTE:
@@ -216,5 +224,9 @@ class TtyProgress:
 
     def finish(self, hosts: Sequence[HostSummary], result: str) -> None:
         self.tick()
+        for host in self._failed:
+            if lines := self._outputs.get(host):
+                self._stream.write(f"\n{host}: the command's last output lines:\n")
+                self._stream.write("".join(f"  {line}\n" for line in lines))
         self._stream.write(f"\ndeploy {result}\n" + (summary_table(hosts) if hosts else ""))
         self._stream.flush()
