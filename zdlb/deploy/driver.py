@@ -264,7 +264,12 @@ class Deployer:
 
     async def _check(self, host: Host) -> None:
         stand_in = host.member(serving_during(host.to, Step.RUN))
-        row = (await self._rows())[stand_in]
+        rows = await self._rows()
+        if rows[host.target]["check"] == "-" and self._options.verify_path is None:
+            # Unchecked servers are always up: wait-up returns at once and cannot tell.
+            note = f"{host.target} has no health check: only --verify could catch a bad version"
+            self._progress.emit(Event(EventKind.NOTE, host.main, text=note))
+        row = rows[stand_in]
         if (row["admin"], row["health"]) != ("ready", "up"):
             raise StepFailed(
                 f"{stand_in} is {row['health']} ({row['admin']}): it must serve "
