@@ -46,6 +46,7 @@ from zdlb.control.protocol import (
     render_json,
     render_table,
 )
+from zdlb.control.waits import wait_up
 from zdlb.deploy.record import DeployRecord
 from zdlb.errors import ControlCommandError
 from zdlb.health.scheduler import HealthChecker
@@ -346,37 +347,10 @@ class Controller:
         return self._flip(command, peer_uid)
 
     async def _wait_up(self, command: WaitUp) -> Reply:
-        """Until the server is up and ``rise`` probes started since this call passed, or the
-        timeout. An unchecked server is always up: answered at once."""
+        """Until the server passes its checks again (control/waits.py), or the timeout."""
         server = self._server(command.backend, command.server)
-        name = f"{server.backend}/{server.name}"
-        loop = asyncio.get_running_loop()
-        began = loop.time()
-        deadline = began + command.timeout_s
-        verdict = self._health.verdict(server)
-        rise = verdict.rise if verdict is not None else 0
-        while True:
-            passes = self._health.passes_since(server, began)
-            if server.health is Health.UP and (passes is None or passes >= rise):
-                waited_s = round(loop.time() - began, 3)
-                data = {"server": name, "up": True, "passes": passes, "waited_s": waited_s}
-                return Reply(f"{name}: up\n", data)
-            if self._stopping.is_set():
-                return Reply(f"{name}: the daemon is stopping\n", {"error": "stopping"}, True)
-            if loop.time() >= deadline:
-                result = self._health.last_result(server)
-                check = result.detail if result is not None else "no probe yet"
-                data = {
-                    "error": "timeout",
-                    "server": name,
-                    "up": False,
-                    "health": server.health.value,
-                    "passes": passes,
-                    "check": check,
-                }
-                text = f"{name}: timeout, health={server.health.value} check={check}\n"
-                return Reply(text, data, is_error=True)
-            await asyncio.sleep(WAIT_POLL_S)
+        answer = await wait_up(server, self._health, self._stopping, command.timeout_s, WAIT_POLL_S)
+        return Reply(answer.text, answer.data, answer.is_error)
 
     def _swap(self, backend: Backend, peer_uid: int) -> Reply:
         """Blue/green: exchange the pools. In-flight requests finish where they are."""
