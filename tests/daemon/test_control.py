@@ -573,7 +573,8 @@ async def test_flip_and_swap_through_zdlb_ctl_survive_a_restart(
     assert result.stdout == "app/s1: admin ready -> maint\napp/s2 serves s1\n", result
     assert set(await lb.served_by()) == {"s2"}
     assert_usage_error(
-        await lb.ctl("flip", "app/s1", "now"), "error: unknown option 'now': expected 'force'"
+        await lb.ctl("flip", "app/s1", "now"),
+        "error: unknown option 'now': expected 'force' or 'wait'",
     )
     result = await lb.ctl("flip", "app/s1")
     assert result.stdout == "app/s1: admin maint -> ready\napp/s1 serves s1\n", result

@@ -248,3 +248,65 @@ async def test_a_port_taken_during_the_stop_keeps_the_vhost_stopped(
         assert server.is_stopped
     assert f"demo.restart_failed vhost=front-1/main port={addr[1]}" in caplog.text
     assert await server.wait_restarted() is False  # still stopped, still answers at once
+
+
+# --- POST /demo/deploy ---------------------------------------------------------------------------
+
+
+async def post_deploy(addr: tuple[str, int], query: str) -> tuple[int, str]:
+    async with await H11Client.connect(addr) as client:
+        response = await client.request("POST", f"/demo/deploy{query}")
+    return response.status, response.body.decode()
+
+
+async def pages_after_restart(server: DemoVhostServer) -> tuple[int, int, str]:
+    """(status of /health, status of /, version header of /) once the deploy's stop is over."""
+    async with asyncio.timeout(WAIT_S):
+        assert await server.wait_restarted() is True
+    async with await H11Client.connect(server.addr) as client:
+        health = await client.request("GET", "/health")
+        page = await client.request("GET", "/")
+    return health.status, page.status, page.header("x-demo-server") or ""
+
+
+@pytest.mark.parametrize(
+    ("broken", "expected"),
+    [
+        pytest.param("", (200, 200), id="healthy"),
+        pytest.param("&broken=no", (200, 200), id="broken-no"),
+        pytest.param("&broken=health", (503, 200), id="failing-health"),
+        pytest.param("&broken=500", (200, 500), id="answering-500"),
+    ],
+)
+async def test_deploy_stops_then_serves_the_new_version(
+    make_vhost: MakeVhost, broken: str, expected: tuple[int, int]
+):
+    server = make_vhost()
+    status, text = await post_deploy(server.addr, f"?version=v3&seconds={STOP_S}{broken}")
+    assert status == 202, text
+    assert "deploying v3" in text
+    await assert_refused(server.addr)
+    health, page, served_by = await pages_after_restart(server)
+    assert (health, page) == expected
+    assert served_by == "front-1/main/v3"
+    assert server.spec.version == "v3"
+
+
+@pytest.mark.parametrize(
+    ("query", "message"),
+    [
+        pytest.param("", "version must be", id="no-version"),
+        pytest.param("?version=", "version must be", id="empty-version"),
+        pytest.param("?version=v%0d%0a", "version must be", id="crlf-version"),
+        pytest.param("?version=v1&version=v2", "version must be", id="two-versions"),
+        pytest.param("?version=v3&broken=maybe", "broken must be", id="bad-broken"),
+        pytest.param("?version=v3&seconds=0", "seconds must be", id="seconds-zero"),
+    ],
+)
+async def test_deploy_with_bad_parameters_is_400_and_changes_nothing(
+    make_vhost: MakeVhost, query: str, message: str
+):
+    server = make_vhost()
+    status, text = await post_deploy(server.addr, query)
+    assert status == 400 and text.startswith(message), text
+    assert server.state is DemoVhostState.SERVING and server.spec.version == "v1"

@@ -29,7 +29,7 @@ import yaml
 
 from zdlb.config.load import load_config
 from zdlb.config.model import Config, PoolName, ServerConfig
-from zdlb.control.protocol import Flip, WaitIdle, parse_command
+from zdlb.control.protocol import Flip, WaitIdle, WaitUp, parse_command
 from zdlb.daemon.cli import build_parser
 from zdlb.daemon.demo_app import DEMO_HOSTS, vhosts_of
 
@@ -286,16 +286,28 @@ def test_readme_commands_are_valid_control_commands(
     assert len(commands) >= 4, commands  # show servers, flip, wait, flip back
     (backend,) = lb_config.backends
     names = {(backend.name, server.name) for server in backend.servers}
-    kinds = []
+    vhosts = {str(server.address) for server in backend.servers}
+    kinds: list[type] = []
     for words in commands:
         args = zdlb_args(words)
-        assert args.command == "ctl"
+        if args.command == "demo-deploy":  # run in lb: a main vhost's address, as lb knows it
+            assert args.address in vhosts, words
+            kinds.append(type(args))
+            continue
         assert PurePosixPath(args.config) == lb_config_mount(compose).target
+        if args.command == "deploy":
+            assert args.backend == backend.name
+            run = shlex.split(args.run)
+            assert run[0] == "zdlb" and zdlb_args(run[1:]).command == "demo-deploy", args.run
+            kinds.append(type(args))
+            continue
+        assert args.command == "ctl"
         command, _ = parse_command(" ".join(args.words).encode())
-        if isinstance(command, Flip | WaitIdle):
+        if isinstance(command, Flip | WaitIdle | WaitUp):
             assert (command.backend, command.server) in names, words
         kinds.append(type(command))
     assert kinds.count(Flip) == 2 and WaitIdle in kinds, "flip, wait idle, flip back"
+    assert WaitUp in kinds, "the flip back waits until the deployed main passes its checks"
 
 
 # --- Dockerfile and .dockerignore ------------------------------------------------------------

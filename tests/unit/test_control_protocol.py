@@ -13,6 +13,14 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from zdlb.balancer.server import AdminState
+from zdlb.control.deploy_protocol import (
+    DeployBegin,
+    DeployEnd,
+    DeployHost,
+    DeployRenew,
+    DeployStep,
+    DeployTakeover,
+)
 from zdlb.control.protocol import (
     MAX_LINE_BYTES,
     MAX_WAIT_TIMEOUT_S,
@@ -23,10 +31,12 @@ from zdlb.control.protocol import (
     SetServerState,
     SetServerWeight,
     ShowBackends,
+    ShowDeploy,
     ShowInfo,
     ShowServers,
     Swap,
     WaitIdle,
+    WaitUp,
     format_command,
     frame,
     help_text,
@@ -37,11 +47,14 @@ from zdlb.control.protocol import (
     render_table,
     wants_json,
 )
+from zdlb.deploy.plan import Step, Target
+from zdlb.deploy.record import DeployStatus, HostStatus
 from zdlb.errors import ControlUsageError
 
-U_HELP, U_INFO, U_BACKENDS, U_SERVERS, U_STATE, U_WEIGHT, U_FLIP, U_SWAP, U_WAIT = USAGE
+U_HELP, U_INFO, U_BACKENDS, U_SERVERS, U_STATE, U_WEIGHT, U_FLIP, U_SWAP, U_WAIT = USAGE[:9]
+U_SHOW_DEPLOY, U_BEGIN, U_TAKEOVER, U_UPDATE = USAGE[9:]
 U_ALL = "\n".join(USAGE)
-U_SHOW = "\n".join((U_INFO, U_BACKENDS, U_SERVERS))
+U_SHOW = "\n".join((U_INFO, U_BACKENDS, U_SERVERS, U_SHOW_DEPLOY))
 U_SET = "\n".join((U_STATE, U_WEIGHT))
 
 COMMANDS = [
@@ -79,6 +92,29 @@ COMMANDS = [
     pytest.param(b"wait a/b idle 1e3", WaitIdle("a", "b", 1000.0), id="wait-exponent"),
     pytest.param(b"flip app/front-1", Flip("app", "front-1"), id="flip"),
     pytest.param(b"flip app/front-1 force", Flip("app", "front-1", True), id="flip-force"),
+    pytest.param(b"flip app/front-1 wait 30", Flip("app", "front-1", wait_s=30.0), id="flip-wait"),
+    pytest.param(b"wait a/b up", WaitUp("a", "b", 30.0), id="wait-up-default-timeout"),
+    pytest.param(b"show deploy", ShowDeploy(), id="show-deploy"),
+    pytest.param(
+        b"deploy begin app to main pid 42", DeployBegin("app", Target.MAIN, 42), id="begin-all"
+    ),
+    pytest.param(
+        b"deploy begin app to backup pid 7 front-1 front-2",
+        DeployBegin("app", Target.BACKUP, 7, ("front-1", "front-2")),
+        id="begin-named",
+    ),
+    pytest.param(b"deploy takeover pid 9", DeployTakeover(9), id="takeover"),
+    pytest.param(b"deploy renew 0af3", DeployRenew("0af3"), id="renew"),
+    pytest.param(
+        b"deploy step 0af3 front-1 wait-up", DeployStep("0af3", "front-1", Step.WAIT_UP), id="step"
+    ),
+    pytest.param(
+        b"deploy host 0af3 front-1 failed wait-up: timeout (health=down)",
+        DeployHost("0af3", "front-1", HostStatus.FAILED, "wait-up: timeout (health=down)"),
+        id="host-failed",
+    ),
+    pytest.param(b"deploy end 0af3 done", DeployEnd("0af3", DeployStatus.DONE), id="end-done"),
+    pytest.param(b"wait a/b up 2.5", WaitUp("a", "b", 2.5), id="wait-up-timeout"),
     pytest.param(b"swap app", Swap("app"), id="swap"),
 ]
 
@@ -245,7 +281,17 @@ ERRORS = [
     pytest.param(b"flip", "missing BACKEND/SERVER", U_FLIP, id="flip-alone"),
     pytest.param(b"flip app", "expected BACKEND/SERVER, got 'app'", U_FLIP, id="flip-no-slash"),
     pytest.param(
-        b"flip a/b now", "unknown option 'now': expected 'force'", U_FLIP, id="flip-unknown-option"
+        b"flip a/b now",
+        "unknown option 'now': expected 'force' or 'wait'",
+        U_FLIP,
+        id="flip-unknown-option",
+    ),
+    pytest.param(b"flip a/b wait", "missing TIMEOUT_S after 'wait'", U_FLIP, id="flip-wait-alone"),
+    pytest.param(
+        b"flip a/b wait 0", "timeout 0 must be > 0 and <= 3600 seconds", U_FLIP, id="flip-wait-0"
+    ),
+    pytest.param(
+        b"flip a/b wait 5 force", "unexpected 'force' after 'flip a/b wait 5'", U_FLIP, id="flip-wf"
     ),
     pytest.param(
         b"flip a/b force x", "unexpected 'x' after 'flip a/b force'", U_FLIP, id="flip-extra"
@@ -258,11 +304,49 @@ ERRORS = [
         U_SWAP,
         id="swap-target",
     ),
+    pytest.param(b"show deploy x", "unexpected 'x' after 'show deploy'", U_SHOW_DEPLOY, id="sd-x"),
+    pytest.param(
+        b"deploy", "missing what to do", "\n".join((U_BEGIN, U_TAKEOVER, U_UPDATE)), id="deploy"
+    ),
+    pytest.param(
+        b"deploy begin app to side pid 1",
+        "unknown pool 'side': expected main, backup",
+        U_BEGIN,
+        id="begin-bad-pool",
+    ),
+    pytest.param(
+        b"deploy begin app to main pid 0", "pid '0' is not a positive integer", U_BEGIN, id="pid0"
+    ),
+    pytest.param(b"deploy begin app main", "expected 'to', got 'main'", U_BEGIN, id="begin-no-to"),
+    pytest.param(
+        b"deploy renew XYZ", "token 'XYZ' is not 1..64 hex digits", U_UPDATE, id="bad-token"
+    ),
+    pytest.param(
+        b"deploy step ab s1 dance",
+        "unknown step 'dance': expected check, flip, wait-idle, run, wait-up, verify, "
+        "flip-back, confirm",
+        U_UPDATE,
+        id="bad-step",
+    ),
+    pytest.param(
+        b"deploy end ab running",
+        "unknown result 'running': expected done, failed, interrupted, rolled-back",
+        U_UPDATE,
+        id="end-running",
+    ),
     pytest.param(b"wait", "missing BACKEND/SERVER", U_WAIT, id="wait-alone"),
     pytest.param(b"wait ab idle", "expected BACKEND/SERVER, got 'ab'", U_WAIT, id="wait-no-slash"),
-    pytest.param(b"wait a/b", "missing condition: expected 'idle'", U_WAIT, id="wait-no-idle"),
     pytest.param(
-        b"wait a/b empty", "unknown condition 'empty': expected 'idle'", U_WAIT, id="wait-unknown"
+        b"wait a/b", "missing condition: expected 'idle' or 'up'", U_WAIT, id="wait-no-idle"
+    ),
+    pytest.param(
+        b"wait a/b empty",
+        "unknown condition 'empty': expected 'idle' or 'up'",
+        U_WAIT,
+        id="wait-unknown",
+    ),
+    pytest.param(
+        b"wait a/b up 7 8", "unexpected '8' after 'wait a/b up 7'", U_WAIT, id="wait-up-extra"
     ),
     pytest.param(
         b"wait a/b idle 0", "timeout 0 must be > 0 and <= 3600 seconds", U_WAIT, id="timeout-zero"
@@ -372,7 +456,7 @@ def test_random_bytes_raise_only_usage_errors(line: bytes) -> None:
 
 WORDS = st.sampled_from(
     "json help show info backends servers set server state ready drain maint weight wait idle"
-    " a/b a 0 256 30 -1 x/".split()
+    " up flip force a/b a 0 256 30 -1 x/".split()
 )
 
 
@@ -403,6 +487,26 @@ NAMES = st.text(
             WaitIdle,
             NAMES,
             NAMES,
+            st.floats(min_value=0, max_value=MAX_WAIT_TIMEOUT_S, exclude_min=True),
+        ),
+        st.builds(
+            WaitUp,
+            NAMES,
+            NAMES,
+            st.floats(min_value=0, max_value=MAX_WAIT_TIMEOUT_S, exclude_min=True),
+        ),
+        st.builds(DeployBegin, NAMES, st.sampled_from(Target), st.integers(1, 10**6)),
+        st.builds(DeployStep, st.sampled_from(["0", "ab12"]), NAMES, st.sampled_from(Step)),
+        st.builds(
+            DeployEnd,
+            st.sampled_from(["0", "ab12"]),
+            st.sampled_from([r for r in DeployStatus if r is not DeployStatus.RUNNING]),
+        ),
+        st.builds(
+            Flip,
+            NAMES,
+            NAMES,
+            st.just(False),
             st.floats(min_value=0, max_value=MAX_WAIT_TIMEOUT_S, exclude_min=True),
         ),
     )
@@ -439,9 +543,13 @@ def test_usage_lines_one_per_command_form() -> None:
         "usage: show servers [BACKEND]",
         "usage: set server BACKEND/SERVER state ready|drain|maint",
         "usage: set server BACKEND/SERVER weight 0..256",
-        "usage: flip BACKEND/SERVER [force]",
+        "usage: flip BACKEND/SERVER [force | wait TIMEOUT_S]",
         "usage: swap BACKEND",
-        "usage: wait BACKEND/SERVER idle [TIMEOUT_S]",
+        "usage: wait BACKEND/SERVER idle|up [TIMEOUT_S]",
+        "usage: show deploy",
+        "usage: deploy begin BACKEND to main|backup pid PID [SERVER...]",
+        "usage: deploy takeover pid PID",
+        "usage: deploy renew|step|host|end TOKEN ...",
     )
 
 

@@ -119,3 +119,32 @@ def test_a_swapped_pool_and_a_drain_are_replayed_with_a_fresh_hold(tmp_path: Pat
         AdminState.DRAIN,
         1300.0,
     )
+
+
+def test_the_last_deploy_is_journaled_and_a_running_one_reads_back_interrupted(
+    tmp_path: Path,
+) -> None:
+    from zdlb.deploy import record
+    from zdlb.deploy.plan import Step, Target
+    from zdlb.deploy.record import DEPLOY_LEASE_S, DeployStatus
+
+    path = tmp_path / "state.json"
+    assert journal.load_deploy(path) is None  # no file: no deploy
+    deploy = record.begin(
+        None, backend="app", to=Target.MAIN, hosts=[("a", "b")], token="ab", pid=5, uid=0, now=10.0
+    )
+    deploy = record.host_step(deploy, "ab", "a", Step.RUN, 11.0)
+    journal.save(path, [make_server("a")], deploy.to_json(11.0))
+    assert journal.load(path) == {}  # the servers' part is unchanged by it
+    back = journal.load_deploy(path)
+    assert back is not None and back.hosts == deploy.hosts
+    assert back.effective_status(11.0 + DEPLOY_LEASE_S) is DeployStatus.INTERRUPTED
+
+
+def test_a_malformed_deploy_record_is_ignored_and_said(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "state.json"
+    path.write_text(json.dumps({"version": 1, "servers": {}, "deploy": {"backend": "app"}}))
+    assert journal.load_deploy(path) is None
+    assert "state_journal_deploy_ignored" in caplog.text

@@ -48,7 +48,7 @@ def test_no_import_cycles() -> None:
         stack.append(name)
         for dep in sorted(GRAPH.get(name, ())):
             if state.get(dep) == 1:
-                cycle = stack[stack.index(dep) :] + [dep]
+                cycle = [*stack[stack.index(dep) :], dep]
                 pytest.fail("import cycle: " + " -> ".join(cycle))
             if dep not in state:
                 visit(dep)

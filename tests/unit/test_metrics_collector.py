@@ -24,6 +24,9 @@ from zdlb.balancer.server import AdminState, Health, Server
 from zdlb.census import Census
 from zdlb.config.load import parse_config
 from zdlb.config.model import PoolName
+from zdlb.deploy import record
+from zdlb.deploy.plan import Step, Target
+from zdlb.deploy.record import DeployRecord
 from zdlb.events import Timeline
 from zdlb.health.probes import ProbeResult
 from zdlb.health.scheduler import HealthChecker
@@ -43,6 +46,7 @@ class Fleet:
     backends: dict[str, Backend]
     checks: dict[Server, ProbeResult]
     registry: CollectorRegistry
+    deploy: DeployRecord | None = None
 
     def server(self, backend: str, name: str) -> Server:
         server = self.backends[backend].server(name)
@@ -87,9 +91,11 @@ def fleet() -> Fleet:
     backends = {b.name: Backend(b) for b in config.backends}
     servers = [server for backend in backends.values() for server in backend.servers]
     fleet = Fleet(stats, backends, {}, CollectorRegistry())
-    # The status page's series too: a timeline, and a census of app's hosts.
+    # The status page's series too: a timeline, and a census of app's hosts; and the deploy's.
     census = {"app": Census(fleet.backends["app"].identities())}
-    fleet.registry = new_registry(lambda: take_snapshot(stats, servers, fleet), Timeline(), census)
+    fleet.registry = new_registry(
+        lambda: take_snapshot(stats, servers, fleet), Timeline(), census, lambda: fleet.deploy
+    )
     return fleet
 
 
@@ -133,7 +139,41 @@ def test_every_family_has_its_type(fleet: Fleet) -> None:
     assert family_types(generate_latest(fleet.registry).decode()) == EXPECTED_FAMILIES
 
 
+def a_deploy_in_its_run_step() -> DeployRecord:
+    hosts = [("s1", "s2")]
+    now = 1_000_000.0
+    deploy = record.begin(
+        None, backend="app", to=Target.MAIN, hosts=hosts, token="ab", pid=9, uid=0, now=now
+    )
+    return record.host_step(deploy, "ab", "s1", Step.RUN, now + 2)
+
+
+def test_deploy_metrics_follow_the_record(fleet: Fleet) -> None:
+    assert not any(name.startswith("zdlb_deploy") for name, _ in fleet.scrape())  # no deploy
+    fleet.deploy = a_deploy_in_its_run_step()
+    scraped = fleet.scrape()
+    # The record's lease ran out long ago (its clock is in 1970): it reads as interrupted.
+    assert scraped[key("zdlb_deploy_in_progress", backend="app")] == 0
+    assert scraped[key("zdlb_deploy_status", backend="app", status="interrupted")] == 1
+    assert scraped[key("zdlb_deploy_status", backend="app", status="running")] == 0
+    assert scraped[key("zdlb_deploy_hosts", backend="app", status="running")] == 1
+    assert scraped[key("zdlb_deploy_step", backend="app", server="s1", step="run")] == 1
+    assert scraped[key("zdlb_deploy_step", backend="app", server="s1", step="flip")] == 0
+    since = key("zdlb_deploy_step_started_timestamp_seconds", backend="app", server="s1")
+    assert scraped[since] == 1_000_002.0
+    fleet.deploy = record.end(
+        record.renew(fleet.deploy, "ab", fleet.deploy.started_at),
+        "ab",
+        record.DeployStatus.DONE,
+        "",
+        fleet.deploy.started_at + 1,
+    )
+    scraped = fleet.scrape()
+    assert scraped[key("zdlb_deploy_status", backend="app", status="done")] == 1
+
+
 def test_every_exported_name_is_documented_and_back(fleet: Fleet) -> None:
+    fleet.deploy = a_deploy_in_its_run_step()
     documented = set(re.findall(r"^\| `(zdlb_[a-z_]+)` \|", DOCS.read_text("utf-8"), re.M))
     text = generate_latest(fleet.registry).decode()
     exported = set(re.findall(r"^# TYPE (\S+) ", text, re.M))  # counters with their _total

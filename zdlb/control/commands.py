@@ -20,6 +20,15 @@ from zdlb.balancer.pool import Backend
 from zdlb.balancer.server import AdminState, Health, Server, plan_flip
 from zdlb.config.model import PoolName
 from zdlb.control import journal
+from zdlb.control.deploy_protocol import (
+    DeployBegin,
+    DeployEnd,
+    DeployHost,
+    DeployRenew,
+    DeployStep,
+    DeployTakeover,
+)
+from zdlb.control.deploys import DeployDesk, DeployEvent
 from zdlb.control.protocol import (
     Command,
     Flip,
@@ -27,14 +36,18 @@ from zdlb.control.protocol import (
     SetServerState,
     SetServerWeight,
     ShowBackends,
+    ShowDeploy,
     ShowInfo,
     ShowServers,
     Swap,
     WaitIdle,
+    WaitUp,
     help_text,
     render_json,
     render_table,
 )
+from zdlb.control.waits import wait_up
+from zdlb.deploy.record import DeployRecord
 from zdlb.errors import ControlCommandError
 from zdlb.events import EventKind, Timeline
 from zdlb.health.scheduler import HealthChecker
@@ -112,6 +125,19 @@ class Controller:
         self._workers = workers
         self._started_at = time.monotonic()
         self._stopping = asyncio.Event()  # set at shutdown: waits answer at once
+        # zdlb deploy's lock and record; the last one is read back from the journal.
+        last_deploy = journal.load_deploy(state_file) if state_file is not None else None
+        self._deploys = DeployDesk(backends, last_deploy)
+
+    def deploy_snapshot(self) -> DeployRecord | None:
+        """The current or last deploy (frozen; ``effective_status(time.time())`` says whether
+        it still runs): for a status page or metrics, never None-checked twice."""
+        return self._deploys.record
+
+    def deploy_events(self) -> tuple[DeployEvent, ...]:
+        """The latest deploy events (begin, each host's steps and result, end), oldest first,
+        since this daemon started (at most ``deploys.MAX_EVENTS``)."""
+        return tuple(self._deploys.events)
 
     def stop_waiting(self) -> None:
         """Shutdown: every `wait` in progress answers now (with an error) instead of later."""
@@ -141,7 +167,7 @@ class Controller:
                 await self._journal()
                 return reply
             case Flip():
-                reply = self._flip(command, peer_uid)
+                reply = await self._flip_when_up(command, peer_uid)
                 await self._journal()
                 return reply
             case Swap(backend=name):
@@ -150,6 +176,24 @@ class Controller:
                 return reply
             case WaitIdle():
                 return await self._wait_idle(command)
+            case WaitUp():
+                return await self._wait_up(command)
+            case ShowDeploy():
+                text, data = self._deploys.show()
+                return Reply(text, data)
+            case (
+                DeployBegin()
+                | DeployTakeover()
+                | DeployRenew()
+                | DeployStep()
+                | DeployHost()
+                | DeployEnd()
+            ):
+                text, data = self._deploys.apply(command, peer_uid)
+                # Renewals too (one small fsync'ed write per 3 s): a daemon restarted during a
+                # long step finds the lease still held, and its live client goes on.
+                await self._journal()
+                return Reply(text, data)
             case _:
                 assert_never(command)
 
@@ -289,6 +333,30 @@ class Controller:
         }
         return Reply(text, data)
 
+    async def _flip_when_up(self, command: Flip, peer_uid: int) -> Reply:
+        """``flip``; with ``wait T``, a refusal because the member taking over fails its checks
+        becomes a wait (up to T s) for it to pass them, then the flip."""
+        if command.wait_s is None:
+            return self._flip(command, peer_uid)
+        server = self._server(command.backend, command.server)
+        pair = server.pair
+        if pair is not None:
+            main = server if server.pool is PoolName.MAIN else pair
+            taking_over = main if main.admin is AdminState.MAINT else main.pair
+            assert taking_over is not None  # a pair's members point at each other
+            if taking_over.health is Health.DOWN:
+                up = await self._wait_up(WaitUp(command.backend, taking_over.name, command.wait_s))
+                if up.is_error:
+                    text = f"{up.text.rstrip()}; {command.backend}/{server.name} not flipped\n"
+                    return Reply(text, up.data, is_error=True)
+        return self._flip(command, peer_uid)
+
+    async def _wait_up(self, command: WaitUp) -> Reply:
+        """Until the server passes its checks again (control/waits.py), or the timeout."""
+        server = self._server(command.backend, command.server)
+        answer = await wait_up(server, self._health, self._stopping, command.timeout_s, WAIT_POLL_S)
+        return Reply(answer.text, answer.data, answer.is_error)
+
     def _swap(self, backend: Backend, peer_uid: int) -> Reply:
         """Blue/green: exchange the pools. In-flight requests finish where they are."""
         backend.swap_pools()
@@ -358,7 +426,8 @@ class Controller:
             return
         servers = [server for backend in self._backends.values() for server in backend.servers]
         try:
-            await asyncio.to_thread(journal.save, self._state_file, servers)
+            deploy = self._deploys.journal_data()
+            await asyncio.to_thread(journal.save, self._state_file, servers, deploy)
         except OSError as exc:
             # The change is made; only its survival across a restart failed: say so loudly.
             log.error("state_journal_write_failed file=%s error=%s", self._state_file, exc)

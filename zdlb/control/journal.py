@@ -21,9 +21,11 @@ import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from zdlb.balancer.server import AdminState, Server
 from zdlb.config.model import PoolName
+from zdlb.deploy import record as deploy_record
 
 log = logging.getLogger(__name__)
 
@@ -64,14 +66,18 @@ def changes_of(server: Server) -> ServerChanges | None:
     return ServerChanges(admin, weight, config_weight, pool)
 
 
-def save(path: Path, servers: Iterable[Server]) -> None:
-    """Write the runtime changes of ``servers`` to ``path`` atomically. Raises OSError."""
+def save(path: Path, servers: Iterable[Server], deploy: Mapping[str, Any] | None = None) -> None:
+    """Write the runtime changes of ``servers`` to ``path`` atomically, with the last deploy's
+    record (``zdlb deploy``) if there is one. Raises OSError."""
     entries = {
         f"{server.backend}/{server.name}": changes.to_json()
         for server in servers
         if (changes := changes_of(server)) is not None
     }
-    text = json.dumps({"version": JOURNAL_VERSION, "servers": entries}, indent=1, sort_keys=True)
+    data: dict[str, object] = {"version": JOURNAL_VERSION, "servers": entries}
+    if deploy is not None:
+        data["deploy"] = deploy
+    text = json.dumps(data, indent=1, sort_keys=True)
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w", encoding="utf-8") as file:
         file.write(text + "\n")
@@ -98,6 +104,26 @@ def load(path: Path) -> dict[str, ServerChanges]:
     except (TypeError, ValueError, KeyError) as exc:
         log.warning("state_journal_ignored file=%s reason=malformed: %s", path, exc)
         return {}
+
+
+def load_deploy(path: Path) -> deploy_record.DeployRecord | None:
+    """The last deploy's record from the journal; None if there is none or it is unusable.
+
+    A deploy that was running when the daemon stopped reads as interrupted: its lease is in
+    the past by now, or ends before anyone could renew it without a token.
+    """
+    try:
+        if path.stat().st_size > MAX_JOURNAL_BYTES:
+            return None  # load() reports it
+        data = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(data, Mapping) or "deploy" not in data:
+            return None
+        return deploy_record.from_json(data["deploy"])
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, TypeError, KeyError) as exc:
+        log.warning("state_journal_deploy_ignored file=%s reason=%s", path, exc)
+        return None
 
 
 def _parse(data: object) -> dict[str, ServerChanges]:

@@ -14,7 +14,18 @@ of spaces or tabs, leading and trailing blanks ignored)::
     [json] show servers [BACKEND]
     [json] set server BACKEND/SERVER state ready|drain|maint
     [json] set server BACKEND/SERVER weight 0..256
-    [json] wait BACKEND/SERVER idle [TIMEOUT_S]
+    [json] wait BACKEND/SERVER idle|up [TIMEOUT_S]
+    [json] flip BACKEND/SERVER [force | wait TIMEOUT_S]
+    [json] show deploy
+    [json] deploy begin BACKEND to main|backup pid PID [SERVER...]
+    [json] deploy takeover pid PID
+    [json] deploy renew TOKEN
+    [json] deploy step TOKEN SERVER STEP
+    [json] deploy host TOKEN SERVER done|failed|rolled-back [REASON...]
+    [json] deploy end TOKEN done|failed|interrupted|rolled-back [REASON...]
+
+The ``deploy`` commands are ``zdlb deploy``'s (zdlb/deploy/): a lock with a lease, and the
+progress the daemon journals and shows in ``show deploy``.
 
 A reply is UTF-8 text lines and always ends with a line that is exactly empty, so a client reads
 lines until it sees ``""``. Reply bodies never contain an empty line (``frame`` drops them).
@@ -32,6 +43,18 @@ from typing import TypeAlias, assert_never
 from zdlb.balancer.server import AdminState
 from zdlb.config.model import MAX_WEIGHT
 from zdlb.config.table import NAME_RE
+from zdlb.control.deploy_protocol import (
+    DEPLOY_HELP_ROWS,
+    DeployBegin,
+    DeployCommand,
+    DeployEnd,
+    DeployHost,
+    DeployRenew,
+    DeployStep,
+    DeployTakeover,
+    format_deploy,
+    parse_deploy,
+)
 from zdlb.errors import ControlUsageError
 
 # Commands are a few dozen bytes; the longest legal one is two names and a keyword. A bound keeps
@@ -110,13 +133,31 @@ class WaitIdle:
 
 
 @dataclass(frozen=True, slots=True)
+class WaitUp:
+    """``wait BACKEND/SERVER up [TIMEOUT_S]``: reply once the server passes its checks: health
+    up, and ``rise`` passes of probes started after the wait began (at once if unchecked).
+
+    ``timeout_s`` is in seconds, > 0 and <= ``MAX_WAIT_TIMEOUT_S``.
+    """
+
+    backend: str
+    server: str
+    timeout_s: float = DEFAULT_WAIT_TIMEOUT_S
+
+
+@dataclass(frozen=True, slots=True)
 class Flip:
-    """``flip BACKEND/SERVER [force]``: the host's other version takes its traffic, or gives
-    it back. SERVER names either member of a main/backup pair."""
+    """``flip BACKEND/SERVER [force | wait TIMEOUT_S]``: the host's other version takes its
+    traffic, or gives it back. SERVER names either member of a main/backup pair.
+
+    ``wait_s``: if the member taking over fails its checks, wait up to that many seconds for
+    it to pass them (as ``wait ... up``) instead of refusing at once.
+    """
 
     backend: str
     server: str
     force: bool = False
+    wait_s: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,6 +165,11 @@ class Swap:
     """``swap BACKEND``: blue/green, every main server becomes a backup and every backup main."""
 
     backend: str
+
+
+@dataclass(frozen=True, slots=True)
+class ShowDeploy:
+    """``show deploy``: the current or last deploy, its hosts and steps, and its lock."""
 
 
 Command: TypeAlias = (
@@ -136,6 +182,9 @@ Command: TypeAlias = (
     | Flip
     | Swap
     | WaitIdle
+    | WaitUp
+    | ShowDeploy
+    | DeployCommand
 )
 
 _STATES = "|".join(state.value for state in AdminState)
@@ -147,16 +196,20 @@ _HELP_ROWS: tuple[tuple[str, str], ...] = (
     (f"set server BACKEND/SERVER state {_STATES}", "change a server's admin state"),
     (f"set server BACKEND/SERVER weight 0..{MAX_WEIGHT}", "change a server's weight"),
     (
-        "flip BACKEND/SERVER [force]",
+        "flip BACKEND/SERVER [force | wait TIMEOUT_S]",
         "a main with a pair: to maint, its pair takes its traffic; again: back (force: even "
-        "if the one taking over fails its checks)",
+        "if the one taking over fails its checks; wait: until it passes them, at most "
+        "TIMEOUT_S)",
     ),
     ("swap BACKEND", "blue/green: exchange the main and backup pools"),
     (
-        "wait BACKEND/SERVER idle [TIMEOUT_S]",
-        f"reply once no request is in flight and no connection open (timeout: default "
+        "wait BACKEND/SERVER idle|up [TIMEOUT_S]",
+        f"reply once no request is in flight and no connection open (idle), or once the "
+        f"server passed 'rise' checks started after the wait began (up) (timeout: default "
         f"{DEFAULT_WAIT_TIMEOUT_S:g} s, at most {MAX_WAIT_TIMEOUT_S:g} s)",
     ),
+    ("show deploy", "the current or last deploy: its hosts, their steps, who holds its lock"),
+    *DEPLOY_HELP_ROWS,
 )
 
 USAGE: tuple[str, ...] = tuple(f"usage: {syntax}" for syntax, _ in _HELP_ROWS)
@@ -172,9 +225,12 @@ USAGE: tuple[str, ...] = tuple(f"usage: {syntax}" for syntax, _ in _HELP_ROWS)
     _USAGE_FLIP,
     _USAGE_SWAP,
     _USAGE_WAIT,
-) = USAGE
+) = USAGE[:9]
+_USAGE_SHOW_DEPLOY = USAGE[9]
 _USAGE_ALL = "\n".join(USAGE)
-_USAGE_SHOW = "\n".join((_USAGE_SHOW_INFO, _USAGE_SHOW_BACKENDS, _USAGE_SHOW_SERVERS))
+_USAGE_SHOW = "\n".join(
+    (_USAGE_SHOW_INFO, _USAGE_SHOW_BACKENDS, _USAGE_SHOW_SERVERS, _USAGE_SHOW_DEPLOY)
+)
 _USAGE_SET = "\n".join((_USAGE_SET_STATE, _USAGE_SET_WEIGHT))
 
 
@@ -215,6 +271,8 @@ def parse_command(line: bytes) -> tuple[Command, bool]:
             return _parse_wait(words), as_json
         case "flip":
             return _parse_flip(words), as_json
+        case "deploy":
+            return parse_deploy(words), as_json
         case "swap":
             if len(words) < 2:
                 raise ControlUsageError("missing BACKEND", _USAGE_SWAP)
@@ -274,6 +332,9 @@ def _parse_show(words: list[str]) -> Command:
                 return ShowServers(None)
             _expect_end(words, 3, _USAGE_SHOW_SERVERS)
             return ShowServers(_name(words[2], "backend", _USAGE_SHOW_SERVERS))
+        case "deploy":
+            _expect_end(words, 2, _USAGE_SHOW_DEPLOY)
+            return ShowDeploy()
         case word:
             raise ControlUsageError(f"unknown command 'show {_clip(word)}'", _USAGE_SHOW)
 
@@ -329,8 +390,15 @@ def _parse_flip(words: list[str]) -> Command:
     backend, server = _target(words[1], _USAGE_FLIP)
     if len(words) == 2:
         return Flip(backend, server)
+    if words[2] == "wait":
+        if len(words) < 4:
+            raise ControlUsageError("missing TIMEOUT_S after 'wait'", _USAGE_FLIP)
+        wait_s = _timeout_s(words[3], _USAGE_FLIP)
+        _expect_end(words, 4, _USAGE_FLIP)
+        return Flip(backend, server, wait_s=wait_s)
     if words[2] != "force":
-        raise ControlUsageError(f"unknown option {_shown(words[2])}: expected 'force'", _USAGE_FLIP)
+        message = f"unknown option {_shown(words[2])}: expected 'force' or 'wait'"
+        raise ControlUsageError(message, _USAGE_FLIP)
     _expect_end(words, 3, _USAGE_FLIP)
     return Flip(backend, server, force=True)
 
@@ -340,25 +408,31 @@ def _parse_wait(words: list[str]) -> Command:
         raise ControlUsageError("missing BACKEND/SERVER", _USAGE_WAIT)
     backend, server = _target(words[1], _USAGE_WAIT)
     if len(words) < 3:
-        raise ControlUsageError("missing condition: expected 'idle'", _USAGE_WAIT)
-    if words[2] != "idle":
-        message = f"unknown condition {_shown(words[2])}: expected 'idle'"
-        raise ControlUsageError(message, _USAGE_WAIT)
+        raise ControlUsageError("missing condition: expected 'idle' or 'up'", _USAGE_WAIT)
+    kind: type[WaitIdle | WaitUp]
+    match words[2]:
+        case "idle":
+            kind = WaitIdle
+        case "up":
+            kind = WaitUp
+        case word:
+            message = f"unknown condition {_shown(word)}: expected 'idle' or 'up'"
+            raise ControlUsageError(message, _USAGE_WAIT)
     if len(words) == 3:
-        return WaitIdle(backend, server)
+        return kind(backend, server)
     timeout_s = _timeout_s(words[3])
     _expect_end(words, 4, _USAGE_WAIT)
-    return WaitIdle(backend, server, timeout_s)
+    return kind(backend, server, timeout_s)
 
 
-def _timeout_s(word: str) -> float:
+def _timeout_s(word: str, usage: str = _USAGE_WAIT) -> float:
     if not _SECONDS_RE.fullmatch(word):
         message = f"timeout {_shown(word)} is not a number of seconds"
-        raise ControlUsageError(message, _USAGE_WAIT)
+        raise ControlUsageError(message, usage)
     timeout_s = float(word)  # a huge exponent gives inf, which the range check refuses
     if not 0 < timeout_s <= MAX_WAIT_TIMEOUT_S:
         message = f"timeout {_clip(word)} must be > 0 and <= {MAX_WAIT_TIMEOUT_S:g} seconds"
-        raise ControlUsageError(message, _USAGE_WAIT)
+        raise ControlUsageError(message, usage)
     return timeout_s
 
 
@@ -418,10 +492,24 @@ def format_command(command: Command) -> str:
             return f"set server {backend}/{server} weight {weight}"
         case WaitIdle(backend, server, timeout_s):
             return f"wait {backend}/{server} idle {timeout_s!r}"
-        case Flip(backend, server, force):
-            return f"flip {backend}/{server}" + (" force" if force else "")
+        case WaitUp(backend, server, timeout_s):
+            return f"wait {backend}/{server} up {timeout_s!r}"
+        case Flip(backend, server, force, wait_s):
+            option = " force" if force else "" if wait_s is None else f" wait {wait_s!r}"
+            return f"flip {backend}/{server}{option}"
         case Swap(backend):
             return f"swap {backend}"
+        case ShowDeploy():
+            return "show deploy"
+        case (
+            DeployBegin()
+            | DeployTakeover()
+            | DeployRenew()
+            | DeployStep()
+            | DeployHost()
+            | DeployEnd()
+        ):
+            return format_deploy(command)
         case _:
             assert_never(command)
 

@@ -68,6 +68,11 @@ class ControlServer:
     def __repr__(self) -> str:
         return f"<ControlServer {self._path} clients={len(self._clients)} busy={len(self._busy)}>"
 
+    @property
+    def controller(self) -> Controller:
+        """What carries out the commands (its ``deploy_snapshot`` feeds metrics)."""
+        return self._controller
+
     async def start(self) -> None:
         """Bind the socket. Raises ListenerError if it is in use or cannot be created."""
         sock = _bind_unix(self._path, self._group)

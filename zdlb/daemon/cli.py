@@ -1,4 +1,4 @@
-"""The ``zdlb`` command: ``run``, ``check``, ``ctl``, ``demo`` and ``demo-app``.
+"""The ``zdlb`` command: ``run``, ``check``, ``ctl``, ``deploy``, ``demo`` and ``demo-app``.
 
 Exit codes: 0 success, 2 invalid config or usage (argparse's convention), 1 a runtime failure
 such as a busy port. Errors are one readable message, never a traceback.
@@ -22,6 +22,8 @@ from zdlb.config.model import MAX_WORKERS, Config, LogFormat, LoggingConfig
 from zdlb.config.summary import describe
 from zdlb.daemon.ctl import run_ctl
 from zdlb.daemon.demo_app import DEMO_HOSTS, DemoVhost, start_demo_hosts, vhosts_of
+from zdlb.daemon.demo_deploy import add_parser as add_demo_deploy_parser
+from zdlb.daemon.demo_deploy import run_demo_deploy
 from zdlb.daemon.lifecycle import (
     EXIT_OK,
     build_runtime,
@@ -33,6 +35,8 @@ from zdlb.daemon.lifecycle import (
 from zdlb.daemon.logs import setup_logging
 from zdlb.daemon.worker import WorkerOptions
 from zdlb.daemon.workers import serve_master, worker_count
+from zdlb.deploy.cli import add_parser as add_deploy_parser
+from zdlb.deploy.cli import run_deploy
 from zdlb.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -72,6 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--timeout", type=float, default=CTL_TIMEOUT_S, metavar="S", help="give up after S s"
     )
     ctl.add_argument("words", nargs="+", metavar="COMMAND", help="e.g. show servers")
+
+    add_deploy_parser(commands)
+    add_demo_deploy_parser(commands)
 
     demo = commands.add_parser(
         "demo", help="start two demo hosts (main + backup vhosts) behind zdlb on :8000"
@@ -150,6 +157,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "demo-app":  # no config file: the demo's vhosts are built in
         return _run_demo_apps(args)
+    if args.command == "demo-deploy":
+        return run_demo_deploy(args)
     if args.command == "ctl" and args.socket is not None:
         return run_ctl(args.socket, args.words, as_json=args.json, timeout_s=args.timeout)
     try:
@@ -166,6 +175,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _run(args, config, _run_daemon)
         case "demo":
             return _run(args, config, _run_demo)
+        case "deploy":
+            return run_deploy(args, config)
         case "ctl":
             if config.control.socket is None:
                 print(f"zdlb: {config.source} configures no [control] socket", file=sys.stderr)
@@ -234,7 +245,9 @@ Sticky users and a deploy by hand (another terminal):
   {program} ctl -c {config} flip app/front-1    # front-1's users move to its v2
   curl -s -c jar -b jar http://127.0.0.1:8000/     # still your host (v2 if it is front-1)
   {program} ctl -c {config} wait app/front-1 idle 30
-  {program} ctl -c {config} flip app/front-1    # front-1's v1 serves again
+  curl -s -X POST 'http://127.0.0.1:8081/demo/deploy?version=v3&seconds=2'  # deploy v3
+  {program} ctl -c {config} wait app/front-1 up 30
+  {program} ctl -c {config} flip app/front-1    # front-1's main (v3) serves again
 A crash (POST /demo/stop?seconds=N: a vhost refuses connections for N s, 1..600, default 30):
   curl -s -X POST 'http://127.0.0.1:8081/demo/stop?seconds=30'  # front-1's v2 stands in
   {program} ctl -c {config} show servers
@@ -278,7 +291,9 @@ DEMO_APP_HELP = """\
 zdlb demo-app: demo vhosts without the load balancer
 {vhosts}
 Each answers GET / with its host, vhost and version, GET /health with "ok";
-POST /demo/stop?seconds=N refuses connections for N s (1..600), then serves again.
+POST /demo/stop?seconds=N refuses connections for N s (1..600), then serves again;
+POST /demo/deploy?version=V&seconds=N the same, then answers as version V (&broken=health:
+failing /health; &broken=500: answering 500).
 Stop with Ctrl-C (or SIGTERM)."""
 
 

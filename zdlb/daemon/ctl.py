@@ -63,13 +63,19 @@ def _exchange(path: Path, request: bytes, timeout_s: float) -> bytes:
 
 
 def _wait_timeout_s(words: Sequence[str]) -> float:
-    """`wait B/S idle [T]` takes up to T seconds (30 by default) before it answers."""
-    if len(words) >= 3 and words[0] == "wait" and words[2] == "idle":
-        try:
-            return float(words[3]) if len(words) > 3 else 30.0
-        except ValueError:
-            return 0.0  # the daemon will answer with the usage at once
-    return 0.0
+    """`wait B/S idle|up [T]` and `flip B/S wait T` take up to T seconds (a wait's default:
+    30) before they answer."""
+    if len(words) >= 3 and words[0] == "wait" and words[2] in ("idle", "up"):
+        text = words[3] if len(words) > 3 else "30"
+    elif len(words) >= 4 and words[0] == "flip" and words[2] == "wait":
+        text = words[3]
+    else:
+        return 0.0
+    try:
+        seconds = float(text)
+    except ValueError:
+        return 0.0  # the daemon will answer with the usage at once
+    return seconds if 0 < seconds <= 3600 else 0.0
 
 
 def _is_error(text: str, as_json: bool) -> bool:

@@ -9,7 +9,11 @@ and PUT with 405; HEAD works, request bodies are read, discarded and counted.
 
 ``POST /demo/stop?seconds=N`` is the demo's failover switch: the vhost answers 202, closes its
 listening socket (new connections are refused) and its idle keep-alive connections, and after N
-seconds binds the same address again. Any other method on ``/demo/*`` gets 405.
+seconds binds the same address again. ``POST /demo/deploy?version=V&seconds=N[&broken=B]`` is a
+deploy: the same stop, after which the vhost answers as version V; ``broken=health`` makes it
+come back failing ``/health`` (503), ``broken=500`` answering every other path with 500 while
+``/health`` still passes (only a verify request catches that). Any other method on ``/demo/*``
+gets 405.
 
 Built on h11 over asyncio streams: correctness over speed, it is a demo, not a benchmark target.
 This module must not import the proxy: it is a stand-in for someone else's application, and it
@@ -26,7 +30,7 @@ import re
 import socket
 import urllib.parse
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from http import HTTPStatus
 
 import h11
@@ -56,10 +60,26 @@ DEFAULT_STOP_S = 30.0
 MIN_STOP_S = 1.0
 MAX_STOP_S = 600.0
 
+# How long POST /demo/deploy keeps a vhost down without ?seconds=: a quick app restart.
+DEFAULT_DEPLOY_S = 2.0
+
 HEALTH_PATH = b"/health"
 PAGE_PATH = b"/"
 DEMO_PREFIX = b"/demo/"
 STOP_PATH = b"/demo/stop"
+DEPLOY_PATH = b"/demo/deploy"
+# A version is echoed in pages and headers: short, and no byte that could split a header.
+_VERSION_RE = re.compile(r"[A-Za-z0-9._-]{1,32}")
+
+
+class Broken(enum.Enum):
+    """How a deployed demo vhost misbehaves: not at all, failing /health, or answering 500."""
+
+    NO = "no"
+    HEALTH = "health"
+    ERROR_500 = "500"
+
+
 # A plain decimal: float() alone would also take "inf", "nan", "1e3" and "1_0".
 _SECONDS_RE = re.compile(r"[0-9]{1,6}(?:\.[0-9]{1,6})?")
 
@@ -137,6 +157,9 @@ class DemoVhostServer:
         self._min_stop_s = min_stop_s
         self.addr: tuple[str, int] = sock.getsockname()[:2]
         self.requests = 0
+        self.broken = Broken.NO
+        # What POST /demo/deploy installs when the stop ends: (version, broken).
+        self._next_version: tuple[str, Broken] | None = None
         self._state = DemoVhostState.SERVING
         self._is_accepting = False
         self._retry_accept: asyncio.TimerHandle | None = None
@@ -269,9 +292,19 @@ class DemoVhostServer:
             self._end_stop(is_serving=False)
             return
         self._sock = sock
+        if self._next_version is not None:
+            version, self.broken = self._next_version
+            self.spec = replace(self.spec, version=version)
+            self._next_version = None
         self._state = DemoVhostState.SERVING
         self.start()
-        log.info("demo.restarted vhost=%s port=%d", vhost, port)
+        log.info(
+            "demo.restarted vhost=%s port=%d version=%s broken=%s",
+            vhost,
+            port,
+            self.spec.version,
+            self.broken.value,
+        )
         self._end_stop(is_serving=True)
 
     def _end_stop(self, *, is_serving: bool) -> None:
@@ -380,16 +413,23 @@ class DemoVhostServer:
         if request.method not in (b"GET", b"HEAD", b"POST", b"PUT"):
             return 405, b"method not allowed\n", [(b"allow", b"GET, HEAD, POST, PUT")]
         if path == HEALTH_PATH:
+            if self.broken is Broken.HEALTH:
+                return 503, b"broken\n", []
             return 200, b"ok\n", []
+        if self.broken is Broken.ERROR_500:
+            return 500, b"broken version\n", []
         if path != PAGE_PATH:
             return 404, b"not found\n", []
         forwarded_for = b", ".join(v for k, v in request.headers if k == b"x-forwarded-for")
         return 200, render_page(self.spec, request.method, forwarded_for, body_bytes), []
 
     def _answer_demo(self, method: bytes, path: bytes, query: bytes) -> Answer:
-        """The demo's control paths: ``POST /demo/stop`` stops this vhost (see ``stop()``)."""
+        """The demo's control paths: ``POST /demo/stop`` stops this vhost (see ``stop()``),
+        ``POST /demo/deploy`` too, then it comes back as another version."""
         if method != b"POST":
             return 405, b"method not allowed\n", [(b"allow", b"POST")]
+        if path == DEPLOY_PATH:
+            return self._answer_deploy(query)
         if path != STOP_PATH:
             return 404, b"not found\n", []
         seconds = parse_stop_seconds(query, self._min_stop_s, MAX_STOP_S)
@@ -405,6 +445,33 @@ class DemoVhostServer:
         text = (
             f"{s.host}/{s.vhost} stopped: port {self.addr[1]} refuses connections"
             f" for {seconds:g} s, then serves again\n"
+        )
+        return 202, text.encode(), []
+
+    def _answer_deploy(self, query: bytes) -> Answer:
+        """``POST /demo/deploy?version=V[&seconds=N][&broken=health|500]``."""
+        params = urllib.parse.parse_qs(query.decode("latin-1"), keep_blank_values=True)
+        versions = params.get("version", [])
+        if len(versions) != 1 or _VERSION_RE.fullmatch(versions[0]) is None:
+            return 400, b"version must be 1..32 letters, digits, '.', '_' or '-'\n", []
+        brokens = params.get("broken", [Broken.NO.value])
+        kinds = [kind for kind in Broken if len(brokens) == 1 and kind.value == brokens[0]]
+        if not kinds:
+            return 400, b"broken must be no, health or 500\n", []
+        seconds = parse_stop_seconds(query, self._min_stop_s, MAX_STOP_S, DEFAULT_DEPLOY_S)
+        if seconds is None:
+            text = f"seconds must be a number from {self._min_stop_s:g} to {MAX_STOP_S:g}\n"
+            return 400, text.encode(), []
+        if self._state is not DemoVhostState.SERVING:
+            return 409, b"already stopped\n", []
+        self._next_version = (versions[0], kinds[0])
+        self.stop(seconds)
+        s = self.spec
+        text = (
+            f"{s.host}/{s.vhost} deploying {versions[0]}: port {self.addr[1]} refuses"
+            f" connections for {seconds:g} s, then serves {versions[0]}"
+            + ("" if kinds[0] is Broken.NO else f" (broken: {kinds[0].value})")
+            + "\n"
         )
         return 202, text.encode(), []
 
@@ -439,14 +506,16 @@ class DemoVhostServer:
             await writer.drain()
 
 
-def parse_stop_seconds(query: bytes, min_s: float, max_s: float) -> float | None:
-    """The ``seconds`` of a ``/demo/stop`` query string; ``DEFAULT_STOP_S`` when absent.
+def parse_stop_seconds(
+    query: bytes, min_s: float, max_s: float, default_s: float = DEFAULT_STOP_S
+) -> float | None:
+    """The ``seconds`` of a ``/demo/stop`` query string; ``default_s`` when absent.
 
     ``None`` when it is repeated, not a plain decimal number, or outside ``min_s..max_s``.
     """
     values = urllib.parse.parse_qs(query.decode("latin-1"), keep_blank_values=True).get("seconds")
     if values is None:
-        return DEFAULT_STOP_S
+        return default_s
     if len(values) != 1 or _SECONDS_RE.fullmatch(values[0]) is None:
         return None
     seconds = float(values[0])

@@ -257,7 +257,7 @@ async def serve(runtime: Runtime, stop: asyncio.Event) -> None:
     control = await start_control(runtime)
     servers = [server for backend in runtime.backends.values() for server in backend.servers]
     metrics = await start_metrics(
-        runtime, lambda: take_snapshot(runtime.stats, servers, runtime.health)
+        runtime, lambda: take_snapshot(runtime.stats, servers, runtime.health), control=control
     )
     await start_listeners(runtime)
     interval_s = sweep_interval_s(runtime.config)
@@ -307,21 +307,27 @@ def new_controller(runtime: Runtime, workers: WorkerLoad | None = None) -> Contr
 
 
 async def start_metrics(
-    runtime: Runtime, source: SnapshotSource, workers: WorkerLoad | None = None
+    runtime: Runtime,
+    source: SnapshotSource,
+    workers: WorkerLoad | None = None,
+    control: ControlServer | None = None,
 ) -> MetricsEndpoint | None:
     """The /metrics endpoint and status page on the socket build_runtime bound, if [metrics]
-    listen is set; with ``admin = true`` the page's write actions too."""
+    listen is set; with ``control``, the deploy metrics too, and with ``admin = true`` the
+    page's write actions (through the control socket's commands when there is one)."""
     if runtime.metrics_socket is None:
         return None
     admin = runtime.config.metrics.admin
     board = StatusBoard(
         runtime.backends, runtime.health, runtime.events, source, runtime.census, is_admin=admin
     )
+    deploys = control.controller.deploy_snapshot if control is not None else None
+    controller = control.controller if control is not None else new_controller(runtime, workers)
     endpoint = MetricsEndpoint(
-        new_registry(source, runtime.events, runtime.census),
+        new_registry(source, runtime.events, runtime.census, deploys),
         runtime.metrics_socket,
         status=board,
-        run_action=action_runner(new_controller(runtime, workers)) if admin else None,
+        run_action=action_runner(controller) if admin else None,
     )
     await endpoint.start()  # logs metrics_started with the bound address
     return endpoint

@@ -365,7 +365,7 @@ async def serve_master(
     """lifecycle.serve for ``count`` > 1 workers: the rules above, until ``stop`` is set."""
     supervisor = Supervisor(runtime, count, options)
     control = await start_control(runtime, supervisor)
-    metrics = await start_metrics(runtime, supervisor.snapshot, supervisor)
+    metrics = await start_metrics(runtime, supervisor.snapshot, supervisor, control)
     try:
         await supervisor.start()
     except BaseException:

@@ -20,6 +20,7 @@ import asyncio
 import logging
 import random
 import time
+from collections import deque
 from collections.abc import Callable, Iterable
 
 from zdlb.balancer.server import Health, Server
@@ -43,6 +44,7 @@ class _ServerCheck:
         "errors",
         "host_header",
         "last_result",
+        "recent",
         "server",
         "target",
         "verdict",
@@ -59,6 +61,9 @@ class _ServerCheck:
         self.last_result: ProbeResult | None = None
         self.checked_at = 0.0  # wall clock (time.time()) of last_result, for people to read
         self.errors = 0  # consecutive errors seen on live traffic
+        # (loop time the probe started, passed) of the last `rise` probes: `wait ... up` asks
+        # for `rise` passes of probes that started after it began (passes_since).
+        self.recent: deque[tuple[float, bool]] = deque(maxlen=check.rise)
 
 
 class HealthChecker:
@@ -142,12 +147,32 @@ class HealthChecker:
         entry = self._checks.get(server)
         return entry.checked_at if entry is not None and entry.last_result is not None else None
 
+    def passes_since(self, server: Server, since: float) -> int | None:
+        """Consecutive passes, latest first, of probes that started at or after ``since`` (loop
+        time), counting at most ``rise``; ``None`` if the server is not checked.
+
+        A probe already running at ``since`` may have reached the version a deploy just
+        replaced, so it does not count.
+        """
+        entry = self._checks.get(server)
+        if entry is None:
+            return None
+        count = 0
+        for started_at, passed in reversed(entry.recent):
+            if started_at < since or not passed:
+                break
+            count += 1
+        return count
+
     async def _check_forever(self, entry: _ServerCheck, delay_s: float) -> None:
         check = entry.check
+        loop = asyncio.get_running_loop()
         await asyncio.sleep(delay_s)
         while True:
+            started_at = loop.time()
             result = await run_probe(check, entry.target, entry.host_header)
             entry.last_result, entry.checked_at = result, time.time()
+            entry.recent.append((started_at, result.passed))
             transition = entry.verdict.record(result.passed, result.detail)
             if transition is not None:
                 self._apply(entry, transition)

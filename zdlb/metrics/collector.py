@@ -15,6 +15,7 @@ tests and successive runtimes do not collide. No I/O here.
 from __future__ import annotations
 
 import platform
+import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Protocol
 
@@ -31,6 +32,8 @@ from zdlb import __version__
 from zdlb.balancer.server import AdminState, Health, Server
 from zdlb.census import STANDARD_ERROR, Census
 from zdlb.config.model import PoolName
+from zdlb.deploy.plan import Step
+from zdlb.deploy.record import DeployRecord, DeployStatus, HostStatus
 from zdlb.events import Timeline
 from zdlb.stats import (
     RESPONSE_TIME_BOUNDS_S,
@@ -42,6 +45,8 @@ from zdlb.stats import (
 )
 
 SnapshotSource = Callable[[], Snapshot]
+# The daemon's current or last `zdlb deploy` (control/commands.py Controller.deploy_snapshot).
+DeploySource = Callable[[], DeployRecord | None]
 
 _POOLS = [pool.value for pool in PoolName]
 _ADMIN_STATES = [state.value for state in AdminState]
@@ -130,15 +135,71 @@ class SnapshotCollector:
         yield info
 
 
+class DeployCollector:
+    """The ``zdlb_deploy_*`` metrics, from the deploy record at each scrape (no record: none).
+
+    ``clock`` is wall-clock seconds: a deploy whose client stopped renewing its lease reads as
+    interrupted, as in ``show deploy``.
+    """
+
+    def __init__(self, source: DeploySource, clock: Callable[[], float] = time.time) -> None:
+        self._source = source
+        self._clock = clock
+
+    def collect(self) -> Iterator[Metric]:
+        deploy = self._source()
+        if deploy is None:
+            return
+        yield from deploy_metrics(deploy, self._clock())
+
+
+def deploy_metrics(deploy: DeployRecord, now: float) -> Iterator[Metric]:
+    """In progress (0/1), the current host's step (one-hot) and since when, the last result
+    (one-hot over every deploy status) and the hosts by status."""
+    backend = [deploy.backend]
+    status = deploy.effective_status(now)
+    running = _gauge("zdlb_deploy_in_progress", "1 while a zdlb deploy runs.", ["backend"])
+    running.add_metric(backend, 1 if status is DeployStatus.RUNNING else 0)
+    result = _gauge(
+        "zdlb_deploy_status",
+        "1 for the status of the current or last deploy.",
+        ["backend", "status"],
+    )
+    for value in DeployStatus:
+        result.add_metric([*backend, value.value], 1 if value is status else 0)
+    hosts = _gauge("zdlb_deploy_hosts", "Hosts of the deploy, by status.", ["backend", "status"])
+    for host_status in HostStatus:
+        count = sum(1 for host in deploy.hosts if host.status is host_status)
+        hosts.add_metric([*backend, host_status.value], count)
+    names = ["backend", "server"]
+    step = _gauge(
+        "zdlb_deploy_step", "1 for the step of the deploy's current host.", [*names, "step"]
+    )
+    since = _gauge(
+        "zdlb_deploy_step_started_timestamp_seconds", "When the current host's step began.", names
+    )
+    current = deploy.current()
+    if current is not None and current.step is not None:
+        for name in Step:
+            step.add_metric([*backend, current.main, name.value], 1 if name is current.step else 0)
+        if current.since is not None:
+            since.add_metric([*backend, current.main], current.since)
+    yield from (running, result, hosts, step, since)
+
+
 def new_registry(
     source: SnapshotSource,
     events: Timeline | None = None,
     census: Mapping[str, Census] | None = None,
+    deploy_source: DeploySource | None = None,
 ) -> CollectorRegistry:
     """A dedicated registry holding one ``SnapshotCollector`` over ``source`` (and the events
-    timeline and sticky census, when given)."""
+    timeline and sticky census, when given), and the deploy metrics over ``deploy_source`` (the
+    daemon with a control socket has one)."""
     registry = CollectorRegistry(auto_describe=False)
     registry.register(SnapshotCollector(source, events, census))
+    if deploy_source is not None:
+        registry.register(DeployCollector(deploy_source))
     return registry
 
 
