@@ -1,6 +1,7 @@
 """One worker process of a ``workers = N`` daemon: it accepts on the master's listeners and proxies.
 
-Started by the master (daemon/workers.py) as ``python -m zdlb.daemon.worker``, with the
+Started by the master (daemon/workers.py) as ``python -I`` running ``worker.main`` (isolated:
+nothing from the working directory or the PYTHON* variables is importable here), with the
 listening sockets and its end of the channel passed as file descriptors and a pickled
 ``WorkerSpec`` on stdin (a pipe from the master: trusted, and the only way the exact running
 config reaches it, even if the file changed on disk since).

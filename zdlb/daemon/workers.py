@@ -4,11 +4,11 @@
 
 1. The master binds every listener (and the metrics socket) before anything else, as the
    single process does, replays the state journal, then starts N worker processes
-   (daemon/worker.py), each accepting on its own socket of every listener: SO_REUSEPORT
-   spreads new connections over the workers, where one shared accept queue let a burst land
-   on one of them (tcp/listener.py has the figures). The master keeps every socket open, so
-   connections queued for a worker that restarts wait for it (0.27-0.32 s from a SIGKILL to
-   ready, measured here) instead of being reset.
+   (daemon/worker.py, in Python's isolated mode: ``worker_argv``), each accepting on its own
+   socket of every listener: SO_REUSEPORT spreads new connections over the workers, where one
+   shared accept queue let a burst land on one of them (tcp/listener.py has the figures). The
+   master keeps every socket open, so connections queued for a worker that restarts wait for
+   it (0.27-0.32 s from a SIGKILL to ready, measured here) instead of being reset.
 2. The master never proxies. It runs the control socket, the health checks, the journal and the
    /metrics endpoint. Every change of a server's state (a command, a health verdict) is sent to
    every worker within ``PUSH_POLL_S`` (ipc.py, rule 1); their counters come back in reports.
@@ -34,7 +34,9 @@ import socket
 import sys
 import time
 from collections.abc import Iterable
+from pathlib import Path
 
+import zdlb
 from zdlb.balancer.server import Health, Server
 from zdlb.config.model import Config
 from zdlb.daemon import ipc
@@ -63,6 +65,33 @@ STOP_MARGIN_S = 2.0
 STABLE_S = 5.0
 RESTART_MIN_S = 0.1
 RESTART_MAX_S = 5.0
+
+
+# Workers run isolated (``python -I``: no working directory or script directory on sys.path,
+# no PYTHON* variables, no user site-packages, so no usercustomize): a ``zdlb/__init__.py`` or
+# ``sitecustomize.py`` in the directory the daemon was started from, or on a PYTHONPATH, never
+# runs as the daemon's user. The zdlb they import is the master's own: its package root is
+# passed on and added to sys.path only when the interpreter's own path lacks it (an editable
+# install or a checkout run as root on purpose), never ahead of the standard library's
+# sys.path entries it already has.
+_WORKER_BOOT = (
+    "import sys\n"
+    "root = sys.argv[1]\n"
+    "if root not in sys.path:\n"
+    "    sys.path.insert(0, root)\n"
+    "from zdlb.daemon.worker import main\n"
+    "sys.exit(main())\n"
+)
+
+
+def package_root() -> str:
+    """The directory holding the ``zdlb`` package this process runs."""
+    return str(Path(zdlb.__file__).resolve().parents[1])
+
+
+def worker_argv() -> list[str]:
+    """The command that starts one worker: isolated mode, this process's zdlb."""
+    return [sys.executable, "-I", "-c", _WORKER_BOOT, package_root()]
 
 
 def worker_count(config: Config, override: int | None = None) -> int:
@@ -221,9 +250,7 @@ class Supervisor:
                 self.runtime.config, slot.index, fds, worker_end.fileno(), self._options
             )
             proc = await asyncio.create_subprocess_exec(
-                sys.executable,
-                "-m",
-                "zdlb.daemon.worker",
+                *worker_argv(),
                 stdin=asyncio.subprocess.PIPE,
                 pass_fds=(*fds, worker_end.fileno()),
             )
