@@ -20,7 +20,7 @@ from zdlb import __version__
 from zdlb.config.load import load_config
 from zdlb.config.model import MAX_WORKERS, Config, LogFormat, LoggingConfig
 from zdlb.config.summary import describe
-from zdlb.daemon.ctl import run_ctl
+from zdlb.daemon.ctl import CTL_DESCRIPTION, CTL_HELP, add_ctl_arguments, run_ctl_command
 from zdlb.daemon.demo_app import DEMO_HOSTS, DemoVhost, start_demo_hosts, vhosts_of
 from zdlb.daemon.lifecycle import (
     EXIT_OK,
@@ -37,8 +37,6 @@ from zdlb.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-# `zdlb ctl` waits this long for an answer; `wait ... idle T` gets T more.
-CTL_TIMEOUT_S = 10.0
 EXIT_CONFIG = 2
 # The repository's config.toml is the demo's config (and the reference for every key).
 DEMO_CONFIG = Path(__file__).resolve().parents[2] / "config.toml"
@@ -58,20 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     check = commands.add_parser("check", help="validate a config file and summarise it")
     check.add_argument("-c", "--config", required=True, type=Path, metavar="FILE")
 
-    ctl = commands.add_parser(
-        "ctl",
-        help="send one command to a running zdlb's control socket",
-        description="Send COMMAND to the control socket and print the answer; "
-        "`zdlb ctl -c FILE help` lists the commands. Exit 1 if the daemon answers an error.",
-    )
-    where = ctl.add_mutually_exclusive_group(required=True)
-    where.add_argument("-c", "--config", type=Path, metavar="FILE", help="find the socket here")
-    where.add_argument("-s", "--socket", type=Path, metavar="PATH", help="the socket itself")
-    ctl.add_argument("--json", action="store_true", help="ask for a JSON answer")
-    ctl.add_argument(
-        "--timeout", type=float, default=CTL_TIMEOUT_S, metavar="S", help="give up after S s"
-    )
-    ctl.add_argument("words", nargs="+", metavar="COMMAND", help="e.g. show servers")
+    add_ctl_arguments(commands.add_parser("ctl", help=CTL_HELP, description=CTL_DESCRIPTION))
 
     demo = commands.add_parser(
         "demo", help="start two demo hosts (main + backup vhosts) behind zdlb on :8000"
@@ -150,8 +135,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "demo-app":  # no config file: the demo's vhosts are built in
         return _run_demo_apps(args)
-    if args.command == "ctl" and args.socket is not None:
-        return run_ctl(args.socket, args.words, as_json=args.json, timeout_s=args.timeout)
+    if args.command == "ctl":  # daemon/entry.py comes here without importing this module
+        return run_ctl_command(args)
     try:
         config = load_config(args.config)
     except ConfigError as exc:
@@ -166,13 +151,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _run(args, config, _run_daemon)
         case "demo":
             return _run(args, config, _run_demo)
-        case "ctl":
-            if config.control.socket is None:
-                print(f"zdlb: {config.source} configures no [control] socket", file=sys.stderr)
-                return EXIT_CONFIG
-            return run_ctl(
-                config.control.socket, args.words, as_json=args.json, timeout_s=args.timeout
-            )
     raise AssertionError(args.command)  # argparse only accepts the commands above
 
 
