@@ -659,9 +659,11 @@ async def gated(bound_socket: socket.socket) -> AsyncIterator[GatedServer]:
         yield server
 
 
-async def test_shutdown_finishes_in_flight_requests_and_closes_idle_connections(
+async def test_shutdown_finishes_in_flight_requests_and_answers_idle_ones_once_more(
     gated: GatedServer, proxies: ProxyStarter
 ):
+    """Issue 11: an idle keep-alive client is not closed under a request it may be writing:
+    its next request is answered (``Connection: close``), then the connection closes."""
     grace_s = 5.0
     proxy = await start_for(proxies, gated, grace_s=grace_s)
     async with (
@@ -676,8 +678,11 @@ async def test_shutdown_finishes_in_flight_requests_and_closes_idle_connections(
         loop = asyncio.get_running_loop()
         stopped_at = loop.time()
         proxy.stop.set()
+        await eventually(lambda: proxy.route.is_stopping)
+        last = await idle_client.request(target="/fast")
+        assert (last.status, last.header("connection")) == (200, "close")
         async with asyncio.timeout(WAIT_S):
-            assert await idle_client.reader.read() == b""  # the idle one is closed at once
+            assert await idle_client.reader.read() == b""
         assert not proxy.task.done()  # the busy one holds the shutdown open
         gated.release.set()
         response = await busy_client.read_response()
@@ -693,6 +698,23 @@ async def test_shutdown_finishes_in_flight_requests_and_closes_idle_connections(
     with pytest.raises(ConnectionRefusedError):
         async with asyncio.timeout(WAIT_S):
             await asyncio.open_connection(*proxy.addr)
+
+
+async def test_shutdown_closes_connections_still_idle_when_grace_s_ends(
+    gated: GatedServer, proxies: ProxyStarter
+):
+    grace_s = 0.3
+    proxy = await start_for(proxies, gated, grace_s=grace_s)
+    async with await H11Client.connect(proxy.addr) as idle_client:
+        assert (await idle_client.request(target="/fast")).status == 200
+        loop = asyncio.get_running_loop()
+        stopped_at = loop.time()
+        proxy.stop.set()
+        async with asyncio.timeout(grace_s + WAIT_S):
+            assert await idle_client.reader.read() == b""  # a FIN, not a reset
+        assert loop.time() - stopped_at >= grace_s * 0.9
+        async with asyncio.timeout(WAIT_S):
+            await proxy.task
 
 
 async def test_shutdown_aborts_requests_still_running_after_grace_s(

@@ -20,12 +20,14 @@ from zdlb.control.protocol import (
     Command,
     Flip,
     Help,
+    Reload,
     SetServerState,
     SetServerWeight,
     ShowBackends,
     ShowInfo,
     ShowServers,
     Swap,
+    Upgrade,
     WaitIdle,
     format_command,
     frame,
@@ -39,7 +41,7 @@ from zdlb.control.protocol import (
 )
 from zdlb.errors import ControlUsageError
 
-U_HELP, U_INFO, U_BACKENDS, U_SERVERS, U_STATE, U_WEIGHT, U_FLIP, U_SWAP, U_WAIT = USAGE
+(U_HELP, U_INFO, U_BACKENDS, U_SERVERS, U_STATE, U_WEIGHT, U_FLIP, U_SWAP, U_WAIT) = USAGE[:9]
 U_ALL = "\n".join(USAGE)
 U_SHOW = "\n".join((U_INFO, U_BACKENDS, U_SERVERS))
 U_SET = "\n".join((U_STATE, U_WEIGHT))
@@ -80,6 +82,8 @@ COMMANDS = [
     pytest.param(b"flip app/front-1", Flip("app", "front-1"), id="flip"),
     pytest.param(b"flip app/front-1 force", Flip("app", "front-1", True), id="flip-force"),
     pytest.param(b"swap app", Swap("app"), id="swap"),
+    pytest.param(b"reload", Reload(), id="reload"),
+    pytest.param(b"upgrade", Upgrade(), id="upgrade"),
 ]
 
 
@@ -442,6 +446,8 @@ def test_usage_lines_one_per_command_form() -> None:
         "usage: flip BACKEND/SERVER [force]",
         "usage: swap BACKEND",
         "usage: wait BACKEND/SERVER idle [TIMEOUT_S]",
+        "usage: reload",
+        "usage: upgrade",
     )
 
 

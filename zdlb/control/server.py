@@ -65,6 +65,10 @@ class ControlServer:
         self._busy: set[asyncio.StreamWriter] = set()
         self._is_closing = False
 
+    @property
+    def controller(self) -> Controller:
+        return self._controller
+
     def __repr__(self) -> str:
         return f"<ControlServer {self._path} clients={len(self._clients)} busy={len(self._busy)}>"
 

@@ -10,24 +10,27 @@ connection's deadline (see http/route.py).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import logging
 import resource
 import signal
 import socket
 import time
-from collections.abc import Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from zdlb.balancer.pool import Backend
+from zdlb.balancer.server import Server
 from zdlb.balancer.sticky import StickyCookie
 from zdlb.config.model import Config, ListenerConfig, ListenerMode
 from zdlb.control import journal
-from zdlb.control.commands import Controller, WorkerLoad
+from zdlb.control.commands import Controller, DaemonActions, WorkerLoad
 from zdlb.control.server import ControlServer
 from zdlb.errors import ZdlbError
 from zdlb.health.scheduler import HealthChecker, TransitionHook
+from zdlb.http.phase import Phase
 from zdlb.http.proxy import ClientConnection
 from zdlb.http.route import Route
 from zdlb.http.upstream import ServerConnections
@@ -70,6 +73,17 @@ def raise_open_file_limit() -> int:
     return hard
 
 
+class RouteSlot:
+    """Where an HTTP listener's new connections find their route: one attribute read per
+    accept, and what a reload changes (connections already open move at their next request
+    boundary, http/route.py ``Route.retire``)."""
+
+    __slots__ = ("route",)
+
+    def __init__(self, route: Route) -> None:
+        self.route = route
+
+
 @dataclass
 class Runtime:
     """Everything one running configuration owns."""
@@ -83,14 +97,42 @@ class Runtime:
     tcp_routes: list[TcpRoute] = field(default_factory=list)
     tcp_sockets: list[tuple[TcpRoute, socket.socket]] = field(default_factory=list)
     metrics_socket: socket.socket | None = None
-    servers: list[asyncio.Server] = field(default_factory=list)
     # A master's listening sockets, per listener in config order: one per worker (the first is
     # also in sockets/tcp_sockets). Empty in a single process or a worker.
     listener_groups: list[list[socket.socket]] = field(default_factory=list)
+    on_health: TransitionHook | None = None  # the health checker's hook, again after a reload
+    # HTTP listeners being served, by name: the asyncio server accepting, and the slot its new
+    # connections take their route from (a reload swaps the route in the slot).
+    http_servers: dict[str, asyncio.Server] = field(default_factory=dict)
+    slots: dict[str, RouteSlot] = field(default_factory=dict)
+    # Routes a reload replaced or removed that still have connections (daemon/reload.py):
+    # swept, counted and drained with the others until their last connection ends.
+    retired: list[Route | TcpRoute] = field(default_factory=list)
+    health_task: asyncio.Task[None] | None = None
 
     @property
     def all_routes(self) -> list[Route | TcpRoute]:
-        return [*self.routes, *self.tcp_routes]
+        return [*self.routes, *self.tcp_routes, *self.retired]
+
+    @property
+    def servers(self) -> list[Server]:
+        """Every server of the running configuration, in config order."""
+        return [server for backend in self.backends.values() for server in backend.servers]
+
+    def start_health(self) -> None:
+        """Run the health checks (again, after a reload replaced the checker)."""
+        if self.health_task is not None:
+            self.health_task.cancel()
+        self.health_task = asyncio.get_running_loop().create_task(
+            self.health.run(), name="health checks"
+        )
+
+    async def stop_health(self) -> None:
+        task, self.health_task = self.health_task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
 
     def close_sockets(self) -> None:
         """Close every bound socket not yet served (a start that failed half-way)."""
@@ -126,7 +168,7 @@ def build_runtime(
         # time.monotonic() is the loop's clock (asyncio's, and uvloop's via libuv).
         journal.replay(journal.load(state_file), servers, time.monotonic())
     health = HealthChecker(servers, on_transition=on_health)
-    runtime = Runtime(config, backends, health, Stats.from_config(config))
+    runtime = Runtime(config, backends, health, Stats.from_config(config), on_health=on_health)
     try:
         for index, listener in enumerate(config.listeners):
             if listener_sockets is not None:
@@ -138,11 +180,11 @@ def build_runtime(
             else:
                 sock = bind_listener(listener.bind, listener.backlog)
             if listener.mode is ListenerMode.TCP:
-                tcp_route = _tcp_route(runtime, listener)
+                tcp_route = new_tcp_route(runtime, listener)
                 runtime.tcp_routes.append(tcp_route)
                 runtime.tcp_sockets.append((tcp_route, sock))
             else:
-                route = _http_route(runtime, listener)
+                route = new_http_route(runtime, listener)
                 runtime.routes.append(route)
                 runtime.sockets.append((route, sock))
         if config.metrics.listen is not None and listener_sockets is None:
@@ -153,7 +195,7 @@ def build_runtime(
     return runtime
 
 
-def _http_route(runtime: Runtime, listener: ListenerConfig) -> Route:
+def new_http_route(runtime: Runtime, listener: ListenerConfig) -> Route:
     backend = runtime.backends[listener.backend]
     timeouts = backend.config.timeouts
     stats = runtime.stats
@@ -176,7 +218,7 @@ def _http_route(runtime: Runtime, listener: ListenerConfig) -> Route:
     )
 
 
-def _tcp_route(runtime: Runtime, listener: ListenerConfig) -> TcpRoute:
+def new_tcp_route(runtime: Runtime, listener: ListenerConfig) -> TcpRoute:
     backend = runtime.backends[listener.backend]
     timeouts = backend.config.timeouts
     settings = TcpSettings(
@@ -233,22 +275,30 @@ async def start_control(
     return control
 
 
-async def serve(runtime: Runtime, stop: asyncio.Event) -> None:
-    """Serve until ``stop`` is set, then shut down gracefully.
+# What the daemon can do to itself on a control command or a signal (reload, upgrade), built
+# once it serves: daemon/reload.py's, given the runtime and its controller (None without one).
+ActionsFactory = Callable[[Runtime, Controller | None], DaemonActions]
+
+
+async def serve(
+    runtime: Runtime, stop: asyncio.Event, *, actions: ActionsFactory | None = None
+) -> None:
+    """Serve until ``stop`` is set, then shut down gracefully. ``actions``: what ``zdlb ctl
+    reload``/``upgrade`` and SIGHUP/SIGUSR2 run (none: the commands answer an error).
 
     Raises ListenerError if the control socket cannot be created (before any listener serves).
     """
     control = await start_control(runtime)
-    servers = [server for backend in runtime.backends.values() for server in backend.servers]
     metrics = await start_metrics(
-        runtime, lambda: take_snapshot(runtime.stats, servers, runtime.health)
+        runtime, lambda: take_snapshot(runtime.stats, runtime.servers, runtime.health)
     )
     await start_listeners(runtime)
-    interval_s = sweep_interval_s(runtime.config)
+    if actions is not None:
+        install_actions(actions(runtime, control.controller if control else None), control)
     tune_gc()
+    runtime.start_health()
     async with asyncio.TaskGroup() as tasks:
-        sweeper = tasks.create_task(sweep_forever(runtime.all_routes, interval_s))
-        checks = tasks.create_task(runtime.health.run())
+        sweeper = tasks.create_task(sweep_forever(runtime))
         await stop.wait()
         if control is not None:
             await control.close()
@@ -257,25 +307,51 @@ async def serve(runtime: Runtime, stop: asyncio.Event) -> None:
             metrics.close()
             await metrics.wait_closed()
         sweeper.cancel()
-        checks.cancel()
+        await runtime.stop_health()
+
+
+def install_actions(actions: DaemonActions, control: ControlServer | None) -> None:
+    """``zdlb ctl reload``/``upgrade`` and SIGHUP/SIGUSR2 run ``actions`` from now on."""
+    if control is not None:
+        control.controller.actions = actions
+    loop = asyncio.get_running_loop()
+    running: set[asyncio.Task[tuple[bool, list[str]]]] = set()  # kept until done (asyncio#91887)
+
+    def on_signal(name: str) -> None:
+        action = actions.reload if name == "reload" else actions.upgrade
+        task = loop.create_task(action(-1), name=f"{name} (signal)")
+        running.add(task)
+        task.add_done_callback(running.discard)
+
+    loop.add_signal_handler(signal.SIGHUP, on_signal, "reload")
+    loop.add_signal_handler(signal.SIGUSR2, on_signal, "upgrade")
 
 
 async def start_listeners(runtime: Runtime, *, log_started: bool = True) -> None:
     """Accept on every listener socket of ``runtime``; ``log_started``: one line each."""
-    loop = asyncio.get_running_loop()
     for route, sock in runtime.sockets:
-        server = await loop.create_server(
-            lambda route=route: ClientConnection(route, loop),  # type: ignore[misc]
-            sock=sock,
-            backlog=route.listener.backlog,
-        )
-        runtime.servers.append(server)
+        await accept_http(runtime, route, sock)
         if log_started:
             log_listener_started(route.listener, sock, route.backend)
     for tcp_route, sock in runtime.tcp_sockets:
         tcp_route.start_accepting(sock)
         if log_started:
             log_listener_started(tcp_route.listener, sock, tcp_route.backend)
+
+
+async def accept_http(runtime: Runtime, route: Route, sock: socket.socket) -> None:
+    """Accept on ``sock`` for ``route``'s listener, through its slot (created if new)."""
+    loop = asyncio.get_running_loop()
+    name = route.listener.name
+    slot = runtime.slots.get(name)
+    if slot is None:
+        slot = runtime.slots[name] = RouteSlot(route)
+    slot.route = route
+    runtime.http_servers[name] = await loop.create_server(
+        lambda slot=slot: ClientConnection(slot.route, loop),  # type: ignore[misc]
+        sock=sock,
+        backlog=route.listener.backlog,
+    )
 
 
 async def start_metrics(runtime: Runtime, source: SnapshotSource) -> MetricsEndpoint | None:
@@ -297,22 +373,43 @@ def log_listener_started(listener: ListenerConfig, sock: socket.socket, backend:
     )
 
 
-async def sweep_forever(routes: list[Route | TcpRoute], interval_s: float) -> None:
+async def sweep_forever(runtime: Runtime) -> None:
+    """Enforce deadlines on every route, retired ones included, and let go of retired routes
+    whose last connection ended; the interval follows the running config."""
     loop = asyncio.get_running_loop()
     while True:
-        await asyncio.sleep(interval_s)
+        await asyncio.sleep(sweep_interval_s(runtime.config))
         now = loop.time()
-        for route in routes:
+        for route in runtime.all_routes:
             route.sweep(now)
+        if runtime.retired:
+            prune_retired(runtime)
+
+
+def prune_retired(runtime: Runtime) -> None:
+    """Close what retired routes without connections still hold (idle upstream connections to
+    servers of the old config, tunnel pipes) and forget them."""
+    busy: list[Route | TcpRoute] = []
+    for route in runtime.retired:
+        if route.connections:
+            busy.append(route)
+            continue
+        route.abort_all()  # no connection left: closes its pipe pool only
+        if isinstance(route, Route):
+            for pool in route.upstreams.values():
+                pool.close_idle()
+    runtime.retired = busy
 
 
 async def shutdown(runtime: Runtime) -> None:
     """Stop accepting, let in-flight requests finish within grace_s, then abort the rest.
 
-    HTTP connections end after their current answer; TCP tunnels have no such boundary, so
-    they run until they end by themselves or grace_s is over.
+    HTTP connections end after their next answer (``Connection: close``); those still idle
+    when grace_s ends are closed then, never before: a client may have written a request
+    we have not read yet. TCP tunnels have no request boundary, so they run until they end by
+    themselves or grace_s is over.
     """
-    for server in runtime.servers:
+    for server in runtime.http_servers.values():
         server.close()
     routes = runtime.all_routes
     for route in routes:
@@ -327,15 +424,20 @@ async def shutdown(runtime: Runtime) -> None:
                 await route.drained.wait()
     except TimeoutError:
         pass
+    idle = 0
+    for route in routes:
+        if isinstance(route, Route):
+            idle += sum(1 for conn in route.connections if conn.phase is Phase.IDLE)
+            route.close_idle()
     left = sum(len(route.connections) for route in routes)
     for route in routes:
         route.abort_all()
-    for http_route in runtime.routes:
-        for pool in http_route.upstreams.values():
-            pool.close_idle()
-    for server in runtime.servers:
+        if isinstance(route, Route):
+            for pool in route.upstreams.values():
+                pool.close_idle()
+    for server in runtime.http_servers.values():
         await server.wait_closed()
-    log.info("shutdown_finished aborted=%d", left)
+    log.info("shutdown_finished aborted=%d closed_idle=%d", left - idle, idle)
 
 
 def run_loop(loop: str, main: Coroutine[Any, Any, None]) -> int:
@@ -357,6 +459,14 @@ def run_loop(loop: str, main: Coroutine[Any, Any, None]) -> int:
 
 
 def install_signal_handlers(stop: asyncio.Event) -> None:
+    """SIGTERM/SIGINT stop; SIGHUP and SIGUSR2 are logged and ignored until ``install_actions``
+    (a reload or upgrade before the daemon serves, or in a worker, must not kill it)."""
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
+    for signum in (signal.SIGHUP, signal.SIGUSR2):
+        loop.add_signal_handler(signum, _ignored, signum)
+
+
+def _ignored(signum: signal.Signals) -> None:
+    log.warning("signal_ignored signal=%s reason=not serving yet, or a worker", signum.name)

@@ -40,7 +40,6 @@ from zdlb.daemon.lifecycle import (
     shutdown,
     start_listeners,
     sweep_forever,
-    sweep_interval_s,
     tune_gc,
 )
 from zdlb.daemon.logs import setup_logging
@@ -167,9 +166,7 @@ async def run_worker(spec: WorkerSpec) -> None:
     worker.send(ipc.Ready(os.getpid()))
     tune_gc()
     async with asyncio.TaskGroup() as tasks:
-        sweeper = tasks.create_task(
-            sweep_forever(runtime.all_routes, sweep_interval_s(runtime.config))
-        )
+        sweeper = tasks.create_task(sweep_forever(runtime))
         reporter = tasks.create_task(_report_forever(worker))
         listener = tasks.create_task(_read_channel(reader, worker, stop))
         await stop.wait()

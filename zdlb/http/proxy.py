@@ -643,6 +643,8 @@ class ClientConnection(ProtocolSwitch, BodySplicing, asyncio.Protocol):
             self.reader.end_upgrade()
             self._resume_reading(PAUSED_UPGRADE)
         self._reset_exchange()
+        if route.successor is not None:  # a reload replaced the route: the next request uses it
+            self.move_to(route.successor)
         timeouts = self.route.timeouts
         if self.reader.pending_head:  # the next request's head has begun
             self.phase = Phase.HEAD
@@ -780,6 +782,18 @@ class ClientConnection(ProtocolSwitch, BodySplicing, asyncio.Protocol):
                 self._keep_alive_down = False
                 self._request_done = False  # the client may still be sending: close after
                 self._fail(504)
+
+    def move_to(self, route: Route) -> None:
+        """Between exchanges: serve the next requests by ``route`` (the newest of a chain of
+        reloads), counted there; nothing is closed."""
+        while route.successor is not None:
+            route = route.successor
+        old = self.route
+        old.forget(self)
+        old.stats.connections_open -= 1
+        self.route = route
+        route.connections.add(self)
+        route.stats.connections_open += 1
 
     def close_when_idle(self) -> None:
         if self.phase is Phase.IDLE:

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 
 from zdlb.config.model import ListenerConfig
 from zdlb.http.head import RequestHeadParser
+from zdlb.http.phase import Phase
 from zdlb.http.tunnel import ProtocolSwitch, TunnelSettings
 from zdlb.http.upstream import ServerConnections
 from zdlb.metrics.registry import BackendStats, ListenerStats
@@ -84,6 +85,8 @@ class Route:
         self.splice_min_bytes = _splice_min_bytes(tunnel)
         self.is_stopping = False
         self.drained = asyncio.Event()  # set once stopping and the last connection closed
+        # Set by a reload (daemon/reload.py): connections move to it between requests.
+        self.successor: Route | None = None
 
     def __repr__(self) -> str:
         return (
@@ -123,14 +126,27 @@ class Route:
         for pump in expired:
             pump.close()
 
-    def stop_accepting(self) -> None:
-        """Shutdown, step 1: idle keep-alive connections close now, busy ones after their
-        current response (which then says ``Connection: close``)."""
-        self.is_stopping = True
+    def retire(self, successor: Route) -> None:
+        """A reload replaced this route: idle connections move to ``successor`` now, busy ones
+        when their exchange ends (proxy.py ``_finish_exchange``); none is closed."""
+        self.successor = successor
         for conn in list(self.connections):
-            conn.close_when_idle()
+            if conn.phase is Phase.IDLE:
+                conn.move_to(successor)
+
+    def stop_accepting(self) -> None:
+        """Shutdown, step 1: every connection closes after its next answer (which says
+        ``Connection: close``). An idle one is not closed now: its client may have a request
+        on the wire already, which would be lost; ``close_idle`` closes what is left at the
+        end of ``grace_s``."""
+        self.is_stopping = True
         if not self.connections:
             self.drained.set()
+
+    def close_idle(self) -> None:
+        """Shutdown, at the end of ``grace_s``: close the connections waiting for a request."""
+        for conn in list(self.connections):
+            conn.close_when_idle()
 
     def forget(self, conn: ClientConnection) -> None:
         self.connections.discard(conn)
