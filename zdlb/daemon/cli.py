@@ -31,6 +31,7 @@ from zdlb.daemon.lifecycle import (
     serve,
 )
 from zdlb.daemon.logs import setup_logging
+from zdlb.daemon.reload import single_actions
 from zdlb.daemon.worker import WorkerOptions
 from zdlb.daemon.workers import serve_master, worker_count
 from zdlb.errors import ConfigError
@@ -175,7 +176,7 @@ async def _serve(config: Config, stop: asyncio.Event, workers: int, options: Wor
     """Bind, then serve in this process (one worker) or through worker processes."""
     runtime = build_runtime(config, workers=workers)
     if workers == 1:
-        await serve(runtime, stop)
+        await serve(runtime, stop, actions=single_actions)
     else:
         await serve_master(runtime, stop, workers, options)
 

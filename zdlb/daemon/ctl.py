@@ -57,19 +57,46 @@ def run_ctl_command(args: argparse.Namespace) -> int:
     command; the exit status."""
     path: Path | None = args.socket
     if path is None:
-        from zdlb.config.load import load_config  # pure: TOML and dataclasses only
-        from zdlb.errors import ConfigError
-
-        try:
-            config = load_config(args.config)
-        except ConfigError as exc:
-            print(f"zdlb: invalid config {exc}", file=sys.stderr)
-            return EXIT_CONFIG
-        path = config.control.socket
+        path = _socket_of(args.config)
         if path is None:
-            print(f"zdlb: {config.source} configures no [control] socket", file=sys.stderr)
             return EXIT_CONFIG
     return run_ctl(path, args.words, as_json=args.json, timeout_s=args.timeout)
+
+
+def _socket_of(config_path: Path) -> Path | None:
+    """The control socket ``config_path`` names; None after printing why there is none.
+
+    A config with errors elsewhere still names the running daemon's socket: the operator who
+    broke the file must still be able to ask the daemon (``reload`` then answers with every
+    error and its key path). Only ``[control] socket`` is read from such a file, and only a
+    non-empty string is taken.
+    """
+    from zdlb.config.load import load_config, resolve_path  # pure: TOML and dataclasses only
+    from zdlb.errors import ConfigError
+
+    try:
+        config = load_config(config_path)
+    except ConfigError as exc:
+        value = _raw_socket(config_path)
+        if value is None:
+            print(f"zdlb: invalid config {exc}", file=sys.stderr)
+            return None
+        return resolve_path(config_path.absolute().parent, value)
+    if config.control.socket is None:
+        print(f"zdlb: {config.source} configures no [control] socket", file=sys.stderr)
+    return config.control.socket
+
+
+def _raw_socket(config_path: Path) -> str | None:
+    import tomllib
+
+    try:
+        with config_path.open("rb") as file:
+            control = tomllib.load(file).get("control")
+    except (OSError, tomllib.TOMLDecodeError):
+        return None
+    value = control.get("socket") if isinstance(control, dict) else None
+    return value if isinstance(value, str) and value and "\0" not in value else None
 
 
 _END = b"\n\n"  # every answer ends with an empty line (control/protocol.py frame())
