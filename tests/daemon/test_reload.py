@@ -8,6 +8,7 @@ drain, and the refused reload changes nothing.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import signal
 import socket
@@ -19,7 +20,7 @@ import pytest
 from tests.daemon.conftest import Daemon, ServerSpec, StartDaemon, render_config
 from tests.daemon.load import KeepAliveLoad
 from tests.daemon.test_control import SOCKET_NAME, run_zdlb
-from tests.servers import EchoServer
+from tests.servers import EchoServer, H11Client
 
 CHECK = """
 [backends.app.servers.check]
@@ -62,12 +63,13 @@ async def reload(config: Path) -> tuple[int, str, str]:
     return result.returncode, result.stdout, result.stderr
 
 
+@pytest.mark.parametrize("workers", [1, 2], ids=["single", "2-workers"])
 async def test_five_reloads_under_keep_alive_load_fail_nothing_and_close_nothing(
-    start_daemon: StartDaemon, tmp_path: Path, echoes: dict[str, EchoServer]
+    start_daemon: StartDaemon, tmp_path: Path, echoes: dict[str, EchoServer], workers: int
 ) -> None:
     config = tmp_path / "zdlb.toml"
     config.write_text(config_text(specs(echoes, "s1", "s2")), encoding="utf-8")
-    daemon = await start_daemon("run", "-c", str(config))
+    daemon = await start_daemon("run", "--workers", str(workers), "-c", str(config))
     addr = await daemon.listener_addr()
     async with KeepAliveLoad(addr, clients=10) as load:
         await load.wait_requests(50)
@@ -167,3 +169,71 @@ async def assert_clean(daemon: Daemon) -> None:
     assert "Traceback" not in daemon.output
     daemon.send_signal(signal.SIGTERM)
     assert await daemon.wait_exit() == 0
+
+
+API_LISTENER = """
+[listeners.api]
+bind = "127.0.0.1:0"
+backend = "app"
+"""
+
+
+async def test_listeners_added_moved_and_removed_without_closing_a_connection(
+    start_daemon: StartDaemon, tmp_path: Path, echoes: dict[str, EchoServer]
+) -> None:
+    config = tmp_path / "zdlb.toml"
+    base = config_text(specs(echoes, "s1"))
+    config.write_text(base, encoding="utf-8")
+    daemon = await start_daemon("run", "-c", str(config))
+    web = await daemon.listener_addr("web")
+    async with await H11Client.connect(web) as kept:
+        assert (await kept.request()).status == 200
+
+        # Added: it binds and serves.
+        config.write_text(base + API_LISTENER, encoding="utf-8")
+        code, out, err = await reload(config)
+        assert (code, out.strip()) == (0, "listener api added"), err
+        api = await daemon.listener_addr("api")
+        async with await H11Client.connect(api) as api_client:
+            assert (await api_client.request()).status == 200
+
+            # Moved: `web` gets a new port; the connection open on the old one still serves
+            # (now by the new route), the old port takes no new connection.
+            moved = base.replace('bind = "127.0.0.1:0"', 'bind = "127.0.0.2:0"', 1)
+            config.write_text(moved + API_LISTENER, encoding="utf-8")
+            code, out, err = await reload(config)
+            assert (code, out.strip()) == (0, "listener web changed: bind"), err
+            new_web = await daemon.wait_line(lambda line: "addr=127.0.0.2:" in line)
+            assert "listener=web" in new_web
+            response = await kept.request()
+            assert (response.status, response.header("connection")) == (200, None)
+            with pytest.raises(ConnectionRefusedError):
+                await asyncio.open_connection(*web)
+
+            # Removed: its idle connection is answered once more, with `Connection: close`.
+            config.write_text(moved, encoding="utf-8")
+            code, out, err = await reload(config)
+            assert (code, out.strip()) == (0, "listener api removed"), err
+            last = await api_client.request()
+            assert (last.status, last.header("connection")) == (200, "close")
+            with pytest.raises(ConnectionRefusedError):
+                await asyncio.open_connection(*api)
+        assert kept.is_reusable
+    await assert_clean(daemon)
+
+
+async def test_a_listener_change_with_workers_is_refused(
+    start_daemon: StartDaemon, tmp_path: Path, echoes: dict[str, EchoServer]
+) -> None:
+    config = tmp_path / "zdlb.toml"
+    base = config_text(specs(echoes, "s1"))
+    config.write_text(base, encoding="utf-8")
+    daemon = await start_daemon("run", "--workers", "2", "-c", str(config))
+    await daemon.listener_addr("web")
+    config.write_text(base + API_LISTENER, encoding="utf-8")
+    code, out, err = await reload(config)
+    assert code == 1 and out == ""
+    assert "listeners.api.bind: adding, moving or renaming a listener with workers" in err
+    shown = await run_zdlb("ctl", "-c", str(config), "json", "show", "info")
+    assert json.loads(shown.stdout)["listeners"] == 1
+    await assert_clean(daemon)

@@ -192,6 +192,7 @@ async def switch(running: Runtime, plan: Plan, role: Role) -> list[Server]:
     """Step 3: make ``running`` serve ``plan``; returns the servers replaced (predecessors)."""
     new = plan.runtime
     old_routes = {r.listener.name: r for r in _routes(running)}
+    old_servers = dict(running.http_servers)  # a moved listener's new server takes its name
     if role is not Role.MASTER:
         await _accept_new_binds(running, plan)
     kept = set(plan.sources.values())
@@ -202,17 +203,21 @@ async def switch(running: Runtime, plan: Plan, role: Role) -> list[Server]:
             running.slots[name] = slot = running.slots.pop(source)
             running.http_servers[name] = running.http_servers.pop(source)
             slot.route = route
-    for tcp_route, sock in new.tcp_sockets:
+    for index, (tcp_route, sock) in enumerate(new.tcp_sockets):
         if role is not Role.MASTER and plan.sources.get(tcp_route.listener.name) is not None:
             # The old route closes its descriptor when it stops accepting; a duplicate keeps
             # the listening socket (and its queue) open for the new route.
-            tcp_route.start_accepting(sock.dup())
+            kept_sock = sock.dup()
+            new.tcp_sockets[index] = (tcp_route, kept_sock)
+            tcp_route.start_accepting(kept_sock)
     for name, old_route in old_routes.items():
+        if role is Role.MASTER:
+            break  # its routes serve nothing (the workers' do); its sockets stay the workers'
         successor = _successor(new, plan.sources, name)
         if isinstance(old_route, Route) and isinstance(successor, Route):
             old_route.retire(successor)
-        if name not in kept and role is not Role.MASTER:
-            _stop_old_listener(running, old_route)
+        if name not in kept:
+            _stop_old_listener(running, old_route, old_servers.get(name))
         elif isinstance(old_route, TcpRoute):
             old_route.stop_accepting()  # closes only its duplicate (above)
         running.retired.append(old_route)
@@ -255,20 +260,23 @@ def _successor(new: Runtime, sources: dict[str, str], old_name: str) -> Route | 
     return None
 
 
-def _stop_old_listener(running: Runtime, route: Route | TcpRoute) -> None:
+def _stop_old_listener(
+    running: Runtime, route: Route | TcpRoute, server: asyncio.Server | None
+) -> None:
     """A listener removed or moved: stop accepting on its old socket. A removed HTTP
     listener's connections drain (closed after their next answer); a moved one's already
     moved to the new route."""
-    name = route.listener.name
-    if isinstance(route, Route):
-        server = running.http_servers.pop(name, None)
-        running.slots.pop(name, None)
-        if server is not None:
-            server.close()
-        if route.successor is None:
-            route.stop_accepting()
-    else:
+    if isinstance(route, TcpRoute):
         route.stop_accepting()
+        return
+    if server is not None:
+        server.close()
+    if route.successor is None:
+        route.stop_accepting()
+    name = route.listener.name
+    if server is not None and running.http_servers.get(name) is server:
+        del running.http_servers[name]
+        running.slots.pop(name, None)
 
 
 # --- the action ------------------------------------------------------------------------------

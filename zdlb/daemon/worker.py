@@ -43,6 +43,8 @@ from zdlb.daemon.lifecycle import (
     tune_gc,
 )
 from zdlb.daemon.logs import setup_logging
+from zdlb.daemon.reload import apply_pushed
+from zdlb.errors import ZdlbError
 from zdlb.health.verdict import Transition, Verdict
 from zdlb.metrics.collector import take_snapshot
 
@@ -86,6 +88,9 @@ class Worker:
         self._servers = [s for backend in runtime.backends.values() for s in backend.servers]
         self._by_key = {ipc.server_key(s): s for s in self._servers}
         self._seq = 0
+        # Servers a reload replaced whose last requests still run here: reported with the
+        # server of the same name, so the master's `wait idle` waits for them too.
+        self._predecessors: list[Server] = []
 
     def send(self, message: ipc.Message) -> None:
         if not self._writer.is_closing():
@@ -99,6 +104,13 @@ class Worker:
     def report(self) -> None:
         connections = sum(len(route.connections) for route in self.runtime.all_routes)
         snapshot = take_snapshot(self.runtime.stats, self._servers)
+        if self._predecessors:
+            self._predecessors = [s for s in self._predecessors if s.inflight or s.conns]
+            for old in self._predecessors:
+                entry = snapshot["servers"].get(old.backend, {}).get(old.name)
+                if entry is not None and entry["state"] is not None:
+                    entry["state"]["inflight"] += old.inflight
+                    entry["state"]["conns"] += old.conns
         self.send(ipc.StatsReport(self._seq, connections, snapshot))
 
     def handle(self, message: ipc.Message) -> None:
@@ -118,8 +130,22 @@ class Worker:
             case ipc.CloseIdle(server=key):
                 if (target := self._by_key.get(key)) is not None:
                     self._close_idle(target)
-            case ipc.Ready() | ipc.StatsReport() | ipc.ObservedDown():
+            case ipc.Reload():
+                raise AssertionError("Reload is handled by reload(), in channel order")
+            case ipc.Ready() | ipc.StatsReport() | ipc.ObservedDown() | ipc.Reloaded():
                 log.error("worker_channel_unexpected message=%s", type(message).__name__)
+
+    async def reload(self, message: ipc.Reload) -> None:
+        """Apply the config the master pushed (ipc.py, rule 5) and say how it went."""
+        old = self._servers
+        try:
+            problems = await apply_pushed(self.runtime, message.config)
+        except ZdlbError as exc:  # a bug, or out of fds: the master logs it
+            problems = [str(exc)]
+        self._servers = self.runtime.servers
+        self._by_key = {ipc.server_key(s): s for s in self._servers}
+        self._predecessors = [s for s in (*self._predecessors, *old) if s.inflight or s.conns]
+        self.send(ipc.Reloaded(message.seq, tuple(problems)))
 
     def _align_verdict(self, server: Server) -> None:
         """The local passive-check verdict follows the master's health, so the next errors on
@@ -198,7 +224,11 @@ async def _report_forever(worker: Worker) -> None:
 async def _read_channel(reader: asyncio.StreamReader, worker: Worker, stop: asyncio.Event) -> None:
     try:
         while line := await reader.readline():
-            worker.handle(ipc.decode(line))
+            message = ipc.decode(line)
+            if isinstance(message, ipc.Reload):
+                await worker.reload(message)  # before the next message: the state follows it
+            else:
+                worker.handle(message)
     except (ConnectionError, ValueError) as exc:
         log.error("worker_channel_failed error=%r", exc)
     if not stop.is_set():

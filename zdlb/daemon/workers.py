@@ -40,7 +40,14 @@ import zdlb
 from zdlb.balancer.server import Health, Server
 from zdlb.config.model import Config
 from zdlb.daemon import ipc
-from zdlb.daemon.lifecycle import Runtime, log_listener_started, start_control, start_metrics
+from zdlb.daemon.lifecycle import (
+    Runtime,
+    install_actions,
+    log_listener_started,
+    start_control,
+    start_metrics,
+)
+from zdlb.daemon.reload import Reloader, Role
 from zdlb.daemon.worker import WorkerOptions, WorkerSpec
 from zdlb.errors import ZdlbError
 from zdlb.metrics.collector import take_snapshot
@@ -58,6 +65,9 @@ PUSH_POLL_S = 0.02
 REFRESH_TIMEOUT_S = 0.5
 # A starting worker imports zdlb and uvloop (~0.3 s here); a loaded box gets many times that.
 READY_TIMEOUT_S = 15.0
+# A worker applies a pushed config in a few milliseconds (it binds nothing); a loaded box
+# gets many times that before the master reports it as a problem.
+RELOAD_TIMEOUT_S = 5.0
 # After grace_s, workers that still run get this long to finish the drain they are in.
 STOP_MARGIN_S = 2.0
 # Restart delays: a worker that ran at least STABLE_S is restarted after RESTART_MIN_S; one
@@ -139,6 +149,8 @@ class Supervisor:
         self._reported = asyncio.Event()
         self._is_stopping = False
         self._pushed_generation = Server.generation
+        self._reloaded: dict[int, ipc.Reloaded] = {}  # by worker index: its latest answer
+        self._reload_answered = asyncio.Event()
         # Worker i accepts on the i-th socket of every listener's group (build_runtime).
         groups = runtime.listener_groups
         assert all(len(group) == count for group in groups), "build_runtime(workers=count)"
@@ -179,6 +191,39 @@ class Supervisor:
     def close_idle(self, server: Server) -> None:
         for slot in self.slots:
             slot.send(ipc.CloseIdle(ipc.server_key(server)))
+
+    # --- reload (daemon/reload.py) --------------------------------------------------------
+
+    async def push_config(self, config: Config) -> list[str]:
+        """Send the config the master just applied to every serving worker, then the state;
+        returns the problems (a worker that failed or did not answer in RELOAD_TIMEOUT_S)."""
+        self._servers = self.runtime.servers
+        self._by_key = {ipc.server_key(s): s for s in self._servers}
+        self._seq += 1
+        seq = self._seq
+        serving = [slot for slot in self.slots if slot.ready.is_set()]
+        for slot in serving:
+            slot.send(ipc.Reload(seq, config))
+            slot.send(ipc.views_of(self._servers))  # rule 1: the master's state stands
+        self._pushed_generation = Server.generation
+        problems: list[str] = []
+        try:
+            async with asyncio.timeout(RELOAD_TIMEOUT_S):
+                while not all(self._answered(slot, seq) for slot in serving):
+                    self._reload_answered.clear()
+                    await self._reload_answered.wait()
+        except TimeoutError:
+            late = [slot.index for slot in serving if not self._answered(slot, seq)]
+            problems.append(f"workers {late} did not apply it within {RELOAD_TIMEOUT_S} s")
+        for slot in serving:
+            answer = self._reloaded.get(slot.index)
+            if answer is not None and answer.seq == seq:
+                problems += [f"worker {slot.index}: {p}" for p in answer.problems]
+        return problems
+
+    def _answered(self, slot: WorkerSlot, seq: int) -> bool:
+        answer = self._reloaded.get(slot.index)
+        return (answer is not None and answer.seq >= seq) or not slot.ready.is_set()
 
     # --- metrics ----------------------------------------------------------------------------
 
@@ -333,7 +378,10 @@ class Supervisor:
                 log.info("worker_started worker=%d pid=%d", slot.index, pid)
             case ipc.ObservedDown(server=key, reason=reason):
                 self._observed_down(key, reason)
-            case ipc.StateUpdate() | ipc.Poll() | ipc.CloseIdle():
+            case ipc.Reloaded():
+                self._reloaded[slot.index] = message
+                self._reload_answered.set()
+            case ipc.StateUpdate() | ipc.Poll() | ipc.CloseIdle() | ipc.Reload():
                 log.error("worker_channel_unexpected message=%s", type(message).__name__)
 
     def _observed_down(self, key: str, reason: str) -> None:
@@ -388,21 +436,23 @@ async def serve_master(
     except BaseException:
         await supervisor.stop(0.0)
         raise
+    controller = control.controller if control is not None else None
+    install_actions(Reloader(runtime, controller, Role.MASTER, supervisor.push_config), control)
     for route, sock in runtime.sockets:
         log_listener_started(route.listener, sock, route.backend)
     for tcp_route, sock in runtime.tcp_sockets:
         log_listener_started(tcp_route.listener, sock, tcp_route.backend)
     log.info("workers_started workers=%d", count)
-    grace_s = max((route.timeouts.grace_s for route in runtime.all_routes), default=0.0)
+    runtime.start_health()
     async with asyncio.TaskGroup() as tasks:
         supervising = tasks.create_task(supervisor.run())
-        checks = tasks.create_task(runtime.health.run())
         await stop.wait()
         if control is not None:
             await control.close()
+        grace_s = max((route.timeouts.grace_s for route in runtime.all_routes), default=0.0)
         await supervisor.stop(grace_s)
         supervising.cancel()
-        checks.cancel()
+        await runtime.stop_health()
     if metrics is not None:
         metrics.close()
         await metrics.wait_closed()
