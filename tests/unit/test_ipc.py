@@ -44,6 +44,12 @@ MESSAGES = [
     pytest.param(ipc.Ready(1234), id="ready"),
     pytest.param(ipc.StatsReport(5, 2, a_snapshot()), id="stats"),
     pytest.param(ipc.ObservedDown("app/s2", "3 consecutive errors"), id="down"),
+    pytest.param(
+        ipc.Reload(7, Config("z.toml", (ListenerConfig("web", Address("127.0.0.1", 0), "a"),), ())),
+        id="reload",
+    ),
+    pytest.param(ipc.Reloaded(7, ()), id="reloaded"),
+    pytest.param(ipc.Reloaded(8, ("worker 1: out of fds",)), id="reloaded-problem"),
 ]
 
 
@@ -87,6 +93,10 @@ REJECTED = [
         b'"weight":1,"drain_ends":"soon"}]}\n',
         id="bad-drain-ends",
     ),
+    pytest.param(b'{"t":"reload","seq":1,"config":"bm90IGEgcGlja2xl"}\n', id="config-garbage"),
+    pytest.param(b'{"t":"reload","seq":1,"config":"gAVLAS4="}\n', id="config-not-config"),
+    pytest.param(b'{"t":"reload","seq":1,"config":"%%%"}\n', id="config-not-base64"),
+    pytest.param(b'{"t":"reloaded","seq":1,"problems":[1]}\n', id="problem-not-str"),
 ]
 
 
