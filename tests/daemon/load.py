@@ -28,6 +28,7 @@ class LoadRecord:
     requests: int = 0
     failed: list[str] = field(default_factory=list)
     closed: int = 0  # connections zdlb closed under a client, announced or not
+    announced: int = 0  # of those, closed after an answer saying `Connection: close`
     by_server: collections.Counter[str] = field(default_factory=collections.Counter)
 
 
@@ -35,8 +36,11 @@ class KeepAliveLoad:
     """``clients`` keep-alive clients against ``addr``; ``async with`` runs them, ``stop()``
     ends them (each finishes its current request first)."""
 
-    def __init__(self, addr: tuple[str, int], clients: int, *, seed: int = 11) -> None:
+    def __init__(
+        self, addr: tuple[str, int], clients: int, *, seed: int = 11, reconnect: bool = True
+    ) -> None:
         self.addr = addr
+        self.reconnect = reconnect  # False: a client ends when zdlb closes its connection
         self.record = LoadRecord()
         self._count = clients
         self._rng = random.Random(seed)
@@ -79,6 +83,8 @@ class KeepAliveLoad:
                     record.closed += 1
                     await client.aclose()
                     client = None
+                    if not self.reconnect:
+                        return
                     continue
                 record.requests += 1
                 record.by_server[response.header("x-echo-server") or "?"] += 1
@@ -86,8 +92,11 @@ class KeepAliveLoad:
                     record.failed.append(f"client {index} request {sent}: {response.status}")
                 if not client.is_reusable or response.header("connection") == "close":
                     record.closed += 1
+                    record.announced += 1
                     await client.aclose()
                     client = None
+                    if not self.reconnect:
+                        return
                 await asyncio.sleep(self._rng.uniform(0.0, PAUSE_MAX_S))
         finally:
             if client is not None:
