@@ -28,6 +28,7 @@ from zdlb.config.model import Config, ListenerConfig, ListenerMode
 from zdlb.control import journal
 from zdlb.control.commands import Controller, DaemonActions, WorkerLoad
 from zdlb.control.server import ControlServer
+from zdlb.daemon import notify
 from zdlb.errors import ZdlbError
 from zdlb.health.scheduler import HealthChecker, TransitionHook
 from zdlb.http.phase import Phase
@@ -297,9 +298,11 @@ async def serve(
         install_actions(actions(runtime, control.controller if control else None), control)
     tune_gc()
     runtime.start_health()
+    notify.ready()
     async with asyncio.TaskGroup() as tasks:
         sweeper = tasks.create_task(sweep_forever(runtime))
         await stop.wait()
+        notify.stopping()
         if control is not None:
             await control.close()
         await shutdown(runtime)

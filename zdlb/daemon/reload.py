@@ -46,6 +46,7 @@ from zdlb.config.load import load_config
 from zdlb.config.model import Config, ListenerConfig, ListenerMode
 from zdlb.control import journal
 from zdlb.control.commands import Controller
+from zdlb.daemon import notify
 from zdlb.daemon.lifecycle import (
     Runtime,
     accept_http,
@@ -305,7 +306,11 @@ class Reloader:
 
     async def reload(self, peer_uid: int) -> tuple[bool, list[str]]:
         async with self._lock:
-            ok, lines = await self._reload()
+            notify.reloading()
+            try:
+                ok, lines = await self._reload()
+            finally:
+                notify.ready()  # reloaded or not, the daemon serves
         if ok:
             log.info("reload_done uid=%d changes=%s", peer_uid, "; ".join(lines))
         else:

@@ -39,7 +39,7 @@ from pathlib import Path
 import zdlb
 from zdlb.balancer.server import Health, Server
 from zdlb.config.model import Config
-from zdlb.daemon import ipc
+from zdlb.daemon import ipc, notify
 from zdlb.daemon.lifecycle import (
     Runtime,
     install_actions,
@@ -102,6 +102,11 @@ def package_root() -> str:
 def worker_argv() -> list[str]:
     """The command that starts one worker: isolated mode, this process's zdlb."""
     return [sys.executable, "-I", "-c", _WORKER_BOOT, package_root()]
+
+
+def worker_environment() -> dict[str, str]:
+    """The master's environment without NOTIFY_SOCKET: only the master speaks to systemd."""
+    return {name: value for name, value in os.environ.items() if name != "NOTIFY_SOCKET"}
 
 
 def worker_count(config: Config, override: int | None = None) -> int:
@@ -297,6 +302,7 @@ class Supervisor:
             proc = await asyncio.create_subprocess_exec(
                 *worker_argv(),
                 stdin=asyncio.subprocess.PIPE,
+                env=worker_environment(),
                 pass_fds=(*fds, worker_end.fileno()),
             )
         except BaseException:
@@ -444,9 +450,11 @@ async def serve_master(
         log_listener_started(tcp_route.listener, sock, tcp_route.backend)
     log.info("workers_started workers=%d", count)
     runtime.start_health()
+    notify.ready()
     async with asyncio.TaskGroup() as tasks:
         supervising = tasks.create_task(supervisor.run())
         await stop.wait()
+        notify.stopping()
         if control is not None:
             await control.close()
         grace_s = max((route.timeouts.grace_s for route in runtime.all_routes), default=0.0)
