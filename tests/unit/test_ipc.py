@@ -49,6 +49,8 @@ MESSAGES = [
         id="reload",
     ),
     pytest.param(ipc.Reloaded(7, ()), id="reloaded"),
+    pytest.param(ipc.Adopt(1), id="adopt"),
+    pytest.param(ipc.Release(1), id="release"),
     pytest.param(ipc.Reloaded(8, ("worker 1: out of fds",)), id="reloaded-problem"),
 ]
 

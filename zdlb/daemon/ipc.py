@@ -18,7 +18,11 @@ Rules, stated once:
    problem), and the master's ``StateUpdate`` that follows is authoritative as always. The
    config travels pickled (base64 in the JSON line): master and worker run the same code, and
    the channel is a socketpair only they hold, as the spec on the worker's stdin is.
-6. A line is at most ``MAX_MESSAGE_BYTES``; anything else is a bug in zdlb, not an attack (both
+6. ``Adopt`` asks a worker to accept also on the sockets of worker ``index``, which exited (it
+   holds every sibling's sockets from its start, unused until then), so that share of the
+   SO_REUSEPORT group is served within milliseconds instead of after a restart; ``Release``
+   ends it once worker ``index`` serves again.
+7. A line is at most ``MAX_MESSAGE_BYTES``; anything else is a bug in zdlb, not an attack (both
    ends are zdlb, the socketpair is not reachable from outside): ``decode`` raises ValueError.
 
 Pure: no sockets, no clock, no event loop here; workers.py and worker.py move the lines.
@@ -99,7 +103,28 @@ class Reloaded:
     problems: tuple[str, ...]  # empty: applied
 
 
-Message = StateUpdate | Poll | CloseIdle | Ready | StatsReport | ObservedDown | Reload | Reloaded
+@dataclass(frozen=True, slots=True)
+class Adopt:
+    index: int  # the worker whose sockets to serve too
+
+
+@dataclass(frozen=True, slots=True)
+class Release:
+    index: int
+
+
+Message = (
+    StateUpdate
+    | Poll
+    | CloseIdle
+    | Ready
+    | StatsReport
+    | ObservedDown
+    | Reload
+    | Reloaded
+    | Adopt
+    | Release
+)
 
 
 def server_key(server: Server) -> str:
@@ -165,6 +190,10 @@ def encode(message: Message) -> bytes:
             data = {"t": "reload", "seq": seq, "config": blob}
         case Reloaded(seq=seq, problems=problems):
             data = {"t": "reloaded", "seq": seq, "problems": list(problems)}
+        case Adopt(index=index):
+            data = {"t": "adopt", "index": index}
+        case Release(index=index):
+            data = {"t": "release", "index": index}
     return json.dumps(data, separators=(",", ":")).encode() + b"\n"
 
 
@@ -197,6 +226,10 @@ def decode(line: bytes) -> Message:
                 return Reload(_int(data["seq"]), _config(_str(data["config"])))
             case "reloaded":
                 return Reloaded(_int(data["seq"]), tuple(_str(p) for p in data["problems"]))
+            case "adopt":
+                return Adopt(_int(data["index"]))
+            case "release":
+                return Release(_int(data["index"]))
     except (KeyError, TypeError, AttributeError) as exc:
         raise ValueError(f"malformed message: {exc!r}") from None
     raise ValueError(f"unknown message type {kind!r}")

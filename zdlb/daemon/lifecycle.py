@@ -344,16 +344,21 @@ async def start_listeners(runtime: Runtime, *, log_started: bool = True) -> None
 
 async def accept_http(runtime: Runtime, route: Route, sock: socket.socket) -> None:
     """Accept on ``sock`` for ``route``'s listener, through its slot (created if new)."""
-    loop = asyncio.get_running_loop()
     name = route.listener.name
     slot = runtime.slots.get(name)
     if slot is None:
         slot = runtime.slots[name] = RouteSlot(route)
     slot.route = route
-    runtime.http_servers[name] = await loop.create_server(
+    runtime.http_servers[name] = await accept_into(slot, sock)
+
+
+async def accept_into(slot: RouteSlot, sock: socket.socket) -> asyncio.Server:
+    """An asyncio server accepting on ``sock``, its connections served by ``slot``'s route."""
+    loop = asyncio.get_running_loop()
+    return await loop.create_server(
         lambda slot=slot: ClientConnection(slot.route, loop),  # type: ignore[misc]
         sock=sock,
-        backlog=route.listener.backlog,
+        backlog=slot.route.listener.backlog,
     )
 
 

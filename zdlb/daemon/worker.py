@@ -33,6 +33,7 @@ from zdlb.config.model import Config, LogFormat
 from zdlb.daemon import ipc
 from zdlb.daemon.lifecycle import (
     Runtime,
+    accept_into,
     build_runtime,
     install_signal_handlers,
     raise_open_file_limit,
@@ -77,13 +78,23 @@ class WorkerSpec:
     listener_fds: tuple[int, ...]  # one per config listener, in config order
     channel_fd: int
     options: WorkerOptions
+    # Every worker's listener fds, by worker index (this one's too): a sibling's are served
+    # only while it is down (workers.py, rule 6).
+    share_fds: tuple[tuple[int, ...], ...] = ()
 
 
 class Worker:
     """The running worker: applies the master's state, reports its counters."""
 
-    def __init__(self, runtime: Runtime, writer: asyncio.StreamWriter) -> None:
+    def __init__(
+        self,
+        runtime: Runtime,
+        writer: asyncio.StreamWriter,
+        shares: dict[int, list[socket.socket]] | None = None,
+    ) -> None:
         self.runtime = runtime
+        self._shares = shares or {}  # sibling index -> its listener sockets, config order
+        self._adopted: dict[int, list[asyncio.Server]] = {}
         self._writer = writer
         self._servers = [s for backend in runtime.backends.values() for s in backend.servers]
         self._by_key = {ipc.server_key(s): s for s in self._servers}
@@ -130,10 +141,40 @@ class Worker:
             case ipc.CloseIdle(server=key):
                 if (target := self._by_key.get(key)) is not None:
                     self._close_idle(target)
-            case ipc.Reload():
-                raise AssertionError("Reload is handled by reload(), in channel order")
+            case ipc.Release(index=index):
+                self.release(index)
+            case ipc.Reload() | ipc.Adopt():
+                raise AssertionError("awaited by _read_channel, in channel order")
             case ipc.Ready() | ipc.StatsReport() | ipc.ObservedDown() | ipc.Reloaded():
                 log.error("worker_channel_unexpected message=%s", type(message).__name__)
+
+    async def adopt(self, index: int) -> None:
+        """Accept on worker ``index``'s HTTP listener sockets too, until ``release``."""
+        if index in self._adopted or index not in self._shares:
+            return
+        servers = []
+        for listener, sock in zip(self.runtime.config.listeners, self._shares[index], strict=True):
+            slot = self.runtime.slots.get(listener.name)
+            if slot is not None:  # HTTP; a TCP share waits for the restart
+                # A duplicate: closing the server must leave the socket for the next time.
+                servers.append(await accept_into(slot, sock.dup()))
+        self._adopted[index] = servers
+        log.info("worker_share_serving share=%d listeners=%d", index, len(servers))
+
+    def release(self, index: int) -> None:
+        """Stop accepting on worker ``index``'s sockets; its connections here carry on."""
+        for server in self._adopted.pop(index, []):
+            server.close()
+
+    def close_shares(self) -> None:
+        """At stop: let go of every sibling socket, so that once every process has, the
+        listeners close and new clients are refused instead of queued for nobody."""
+        for index in list(self._adopted):
+            self.release(index)
+        for socks in self._shares.values():
+            for sock in socks:
+                sock.close()
+        self._shares = {}
 
     async def reload(self, message: ipc.Reload) -> None:
         """Apply the config the master pushed (ipc.py, rule 5) and say how it went."""
@@ -175,7 +216,12 @@ async def run_worker(spec: WorkerSpec) -> None:
     reader, writer = await asyncio.open_unix_connection(sock=channel, limit=ipc.MAX_MESSAGE_BYTES)
     hook = _DeferredHook()
     runtime = build_runtime(spec.config, sockets, on_health=hook)
-    worker = Worker(runtime, writer)
+    shares = {
+        index: [socket.socket(fileno=fd) for fd in fds]
+        for index, fds in enumerate(spec.share_fds)
+        if index != spec.index
+    }
+    worker = Worker(runtime, writer, shares)
     hook.target = worker
     stop = asyncio.Event()
     install_signal_handlers(stop)
@@ -196,6 +242,7 @@ async def run_worker(spec: WorkerSpec) -> None:
         reporter = tasks.create_task(_report_forever(worker))
         listener = tasks.create_task(_read_channel(reader, worker, stop))
         await stop.wait()
+        worker.close_shares()
         await shutdown(runtime)
         worker.report()  # the last counts, so a scrape after a drain adds them up
         for task in (sweeper, reporter, listener):
@@ -227,6 +274,8 @@ async def _read_channel(reader: asyncio.StreamReader, worker: Worker, stop: asyn
             message = ipc.decode(line)
             if isinstance(message, ipc.Reload):
                 await worker.reload(message)  # before the next message: the state follows it
+            elif isinstance(message, ipc.Adopt):
+                await worker.adopt(message.index)
             else:
                 worker.handle(message)
     except (ConnectionError, ValueError) as exc:

@@ -7,8 +7,8 @@
    (daemon/worker.py, in Python's isolated mode: ``worker_argv``), each accepting on its own
    socket of every listener: SO_REUSEPORT spreads new connections over the workers, where one
    shared accept queue let a burst land on one of them (tcp/listener.py has the figures). The
-   master keeps every socket open, so connections queued for a worker that restarts wait for
-   it (0.27-0.32 s from a SIGKILL to ready, measured here) instead of being reset.
+   master keeps every socket open, so connections queued for a worker that died are not
+   reset; a sibling serves them (rule 6).
 2. The master never proxies. It runs the control socket, the health checks, the journal and the
    /metrics endpoint. Every change of a server's state (a command, a health verdict) is sent to
    every worker within ``PUSH_POLL_S`` (ipc.py, rule 1); their counters come back in reports.
@@ -20,6 +20,13 @@
 5. SIGTERM/SIGINT: close the control socket, close the master's copies of the listeners, pass
    SIGTERM on, let the workers drain within the longest ``grace_s`` (plus ``STOP_MARGIN_S``),
    kill what remains, exit 0.
+6. Every worker also holds its siblings' sockets, unused. When one exits, the master at once
+   asks a live worker to accept on the exited one's sockets too (``ipc.Adopt``), so clients
+   the kernel queued there are served within milliseconds, not after the restart; the
+   adopter lets go (``ipc.Release``) when the new worker serves. After a kill -9, fresh clients
+   were all answered 18-19 ms after the kill, where without adoption they waited 249-275 ms
+   for the replacement (tests/daemon/test_worker_kill.py, 3 runs each). HTTP listeners only:
+   a TCP listener's share still waits for the restart.
 """
 
 from __future__ import annotations
@@ -155,6 +162,7 @@ class Supervisor:
         self._is_stopping = False
         self._pushed_generation = Server.generation
         self._reloaded: dict[int, ipc.Reloaded] = {}  # by worker index: its latest answer
+        self._adopter: dict[int, int] = {}  # an exited worker's index -> who serves its share
         self._reload_answered = asyncio.Event()
         # Worker i accepts on the i-th socket of every listener's group (build_runtime).
         groups = runtime.listener_groups
@@ -296,14 +304,15 @@ class Supervisor:
         master_end, worker_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             fds = tuple(sock.fileno() for sock in self._worker_socks[slot.index])
+            shares = tuple(tuple(sock.fileno() for sock in socks) for socks in self._worker_socks)
             spec = WorkerSpec(
-                self.runtime.config, slot.index, fds, worker_end.fileno(), self._options
+                self.runtime.config, slot.index, fds, worker_end.fileno(), self._options, shares
             )
             proc = await asyncio.create_subprocess_exec(
                 *worker_argv(),
                 stdin=asyncio.subprocess.PIPE,
                 env=worker_environment(),
-                pass_fds=(*fds, worker_end.fileno()),
+                pass_fds=(*(fd for share in shares for fd in share), worker_end.fileno()),
             )
         except BaseException:
             master_end.close()
@@ -331,6 +340,8 @@ class Supervisor:
             assert proc is not None
             code = await proc.wait()
             slot.ready.clear()  # refresh() no longer waits for it, show info counts it out
+            if not self._is_stopping:
+                self._hand_over(slot.index)  # first: its queued clients wait for this
             if slot.reader is not None:
                 await slot.reader  # its last report, if it sent one
             if self._is_stopping:
@@ -350,6 +361,27 @@ class Supervisor:
                     break
                 except OSError as exc:  # out of fds or processes: try again later
                     log.error("worker_start_failed worker=%d error=%s", slot.index, exc)
+
+    def _hand_over(self, index: int) -> None:
+        """Rule 6: the shares worker ``index`` served (its own and any it had adopted) go to
+        the live workers, round robin, until their owners serve again."""
+        shares = [index, *(dead for dead, by in self._adopter.items() if by == index)]
+        live = [s for s in self.slots if s.ready.is_set() and s.index != index]
+        for number, share in enumerate(shares):
+            if not live:  # nobody serves: the queue waits for a restart, as before
+                self._adopter.pop(share, None)
+                continue
+            target = live[number % len(live)]
+            self._adopter[share] = target.index
+            target.send(ipc.Adopt(share))
+            log.info("worker_share_adopted share=%d by=%d", share, target.index)
+
+    def _give_back(self, index: int) -> None:
+        """Worker ``index`` serves again: whoever adopted its share lets go."""
+        adopter = self._adopter.pop(index, None)
+        if adopter is not None:
+            self.slots[adopter].send(ipc.Release(index))
+            log.info("worker_share_released share=%d by=%d", index, adopter)
 
     def _retire(self, slot: WorkerSlot) -> None:
         """Keep the counters of a worker that exited; its gauges went with it."""
@@ -382,12 +414,20 @@ class Supervisor:
             case ipc.Ready(pid=pid):
                 slot.ready.set()
                 log.info("worker_started worker=%d pid=%d", slot.index, pid)
+                self._give_back(slot.index)
             case ipc.ObservedDown(server=key, reason=reason):
                 self._observed_down(key, reason)
             case ipc.Reloaded():
                 self._reloaded[slot.index] = message
                 self._reload_answered.set()
-            case ipc.StateUpdate() | ipc.Poll() | ipc.CloseIdle() | ipc.Reload():
+            case (
+                ipc.StateUpdate()
+                | ipc.Poll()
+                | ipc.CloseIdle()
+                | ipc.Reload()
+                | ipc.Adopt()
+                | ipc.Release()
+            ):
                 log.error("worker_channel_unexpected message=%s", type(message).__name__)
 
     def _observed_down(self, key: str, reason: str) -> None:
