@@ -24,7 +24,6 @@ from zdlb.daemon.ctl import CTL_DESCRIPTION, CTL_HELP, add_ctl_arguments, run_ct
 from zdlb.daemon.demo_app import DEMO_HOSTS, DemoVhost, start_demo_hosts, vhosts_of
 from zdlb.daemon.lifecycle import (
     EXIT_OK,
-    build_runtime,
     install_signal_handlers,
     raise_open_file_limit,
     run_loop,
@@ -32,6 +31,7 @@ from zdlb.daemon.lifecycle import (
 )
 from zdlb.daemon.logs import setup_logging
 from zdlb.daemon.reload import single_actions
+from zdlb.daemon.runtime import build_runtime
 from zdlb.daemon.worker import WorkerOptions
 from zdlb.daemon.workers import serve_master, worker_count
 from zdlb.errors import ConfigError

@@ -47,13 +47,8 @@ from zdlb.config.model import Config, ListenerConfig, ListenerMode
 from zdlb.control import journal
 from zdlb.control.commands import Controller
 from zdlb.daemon import notify
-from zdlb.daemon.lifecycle import (
-    Runtime,
-    accept_http,
-    log_listener_started,
-    new_http_route,
-    new_tcp_route,
-)
+from zdlb.daemon.lifecycle import accept_http, log_listener_started
+from zdlb.daemon.runtime import Runtime, new_http_route, new_tcp_route
 from zdlb.errors import ConfigError, ListenerError
 from zdlb.health.scheduler import HealthChecker
 from zdlb.http.route import Route

@@ -32,9 +32,7 @@ from zdlb.balancer.server import AdminState, Health, Server
 from zdlb.config.model import Config, LogFormat
 from zdlb.daemon import ipc
 from zdlb.daemon.lifecycle import (
-    Runtime,
     accept_into,
-    build_runtime,
     install_signal_handlers,
     raise_open_file_limit,
     run_loop,
@@ -45,6 +43,7 @@ from zdlb.daemon.lifecycle import (
 )
 from zdlb.daemon.logs import setup_logging
 from zdlb.daemon.reload import apply_pushed
+from zdlb.daemon.runtime import Runtime, build_runtime
 from zdlb.errors import ZdlbError
 from zdlb.health.verdict import Transition, Verdict
 from zdlb.metrics.collector import take_snapshot

@@ -48,13 +48,13 @@ from zdlb.balancer.server import Health, Server
 from zdlb.config.model import Config
 from zdlb.daemon import ipc, notify
 from zdlb.daemon.lifecycle import (
-    Runtime,
     install_actions,
     log_listener_started,
     start_control,
     start_metrics,
 )
 from zdlb.daemon.reload import Reloader, Role
+from zdlb.daemon.runtime import Runtime
 from zdlb.daemon.worker import WorkerOptions, WorkerSpec
 from zdlb.errors import ZdlbError
 from zdlb.metrics.collector import take_snapshot

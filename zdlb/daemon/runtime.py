@@ -1,0 +1,196 @@
+"""What one running configuration owns (``Runtime``), and building it from a config.
+
+``build_runtime`` creates backends, pools and routes and binds every listener (or takes the
+sockets a master or an upgraded predecessor hands over) before anything serves, so a busy port
+fails the start with one clear error. Serving, reloading and stopping are lifecycle.py's,
+reload.py's and upgrade.py's: nothing here runs on the event loop but the health task.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from zdlb.balancer.pool import Backend
+from zdlb.balancer.server import Server
+from zdlb.balancer.sticky import StickyCookie
+from zdlb.config.model import Config, ListenerConfig, ListenerMode
+from zdlb.control import journal
+from zdlb.health.scheduler import HealthChecker, TransitionHook
+from zdlb.http.route import Route
+from zdlb.http.upstream import ServerConnections
+from zdlb.metrics.registry import Stats
+from zdlb.tcp.listener import bind_listener, bind_listener_group
+from zdlb.tcp.proxy import TcpRoute, TcpSettings
+
+# A scraper or two, not a crowd: the endpoint caps its connections anyway.
+METRICS_BACKLOG = 64
+
+
+class RouteSlot:
+    """Where an HTTP listener's new connections find their route: one attribute read per
+    accept, and what a reload changes (connections already open move at their next request
+    boundary, http/route.py ``Route.retire``)."""
+
+    __slots__ = ("route",)
+
+    def __init__(self, route: Route) -> None:
+        self.route = route
+
+
+@dataclass
+class Runtime:
+    """Everything one running configuration owns."""
+
+    config: Config
+    backends: dict[str, Backend]
+    health: HealthChecker
+    stats: Stats
+    routes: list[Route] = field(default_factory=list)
+    sockets: list[tuple[Route, socket.socket]] = field(default_factory=list)
+    tcp_routes: list[TcpRoute] = field(default_factory=list)
+    tcp_sockets: list[tuple[TcpRoute, socket.socket]] = field(default_factory=list)
+    metrics_socket: socket.socket | None = None
+    # A master's listening sockets, per listener in config order: one per worker (the first is
+    # also in sockets/tcp_sockets). Empty in a single process or a worker.
+    listener_groups: list[list[socket.socket]] = field(default_factory=list)
+    on_health: TransitionHook | None = None  # the health checker's hook, again after a reload
+    # HTTP listeners being served, by name: the asyncio server accepting, and the slot its new
+    # connections take their route from (a reload swaps the route in the slot).
+    http_servers: dict[str, asyncio.Server] = field(default_factory=dict)
+    slots: dict[str, RouteSlot] = field(default_factory=dict)
+    # Routes a reload replaced or removed that still have connections (daemon/reload.py):
+    # swept, counted and drained with the others until their last connection ends.
+    retired: list[Route | TcpRoute] = field(default_factory=list)
+    health_task: asyncio.Task[None] | None = None
+
+    @property
+    def all_routes(self) -> list[Route | TcpRoute]:
+        return [*self.routes, *self.tcp_routes, *self.retired]
+
+    @property
+    def servers(self) -> list[Server]:
+        """Every server of the running configuration, in config order."""
+        return [server for backend in self.backends.values() for server in backend.servers]
+
+    def start_health(self) -> None:
+        """Run the health checks (again, after a reload replaced the checker)."""
+        if self.health_task is not None:
+            self.health_task.cancel()
+        self.health_task = asyncio.get_running_loop().create_task(
+            self.health.run(), name="health checks"
+        )
+
+    async def stop_health(self) -> None:
+        task, self.health_task = self.health_task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    def close_sockets(self) -> None:
+        """Close every bound socket not yet served (a start that failed half-way)."""
+        for _, sock in [*self.sockets, *self.tcp_sockets]:
+            sock.close()
+        for group in self.listener_groups:
+            for sock in group:
+                sock.close()
+        if self.metrics_socket is not None:
+            self.metrics_socket.close()
+
+
+def build_runtime(
+    config: Config,
+    listener_sockets: Sequence[socket.socket] | None = None,
+    *,
+    on_health: TransitionHook | None = None,
+    workers: int = 1,
+) -> Runtime:
+    """Create backends, pools and routes, and bind every listener. Raises ListenerError.
+
+    A worker process passes the ``listener_sockets`` its master bound (one per listener, in
+    config order): nothing is bound, no metrics socket, and the journal is not replayed (the
+    master owns the state and sends it). ``on_health`` is the health checker's transition hook.
+    A master for ``workers`` > 1 binds one socket per worker and listener (``listener_groups``).
+    """
+    backends = {b.name: Backend(b) for b in config.backends}
+    servers = [server for backend in backends.values() for server in backend.servers]
+    state_file = config.control.state_file
+    if state_file is not None and listener_sockets is None:
+        # Before the first request: a server left in maint must not take traffic at start.
+        # Small, one-off blocking I/O at start-up, before anything is served.
+        # time.monotonic() is the loop's clock (asyncio's, and uvloop's via libuv).
+        journal.replay(journal.load(state_file), servers, time.monotonic())
+    health = HealthChecker(servers, on_transition=on_health)
+    runtime = Runtime(config, backends, health, Stats.from_config(config), on_health=on_health)
+    try:
+        for index, listener in enumerate(config.listeners):
+            if listener_sockets is not None:
+                sock = listener_sockets[index]
+            elif workers > 1:
+                group = bind_listener_group(listener.bind, listener.backlog, workers)
+                runtime.listener_groups.append(group)
+                sock = group[0]
+            else:
+                sock = bind_listener(listener.bind, listener.backlog)
+            if listener.mode is ListenerMode.TCP:
+                tcp_route = new_tcp_route(runtime, listener)
+                runtime.tcp_routes.append(tcp_route)
+                runtime.tcp_sockets.append((tcp_route, sock))
+            else:
+                route = new_http_route(runtime, listener)
+                runtime.routes.append(route)
+                runtime.sockets.append((route, sock))
+        if config.metrics.listen is not None and listener_sockets is None:
+            runtime.metrics_socket = bind_listener(config.metrics.listen, METRICS_BACKLOG)
+    except BaseException:
+        runtime.close_sockets()
+        raise
+    return runtime
+
+
+def new_http_route(runtime: Runtime, listener: ListenerConfig) -> Route:
+    backend = runtime.backends[listener.backend]
+    timeouts = backend.config.timeouts
+    stats = runtime.stats
+    upstreams = {
+        s.name: ServerConnections(
+            s, timeouts.connect_s, timeouts.upstream_idle_s, stats.server(backend.name, s.name)
+        )
+        for s in backend.servers
+    }
+    sticky = backend.config.sticky
+    return Route(
+        listener,
+        backend,
+        upstreams,
+        log_access=runtime.config.logging.access_log,
+        observe=runtime.health.observe,
+        sticky=StickyCookie(sticky, backend.name, backend.identities()) if sticky else None,
+        stats=stats.listeners[listener.name],
+        backend_stats=stats.backends[backend.name],
+    )
+
+
+def new_tcp_route(runtime: Runtime, listener: ListenerConfig) -> TcpRoute:
+    backend = runtime.backends[listener.backend]
+    timeouts = backend.config.timeouts
+    settings = TcpSettings(
+        connect_s=timeouts.connect_s,
+        tunnel_s=listener.timeouts.tunnel_s,
+        retries=backend.config.retries,
+        splice=listener.splice,
+        pipe_bytes=listener.pipe_bytes,
+    )
+    return TcpRoute(
+        listener,
+        backend,
+        settings,
+        log_access=runtime.config.logging.access_log,
+        observe=runtime.health.observe,
+        stats=runtime.stats.listeners[listener.name],
+    )
