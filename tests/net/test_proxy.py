@@ -750,10 +750,15 @@ async def test_shutdown_lets_a_response_already_streaming_finish(
             async with asyncio.timeout(WAIT_S):
                 await server.wait_until(lambda: server.sent_bytes > head_bytes)
             proxy.stop.set()
-            raw, error = await client.read_until_closed()
+            streamed = await client.read_response()
+            # Its head promised keep-alive before the stop: closing after it could lose a
+            # request the client sends next (issue 11). The next answer says close instead.
+            await client.send(b"GET / HTTP/1.1\r\nHost: front.test\r\n\r\n")
+            last = await client.read_response()
+            rest, error = await client.read_until_closed()
             async with asyncio.timeout(WAIT_S):
                 await proxy.task
-    assert error is None
-    assert raw.endswith(b"\r\n\r\n" + body)
-    assert raw.startswith(b"HTTP/1.1 200 ")
+    assert (streamed.status, streamed.body, streamed.header("connection")) == (200, body, None)
+    assert (last.status, last.body, last.header("connection")) == (200, body, "close")
+    assert (rest, error) == (b"", None)
     await wait_settled(proxy, "dribble", conns=0)

@@ -20,6 +20,7 @@ from zdlb import __version__
 from zdlb.config.load import load_config
 from zdlb.config.model import MAX_WORKERS, Config, LogFormat, LoggingConfig
 from zdlb.config.summary import describe
+from zdlb.control.server import ControlServer
 from zdlb.daemon.ctl import CTL_DESCRIPTION, CTL_HELP, add_ctl_arguments, run_ctl_command
 from zdlb.daemon.demo_app import DEMO_HOSTS, DemoVhost, start_demo_hosts, vhosts_of
 from zdlb.daemon.lifecycle import (
@@ -30,11 +31,19 @@ from zdlb.daemon.lifecycle import (
     serve,
 )
 from zdlb.daemon.logs import setup_logging
-from zdlb.daemon.reload import single_actions
-from zdlb.daemon.runtime import build_runtime
+from zdlb.daemon.reload import Reloader, single_actions
+from zdlb.daemon.runtime import Runtime, build_runtime
+from zdlb.daemon.upgrade import (
+    UPGRADE_FD_ENV,
+    Launch,
+    Upgrader,
+    ready_message,
+    receive_takeover,
+    report,
+)
 from zdlb.daemon.worker import WorkerOptions
 from zdlb.daemon.workers import serve_master, worker_count
-from zdlb.errors import ConfigError
+from zdlb.errors import ConfigError, ZdlbError
 
 log = logging.getLogger(__name__)
 
@@ -158,7 +167,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _run(
     args: argparse.Namespace,
     config: Config,
-    body: Callable[[Config, int, WorkerOptions], Coroutine[Any, Any, None]],
+    body: Callable[[Config, int, WorkerOptions, Launch], Coroutine[Any, Any, None]],
 ) -> int:
     logging_config = config.logging
     options = WorkerOptions(
@@ -169,27 +178,68 @@ def _run(
     )
     setup_logging(options.log_level, options.log_format, access_log=options.access_log)
     raise_open_file_limit()
-    return run_loop(args.loop, body(config, worker_count(config, args.workers), options))
+    workers = worker_count(config, args.workers)
+    return run_loop(args.loop, body(config, workers, options, _launch_of(args)))
 
 
-async def _serve(config: Config, stop: asyncio.Event, workers: int, options: WorkerOptions) -> None:
-    """Bind, then serve in this process (one worker) or through worker processes."""
-    runtime = build_runtime(config, workers=workers)
-    if workers == 1:
-        await serve(runtime, stop, actions=single_actions)
-    else:
-        await serve_master(runtime, stop, workers, options)
+def _launch_of(args: argparse.Namespace) -> Launch:
+    """How to start this daemon again, the same way (``zdlb ctl upgrade``)."""
+    options = ["--loop", args.loop]
+    if args.workers is not None:
+        options += ["--workers", str(args.workers)]
+    if args.log_format:
+        options += ["--log-format", args.log_format]
+    if args.log_level:
+        options += ["--log-level", args.log_level]
+    if args.no_access_log:
+        options.append("--no-access-log")
+    return Launch(args.config.absolute(), options)
 
 
-async def _run_daemon(config: Config, workers: int, options: WorkerOptions) -> None:
+async def _serve(
+    config: Config,
+    stop: asyncio.Event,
+    workers: int,
+    options: WorkerOptions,
+    launch: Launch | None = None,
+) -> None:
+    """Bind (or take over an upgraded predecessor's sockets), then serve in this process (one
+    worker) or through worker processes."""
+    inherited, channel = None, None
+    if (fd := os.environ.pop(UPGRADE_FD_ENV, None)) is not None:
+        inherited, channel = await asyncio.to_thread(receive_takeover, int(fd))
+
+    def actions(runtime: Runtime, control: ControlServer | None, stop: asyncio.Event) -> Reloader:
+        reloader = single_actions(runtime, control, stop)
+        if launch is not None:
+            upgrader = Upgrader(runtime, launch, stop)
+            upgrader.control_socket = lambda: control.listening_socket if control else None
+            reloader.upgrade_action = upgrader.upgrade
+        return reloader
+
+    try:
+        runtime = build_runtime(config, workers=workers, inherited=inherited)
+        if channel is not None:
+            runtime.on_ready.append(lambda: report(channel, ready_message(runtime)))
+        if workers == 1:
+            await serve(runtime, stop, actions=actions)
+        else:
+            await serve_master(runtime, stop, workers, options, actions)
+    except ZdlbError as exc:
+        if channel is not None and channel.fileno() != -1:
+            report(channel, {"error": str(exc)})
+        raise
+
+
+async def _run_daemon(config: Config, workers: int, options: WorkerOptions, launch: Launch) -> None:
     stop = asyncio.Event()
     install_signal_handlers(stop)
     log.info("started config=%s workers=%d pid=%d", config.source, workers, os.getpid())
-    await _serve(config, stop, workers, options)
+    await _serve(config, stop, workers, options, launch)
     log.info("stopped")
 
 
-async def _run_demo(config: Config, workers: int, options: WorkerOptions) -> None:
+async def _run_demo(config: Config, workers: int, options: WorkerOptions, launch: Launch) -> None:
     hosts = await start_demo_hosts()
     try:
         stop = asyncio.Event()

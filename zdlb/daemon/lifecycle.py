@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import os
 import resource
 import signal
 import socket
@@ -96,8 +97,10 @@ async def start_control(
     control = ControlServer(
         control_config.socket, control_config.group, controller, runtime.stats.control
     )
+    inherited = runtime.inherited
+    sock = inherited.take_control(str(control_config.socket)) if inherited is not None else None
     try:
-        await control.start()
+        await control.start(sock)
     except BaseException:
         runtime.close_sockets()
         raise
@@ -106,7 +109,7 @@ async def start_control(
 
 # What the daemon can do to itself on a control command or a signal (reload, upgrade), built
 # once it serves: daemon/reload.py's, given the runtime and its controller (None without one).
-ActionsFactory = Callable[[Runtime, Controller | None], DaemonActions]
+ActionsFactory = Callable[[Runtime, ControlServer | None, asyncio.Event], DaemonActions]
 
 
 async def serve(
@@ -123,22 +126,34 @@ async def serve(
     )
     await start_listeners(runtime)
     if actions is not None:
-        install_actions(actions(runtime, control.controller if control else None), control)
+        install_actions(actions(runtime, control, stop), control)
     tune_gc()
     runtime.start_health()
-    notify.ready()
+    announce_ready(runtime)
     async with asyncio.TaskGroup() as tasks:
         sweeper = tasks.create_task(sweep_forever(runtime))
         await stop.wait()
-        notify.stopping()
+        if not runtime.handed_over:
+            notify.stopping()
         if control is not None:
-            await control.close()
+            await control.close(unlink=not runtime.handed_over)
         await shutdown(runtime)
         if metrics is not None:
             metrics.close()
             await metrics.wait_closed()
         sweeper.cancel()
         await runtime.stop_health()
+
+
+def announce_ready(runtime: Runtime) -> None:
+    """Everything serves: tell systemd (the service's main process now, after an upgrade)
+    and whoever waits (an upgrading predecessor)."""
+    if runtime.inherited is not None:
+        notify.main_pid(os.getpid())
+    else:
+        notify.ready()
+    for hook in runtime.on_ready:
+        hook()
 
 
 def install_actions(actions: DaemonActions, control: ControlServer | None) -> None:

@@ -46,6 +46,7 @@ from zdlb.config.load import load_config
 from zdlb.config.model import Config, ListenerConfig, ListenerMode
 from zdlb.control import journal
 from zdlb.control.commands import Controller
+from zdlb.control.server import ControlServer
 from zdlb.daemon import notify
 from zdlb.daemon.lifecycle import accept_http, log_listener_started
 from zdlb.daemon.runtime import Runtime, new_http_route, new_tcp_route
@@ -295,7 +296,7 @@ class Reloader:
         self._runtime = runtime
         self._controller = controller
         self._role = role
-        self._push = push
+        self.push = push
         self._lock = asyncio.Lock()  # one reload at a time; a second waits for the first
         self.upgrade_action: Callable[[int], Awaitable[tuple[bool, list[str]]]] | None = None
 
@@ -346,8 +347,8 @@ class Reloader:
             self._controller.replace(
                 running.backends, running.all_routes, running.health, predecessors
             )
-        if self._push is not None:
-            for problem in await self._push(plan.config):
+        if self.push is not None:
+            for problem in await self.push(plan.config):
                 log.error("reload_worker_failed %s", problem)
         state_file = plan.config.control.state_file
         if state_file is not None and self._role is not Role.WORKER:
@@ -375,6 +376,8 @@ async def apply_pushed(runtime: Runtime, config: Config) -> list[str]:
     return []
 
 
-def single_actions(runtime: Runtime, controller: Controller | None) -> Reloader:
-    """lifecycle.serve's ``actions`` for one process."""
-    return Reloader(runtime, controller, Role.SINGLE)
+def single_actions(
+    runtime: Runtime, control: ControlServer | None, stop: asyncio.Event
+) -> Reloader:
+    """lifecycle.serve's ``actions`` for one process (no upgrade)."""
+    return Reloader(runtime, control.controller if control else None, Role.SINGLE)

@@ -12,14 +12,16 @@ import asyncio
 import contextlib
 import socket
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from zdlb.balancer.pool import Backend
 from zdlb.balancer.server import Server
 from zdlb.balancer.sticky import StickyCookie
-from zdlb.config.model import Config, ListenerConfig, ListenerMode
+from zdlb.config.model import Address, Config, ListenerConfig, ListenerMode
 from zdlb.control import journal
+from zdlb.daemon import ipc
+from zdlb.errors import ListenerError
 from zdlb.health.scheduler import HealthChecker, TransitionHook
 from zdlb.http.route import Route
 from zdlb.http.upstream import ServerConnections
@@ -40,6 +42,66 @@ class RouteSlot:
 
     def __init__(self, route: Route) -> None:
         self.route = route
+
+
+@dataclass
+class Inherited:
+    """What a running zdlb handed this process in an upgrade (daemon/upgrade.py): listening
+    sockets by listener name with the bind they were made for, the control and metrics
+    sockets, and the servers' state. ``build_runtime`` takes what matches the config and
+    ``close_unused`` closes the rest."""
+
+    listeners: dict[str, tuple[Address, list[socket.socket]]] = field(default_factory=dict)
+    control: socket.socket | None = None
+    control_path: str | None = None
+    is_control_taken: bool = False
+    metrics: tuple[Address, socket.socket] | None = None
+    state: ipc.StateUpdate | None = None
+
+    def take_listener(self, listener: ListenerConfig, count: int) -> list[socket.socket] | None:
+        """The sockets handed over for ``listener`` if made for its bind, ``count`` of them.
+        Raises ListenerError when the count differs (workers are fixed while sockets live)."""
+        entry = self.listeners.get(listener.name)
+        if entry is None or entry[0] != listener.bind:
+            return None
+        del self.listeners[listener.name]
+        if len(entry[1]) != count:
+            for sock in entry[1]:
+                sock.close()
+            raise ListenerError(
+                0,
+                f"listener {listener.name}: {len(entry[1])} sockets handed over, {count} "
+                "needed: an upgrade keeps the listening sockets, so `workers` must stay the "
+                "same (restart to change it)",
+            )
+        return entry[1]
+
+    def take_metrics(self, address: Address) -> socket.socket | None:
+        if self.metrics is None or self.metrics[0] != address:
+            return None
+        sock, self.metrics = self.metrics[1], None
+        return sock
+
+    def take_control(self, path: str) -> socket.socket | None:
+        """The control socket handed over, if it is the one at ``path`` (else it is closed:
+        the old process then removes its file)."""
+        sock, self.control = self.control, None
+        if sock is not None and self.control_path == path:
+            self.is_control_taken = True
+            return sock
+        if sock is not None:
+            sock.close()
+        return None
+
+    def close_unused(self) -> None:
+        """Sockets of listeners the new config no longer has (the old process stops too)."""
+        for _, socks in self.listeners.values():
+            for sock in socks:
+                sock.close()
+        self.listeners.clear()
+        if self.metrics is not None:
+            self.metrics[1].close()
+            self.metrics = None
 
 
 @dataclass
@@ -67,6 +129,9 @@ class Runtime:
     # swept, counted and drained with the others until their last connection ends.
     retired: list[Route | TcpRoute] = field(default_factory=list)
     health_task: asyncio.Task[None] | None = None
+    inherited: Inherited | None = None  # from an upgrade: the control socket is taken from it
+    handed_over: bool = False  # an upgrade handed the sockets on: stop without unlinking
+    on_ready: list[Callable[[], None]] = field(default_factory=list)  # once everything serves
 
     @property
     def all_routes(self) -> list[Route | TcpRoute]:
@@ -109,6 +174,7 @@ def build_runtime(
     *,
     on_health: TransitionHook | None = None,
     workers: int = 1,
+    inherited: Inherited | None = None,
 ) -> Runtime:
     """Create backends, pools and routes, and bind every listener. Raises ListenerError.
 
@@ -116,27 +182,28 @@ def build_runtime(
     config order): nothing is bound, no metrics socket, and the journal is not replayed (the
     master owns the state and sends it). ``on_health`` is the health checker's transition hook.
     A master for ``workers`` > 1 binds one socket per worker and listener (``listener_groups``).
+    ``inherited``: an upgrade's sockets are used where they match, and its state replaces the
+    journal's (it is newer).
     """
     backends = {b.name: Backend(b) for b in config.backends}
     servers = [server for backend in backends.values() for server in backend.servers]
     state_file = config.control.state_file
-    if state_file is not None and listener_sockets is None:
+    if inherited is not None and inherited.state is not None:
+        ipc.apply_update(inherited.state, {ipc.server_key(s): s for s in servers})
+    elif state_file is not None and listener_sockets is None:
         # Before the first request: a server left in maint must not take traffic at start.
         # Small, one-off blocking I/O at start-up, before anything is served.
         # time.monotonic() is the loop's clock (asyncio's, and uvloop's via libuv).
         journal.replay(journal.load(state_file), servers, time.monotonic())
     health = HealthChecker(servers, on_transition=on_health)
     runtime = Runtime(config, backends, health, Stats.from_config(config), on_health=on_health)
+    runtime.inherited = inherited
     try:
         for index, listener in enumerate(config.listeners):
             if listener_sockets is not None:
                 sock = listener_sockets[index]
-            elif workers > 1:
-                group = bind_listener_group(listener.bind, listener.backlog, workers)
-                runtime.listener_groups.append(group)
-                sock = group[0]
             else:
-                sock = bind_listener(listener.bind, listener.backlog)
+                sock = _listener_socket(runtime, listener, workers, inherited)
             if listener.mode is ListenerMode.TCP:
                 tcp_route = new_tcp_route(runtime, listener)
                 runtime.tcp_routes.append(tcp_route)
@@ -145,12 +212,33 @@ def build_runtime(
                 route = new_http_route(runtime, listener)
                 runtime.routes.append(route)
                 runtime.sockets.append((route, sock))
-        if config.metrics.listen is not None and listener_sockets is None:
-            runtime.metrics_socket = bind_listener(config.metrics.listen, METRICS_BACKLOG)
+        metrics = config.metrics.listen
+        if metrics is not None and listener_sockets is None:
+            taken = inherited.take_metrics(metrics) if inherited is not None else None
+            runtime.metrics_socket = taken or bind_listener(metrics, METRICS_BACKLOG)
     except BaseException:
         runtime.close_sockets()
         raise
+    finally:
+        if inherited is not None:
+            inherited.close_unused()
     return runtime
+
+
+def _listener_socket(
+    runtime: Runtime, listener: ListenerConfig, workers: int, inherited: Inherited | None
+) -> socket.socket:
+    """The socket serving ``listener`` (the first of its group with workers): handed over by
+    an upgrade when made for the same bind, else bound now."""
+    group = inherited.take_listener(listener, workers) if inherited is not None else None
+    if workers > 1:
+        if group is None:
+            group = bind_listener_group(listener.bind, listener.backlog, workers)
+        runtime.listener_groups.append(group)
+        return group[0]
+    if group is not None:
+        return group[0]
+    return bind_listener(listener.bind, listener.backlog)
 
 
 def new_http_route(runtime: Runtime, listener: ListenerConfig) -> Route:

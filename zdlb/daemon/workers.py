@@ -48,6 +48,8 @@ from zdlb.balancer.server import Health, Server
 from zdlb.config.model import Config
 from zdlb.daemon import ipc, notify
 from zdlb.daemon.lifecycle import (
+    ActionsFactory,
+    announce_ready,
     install_actions,
     log_listener_started,
     start_control,
@@ -471,7 +473,11 @@ async def _ready_or_exited(slot: WorkerSlot) -> None:
 
 
 async def serve_master(
-    runtime: Runtime, stop: asyncio.Event, count: int, options: WorkerOptions
+    runtime: Runtime,
+    stop: asyncio.Event,
+    count: int,
+    options: WorkerOptions,
+    actions: ActionsFactory | None = None,
 ) -> None:
     """lifecycle.serve for ``count`` > 1 workers: the rules above, until ``stop`` is set."""
     supervisor = Supervisor(runtime, count, options)
@@ -482,21 +488,25 @@ async def serve_master(
     except BaseException:
         await supervisor.stop(0.0)
         raise
-    controller = control.controller if control is not None else None
-    install_actions(Reloader(runtime, controller, Role.MASTER, supervisor.push_config), control)
+    reloader = Reloader(runtime, control.controller if control else None, Role.MASTER)
+    reloader.push = supervisor.push_config
+    if actions is not None:
+        reloader.upgrade_action = actions(runtime, control, stop).upgrade
+    install_actions(reloader, control)
     for route, sock in runtime.sockets:
         log_listener_started(route.listener, sock, route.backend)
     for tcp_route, sock in runtime.tcp_sockets:
         log_listener_started(tcp_route.listener, sock, tcp_route.backend)
     log.info("workers_started workers=%d", count)
     runtime.start_health()
-    notify.ready()
+    announce_ready(runtime)
     async with asyncio.TaskGroup() as tasks:
         supervising = tasks.create_task(supervisor.run())
         await stop.wait()
-        notify.stopping()
+        if not runtime.handed_over:
+            notify.stopping()
         if control is not None:
-            await control.close()
+            await control.close(unlink=not runtime.handed_over)
         grace_s = max((route.timeouts.grace_s for route in runtime.all_routes), default=0.0)
         await supervisor.stop(grace_s)
         supervising.cancel()

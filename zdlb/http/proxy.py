@@ -632,7 +632,10 @@ class ClientConnection(ProtocolSwitch, BodySplicing, asyncio.Protocol):
         if route.log_access:
             self._log_access()
         self._end_server_request()
-        if not self._keep_alive_down or self.route.is_stopping:
+        # Not `or route.is_stopping`: an answer whose head promised keep-alive before the stop
+        # began must not be followed by a close the client cannot expect (its next request
+        # would be lost); the connection idles, its next answer says close (issue 11).
+        if not self._keep_alive_down:
             self.phase = Phase.CLOSING
             self._close_after_write = True
             # transport.close() still flushes: bound how long a client that does not read may
