@@ -95,7 +95,8 @@ async def test_an_upgrade_under_keep_alive_load_fails_no_request(
     assert record.closed == record.announced <= 10
     print(f"upgrade: {record.requests} requests, 0 failed, {record.announced} announced closes")
     os.kill(new_pid, signal.SIGTERM)
-    await daemon.wait_text("stopped", timeout_s=EXIT_S)
+    # The new process logs as zdlb.daemon.cli (run by entry.py), the old one as __main__.
+    await daemon.wait_text("INFO zdlb.daemon.cli stopped", timeout_s=EXIT_S)
 
 
 async def test_sigusr2_upgrades_too(
