@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import signal
 import socket
 from collections.abc import AsyncIterator, Callable
@@ -17,7 +18,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.daemon.conftest import Daemon, ServerSpec, StartDaemon, render_config
+from tests.daemon.conftest import (
+    HELD_TARGET,
+    Daemon,
+    HeldServer,
+    ServerSpec,
+    StartDaemon,
+    render_config,
+)
 from tests.daemon.load import KeepAliveLoad
 from tests.daemon.test_control import SOCKET_NAME, run_zdlb
 from tests.servers import EchoServer, H11Client
@@ -236,4 +244,69 @@ async def test_a_listener_change_with_workers_is_refused(
     assert "listeners.api.bind: adding, moving or renaming a listener with workers" in err
     shown = await run_zdlb("ctl", "-c", str(config), "json", "show", "info")
     assert json.loads(shown.stdout)["listeners"] == 1
+    await assert_clean(daemon)
+
+
+TCP_LISTENER = """
+[listeners.raw]
+bind = "127.0.0.1:0"
+mode = "tcp"
+backend = "app"
+"""
+
+
+async def test_a_tcp_listener_keeps_accepting_and_its_tunnels_run_across_reloads(
+    start_daemon: StartDaemon, tmp_path: Path, echoes: dict[str, EchoServer]
+) -> None:
+    config = tmp_path / "zdlb.toml"
+    config.write_text(config_text(specs(echoes, "s1")) + TCP_LISTENER, encoding="utf-8")
+    daemon = await start_daemon("run", "-c", str(config))
+    raw = await daemon.listener_addr("raw")
+    async with await H11Client.connect(raw) as tunnel:  # a tunnel open across both reloads
+        assert (await tunnel.request()).header("x-echo-server") == "s1"
+        for names in (("s2",), ("s3",)):  # twice: the second reload takes over a duplicate
+            config.write_text(config_text(specs(echoes, *names)) + TCP_LISTENER, "utf-8")
+            code, _, err = await reload(config)
+            assert code == 0, err
+            async with await H11Client.connect(raw) as fresh:
+                assert (await fresh.request()).header("x-echo-server") == names[0]
+            assert (await tunnel.request()).header("x-echo-server") == "s1"  # where it was
+    await assert_clean(daemon)
+
+
+async def test_wait_idle_counts_a_request_still_in_flight_on_the_replaced_server(
+    start_daemon: StartDaemon, tmp_path: Path, held_server: HeldServer
+) -> None:
+    config = tmp_path / "zdlb.toml"
+    config.write_text(config_text([ServerSpec("s1", held_server.addr)]), encoding="utf-8")
+    daemon = await start_daemon("run", "-c", str(config))
+    addr = await daemon.listener_addr()
+    async with await H11Client.connect(addr) as client:
+        slow = asyncio.create_task(client.request("GET", HELD_TARGET))
+        async with asyncio.timeout(5):
+            await held_server.wait_requests(1)
+        # s1 gets a check: a new Server object; the held request runs on the old one.
+        spec = [ServerSpec("s1", held_server.addr)]
+        config.write_text(config_text(spec, check_s1=60.0), encoding="utf-8")
+        assert (await reload(config))[0] == 0
+        waited = await run_zdlb("ctl", "-c", str(config), "wait", "app/s1", "idle", "0.3")
+        assert waited.returncode == 1 and "inflight=1" in waited.stderr, waited
+        held_server.release.set()
+        assert (await slow).status == 200
+        waited = await run_zdlb("ctl", "-c", str(config), "wait", "app/s1", "idle", "5")
+        assert waited.returncode == 0, waited
+    await assert_clean(daemon)
+
+
+async def test_sighup_to_a_worker_is_ignored(
+    start_daemon: StartDaemon, tmp_path: Path, echoes: dict[str, EchoServer]
+) -> None:
+    config = tmp_path / "zdlb.toml"
+    config.write_text(config_text(specs(echoes, "s1")), encoding="utf-8")
+    daemon = await start_daemon("run", "--workers", "2", "-c", str(config))
+    line = await daemon.wait_text("worker_started worker=0")
+    worker_pid = int(line.rsplit("pid=", 1)[1].split()[0])
+    os.kill(worker_pid, signal.SIGHUP)
+    await daemon.wait_text("signal_ignored signal=SIGHUP")
+    assert "worker_exited" not in daemon.output
     await assert_clean(daemon)
