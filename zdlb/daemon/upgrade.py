@@ -42,7 +42,6 @@ import json
 import logging
 import os
 import socket
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,9 +50,8 @@ from zdlb.config.address import parse_address
 from zdlb.config.load import load_config
 from zdlb.config.model import Address
 from zdlb.control import journal
-from zdlb.daemon import ipc
+from zdlb.daemon import ipc, spawn
 from zdlb.daemon.runtime import Inherited, Runtime
-from zdlb.daemon.workers import package_root, worker_environment
 from zdlb.errors import ConfigError, ZdlbError
 
 log = logging.getLogger(__name__)
@@ -65,14 +63,6 @@ READY_TIMEOUT_S = 20.0
 # The header and the answers are a few KiB (the state is ~100 bytes per server).
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 MAX_FDS = 4096  # listeners x workers + 2; far more than any config has
-_BOOT = (
-    "import sys\n"
-    "root = sys.argv[1]\n"
-    "if root not in sys.path:\n"
-    "    sys.path.insert(0, root)\n"
-    "from zdlb.daemon.entry import main\n"
-    "sys.exit(main(sys.argv[2:]))\n"
-)
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,11 +108,10 @@ class Upgrader:
         header, fds = self._handover()
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            env = {**worker_environment(), UPGRADE_FD_ENV: str(theirs.fileno())}
+            env = {**spawn.child_environment(), UPGRADE_FD_ENV: str(theirs.fileno())}
             if "NOTIFY_SOCKET" in os.environ:  # the new process becomes the service's main
                 env["NOTIFY_SOCKET"] = os.environ["NOTIFY_SOCKET"]
-            argv = [sys.executable, "-I", "-c", _BOOT, package_root(), "run"]
-            argv += ["-c", str(self._launch.config), *self._launch.options]
+            argv = spawn.zdlb_argv("run", "-c", str(self._launch.config), *self._launch.options)
             proc = await asyncio.create_subprocess_exec(*argv, env=env, pass_fds=(theirs.fileno(),))
         except OSError as exc:
             ours.close()

@@ -4,7 +4,7 @@
 
 1. The master binds every listener (and the metrics socket) before anything else, as the
    single process does, replays the state journal, then starts N worker processes
-   (daemon/worker.py, in Python's isolated mode: ``worker_argv``), each accepting on its own
+   (daemon/worker.py, in Python's isolated mode: daemon/spawn.py), each accepting on its own
    socket of every listener: SO_REUSEPORT spreads new connections over the workers, where one
    shared accept queue let a burst land on one of them (tcp/listener.py has the figures). The
    master keeps every socket open, so connections queued for a worker that died are not
@@ -38,15 +38,12 @@ import os
 import pickle
 import signal
 import socket
-import sys
 import time
 from collections.abc import Iterable
-from pathlib import Path
 
-import zdlb
 from zdlb.balancer.server import Health, Server
 from zdlb.config.model import Config
-from zdlb.daemon import ipc, notify
+from zdlb.daemon import ipc, notify, spawn
 from zdlb.daemon.lifecycle import (
     ActionsFactory,
     announce_ready,
@@ -84,38 +81,6 @@ STOP_MARGIN_S = 2.0
 STABLE_S = 5.0
 RESTART_MIN_S = 0.1
 RESTART_MAX_S = 5.0
-
-
-# Workers run isolated (``python -I``: no working directory or script directory on sys.path,
-# no PYTHON* variables, no user site-packages, so no usercustomize): a ``zdlb/__init__.py`` or
-# ``sitecustomize.py`` in the directory the daemon was started from, or on a PYTHONPATH, never
-# runs as the daemon's user. The zdlb they import is the master's own: its package root is
-# passed on and added to sys.path only when the interpreter's own path lacks it (an editable
-# install or a checkout run as root on purpose), never ahead of the standard library's
-# sys.path entries it already has.
-_WORKER_BOOT = (
-    "import sys\n"
-    "root = sys.argv[1]\n"
-    "if root not in sys.path:\n"
-    "    sys.path.insert(0, root)\n"
-    "from zdlb.daemon.worker import main\n"
-    "sys.exit(main())\n"
-)
-
-
-def package_root() -> str:
-    """The directory holding the ``zdlb`` package this process runs."""
-    return str(Path(zdlb.__file__).resolve().parents[1])
-
-
-def worker_argv() -> list[str]:
-    """The command that starts one worker: isolated mode, this process's zdlb."""
-    return [sys.executable, "-I", "-c", _WORKER_BOOT, package_root()]
-
-
-def worker_environment() -> dict[str, str]:
-    """The master's environment without NOTIFY_SOCKET: only the master speaks to systemd."""
-    return {name: value for name, value in os.environ.items() if name != "NOTIFY_SOCKET"}
 
 
 def worker_count(config: Config, override: int | None = None) -> int:
@@ -311,9 +276,9 @@ class Supervisor:
                 self.runtime.config, slot.index, fds, worker_end.fileno(), self._options, shares
             )
             proc = await asyncio.create_subprocess_exec(
-                *worker_argv(),
+                *spawn.worker_argv(),
                 stdin=asyncio.subprocess.PIPE,
-                env=worker_environment(),
+                env=spawn.child_environment(),
                 pass_fds=(*(fd for share in shares for fd in share), worker_end.fileno()),
             )
         except BaseException:
