@@ -66,3 +66,10 @@ def test_hardening() -> None:
     for key, value in HARDENING.items():
         assert unit.get(key) == value, key
     assert unit["User"] != "root"
+
+
+def test_ctl_waits_as_long_as_an_upgrade_may_take() -> None:
+    from zdlb.daemon.ctl import UPGRADE_WAIT_S
+    from zdlb.daemon.upgrade import READY_TIMEOUT_S
+
+    assert UPGRADE_WAIT_S >= READY_TIMEOUT_S

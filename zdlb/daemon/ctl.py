@@ -145,8 +145,16 @@ def _exchange(path: Path, request: bytes, timeout_s: float) -> bytes:
     return bytes(answer)
 
 
+# `upgrade` answers once the new process serves, which it may take up to 20 s to say
+# (daemon/upgrade.py READY_TIMEOUT_S; not imported: that module pulls in the daemon).
+UPGRADE_WAIT_S = 20.0
+
+
 def _wait_timeout_s(words: Sequence[str]) -> float:
-    """`wait B/S idle [T]` takes up to T seconds (30 by default) before it answers."""
+    """`wait B/S idle [T]` takes up to T seconds (30 by default) before it answers; `upgrade`
+    up to UPGRADE_WAIT_S."""
+    if list(words) == ["upgrade"]:
+        return UPGRADE_WAIT_S
     if len(words) >= 3 and words[0] == "wait" and words[2] == "idle":
         try:
             return float(words[3]) if len(words) > 3 else 30.0
