@@ -301,6 +301,8 @@ class Reloader:
         self.upgrade_action: Callable[[int], Awaitable[tuple[bool, list[str]]]] | None = None
 
     async def reload(self, peer_uid: int) -> tuple[bool, list[str]]:
+        if self._runtime.handed_over:  # draining after an upgrade: the new process serves
+            return False, ["this process is draining after an upgrade; reload the new one"]
         async with self._lock:
             notify.reloading()
             try:
