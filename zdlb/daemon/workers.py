@@ -44,6 +44,7 @@ from collections.abc import Iterable
 from zdlb.balancer.server import Health, Server
 from zdlb.config.model import Config
 from zdlb.daemon import ipc, notify, spawn
+from zdlb.daemon.handoff import ConfigPush, Shares
 from zdlb.daemon.lifecycle import (
     ActionsFactory,
     announce_ready,
@@ -71,9 +72,6 @@ PUSH_POLL_S = 0.02
 REFRESH_TIMEOUT_S = 0.5
 # A starting worker imports zdlb and uvloop (~0.3 s here); a loaded box gets many times that.
 READY_TIMEOUT_S = 15.0
-# A worker applies a pushed config in a few milliseconds (it binds nothing); a loaded box
-# gets many times that before the master reports it as a problem.
-RELOAD_TIMEOUT_S = 5.0
 # After grace_s, workers that still run get this long to finish the drain they are in.
 STOP_MARGIN_S = 2.0
 # Restart delays: a worker that ran at least STABLE_S is restarted after RESTART_MIN_S; one
@@ -128,9 +126,8 @@ class Supervisor:
         self._reported = asyncio.Event()
         self._is_stopping = False
         self._pushed_generation = Server.generation
-        self._reloaded: dict[int, ipc.Reloaded] = {}  # by worker index: its latest answer
-        self._adopter: dict[int, int] = {}  # an exited worker's index -> who serves its share
-        self._reload_answered = asyncio.Event()
+        self._shares = Shares()  # rule 6
+        self._push = ConfigPush()  # reload.py
         # Worker i accepts on the i-th socket of every listener's group (build_runtime).
         groups = runtime.listener_groups
         assert all(len(group) == count for group in groups), "build_runtime(workers=count)"
@@ -176,34 +173,12 @@ class Supervisor:
 
     async def push_config(self, config: Config) -> list[str]:
         """Send the config the master just applied to every serving worker, then the state;
-        returns the problems (a worker that failed or did not answer in RELOAD_TIMEOUT_S)."""
+        returns the problems (handoff.py ``ConfigPush``)."""
         self._servers = self.runtime.servers
         self._by_key = {ipc.server_key(s): s for s in self._servers}
         self._seq += 1
-        seq = self._seq
-        serving = [slot for slot in self.slots if slot.ready.is_set()]
-        for slot in serving:
-            slot.send(ipc.Reload(seq, config))
-            slot.send(ipc.views_of(self._servers))  # rule 1: the master's state stands
         self._pushed_generation = Server.generation
-        problems: list[str] = []
-        try:
-            async with asyncio.timeout(RELOAD_TIMEOUT_S):
-                while not all(self._answered(slot, seq) for slot in serving):
-                    self._reload_answered.clear()
-                    await self._reload_answered.wait()
-        except TimeoutError:
-            late = [slot.index for slot in serving if not self._answered(slot, seq)]
-            problems.append(f"workers {late} did not apply it within {RELOAD_TIMEOUT_S} s")
-        for slot in serving:
-            answer = self._reloaded.get(slot.index)
-            if answer is not None and answer.seq == seq:
-                problems += [f"worker {slot.index}: {p}" for p in answer.problems]
-        return problems
-
-    def _answered(self, slot: WorkerSlot, seq: int) -> bool:
-        answer = self._reloaded.get(slot.index)
-        return (answer is not None and answer.seq >= seq) or not slot.ready.is_set()
+        return await self._push.push(self._seq, config, ipc.views_of(self._servers), self.slots)
 
     # --- metrics ----------------------------------------------------------------------------
 
@@ -308,7 +283,7 @@ class Supervisor:
             code = await proc.wait()
             slot.ready.clear()  # refresh() no longer waits for it, show info counts it out
             if not self._is_stopping:
-                self._hand_over(slot.index)  # first: its queued clients wait for this
+                self._shares.hand_over(slot.index, self.slots)  # first: its clients wait
             if slot.reader is not None:
                 await slot.reader  # its last report, if it sent one
             if self._is_stopping:
@@ -328,27 +303,6 @@ class Supervisor:
                     break
                 except OSError as exc:  # out of fds or processes: try again later
                     log.error("worker_start_failed worker=%d error=%s", slot.index, exc)
-
-    def _hand_over(self, index: int) -> None:
-        """Rule 6: the shares worker ``index`` served (its own and any it had adopted) go to
-        the live workers, round robin, until their owners serve again."""
-        shares = [index, *(dead for dead, by in self._adopter.items() if by == index)]
-        live = [s for s in self.slots if s.ready.is_set() and s.index != index]
-        for number, share in enumerate(shares):
-            if not live:  # nobody serves: the queue waits for a restart, as before
-                self._adopter.pop(share, None)
-                continue
-            target = live[number % len(live)]
-            self._adopter[share] = target.index
-            target.send(ipc.Adopt(share))
-            log.info("worker_share_adopted share=%d by=%d", share, target.index)
-
-    def _give_back(self, index: int) -> None:
-        """Worker ``index`` serves again: whoever adopted its share lets go."""
-        adopter = self._adopter.pop(index, None)
-        if adopter is not None:
-            self.slots[adopter].send(ipc.Release(index))
-            log.info("worker_share_released share=%d by=%d", index, adopter)
 
     def _retire(self, slot: WorkerSlot) -> None:
         """Keep the counters of a worker that exited; its gauges went with it."""
@@ -381,12 +335,11 @@ class Supervisor:
             case ipc.Ready(pid=pid):
                 slot.ready.set()
                 log.info("worker_started worker=%d pid=%d", slot.index, pid)
-                self._give_back(slot.index)
+                self._shares.give_back(slot.index, self.slots)
             case ipc.ObservedDown(server=key, reason=reason):
                 self._observed_down(key, reason)
             case ipc.Reloaded():
-                self._reloaded[slot.index] = message
-                self._reload_answered.set()
+                self._push.answered(slot.index, message)
             case (
                 ipc.StateUpdate()
                 | ipc.Poll()
