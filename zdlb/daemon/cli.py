@@ -11,6 +11,7 @@ import asyncio
 import ipaddress
 import logging
 import os
+import socket
 import sys
 from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
@@ -38,6 +39,7 @@ from zdlb.daemon.upgrade import (
     Launch,
     Upgrader,
     ready_message,
+    receive_connections,
     receive_takeover,
     report,
 )
@@ -220,7 +222,7 @@ async def _serve(
     try:
         runtime = build_runtime(config, workers=workers, inherited=inherited)
         if channel is not None:
-            runtime.on_ready.append(lambda: report(channel, ready_message(runtime)))
+            runtime.on_ready.append(lambda: _ready(channel, runtime, workers == 1))
         if workers == 1:
             await serve(runtime, stop, actions=actions)
         else:
@@ -229,6 +231,16 @@ async def _serve(
         if channel is not None and channel.fileno() != -1:
             report(channel, {"error": str(exc)})
         raise
+
+
+def _ready(channel: socket.socket, runtime: Runtime, takes_connections: bool) -> None:
+    """An upgrade's new process serves: say so; one process also takes the idle connections
+    (with workers they live in the old workers, which drain)."""
+    report(channel, ready_message(runtime, takes_connections), close=not takes_connections)
+    if takes_connections:
+        task = asyncio.get_running_loop().create_task(receive_connections(channel, runtime))
+        runtime.background.add(task)
+        task.add_done_callback(runtime.background.discard)
 
 
 async def _run_daemon(config: Config, workers: int, options: WorkerOptions, launch: Launch) -> None:

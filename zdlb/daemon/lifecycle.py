@@ -205,6 +205,15 @@ async def accept_into(slot: RouteSlot, sock: socket.socket) -> asyncio.Server:
     )
 
 
+async def adopt_connection(slot: RouteSlot, sock: socket.socket) -> None:
+    """Serve a client connection another process accepted (an upgrade's idle ones)."""
+    loop = asyncio.get_running_loop()
+    await loop.connect_accepted_socket(
+        lambda: ClientConnection(slot.route, loop),
+        sock=sock,
+    )
+
+
 async def start_metrics(runtime: Runtime, source: SnapshotSource) -> MetricsEndpoint | None:
     """The /metrics endpoint on the socket build_runtime bound, if [metrics] listen is set."""
     if runtime.metrics_socket is None:

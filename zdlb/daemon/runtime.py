@@ -132,6 +132,7 @@ class Runtime:
     inherited: Inherited | None = None  # from an upgrade: the control socket is taken from it
     handed_over: bool = False  # an upgrade handed the sockets on: stop without unlinking
     on_ready: list[Callable[[], None]] = field(default_factory=list)  # once everything serves
+    background: set[asyncio.Task[None]] = field(default_factory=set)  # kept until done
 
     @property
     def all_routes(self) -> list[Route | TcpRoute]:

@@ -27,6 +27,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import os
+import socket
 import time
 from typing import TYPE_CHECKING, cast
 
@@ -797,6 +799,28 @@ class ClientConnection(ProtocolSwitch, BodySplicing, asyncio.Protocol):
         self.route = route
         route.connections.add(self)
         route.stats.connections_open += 1
+
+    def detach_idle(self) -> socket.socket | None:
+        """An upgrade (daemon/upgrade.py): between requests, with nothing buffered either way,
+        give up the client's socket (a duplicate, for another process) and forget it here
+        without a FIN; None when it is not idle so (it then stays here)."""
+        transport = self.transport
+        if (
+            self.phase is not Phase.IDLE
+            or transport is None
+            or self.reader.pending_head
+            or self._backlog
+            or self._wbuf
+            or transport.get_write_buffer_size()
+        ):
+            return None
+        sock = transport.get_extra_info("socket")
+        if sock is None:
+            return None
+        kept = socket.socket(fileno=os.dup(sock.fileno()))  # the socket outlives the abort
+        self.phase = Phase.CLOSING
+        transport.abort()  # closes this process's descriptor only: no FIN, no reset
+        return kept
 
     def close_when_idle(self) -> None:
         if self.phase is Phase.IDLE:
