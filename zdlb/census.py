@@ -156,6 +156,11 @@ class Census:
         return f"<Census hosts={len(self._rings)} slice_s={self.slice_s}>"
 
     @property
+    def hosts(self) -> list[str]:
+        """The host identities counted, in the order given."""
+        return list(self._rings)
+
+    @property
     def key(self) -> int:
         return self._key
 

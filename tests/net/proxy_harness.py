@@ -48,7 +48,8 @@ from tests.servers import (
 from zdlb.balancer.server import Server
 from zdlb.config.load import parse_config
 from zdlb.config.model import Config
-from zdlb.daemon.lifecycle import Runtime, build_runtime, serve
+from zdlb.daemon.lifecycle import serve
+from zdlb.daemon.runtime import Runtime, build_runtime
 from zdlb.http.connection import ClientConnection
 from zdlb.http.route import Route
 from zdlb.http.upstream import ServerConnections

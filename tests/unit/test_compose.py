@@ -332,7 +332,7 @@ def test_image_installs_the_package_and_runs_zdlb() -> None:
     assert [exec_form(v) for v in values(final, "ENTRYPOINT")] == [["zdlb"]]
     # `zdlb` is the package's console script, so pip puts it on the image's PATH.
     project = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]
-    assert project["scripts"]["zdlb"] == "zdlb.daemon.cli:main"
+    assert project["scripts"]["zdlb"] == "zdlb.daemon.entry:main"
 
 
 def test_image_runs_as_an_unprivileged_user() -> None:

@@ -28,6 +28,7 @@ from zdlb.control.protocol import (
     Command,
     Flip,
     Help,
+    Reload,
     SetServerState,
     SetServerWeight,
     ShowBackends,
@@ -35,6 +36,7 @@ from zdlb.control.protocol import (
     ShowInfo,
     ShowServers,
     Swap,
+    Upgrade,
     WaitIdle,
     WaitUp,
     format_command,
@@ -52,7 +54,7 @@ from zdlb.deploy.record import DeployStatus, HostStatus
 from zdlb.errors import ControlUsageError
 
 U_HELP, U_INFO, U_BACKENDS, U_SERVERS, U_STATE, U_WEIGHT, U_FLIP, U_SWAP, U_WAIT = USAGE[:9]
-U_SHOW_DEPLOY, U_BEGIN, U_TAKEOVER, U_UPDATE = USAGE[9:]
+U_SHOW_DEPLOY, U_BEGIN, U_TAKEOVER, U_UPDATE = USAGE[9:13]
 U_ALL = "\n".join(USAGE)
 U_SHOW = "\n".join((U_INFO, U_BACKENDS, U_SERVERS, U_SHOW_DEPLOY))
 U_SET = "\n".join((U_STATE, U_WEIGHT))
@@ -116,6 +118,8 @@ COMMANDS = [
     pytest.param(b"deploy end 0af3 done", DeployEnd("0af3", DeployStatus.DONE), id="end-done"),
     pytest.param(b"wait a/b up 2.5", WaitUp("a", "b", 2.5), id="wait-up-timeout"),
     pytest.param(b"swap app", Swap("app"), id="swap"),
+    pytest.param(b"reload", Reload(), id="reload"),
+    pytest.param(b"upgrade", Upgrade(), id="upgrade"),
 ]
 
 
@@ -550,6 +554,8 @@ def test_usage_lines_one_per_command_form() -> None:
         "usage: deploy begin BACKEND to main|backup pid PID [SERVER...]",
         "usage: deploy takeover pid PID",
         "usage: deploy renew|step|host|end TOKEN ...",
+        "usage: reload",
+        "usage: upgrade",
     )
 
 

@@ -48,6 +48,14 @@ MESSAGES = [
         id="stats-census",
     ),
     pytest.param(ipc.ObservedDown("app/s2", "3 consecutive errors"), id="down"),
+    pytest.param(
+        ipc.Reload(7, Config("z.toml", (ListenerConfig("web", Address("127.0.0.1", 0), "a"),), ())),
+        id="reload",
+    ),
+    pytest.param(ipc.Reloaded(7, ()), id="reloaded"),
+    pytest.param(ipc.Adopt(1), id="adopt"),
+    pytest.param(ipc.Release(1), id="release"),
+    pytest.param(ipc.Reloaded(8, ("worker 1: out of fds",)), id="reloaded-problem"),
 ]
 
 
@@ -94,6 +102,10 @@ REJECTED = [
         b'"weight":1,"drain_ends":"soon"}]}\n',
         id="bad-drain-ends",
     ),
+    pytest.param(b'{"t":"reload","seq":1,"config":"bm90IGEgcGlja2xl"}\n', id="config-garbage"),
+    pytest.param(b'{"t":"reload","seq":1,"config":"gAVLAS4="}\n', id="config-not-config"),
+    pytest.param(b'{"t":"reload","seq":1,"config":"%%%"}\n', id="config-not-base64"),
+    pytest.param(b'{"t":"reloaded","seq":1,"problems":[1]}\n', id="problem-not-str"),
 ]
 
 

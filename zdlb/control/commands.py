@@ -33,6 +33,7 @@ from zdlb.control.protocol import (
     Command,
     Flip,
     Help,
+    Reload,
     SetServerState,
     SetServerWeight,
     ShowBackends,
@@ -40,6 +41,7 @@ from zdlb.control.protocol import (
     ShowInfo,
     ShowServers,
     Swap,
+    Upgrade,
     WaitIdle,
     WaitUp,
     help_text,
@@ -102,6 +104,17 @@ class WorkerLoad(Protocol):
         ...
 
 
+class DaemonActions(Protocol):
+    """What only the daemon can do to itself: daemon/reload.py and daemon/upgrade.py.
+
+    Each returns ``(ok, lines)``: what changed, or every error (then nothing changed).
+    """
+
+    async def reload(self, peer_uid: int) -> tuple[bool, list[str]]: ...
+
+    async def upgrade(self, peer_uid: int) -> tuple[bool, list[str]]: ...
+
+
 class Controller:
     """Carries out control commands against one running configuration.
 
@@ -125,9 +138,32 @@ class Controller:
         self._workers = workers
         self._started_at = time.monotonic()
         self._stopping = asyncio.Event()  # set at shutdown: waits answer at once
+        self.actions: DaemonActions | None = None  # the daemon sets it once it serves
+        # Servers a reload replaced, whose in-flight requests finish on the old objects: `wait
+        # idle` counts them with the server of the same backend/name (daemon/reload.py).
+        self._predecessors: list[Server] = []
         # zdlb deploy's lock and record; the last one is read back from the journal.
         last_deploy = journal.load_deploy(state_file) if state_file is not None else None
-        self._deploys = DeployDesk(backends, last_deploy)
+        self._deploys = DeployDesk(backends, last_deploy, on_event=self._deploy_event)
+
+    def replace(
+        self,
+        backends: dict[str, Backend],
+        routes: Sequence[Route | TcpRoute],
+        health: HealthChecker,
+        predecessors: Sequence[Server] = (),
+    ) -> None:
+        """A reload switched the running configuration: answer from the new one from now on."""
+        self._backends = backends
+        self._routes = routes
+        self._health = health
+        busy = [s for s in (*self._predecessors, *predecessors) if s.inflight or s.conns]
+        self._predecessors = busy
+        self._deploys.use_backends(backends)  # a deploy names backends of the config in force
+
+    def _deploy_event(self, event: DeployEvent) -> None:
+        what = f"{event.what}: {event.reason}" if event.reason else event.what
+        self.events.record(EventKind.DEPLOY, f"{event.backend}/{event.server or '-'}", what)
 
     def deploy_snapshot(self) -> DeployRecord | None:
         """The current or last deploy (frozen; ``effective_status(time.time())`` says whether
@@ -146,6 +182,8 @@ class Controller:
     async def execute(self, command: Command, peer_uid: int) -> Reply:
         """Run ``command``. Raises ControlCommandError (unknown backend or server)."""
         match command:
+            case Reload() | Upgrade():
+                return await self._act(command, peer_uid)
             case Help():
                 return Reply(help_text(), {"commands": help_text().splitlines()})
             case ShowInfo():
@@ -212,6 +250,19 @@ class Controller:
             raise ControlCommandError(f"no server {server_name!r} in {backend_name} ({known})")
         return server
 
+    async def _act(self, command: Reload | Upgrade, peer_uid: int) -> Reply:
+        name = "reload" if isinstance(command, Reload) else "upgrade"
+        if self.actions is None:
+            raise ControlCommandError(f"{name} is not available in this process")
+        if isinstance(command, Reload):
+            ok, lines = await self.actions.reload(peer_uid)
+        else:
+            ok, lines = await self.actions.upgrade(peer_uid)
+        if ok:
+            return Reply("".join(f"{line}\n" for line in lines), {name: "done", "changes": lines})
+        text = f"{name} refused, nothing changed:\n" + "".join(f"  {line}\n" for line in lines)
+        return Reply(text, {"error": f"{name} refused", "errors": lines}, is_error=True)
+
     async def _refresh(self) -> None:
         if self._workers is not None:
             await self._workers.refresh()
@@ -220,7 +271,11 @@ class Controller:
         """(inflight, conns) of ``server``, in this process or summed over the workers."""
         if self._workers is not None:
             return self._workers.server_load(server)
-        return server.inflight, server.conns
+        inflight, conns = server.inflight, server.conns
+        for old in self._predecessors:
+            if old.name == server.name and old.backend == server.backend:
+                inflight, conns = inflight + old.inflight, conns + old.conns
+        return inflight, conns
 
     def _show_info(self) -> Reply:
         if self._workers is not None:

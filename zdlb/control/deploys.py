@@ -65,11 +65,17 @@ class DeployDesk:
         backends: Mapping[str, Backend],
         last: DeployRecord | None = None,
         clock: Clock = time.time,
+        on_event: Callable[[DeployEvent], None] | None = None,
     ) -> None:
         self._backends = backends
+        self._on_event = on_event  # the status page's timeline sees every step too
         self._clock = clock
         self.record = last
         self.events: deque[DeployEvent] = deque(maxlen=MAX_EVENTS)
+
+    def use_backends(self, backends: Mapping[str, Backend]) -> None:
+        """A reload replaced the backends: new deploys are checked against these."""
+        self._backends = backends
 
     def __repr__(self) -> str:
         if self.record is None:
@@ -149,7 +155,10 @@ class DeployDesk:
 
     def _event(self, server: str | None, what: str, reason: str = "") -> None:
         assert self.record is not None
-        self.events.append(DeployEvent(self._clock(), self.record.backend, server, what, reason))
+        event = DeployEvent(self._clock(), self.record.backend, server, what, reason)
+        self.events.append(event)
+        if self._on_event is not None:
+            self._on_event(event)
 
     def _log(self, event: str, details: str) -> None:
         assert self.record is not None

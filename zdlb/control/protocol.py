@@ -172,8 +172,22 @@ class ShowDeploy:
     """``show deploy``: the current or last deploy, its hosts and steps, and its lock."""
 
 
+@dataclass(frozen=True, slots=True)
+class Reload:
+    """``reload``: read the config file again and apply it (daemon/reload.py); answered once
+    applied, with what changed, or with every error and nothing applied."""
+
+
+@dataclass(frozen=True, slots=True)
+class Upgrade:
+    """``upgrade``: start a new zdlb process from the installed code, hand it the listening
+    sockets and the control socket, drain this one (daemon/upgrade.py)."""
+
+
 Command: TypeAlias = (
-    Help
+    Reload
+    | Upgrade
+    | Help
     | ShowInfo
     | ShowBackends
     | ShowServers
@@ -210,6 +224,8 @@ _HELP_ROWS: tuple[tuple[str, str], ...] = (
     ),
     ("show deploy", "the current or last deploy: its hosts, their steps, who holds its lock"),
     *DEPLOY_HELP_ROWS,
+    ("reload", "read the config file again and apply it; nothing changes if it has an error"),
+    ("upgrade", "start a new zdlb from the installed code, hand it the sockets, drain this one"),
 )
 
 USAGE: tuple[str, ...] = tuple(f"usage: {syntax}" for syntax, _ in _HELP_ROWS)
@@ -227,6 +243,8 @@ USAGE: tuple[str, ...] = tuple(f"usage: {syntax}" for syntax, _ in _HELP_ROWS)
     _USAGE_WAIT,
 ) = USAGE[:9]
 _USAGE_SHOW_DEPLOY = USAGE[9]
+_USAGE_RELOAD = "usage: reload"
+_USAGE_UPGRADE = "usage: upgrade"
 _USAGE_ALL = "\n".join(USAGE)
 _USAGE_SHOW = "\n".join(
     (_USAGE_SHOW_INFO, _USAGE_SHOW_BACKENDS, _USAGE_SHOW_SERVERS, _USAGE_SHOW_DEPLOY)
@@ -263,6 +281,12 @@ def parse_command(line: bytes) -> tuple[Command, bool]:
         case "help":
             _expect_end(words, 1, _USAGE_HELP)
             return Help(), as_json
+        case "reload":
+            _expect_end(words, 1, _USAGE_RELOAD)
+            return Reload(), as_json
+        case "upgrade":
+            _expect_end(words, 1, _USAGE_UPGRADE)
+            return Upgrade(), as_json
         case "show":
             return _parse_show(words), as_json
         case "set":
@@ -476,6 +500,10 @@ def format_command(command: Command) -> str:
     For logs and for clients that build command lines.
     """
     match command:
+        case Reload():
+            return "reload"
+        case Upgrade():
+            return "upgrade"
         case Help():
             return "help"
         case ShowInfo():

@@ -58,6 +58,7 @@ class ControlServer:
         self._group = group
         self._controller = controller
         self._server: asyncio.Server | None = None
+        self._sock: socket.socket | None = None
         self._clients: set[asyncio.StreamWriter] = set()
         # The client handlers, owned here so close() can wait for them; `_busy` are the clients
         # whose command is being carried out (their answer is still to be written).
@@ -65,24 +66,34 @@ class ControlServer:
         self._busy: set[asyncio.StreamWriter] = set()
         self._is_closing = False
 
+    @property
+    def controller(self) -> Controller:
+        return self._controller
+
     def __repr__(self) -> str:
         return f"<ControlServer {self._path} clients={len(self._clients)} busy={len(self._busy)}>"
 
-    @property
-    def controller(self) -> Controller:
-        """What carries out the commands (its ``deploy_snapshot`` feeds metrics)."""
-        return self._controller
-
-    async def start(self) -> None:
-        """Bind the socket. Raises ListenerError if it is in use or cannot be created."""
-        sock = _bind_unix(self._path, self._group)
+    async def start(self, sock: socket.socket | None = None) -> None:
+        """Bind the socket, or serve ``sock``: the listening control socket a predecessor
+        handed over in an upgrade (daemon/upgrade.py). Raises ListenerError if it is in use
+        or cannot be created."""
+        if sock is None:
+            sock = _bind_unix(self._path, self._group)
+        sock.setblocking(False)
+        self._sock = sock
         self._server = await asyncio.start_unix_server(
             self._serve_client, sock=sock, limit=MAX_LINE_BYTES + 2
         )
         log.info("control_started socket=%s", self._path)
 
-    async def close(self) -> None:
-        """Stop accepting, drop connected clients, remove the socket file."""
+    @property
+    def listening_socket(self) -> socket.socket | None:
+        """What an upgrade hands the new process (it keeps the same file and queue)."""
+        return self._sock
+
+    async def close(self, *, unlink: bool = True) -> None:
+        """Stop accepting, drop connected clients, remove the socket file (``unlink``; not
+        after an upgrade handed the socket on: it is the new process's now)."""
         self._is_closing = True
         if self._server is not None:
             self._server.close()
@@ -95,8 +106,9 @@ class ControlServer:
         await asyncio.gather(*self._handlers, return_exceptions=True)
         if self._server is not None:
             await self._server.wait_closed()
-        with contextlib.suppress(FileNotFoundError):
-            self._path.unlink()
+        if unlink:
+            with contextlib.suppress(FileNotFoundError):
+                self._path.unlink()
 
     async def _serve_client(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter

@@ -11,6 +11,7 @@ import asyncio
 import ipaddress
 import logging
 import os
+import socket
 import sys
 from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
@@ -20,29 +21,38 @@ from zdlb import __version__
 from zdlb.config.load import load_config
 from zdlb.config.model import MAX_WORKERS, Config, LogFormat, LoggingConfig
 from zdlb.config.summary import describe
-from zdlb.daemon.ctl import run_ctl
+from zdlb.control.server import ControlServer
+from zdlb.daemon.ctl import CTL_DESCRIPTION, CTL_HELP, add_ctl_arguments, run_ctl_command
 from zdlb.daemon.demo_app import DEMO_HOSTS, DemoVhost, start_demo_hosts, vhosts_of
 from zdlb.daemon.demo_deploy import add_parser as add_demo_deploy_parser
 from zdlb.daemon.demo_deploy import run_demo_deploy
 from zdlb.daemon.lifecycle import (
     EXIT_OK,
-    build_runtime,
     install_signal_handlers,
     raise_open_file_limit,
     run_loop,
     serve,
 )
 from zdlb.daemon.logs import setup_logging
+from zdlb.daemon.reload import Reloader, single_actions
+from zdlb.daemon.runtime import Runtime, build_runtime
+from zdlb.daemon.upgrade import (
+    UPGRADE_FD_ENV,
+    Launch,
+    Upgrader,
+    ready_message,
+    receive_connections,
+    receive_takeover,
+    report,
+)
 from zdlb.daemon.worker import WorkerOptions
 from zdlb.daemon.workers import serve_master, worker_count
 from zdlb.deploy.cli import add_parser as add_deploy_parser
 from zdlb.deploy.cli import run_deploy
-from zdlb.errors import ConfigError
+from zdlb.errors import ConfigError, ZdlbError
 
 log = logging.getLogger(__name__)
 
-# `zdlb ctl` waits this long for an answer; `wait ... idle T` gets T more.
-CTL_TIMEOUT_S = 10.0
 EXIT_CONFIG = 2
 # The repository's config.toml is the demo's config (and the reference for every key).
 DEMO_CONFIG = Path(__file__).resolve().parents[2] / "config.toml"
@@ -62,20 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     check = commands.add_parser("check", help="validate a config file and summarise it")
     check.add_argument("-c", "--config", required=True, type=Path, metavar="FILE")
 
-    ctl = commands.add_parser(
-        "ctl",
-        help="send one command to a running zdlb's control socket",
-        description="Send COMMAND to the control socket and print the answer; "
-        "`zdlb ctl -c FILE help` lists the commands. Exit 1 if the daemon answers an error.",
-    )
-    where = ctl.add_mutually_exclusive_group(required=True)
-    where.add_argument("-c", "--config", type=Path, metavar="FILE", help="find the socket here")
-    where.add_argument("-s", "--socket", type=Path, metavar="PATH", help="the socket itself")
-    ctl.add_argument("--json", action="store_true", help="ask for a JSON answer")
-    ctl.add_argument(
-        "--timeout", type=float, default=CTL_TIMEOUT_S, metavar="S", help="give up after S s"
-    )
-    ctl.add_argument("words", nargs="+", metavar="COMMAND", help="e.g. show servers")
+    add_ctl_arguments(commands.add_parser("ctl", help=CTL_HELP, description=CTL_DESCRIPTION))
 
     add_deploy_parser(commands)
     add_demo_deploy_parser(commands)
@@ -159,8 +156,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _run_demo_apps(args)
     if args.command == "demo-deploy":
         return run_demo_deploy(args)
-    if args.command == "ctl" and args.socket is not None:
-        return run_ctl(args.socket, args.words, as_json=args.json, timeout_s=args.timeout)
+    if args.command == "ctl":  # daemon/entry.py comes here without importing this module
+        return run_ctl_command(args)
     try:
         config = load_config(args.config)
     except ConfigError as exc:
@@ -177,20 +174,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _run(args, config, _run_demo)
         case "deploy":
             return run_deploy(args, config)
-        case "ctl":
-            if config.control.socket is None:
-                print(f"zdlb: {config.source} configures no [control] socket", file=sys.stderr)
-                return EXIT_CONFIG
-            return run_ctl(
-                config.control.socket, args.words, as_json=args.json, timeout_s=args.timeout
-            )
     raise AssertionError(args.command)  # argparse only accepts the commands above
 
 
 def _run(
     args: argparse.Namespace,
     config: Config,
-    body: Callable[[Config, int, WorkerOptions], Coroutine[Any, Any, None]],
+    body: Callable[[Config, int, WorkerOptions, Launch], Coroutine[Any, Any, None]],
 ) -> int:
     logging_config = config.logging
     options = WorkerOptions(
@@ -201,27 +191,78 @@ def _run(
     )
     setup_logging(options.log_level, options.log_format, access_log=options.access_log)
     raise_open_file_limit()
-    return run_loop(args.loop, body(config, worker_count(config, args.workers), options))
+    workers = worker_count(config, args.workers)
+    return run_loop(args.loop, body(config, workers, options, _launch_of(args)))
 
 
-async def _serve(config: Config, stop: asyncio.Event, workers: int, options: WorkerOptions) -> None:
-    """Bind, then serve in this process (one worker) or through worker processes."""
-    runtime = build_runtime(config, workers=workers)
-    if workers == 1:
-        await serve(runtime, stop)
-    else:
-        await serve_master(runtime, stop, workers, options)
+def _launch_of(args: argparse.Namespace) -> Launch:
+    """How to start this daemon again, the same way (``zdlb ctl upgrade``)."""
+    options = ["--loop", args.loop]
+    if args.workers is not None:
+        options += ["--workers", str(args.workers)]
+    if args.log_format:
+        options += ["--log-format", args.log_format]
+    if args.log_level:
+        options += ["--log-level", args.log_level]
+    if args.no_access_log:
+        options.append("--no-access-log")
+    return Launch(args.config.absolute(), options)
 
 
-async def _run_daemon(config: Config, workers: int, options: WorkerOptions) -> None:
+async def _serve(
+    config: Config,
+    stop: asyncio.Event,
+    workers: int,
+    options: WorkerOptions,
+    launch: Launch | None = None,
+) -> None:
+    """Bind (or take over an upgraded predecessor's sockets), then serve in this process (one
+    worker) or through worker processes."""
+    inherited, channel = None, None
+    if (fd := os.environ.pop(UPGRADE_FD_ENV, None)) is not None:
+        inherited, channel = await asyncio.to_thread(receive_takeover, int(fd))
+
+    def actions(runtime: Runtime, control: ControlServer | None, stop: asyncio.Event) -> Reloader:
+        reloader = single_actions(runtime, control, stop)
+        if launch is not None:
+            upgrader = Upgrader(runtime, launch, stop)
+            upgrader.control_socket = lambda: control.listening_socket if control else None
+            reloader.upgrade_action = upgrader.upgrade
+        return reloader
+
+    try:
+        runtime = build_runtime(config, workers=workers, inherited=inherited)
+        if channel is not None:
+            runtime.on_ready.append(lambda: _ready(channel, runtime, workers == 1))
+        if workers == 1:
+            await serve(runtime, stop, actions=actions)
+        else:
+            await serve_master(runtime, stop, workers, options, actions)
+    except ZdlbError as exc:
+        if channel is not None and channel.fileno() != -1:
+            report(channel, {"error": str(exc)})
+        raise
+
+
+def _ready(channel: socket.socket, runtime: Runtime, takes_connections: bool) -> None:
+    """An upgrade's new process serves: say so; one process also takes the idle connections
+    (with workers they live in the old workers, which drain)."""
+    report(channel, ready_message(runtime, takes_connections), close=not takes_connections)
+    if takes_connections:
+        task = asyncio.get_running_loop().create_task(receive_connections(channel, runtime))
+        runtime.background.add(task)
+        task.add_done_callback(runtime.background.discard)
+
+
+async def _run_daemon(config: Config, workers: int, options: WorkerOptions, launch: Launch) -> None:
     stop = asyncio.Event()
     install_signal_handlers(stop)
     log.info("started config=%s workers=%d pid=%d", config.source, workers, os.getpid())
-    await _serve(config, stop, workers, options)
+    await _serve(config, stop, workers, options, launch)
     log.info("stopped")
 
 
-async def _run_demo(config: Config, workers: int, options: WorkerOptions) -> None:
+async def _run_demo(config: Config, workers: int, options: WorkerOptions, launch: Launch) -> None:
     hosts = await start_demo_hosts()
     try:
         stop = asyncio.Event()

@@ -15,7 +15,16 @@ Rules, stated once:
    says so (``ObservedDown``); the master's verdict decides from then on (rule 1).
 4. ``CloseIdle`` asks a worker to close its idle pooled connections to one server (a ``wait
    ... idle`` on a server taking no new traffic), as the single process does in place.
-5. A line is at most ``MAX_MESSAGE_BYTES``; anything else is a bug in zdlb, not an attack (both
+5. ``Reload`` carries a config the master validated and applied (daemon/reload.py); the worker
+   applies it to its own routes in place, answers ``Reloaded`` with the same ``seq`` (and any
+   problem), and the master's ``StateUpdate`` that follows is authoritative as always. The
+   config travels pickled (base64 in the JSON line): master and worker run the same code, and
+   the channel is a socketpair only they hold, as the spec on the worker's stdin is.
+6. ``Adopt`` asks a worker to accept also on the sockets of worker ``index``, which exited (it
+   holds every sibling's sockets from its start, unused until then), so that share of the
+   SO_REUSEPORT group is served within milliseconds instead of after a restart; ``Release``
+   ends it once worker ``index`` serves again.
+7. A line is at most ``MAX_MESSAGE_BYTES``; anything else is a bug in zdlb, not an attack (both
    ends are zdlb, the socketpair is not reachable from outside): ``decode`` raises ValueError.
 
 Pure: no sockets, no clock, no event loop here; workers.py and worker.py move the lines.
@@ -23,14 +32,16 @@ Pure: no sockets, no clock, no event loop here; workers.py and worker.py move th
 
 from __future__ import annotations
 
+import base64
 import json
 import math
+import pickle
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, cast
 
 from zdlb.balancer.server import AdminState, Health, Server
-from zdlb.config.model import PoolName
+from zdlb.config.model import Config, PoolName
 from zdlb.stats import Snapshot
 
 # A snapshot is ~300 bytes per server; 16 MiB holds tens of thousands of servers.
@@ -84,7 +95,40 @@ class ObservedDown:
     reason: str
 
 
-Message = StateUpdate | Poll | CloseIdle | Ready | StatsReport | ObservedDown
+@dataclass(frozen=True, slots=True)
+class Reload:
+    seq: int
+    config: Config
+
+
+@dataclass(frozen=True, slots=True)
+class Reloaded:
+    seq: int
+    problems: tuple[str, ...]  # empty: applied
+
+
+@dataclass(frozen=True, slots=True)
+class Adopt:
+    index: int  # the worker whose sockets to serve too
+
+
+@dataclass(frozen=True, slots=True)
+class Release:
+    index: int
+
+
+Message = (
+    StateUpdate
+    | Poll
+    | CloseIdle
+    | Ready
+    | StatsReport
+    | ObservedDown
+    | Reload
+    | Reloaded
+    | Adopt
+    | Release
+)
 
 
 def server_key(server: Server) -> str:
@@ -147,6 +191,15 @@ def encode(message: Message) -> bytes:
                 data["census"] = census
         case ObservedDown(server=server, reason=reason):
             data = {"t": "down", "server": server, "reason": reason}
+        case Reload(seq=seq, config=config):
+            blob = base64.b64encode(pickle.dumps(config)).decode("ascii")
+            data = {"t": "reload", "seq": seq, "config": blob}
+        case Reloaded(seq=seq, problems=problems):
+            data = {"t": "reloaded", "seq": seq, "problems": list(problems)}
+        case Adopt(index=index):
+            data = {"t": "adopt", "index": index}
+        case Release(index=index):
+            data = {"t": "release", "index": index}
     return json.dumps(data, separators=(",", ":")).encode() + b"\n"
 
 
@@ -181,6 +234,14 @@ def decode(line: bytes) -> Message:
                 )
             case "down":
                 return ObservedDown(_str(data["server"]), _str(data["reason"]))
+            case "reload":
+                return Reload(_int(data["seq"]), _config(_str(data["config"])))
+            case "reloaded":
+                return Reloaded(_int(data["seq"]), tuple(_str(p) for p in data["problems"]))
+            case "adopt":
+                return Adopt(_int(data["index"]))
+            case "release":
+                return Release(_int(data["index"]))
     except (KeyError, TypeError, AttributeError) as exc:
         raise ValueError(f"malformed message: {exc!r}") from None
     raise ValueError(f"unknown message type {kind!r}")
@@ -212,6 +273,16 @@ def _view(item: Any) -> ServerView:
         _int(item["weight"]),
         math.inf if drain_ends is None else float(drain_ends),
     )
+
+
+def _config(blob: str) -> Config:
+    try:
+        config = pickle.loads(base64.b64decode(blob, validate=True))
+    except (ValueError, pickle.UnpicklingError, EOFError) as exc:
+        raise TypeError(f"config does not unpickle: {exc!r}") from None
+    if not isinstance(config, Config):
+        raise TypeError(f"{type(config).__name__} is not a Config")
+    return config
 
 
 def _int(value: object) -> int:

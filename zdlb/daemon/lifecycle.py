@@ -1,10 +1,13 @@
-"""The daemon's life: build the runtime from a config, serve, and stop gracefully.
+"""The daemon's life: serve a runtime (daemon/runtime.py), and stop gracefully.
 
-Start: bind every listener first (a busy port fails the start before anything runs), then
-serve, with the health checker probing every checked server. Stop (SIGTERM/SIGINT): close the
-listeners, close idle keep-alive connections, let busy ones finish their current response
-within ``grace_s``, abort what remains, exit 0 -- uvicorn's order. A sweeper task enforces every
-connection's deadline (see http/route.py).
+Start: every listener is bound before this runs (a busy port fails the start before anything
+serves); then the control socket, /metrics, the listeners, the health checks, and systemd is
+told READY=1. Stop (SIGTERM/SIGINT): stop accepting, let every connection end after its next
+answer (``Connection: close``) within ``grace_s`` -- an idle keep-alive connection is not
+closed under a request its client may be writing, only when ``grace_s`` ends -- then abort
+what remains, exit 0: uvicorn's order. A sweeper task enforces every connection's deadline
+(see http/route.py), on routes a reload retired too. SIGHUP and SIGUSR2 run the daemon's
+reload and upgrade once it serves (``install_actions``), and are ignored before.
 """
 
 from __future__ import annotations
@@ -12,35 +15,29 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import os
 import resource
-import secrets
 import signal
 import socket
-import time
-from collections.abc import Coroutine, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 from zdlb.balancer.pool import Backend
-from zdlb.balancer.sticky import StickyCookie
-from zdlb.census import Census
-from zdlb.config.model import Config, ListenerConfig, ListenerMode
-from zdlb.control import journal
-from zdlb.control.commands import Controller, WorkerLoad
+from zdlb.config.model import Config, ListenerConfig
+from zdlb.control.commands import Controller, DaemonActions, WorkerLoad
 from zdlb.control.server import ControlServer
+from zdlb.daemon import notify
 from zdlb.daemon.page_actions import action_runner
+from zdlb.daemon.runtime import RouteSlot, Runtime
 from zdlb.errors import ZdlbError
-from zdlb.events import Timeline
-from zdlb.health.scheduler import HealthChecker, TransitionHook
 from zdlb.http.connection import ClientConnection
+from zdlb.http.exchange import Phase
 from zdlb.http.route import Route
-from zdlb.http.upstream import ServerConnections
 from zdlb.metrics.collector import SnapshotSource, new_registry, take_snapshot
 from zdlb.metrics.endpoint import MetricsEndpoint
 from zdlb.metrics.status import StatusBoard
-from zdlb.stats import Stats
-from zdlb.tcp.listener import bind_listener, bind_listener_group, bound_address
-from zdlb.tcp.proxy import TcpRoute, TcpSettings
+from zdlb.tcp.listener import bound_address
+from zdlb.tcp.proxy import TcpRoute
 
 log = logging.getLogger(__name__)
 
@@ -50,8 +47,6 @@ MIN_SWEEP_S = 0.005
 MAX_SWEEP_S = 1.0
 EXIT_OK = 0
 EXIT_FAILURE = 1
-# A scraper or two, not a crowd: the endpoint caps its connections anyway.
-METRICS_BACKLOG = 64
 
 
 # The cyclic GC's gen-0 pass runs every 700 net allocations by default: about every 50
@@ -73,149 +68,6 @@ def raise_open_file_limit() -> int:
     if soft < hard:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     return hard
-
-
-@dataclass
-class Runtime:
-    """Everything one running configuration owns."""
-
-    config: Config
-    backends: dict[str, Backend]
-    health: HealthChecker
-    stats: Stats
-    routes: list[Route] = field(default_factory=list)
-    sockets: list[tuple[Route, socket.socket]] = field(default_factory=list)
-    tcp_routes: list[TcpRoute] = field(default_factory=list)
-    tcp_sockets: list[tuple[TcpRoute, socket.socket]] = field(default_factory=list)
-    metrics_socket: socket.socket | None = None
-    servers: list[asyncio.Server] = field(default_factory=list)
-    # A master's listening sockets, per listener in config order: one per worker (the first is
-    # also in sockets/tcp_sockets). Empty in a single process or a worker.
-    listener_groups: list[list[socket.socket]] = field(default_factory=list)
-    # What changed and when (commands, health verdicts); recorded by the process owning them.
-    events: Timeline = field(default_factory=Timeline)
-    # Per sticky backend: distinct users per host (census.py), fed by the HTTP connections,
-    # all hashed with census_key (a worker gets its master's, so their sketches merge).
-    census: dict[str, Census] = field(default_factory=dict)
-    census_key: int = 0
-
-    @property
-    def all_routes(self) -> list[Route | TcpRoute]:
-        return [*self.routes, *self.tcp_routes]
-
-    def close_sockets(self) -> None:
-        """Close every bound socket not yet served (a start that failed half-way)."""
-        for _, sock in [*self.sockets, *self.tcp_sockets]:
-            sock.close()
-        for group in self.listener_groups:
-            for sock in group:
-                sock.close()
-        if self.metrics_socket is not None:
-            self.metrics_socket.close()
-
-
-def build_runtime(
-    config: Config,
-    listener_sockets: Sequence[socket.socket] | None = None,
-    *,
-    on_health: TransitionHook | None = None,
-    workers: int = 1,
-    census_key: int | None = None,
-) -> Runtime:
-    """Create backends, pools and routes, and bind every listener. Raises ListenerError.
-
-    A worker process passes the ``listener_sockets`` its master bound (one per listener, in
-    config order): nothing is bound, no metrics socket, and the journal is not replayed (the
-    master owns the state and sends it). ``on_health`` is the health checker's transition hook.
-    A master for ``workers`` > 1 binds one socket per worker and listener (``listener_groups``).
-    """
-    backends = {b.name: Backend(b) for b in config.backends}
-    servers = [server for backend in backends.values() for server in backend.servers]
-    state_file = config.control.state_file
-    if state_file is not None and listener_sockets is None:
-        # Before the first request: a server left in maint must not take traffic at start.
-        # Small, one-off blocking I/O at start-up, before anything is served.
-        # time.monotonic() is the loop's clock (asyncio's, and uvloop's via libuv).
-        journal.replay(journal.load(state_file), servers, time.monotonic())
-    # A worker's checker only judges live traffic; the master's verdicts are the timeline's.
-    events = Timeline()
-    is_worker = listener_sockets is not None
-    health = HealthChecker(servers, on_transition=on_health, events=None if is_worker else events)
-    runtime = Runtime(config, backends, health, Stats.from_config(config), events=events)
-    runtime.census_key = secrets.randbits(64) if census_key is None else census_key
-    runtime.census = {
-        name: Census(backend.identities(), key=runtime.census_key)
-        for name, backend in backends.items()
-        if backend.config.sticky
-    }
-    try:
-        for index, listener in enumerate(config.listeners):
-            if listener_sockets is not None:
-                sock = listener_sockets[index]
-            elif workers > 1:
-                group = bind_listener_group(listener.bind, listener.backlog, workers)
-                runtime.listener_groups.append(group)
-                sock = group[0]
-            else:
-                sock = bind_listener(listener.bind, listener.backlog)
-            if listener.mode is ListenerMode.TCP:
-                tcp_route = _tcp_route(runtime, listener)
-                runtime.tcp_routes.append(tcp_route)
-                runtime.tcp_sockets.append((tcp_route, sock))
-            else:
-                route = _http_route(runtime, listener)
-                runtime.routes.append(route)
-                runtime.sockets.append((route, sock))
-        if config.metrics.listen is not None and listener_sockets is None:
-            runtime.metrics_socket = bind_listener(config.metrics.listen, METRICS_BACKLOG)
-    except BaseException:
-        runtime.close_sockets()
-        raise
-    return runtime
-
-
-def _http_route(runtime: Runtime, listener: ListenerConfig) -> Route:
-    backend = runtime.backends[listener.backend]
-    timeouts = backend.config.timeouts
-    stats = runtime.stats
-    upstreams = {
-        s.name: ServerConnections(
-            s, timeouts.connect_s, timeouts.upstream_idle_s, stats.server(backend.name, s.name)
-        )
-        for s in backend.servers
-    }
-    sticky = backend.config.sticky
-    return Route(
-        listener,
-        backend,
-        upstreams,
-        log_access=runtime.config.logging.access_log,
-        observe=runtime.health.observe,
-        sticky=StickyCookie(sticky, backend.name, backend.identities()) if sticky else None,
-        census=runtime.census.get(backend.name),
-        stats=stats.listeners[listener.name],
-        backend_stats=stats.backends[backend.name],
-    )
-
-
-def _tcp_route(runtime: Runtime, listener: ListenerConfig) -> TcpRoute:
-    backend = runtime.backends[listener.backend]
-    timeouts = backend.config.timeouts
-    settings = TcpSettings(
-        connect_s=timeouts.connect_s,
-        tunnel_s=listener.timeouts.tunnel_s,
-        retries=backend.config.retries,
-        splice=listener.splice,
-        pipe_bytes=listener.pipe_bytes,
-    )
-    return TcpRoute(
-        listener,
-        backend,
-        settings,
-        log_access=runtime.config.logging.access_log,
-        observe=runtime.health.observe,
-        stats=runtime.stats.listeners[listener.name],
-    )
 
 
 def sweep_interval_s(config: Config) -> float:
@@ -241,57 +93,123 @@ async def start_control(
     control = ControlServer(
         control_config.socket, control_config.group, controller, runtime.stats.control
     )
+    inherited = runtime.inherited
+    sock = inherited.take_control(str(control_config.socket)) if inherited is not None else None
     try:
-        await control.start()
+        await control.start(sock)
     except BaseException:
         runtime.close_sockets()
         raise
     return control
 
 
-async def serve(runtime: Runtime, stop: asyncio.Event) -> None:
-    """Serve until ``stop`` is set, then shut down gracefully.
+# What the daemon can do to itself on a control command or a signal (reload, upgrade), built
+# once it serves: daemon/reload.py's, given the runtime and its controller (None without one).
+ActionsFactory = Callable[[Runtime, ControlServer | None, asyncio.Event], DaemonActions]
+
+
+async def serve(
+    runtime: Runtime, stop: asyncio.Event, *, actions: ActionsFactory | None = None
+) -> None:
+    """Serve until ``stop`` is set, then shut down gracefully. ``actions``: what ``zdlb ctl
+    reload``/``upgrade`` and SIGHUP/SIGUSR2 run (none: the commands answer an error).
 
     Raises ListenerError if the control socket cannot be created (before any listener serves).
     """
     control = await start_control(runtime)
-    servers = [server for backend in runtime.backends.values() for server in backend.servers]
     metrics = await start_metrics(
-        runtime, lambda: take_snapshot(runtime.stats, servers, runtime.health), control=control
+        runtime,
+        lambda: take_snapshot(runtime.stats, runtime.servers, runtime.health),
+        control=control,
     )
     await start_listeners(runtime)
-    interval_s = sweep_interval_s(runtime.config)
+    if actions is not None:
+        install_actions(actions(runtime, control, stop), control)
     tune_gc()
+    runtime.start_health()
+    announce_ready(runtime)
     async with asyncio.TaskGroup() as tasks:
-        sweeper = tasks.create_task(sweep_forever(runtime.all_routes, interval_s))
-        checks = tasks.create_task(runtime.health.run())
+        sweeper = tasks.create_task(sweep_forever(runtime))
         await stop.wait()
+        if not runtime.handed_over:
+            notify.stopping()
         if control is not None:
-            await control.close()
+            await control.close(unlink=not runtime.handed_over)
         await shutdown(runtime)
         if metrics is not None:
             metrics.close()
             await metrics.wait_closed()
         sweeper.cancel()
-        checks.cancel()
+        await runtime.stop_health()
+
+
+def announce_ready(runtime: Runtime) -> None:
+    """Everything serves: tell systemd (the service's main process now, after an upgrade)
+    and whoever waits (an upgrading predecessor)."""
+    if runtime.inherited is not None:
+        notify.main_pid(os.getpid())
+    else:
+        notify.ready()
+    for hook in runtime.on_ready:
+        hook()
+
+
+def install_actions(actions: DaemonActions, control: ControlServer | None) -> None:
+    """``zdlb ctl reload``/``upgrade`` and SIGHUP/SIGUSR2 run ``actions`` from now on."""
+    if control is not None:
+        control.controller.actions = actions
+    loop = asyncio.get_running_loop()
+    running: set[asyncio.Task[tuple[bool, list[str]]]] = set()  # kept until done (asyncio#91887)
+
+    def on_signal(name: str) -> None:
+        action = actions.reload if name == "reload" else actions.upgrade
+        task = loop.create_task(action(-1), name=f"{name} (signal)")
+        running.add(task)
+        task.add_done_callback(running.discard)
+
+    loop.add_signal_handler(signal.SIGHUP, on_signal, "reload")
+    loop.add_signal_handler(signal.SIGUSR2, on_signal, "upgrade")
 
 
 async def start_listeners(runtime: Runtime, *, log_started: bool = True) -> None:
     """Accept on every listener socket of ``runtime``; ``log_started``: one line each."""
-    loop = asyncio.get_running_loop()
     for route, sock in runtime.sockets:
-        server = await loop.create_server(
-            lambda route=route: ClientConnection(route, loop),  # type: ignore[misc]
-            sock=sock,
-            backlog=route.listener.backlog,
-        )
-        runtime.servers.append(server)
+        await accept_http(runtime, route, sock)
         if log_started:
             log_listener_started(route.listener, sock, route.backend)
     for tcp_route, sock in runtime.tcp_sockets:
         tcp_route.start_accepting(sock)
         if log_started:
             log_listener_started(tcp_route.listener, sock, tcp_route.backend)
+
+
+async def accept_http(runtime: Runtime, route: Route, sock: socket.socket) -> None:
+    """Accept on ``sock`` for ``route``'s listener, through its slot (created if new)."""
+    name = route.listener.name
+    slot = runtime.slots.get(name)
+    if slot is None:
+        slot = runtime.slots[name] = RouteSlot(route)
+    slot.route = route
+    runtime.http_servers[name] = await accept_into(slot, sock)
+
+
+async def accept_into(slot: RouteSlot, sock: socket.socket) -> asyncio.Server:
+    """An asyncio server accepting on ``sock``, its connections served by ``slot``'s route."""
+    loop = asyncio.get_running_loop()
+    return await loop.create_server(
+        lambda slot=slot: ClientConnection(slot.route, loop),  # type: ignore[misc]
+        sock=sock,
+        backlog=slot.route.listener.backlog,
+    )
+
+
+async def adopt_connection(slot: RouteSlot, sock: socket.socket) -> None:
+    """Serve a client connection another process accepted (an upgrade's idle ones)."""
+    loop = asyncio.get_running_loop()
+    await loop.connect_accepted_socket(
+        lambda: ClientConnection(slot.route, loop),
+        sock=sock,
+    )
 
 
 def new_controller(runtime: Runtime, workers: WorkerLoad | None = None) -> Controller:
@@ -318,7 +236,7 @@ async def start_metrics(
     if runtime.metrics_socket is None:
         return None
     admin = runtime.config.metrics.admin
-    board = StatusBoard(
+    board = runtime.status_board = StatusBoard(
         runtime.backends, runtime.health, runtime.events, source, runtime.census, is_admin=admin
     )
     deploys = control.controller.deploy_snapshot if control is not None else None
@@ -343,22 +261,43 @@ def log_listener_started(listener: ListenerConfig, sock: socket.socket, backend:
     )
 
 
-async def sweep_forever(routes: list[Route | TcpRoute], interval_s: float) -> None:
+async def sweep_forever(runtime: Runtime) -> None:
+    """Enforce deadlines on every route, retired ones included, and let go of retired routes
+    whose last connection ended; the interval follows the running config."""
     loop = asyncio.get_running_loop()
     while True:
-        await asyncio.sleep(interval_s)
+        await asyncio.sleep(sweep_interval_s(runtime.config))
         now = loop.time()
-        for route in routes:
+        for route in runtime.all_routes:
             route.sweep(now)
+        if runtime.retired:
+            prune_retired(runtime)
+
+
+def prune_retired(runtime: Runtime) -> None:
+    """Close what retired routes without connections still hold (idle upstream connections to
+    servers of the old config, tunnel pipes) and forget them."""
+    busy: list[Route | TcpRoute] = []
+    for route in runtime.retired:
+        if route.connections:
+            busy.append(route)
+            continue
+        route.abort_all()  # no connection left: closes its pipe pool only
+        if isinstance(route, Route):
+            for pool in route.upstreams.values():
+                pool.close_idle()
+    runtime.retired = busy
 
 
 async def shutdown(runtime: Runtime) -> None:
     """Stop accepting, let in-flight requests finish within grace_s, then abort the rest.
 
-    HTTP connections end after their current answer; TCP tunnels have no such boundary, so
-    they run until they end by themselves or grace_s is over.
+    HTTP connections end after their next answer (``Connection: close``); those still idle
+    when grace_s ends are closed then, never before: a client may have written a request
+    we have not read yet. TCP tunnels have no request boundary, so they run until they end by
+    themselves or grace_s is over.
     """
-    for server in runtime.servers:
+    for server in runtime.http_servers.values():
         server.close()
     routes = runtime.all_routes
     for route in routes:
@@ -373,15 +312,20 @@ async def shutdown(runtime: Runtime) -> None:
                 await route.drained.wait()
     except TimeoutError:
         pass
+    idle = 0
+    for route in routes:
+        if isinstance(route, Route):
+            idle += sum(1 for conn in route.connections if conn.phase is Phase.IDLE)
+            route.close_idle()
     left = sum(len(route.connections) for route in routes)
     for route in routes:
         route.abort_all()
-    for http_route in runtime.routes:
-        for pool in http_route.upstreams.values():
-            pool.close_idle()
-    for server in runtime.servers:
+        if isinstance(route, Route):
+            for pool in route.upstreams.values():
+                pool.close_idle()
+    for server in runtime.http_servers.values():
         await server.wait_closed()
-    log.info("shutdown_finished aborted=%d", left)
+    log.info("shutdown_finished aborted=%d closed_idle=%d", left - idle, idle)
 
 
 def run_loop(loop: str, main: Coroutine[Any, Any, None]) -> int:
@@ -403,6 +347,14 @@ def run_loop(loop: str, main: Coroutine[Any, Any, None]) -> int:
 
 
 def install_signal_handlers(stop: asyncio.Event) -> None:
+    """SIGTERM/SIGINT stop; SIGHUP and SIGUSR2 are logged and ignored until ``install_actions``
+    (a reload or upgrade before the daemon serves, or in a worker, must not kill it)."""
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
+    for signum in (signal.SIGHUP, signal.SIGUSR2):
+        loop.add_signal_handler(signum, _ignored, signum)
+
+
+def _ignored(signum: signal.Signals) -> None:
+    log.warning("signal_ignored signal=%s reason=not serving yet, or a worker", signum.name)

@@ -1,6 +1,7 @@
 """One worker process of a ``workers = N`` daemon: it accepts on the master's listeners and proxies.
 
-Started by the master (daemon/workers.py) as ``python -m zdlb.daemon.worker``, with the
+Started by the master (daemon/workers.py) as ``python -I`` running ``worker.main`` (isolated:
+nothing from the working directory or the PYTHON* variables is importable here), with the
 listening sockets and its end of the channel passed as file descriptors and a pickled
 ``WorkerSpec`` on stdin (a pipe from the master: trusted, and the only way the exact running
 config reaches it, even if the file changed on disk since).
@@ -31,18 +32,19 @@ from zdlb.balancer.server import AdminState, Health, Server
 from zdlb.config.model import Config, LogFormat
 from zdlb.daemon import ipc
 from zdlb.daemon.lifecycle import (
-    Runtime,
-    build_runtime,
+    accept_into,
     install_signal_handlers,
     raise_open_file_limit,
     run_loop,
     shutdown,
     start_listeners,
     sweep_forever,
-    sweep_interval_s,
     tune_gc,
 )
 from zdlb.daemon.logs import setup_logging
+from zdlb.daemon.reload import apply_pushed
+from zdlb.daemon.runtime import Runtime, build_runtime
+from zdlb.errors import ZdlbError
 from zdlb.health.verdict import Transition, Verdict
 from zdlb.metrics.collector import take_snapshot
 
@@ -76,17 +78,30 @@ class WorkerSpec:
     channel_fd: int
     options: WorkerOptions
     census_key: int  # the master's census hash key: sketches merge only under one key
+    # Every worker's listener fds, by worker index (this one's too): a sibling's are served
+    # only while it is down (workers.py, rule 6).
+    share_fds: tuple[tuple[int, ...], ...] = ()
 
 
 class Worker:
     """The running worker: applies the master's state, reports its counters."""
 
-    def __init__(self, runtime: Runtime, writer: asyncio.StreamWriter) -> None:
+    def __init__(
+        self,
+        runtime: Runtime,
+        writer: asyncio.StreamWriter,
+        shares: dict[int, list[socket.socket]] | None = None,
+    ) -> None:
         self.runtime = runtime
+        self._shares = shares or {}  # sibling index -> its listener sockets, config order
+        self._adopted: dict[int, list[asyncio.Server]] = {}
         self._writer = writer
         self._servers = [s for backend in runtime.backends.values() for s in backend.servers]
         self._by_key = {ipc.server_key(s): s for s in self._servers}
         self._seq = 0
+        # Servers a reload replaced whose last requests still run here: reported with the
+        # server of the same name, so the master's `wait idle` waits for them too.
+        self._predecessors: list[Server] = []
 
     def send(self, message: ipc.Message) -> None:
         if not self._writer.is_closing():
@@ -100,6 +115,13 @@ class Worker:
     def report(self) -> None:
         connections = sum(len(route.connections) for route in self.runtime.all_routes)
         snapshot = take_snapshot(self.runtime.stats, self._servers)
+        if self._predecessors:
+            self._predecessors = [s for s in self._predecessors if s.inflight or s.conns]
+            for old in self._predecessors:
+                entry = snapshot["servers"].get(old.backend, {}).get(old.name)
+                if entry is not None and entry["state"] is not None:
+                    entry["state"]["inflight"] += old.inflight
+                    entry["state"]["conns"] += old.conns
         census = {
             name: {host: [list(pair) for pair in pairs] for host, pairs in taken.items()}
             for name, backend_census in self.runtime.census.items()
@@ -124,8 +146,52 @@ class Worker:
             case ipc.CloseIdle(server=key):
                 if (target := self._by_key.get(key)) is not None:
                     self._close_idle(target)
-            case ipc.Ready() | ipc.StatsReport() | ipc.ObservedDown():
+            case ipc.Release(index=index):
+                self.release(index)
+            case ipc.Reload() | ipc.Adopt():
+                raise AssertionError("awaited by _read_channel, in channel order")
+            case ipc.Ready() | ipc.StatsReport() | ipc.ObservedDown() | ipc.Reloaded():
                 log.error("worker_channel_unexpected message=%s", type(message).__name__)
+
+    async def adopt(self, index: int) -> None:
+        """Accept on worker ``index``'s HTTP listener sockets too, until ``release``."""
+        if index in self._adopted or index not in self._shares:
+            return
+        servers = []
+        for listener, sock in zip(self.runtime.config.listeners, self._shares[index], strict=True):
+            slot = self.runtime.slots.get(listener.name)
+            if slot is not None:  # HTTP; a TCP share waits for the restart
+                # A duplicate: closing the server must leave the socket for the next time.
+                servers.append(await accept_into(slot, sock.dup()))
+        self._adopted[index] = servers
+        log.info("worker_share_serving share=%d listeners=%d", index, len(servers))
+
+    def release(self, index: int) -> None:
+        """Stop accepting on worker ``index``'s sockets; its connections here carry on."""
+        for server in self._adopted.pop(index, []):
+            server.close()
+
+    def close_shares(self) -> None:
+        """At stop: let go of every sibling socket, so that once every process has, the
+        listeners close and new clients are refused instead of queued for nobody."""
+        for index in list(self._adopted):
+            self.release(index)
+        for socks in self._shares.values():
+            for sock in socks:
+                sock.close()
+        self._shares = {}
+
+    async def reload(self, message: ipc.Reload) -> None:
+        """Apply the config the master pushed (ipc.py, rule 5) and say how it went."""
+        old = self._servers
+        try:
+            problems = await apply_pushed(self.runtime, message.config)
+        except ZdlbError as exc:  # a bug, or out of fds: the master logs it
+            problems = [str(exc)]
+        self._servers = self.runtime.servers
+        self._by_key = {ipc.server_key(s): s for s in self._servers}
+        self._predecessors = [s for s in (*self._predecessors, *old) if s.inflight or s.conns]
+        self.send(ipc.Reloaded(message.seq, tuple(problems)))
 
     def _align_verdict(self, server: Server) -> None:
         """The local passive-check verdict follows the master's health, so the next errors on
@@ -155,7 +221,12 @@ async def run_worker(spec: WorkerSpec) -> None:
     reader, writer = await asyncio.open_unix_connection(sock=channel, limit=ipc.MAX_MESSAGE_BYTES)
     hook = _DeferredHook()
     runtime = build_runtime(spec.config, sockets, on_health=hook, census_key=spec.census_key)
-    worker = Worker(runtime, writer)
+    shares = {
+        index: [socket.socket(fileno=fd) for fd in fds]
+        for index, fds in enumerate(spec.share_fds)
+        if index != spec.index
+    }
+    worker = Worker(runtime, writer, shares)
     hook.target = worker
     stop = asyncio.Event()
     install_signal_handlers(stop)
@@ -172,12 +243,11 @@ async def run_worker(spec: WorkerSpec) -> None:
     worker.send(ipc.Ready(os.getpid()))
     tune_gc()
     async with asyncio.TaskGroup() as tasks:
-        sweeper = tasks.create_task(
-            sweep_forever(runtime.all_routes, sweep_interval_s(runtime.config))
-        )
+        sweeper = tasks.create_task(sweep_forever(runtime))
         reporter = tasks.create_task(_report_forever(worker))
         listener = tasks.create_task(_read_channel(reader, worker, stop))
         await stop.wait()
+        worker.close_shares()
         await shutdown(runtime)
         worker.report()  # the last counts, so a scrape after a drain adds them up
         for task in (sweeper, reporter, listener):
@@ -206,7 +276,13 @@ async def _report_forever(worker: Worker) -> None:
 async def _read_channel(reader: asyncio.StreamReader, worker: Worker, stop: asyncio.Event) -> None:
     try:
         while line := await reader.readline():
-            worker.handle(ipc.decode(line))
+            message = ipc.decode(line)
+            if isinstance(message, ipc.Reload):
+                await worker.reload(message)  # before the next message: the state follows it
+            elif isinstance(message, ipc.Adopt):
+                await worker.adopt(message.index)
+            else:
+                worker.handle(message)
     except (ConnectionError, ValueError) as exc:
         log.error("worker_channel_failed error=%r", exc)
     if not stop.is_set():

@@ -4,11 +4,11 @@
 
 1. The master binds every listener (and the metrics socket) before anything else, as the
    single process does, replays the state journal, then starts N worker processes
-   (daemon/worker.py), each accepting on its own socket of every listener: SO_REUSEPORT
-   spreads new connections over the workers, where one shared accept queue let a burst land
-   on one of them (tcp/listener.py has the figures). The master keeps every socket open, so
-   connections queued for a worker that restarts wait for it (0.27-0.32 s from a SIGKILL to
-   ready, measured here) instead of being reset.
+   (daemon/worker.py, in Python's isolated mode: daemon/spawn.py), each accepting on its own
+   socket of every listener: SO_REUSEPORT spreads new connections over the workers, where one
+   shared accept queue let a burst land on one of them (tcp/listener.py has the figures). The
+   master keeps every socket open, so connections queued for a worker that died are not
+   reset; a sibling serves them (rule 6).
 2. The master never proxies. It runs the control socket, the health checks, the journal and the
    /metrics endpoint. Every change of a server's state (a command, a health verdict) is sent to
    every worker within ``PUSH_POLL_S`` (ipc.py, rule 1); their counters come back in reports.
@@ -20,6 +20,13 @@
 5. SIGTERM/SIGINT: close the control socket, close the master's copies of the listeners, pass
    SIGTERM on, let the workers drain within the longest ``grace_s`` (plus ``STOP_MARGIN_S``),
    kill what remains, exit 0.
+6. Every worker also holds its siblings' sockets, unused. When one exits, the master at once
+   asks a live worker to accept on the exited one's sockets too (``ipc.Adopt``), so clients
+   the kernel queued there are served within milliseconds, not after the restart; the
+   adopter lets go (``ipc.Release``) when the new worker serves. After a kill -9, fresh clients
+   were all answered 18-19 ms after the kill, where without adoption they waited 249-275 ms
+   for the replacement (tests/daemon/test_worker_kill.py, 3 runs each). HTTP listeners only:
+   a TCP listener's share still waits for the restart.
 """
 
 from __future__ import annotations
@@ -31,14 +38,23 @@ import os
 import pickle
 import signal
 import socket
-import sys
 import time
 from collections.abc import Iterable
 
 from zdlb.balancer.server import Health, Server
 from zdlb.config.model import Config
-from zdlb.daemon import ipc
-from zdlb.daemon.lifecycle import Runtime, log_listener_started, start_control, start_metrics
+from zdlb.daemon import ipc, notify, spawn
+from zdlb.daemon.handoff import ConfigPush, Shares
+from zdlb.daemon.lifecycle import (
+    ActionsFactory,
+    announce_ready,
+    install_actions,
+    log_listener_started,
+    start_control,
+    start_metrics,
+)
+from zdlb.daemon.reload import Reloader, Role
+from zdlb.daemon.runtime import Runtime
 from zdlb.daemon.worker import WorkerOptions, WorkerSpec
 from zdlb.errors import ZdlbError
 from zdlb.events import EventKind
@@ -111,6 +127,8 @@ class Supervisor:
         self._reported = asyncio.Event()
         self._is_stopping = False
         self._pushed_generation = Server.generation
+        self._shares = Shares()  # rule 6
+        self._push = ConfigPush()  # reload.py
         # Worker i accepts on the i-th socket of every listener's group (build_runtime).
         groups = runtime.listener_groups
         assert all(len(group) == count for group in groups), "build_runtime(workers=count)"
@@ -151,6 +169,17 @@ class Supervisor:
     def close_idle(self, server: Server) -> None:
         for slot in self.slots:
             slot.send(ipc.CloseIdle(ipc.server_key(server)))
+
+    # --- reload (daemon/reload.py) --------------------------------------------------------
+
+    async def push_config(self, config: Config) -> list[str]:
+        """Send the config the master just applied to every serving worker, then the state;
+        returns the problems (handoff.py ``ConfigPush``)."""
+        self._servers = self.runtime.servers
+        self._by_key = {ipc.server_key(s): s for s in self._servers}
+        self._seq += 1
+        self._pushed_generation = Server.generation
+        return await self._push.push(self._seq, config, ipc.views_of(self._servers), self.slots)
 
     # --- metrics ----------------------------------------------------------------------------
 
@@ -218,6 +247,7 @@ class Supervisor:
         master_end, worker_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             fds = tuple(sock.fileno() for sock in self._worker_socks[slot.index])
+            shares = tuple(tuple(sock.fileno() for sock in socks) for socks in self._worker_socks)
             spec = WorkerSpec(
                 self.runtime.config,
                 slot.index,
@@ -225,13 +255,13 @@ class Supervisor:
                 worker_end.fileno(),
                 self._options,
                 self.runtime.census_key,
+                shares,
             )
             proc = await asyncio.create_subprocess_exec(
-                sys.executable,
-                "-m",
-                "zdlb.daemon.worker",
+                *spawn.worker_argv(),
                 stdin=asyncio.subprocess.PIPE,
-                pass_fds=(*fds, worker_end.fileno()),
+                env=spawn.child_environment(),
+                pass_fds=(*(fd for share in shares for fd in share), worker_end.fileno()),
             )
         except BaseException:
             master_end.close()
@@ -259,6 +289,8 @@ class Supervisor:
             assert proc is not None
             code = await proc.wait()
             slot.ready.clear()  # refresh() no longer waits for it, show info counts it out
+            if not self._is_stopping:
+                self._shares.hand_over(slot.index, self.slots)  # first: its clients wait
             if slot.reader is not None:
                 await slot.reader  # its last report, if it sent one
             if self._is_stopping:
@@ -313,9 +345,19 @@ class Supervisor:
             case ipc.Ready(pid=pid):
                 slot.ready.set()
                 log.info("worker_started worker=%d pid=%d", slot.index, pid)
+                self._shares.give_back(slot.index, self.slots)
             case ipc.ObservedDown(server=key, reason=reason):
                 self._observed_down(key, reason)
-            case ipc.StateUpdate() | ipc.Poll() | ipc.CloseIdle():
+            case ipc.Reloaded():
+                self._push.answered(slot.index, message)
+            case (
+                ipc.StateUpdate()
+                | ipc.Poll()
+                | ipc.CloseIdle()
+                | ipc.Reload()
+                | ipc.Adopt()
+                | ipc.Release()
+            ):
                 log.error("worker_channel_unexpected message=%s", type(message).__name__)
 
     def _observed_down(self, key: str, reason: str) -> None:
@@ -360,7 +402,11 @@ async def _ready_or_exited(slot: WorkerSlot) -> None:
 
 
 async def serve_master(
-    runtime: Runtime, stop: asyncio.Event, count: int, options: WorkerOptions
+    runtime: Runtime,
+    stop: asyncio.Event,
+    count: int,
+    options: WorkerOptions,
+    actions: ActionsFactory | None = None,
 ) -> None:
     """lifecycle.serve for ``count`` > 1 workers: the rules above, until ``stop`` is set."""
     supervisor = Supervisor(runtime, count, options)
@@ -371,21 +417,29 @@ async def serve_master(
     except BaseException:
         await supervisor.stop(0.0)
         raise
+    reloader = Reloader(runtime, control.controller if control else None, Role.MASTER)
+    reloader.push = supervisor.push_config
+    if actions is not None:
+        reloader.upgrade_action = actions(runtime, control, stop).upgrade
+    install_actions(reloader, control)
     for route, sock in runtime.sockets:
         log_listener_started(route.listener, sock, route.backend)
     for tcp_route, sock in runtime.tcp_sockets:
         log_listener_started(tcp_route.listener, sock, tcp_route.backend)
     log.info("workers_started workers=%d", count)
-    grace_s = max((route.timeouts.grace_s for route in runtime.all_routes), default=0.0)
+    runtime.start_health()
+    announce_ready(runtime)
     async with asyncio.TaskGroup() as tasks:
         supervising = tasks.create_task(supervisor.run())
-        checks = tasks.create_task(runtime.health.run())
         await stop.wait()
+        if not runtime.handed_over:
+            notify.stopping()
         if control is not None:
-            await control.close()
+            await control.close(unlink=not runtime.handed_over)
+        grace_s = max((route.timeouts.grace_s for route in runtime.all_routes), default=0.0)
         await supervisor.stop(grace_s)
         supervising.cancel()
-        checks.cancel()
+        await runtime.stop_health()
     if metrics is not None:
         metrics.close()
         await metrics.wait_closed()

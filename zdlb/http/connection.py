@@ -31,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import os
 import socket
 import time
 from bisect import bisect_left
@@ -784,9 +785,17 @@ class ClientConnection(asyncio.Protocol):
         reader = self.reader
         route.stats.bytes_in += reader.bytes_read  # counted by the reader, published here
         reader.bytes_read = 0
-        if not exchange.keep_alive or route.is_stopping:
+        # Not `or route.is_stopping`: an answer whose head promised keep-alive before a stop
+        # began must not be followed by a close its client cannot expect (the next request
+        # would be lost); the connection idles, and its next answer says close.
+        if not exchange.keep_alive:
             self._close_after_write()
-        elif reader.held:  # a pipelined request: parse it on the next iteration, not deeper
+            self._flush_client()
+            return
+        if route.successor is not None:  # a reload replaced the route: the next request uses it
+            self.move_to(route.successor)
+            route = self.route
+        if reader.held:  # a pipelined request: parse it on the next iteration, not deeper
             self.exchange = None
             self.phase = Phase.HEAD
             self.deadline = self.loop.time() + route.timeouts.http_request_s
@@ -969,6 +978,39 @@ class ClientConnection(asyncio.Protocol):
             exchange.connect_task = None
         exchange.request_done = False  # the client may still be sending: close after
         self._fail(exchange, 504)
+
+    def move_to(self, route: Route) -> None:
+        """Between exchanges: serve the next requests by ``route`` (the newest of a chain of
+        reloads), counted there; nothing is closed."""
+        while route.successor is not None:
+            route = route.successor
+        old = self.route
+        old.forget(self)
+        old.stats.connections_open -= 1
+        self.route = route
+        route.connections.add(self)
+        route.stats.connections_open += 1
+
+    def detach_idle(self) -> socket.socket | None:
+        """An upgrade (daemon/upgrade.py): between requests, with nothing buffered either way,
+        give up the client's socket (a duplicate, for another process) and forget it here
+        without a FIN; None when it is not idle so (it then stays here)."""
+        transport = self.transport
+        if (
+            self.phase is not Phase.IDLE
+            or transport is None
+            or not self.reader.is_idle
+            or self.wbuf
+            or transport.get_write_buffer_size()
+        ):
+            return None
+        sock = transport.get_extra_info("socket")
+        if sock is None:
+            return None
+        kept = socket.socket(fileno=os.dup(sock.fileno()))  # the socket outlives the abort
+        self.phase = Phase.CLOSING
+        transport.abort()  # closes this process's descriptor only: no FIN, no reset
+        return kept
 
     def close_when_idle(self) -> None:
         if self.phase is Phase.IDLE:

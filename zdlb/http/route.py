@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import asyncio
 import math
+import socket
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
 
 from zdlb.config.model import ListenerConfig
-from zdlb.http.exchange import may_reuse
+from zdlb.http.exchange import Phase, may_reuse
 from zdlb.http.head import RequestHeadParser
 from zdlb.http.upgrade import Tunnel, TunnelSettings
 from zdlb.http.upstream import ServerConnections
@@ -35,10 +36,13 @@ class ListenedConnection(Protocol):
 
     deadline: float
     tunnel: Tunnel | None
+    phase: Phase
 
     def deadline_passed(self) -> None: ...
     def close_when_idle(self) -> None: ...
     def abort(self) -> None: ...
+    def move_to(self, route: Route) -> None: ...
+    def detach_idle(self) -> socket.socket | None: ...
 
 
 def _ignore_observation(server: Server, ok: bool) -> None:
@@ -103,6 +107,8 @@ class Route:
         self.splice_min_bytes = _splice_min_bytes(tunnel)
         self.is_stopping = False
         self.drained = asyncio.Event()  # set once stopping and the last connection closed
+        # Set by a reload (daemon/reload.py): connections move to it between requests.
+        self.successor: Route | None = None
 
     def __repr__(self) -> str:
         return (
@@ -142,14 +148,27 @@ class Route:
         for pump in expired:
             pump.close()
 
-    def stop_accepting(self) -> None:
-        """Shutdown, step 1: idle keep-alive connections close now, busy ones after their
-        current response (which then says ``Connection: close``)."""
-        self.is_stopping = True
+    def retire(self, successor: Route) -> None:
+        """A reload replaced this route: idle connections move to ``successor`` now, busy ones
+        when their exchange ends (connection.py ``_finish_exchange``); none is closed."""
+        self.successor = successor
         for conn in list(self.connections):
-            conn.close_when_idle()
+            if conn.phase is Phase.IDLE:
+                conn.move_to(successor)
+
+    def stop_accepting(self) -> None:
+        """Shutdown, step 1: every connection closes after its next answer (which says
+        ``Connection: close``). An idle one is not closed now: its client may have a request
+        on the wire already, which would be lost; ``close_idle`` closes what is left at the
+        end of ``grace_s``."""
+        self.is_stopping = True
         if not self.connections:
             self.drained.set()
+
+    def close_idle(self) -> None:
+        """Shutdown, at the end of ``grace_s``: close the connections waiting for a request."""
+        for conn in list(self.connections):
+            conn.close_when_idle()
 
     def forget(self, conn: ListenedConnection) -> None:
         self.connections.discard(conn)

@@ -128,6 +128,15 @@ class StatusBoard:
         self._cached: tuple[float, dict[str, object]] | None = None
         self._users: tuple[float, dict[str, dict[str, int]]] | None = None
 
+    def replace(
+        self, backends: Mapping[str, Backend], checks: CheckSource, census: Mapping[str, Census]
+    ) -> None:
+        """A reload switched the running configuration: show the new one from now on."""
+        self._backends = backends
+        self._checks = checks
+        self._census = census
+        self._cached = self._users = None
+
     def document(self) -> dict[str, object]:
         """The /status.json document (a fresh dict only every ``CACHE_S``)."""
         now = self._monotonic()
