@@ -298,3 +298,33 @@ FOREIGN_ATTEMPTS = """(async () => {
   results.push(simple.status);
   return results;
 })()"""
+
+
+async def test_zdlb_ctl_show_status_is_the_pages_document(
+    start_daemon: StartDaemon,
+    write_config: WriteConfig,
+    demo_vhosts: dict[str, DemoVhostServer],
+) -> None:
+    """One source of truth: `zdlb ctl --json show status` answers /status.json's document."""
+    daemon, config, _, base = await start_demo_daemon(start_daemon, write_config, demo_vhosts)
+    result = await run_zdlb("ctl", "-c", str(config), "flip", "app/front-1")
+    assert result.returncode == 0, result
+    shown = await run_zdlb("ctl", "-c", str(config), "--json", "show", "status")
+    assert shown.returncode == 0, shown
+    from_ctl = json.loads(shown.stdout)
+    from_page = await _status_json(_host_port(base))
+
+    def states(doc: dict[str, Any]) -> list[tuple[str, str, list[tuple[str, str, str]]]]:
+        return [
+            (h["host"], h["serving"], [(m["name"], m["admin"], m["health"]) for m in h["members"]])
+            for b in doc["backends"]
+            for h in b["hosts"]
+        ]
+
+    assert states(from_ctl) == states(from_page)  # (rates and ages move between the two reads)
+    assert from_ctl["events"][0]["kind"] == from_page["events"][0]["kind"] == "flip"
+    hosts = {host["host"]: host for host in from_ctl["backends"][0]["hosts"]}
+    assert hosts["front-1"]["serving"] == "front-1-backup"
+    text = await run_zdlb("ctl", "-c", str(config), "show", "status")
+    assert text.returncode == 0 and "front-1-backup" in text.stdout, text
+    assert "Traceback" not in daemon.output

@@ -35,6 +35,7 @@ from zdlb.control.protocol import (
     ShowDeploy,
     ShowInfo,
     ShowServers,
+    ShowStatus,
     Swap,
     Upgrade,
     WaitIdle,
@@ -56,7 +57,8 @@ from zdlb.errors import ControlUsageError
 U_HELP, U_INFO, U_BACKENDS, U_SERVERS, U_STATE, U_WEIGHT, U_FLIP, U_SWAP, U_WAIT = USAGE[:9]
 U_SHOW_DEPLOY, U_BEGIN, U_TAKEOVER, U_UPDATE = USAGE[9:13]
 U_ALL = "\n".join(USAGE)
-U_SHOW = "\n".join((U_INFO, U_BACKENDS, U_SERVERS, U_SHOW_DEPLOY))
+U_SHOW_STATUS = USAGE[15]
+U_SHOW = "\n".join((U_INFO, U_BACKENDS, U_SERVERS, U_SHOW_DEPLOY, U_SHOW_STATUS))
 U_SET = "\n".join((U_STATE, U_WEIGHT))
 
 COMMANDS = [
@@ -97,6 +99,7 @@ COMMANDS = [
     pytest.param(b"flip app/front-1 wait 30", Flip("app", "front-1", wait_s=30.0), id="flip-wait"),
     pytest.param(b"wait a/b up", WaitUp("a", "b", 30.0), id="wait-up-default-timeout"),
     pytest.param(b"show deploy", ShowDeploy(), id="show-deploy"),
+    pytest.param(b"show status", ShowStatus(), id="show-status"),
     pytest.param(
         b"deploy begin app to main pid 42", DeployBegin("app", Target.MAIN, 42), id="begin-all"
     ),
@@ -309,6 +312,7 @@ ERRORS = [
         id="swap-target",
     ),
     pytest.param(b"show deploy x", "unexpected 'x' after 'show deploy'", U_SHOW_DEPLOY, id="sd-x"),
+    pytest.param(b"show status x", "unexpected 'x' after 'show status'", U_SHOW_STATUS, id="ss-x"),
     pytest.param(
         b"deploy", "missing what to do", "\n".join((U_BEGIN, U_TAKEOVER, U_UPDATE)), id="deploy"
     ),
@@ -556,6 +560,7 @@ def test_usage_lines_one_per_command_form() -> None:
         "usage: deploy renew|step|host|end TOKEN ...",
         "usage: reload",
         "usage: upgrade",
+        "usage: show status",
     )
 
 

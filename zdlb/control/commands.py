@@ -10,10 +10,10 @@ import asyncio
 import logging
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol, assert_never
+from typing import Any, Protocol, assert_never, cast
 
 from zdlb import __version__
 from zdlb.balancer.pool import Backend
@@ -40,6 +40,7 @@ from zdlb.control.protocol import (
     ShowDeploy,
     ShowInfo,
     ShowServers,
+    ShowStatus,
     Swap,
     Upgrade,
     WaitIdle,
@@ -139,6 +140,9 @@ class Controller:
         self._started_at = time.monotonic()
         self._stopping = asyncio.Event()  # set at shutdown: waits answer at once
         self.actions: DaemonActions | None = None  # the daemon sets it once it serves
+        # The status page's document (metrics/status.py), when [metrics] serves one: `show
+        # status` answers with it, so the page and `zdlb ctl --json` never disagree.
+        self.status: Callable[[], Mapping[str, object]] | None = None
         # Servers a reload replaced, whose in-flight requests finish on the old objects: `wait
         # idle` counts them with the server of the same backend/name (daemon/reload.py).
         self._predecessors: list[Server] = []
@@ -219,6 +223,8 @@ class Controller:
             case ShowDeploy():
                 text, data = self._deploys.show()
                 return Reply(text, data)
+            case ShowStatus():
+                return self._show_status()
             case (
                 DeployBegin()
                 | DeployTakeover()
@@ -276,6 +282,25 @@ class Controller:
             if old.name == server.name and old.backend == server.backend:
                 inflight, conns = inflight + old.inflight, conns + old.conns
         return inflight, conns
+
+    def _show_status(self) -> Reply:
+        """The status page's own document (one source of truth), and a table of its hosts."""
+        if self.status is None:
+            raise ControlCommandError("no status page: [metrics] listen is not set")
+        document = self.status()
+        # The document's shape is metrics/status.py's (the /status.json the page reads).
+        backends = cast("list[dict[str, Any]]", document.get("backends", []))
+        rows = []
+        for backend in backends:
+            for host in backend["hosts"]:
+                members = ", ".join(
+                    f"{m['name']} {m['pool']} {m['admin']} {m['health']}" for m in host["members"]
+                )
+                rows.append(
+                    (backend["name"], host["host"], host["serving"], host["users"], members)
+                )
+        text = render_table(("backend", "host", "serving", "users", "members"), rows)
+        return Reply(text, document)
 
     def _show_info(self) -> Reply:
         if self._workers is not None:

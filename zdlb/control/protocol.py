@@ -168,6 +168,12 @@ class Swap:
 
 
 @dataclass(frozen=True, slots=True)
+class ShowStatus:
+    """``show status``: the status page's document (``/status.json``): per backend and host,
+    which member serves, its users, each member's state and load, the latest events."""
+
+
+@dataclass(frozen=True, slots=True)
 class ShowDeploy:
     """``show deploy``: the current or last deploy, its hosts and steps, and its lock."""
 
@@ -198,6 +204,7 @@ Command: TypeAlias = (
     | WaitIdle
     | WaitUp
     | ShowDeploy
+    | ShowStatus
     | DeployCommand
 )
 
@@ -226,6 +233,7 @@ _HELP_ROWS: tuple[tuple[str, str], ...] = (
     *DEPLOY_HELP_ROWS,
     ("reload", "read the config file again and apply it; nothing changes if it has an error"),
     ("upgrade", "start a new zdlb from the installed code, hand it the sockets, drain this one"),
+    ("show status", "per host: who serves, its users, each member; JSON: the status page's"),
 )
 
 USAGE: tuple[str, ...] = tuple(f"usage: {syntax}" for syntax, _ in _HELP_ROWS)
@@ -243,11 +251,18 @@ USAGE: tuple[str, ...] = tuple(f"usage: {syntax}" for syntax, _ in _HELP_ROWS)
     _USAGE_WAIT,
 ) = USAGE[:9]
 _USAGE_SHOW_DEPLOY = USAGE[9]
+_USAGE_SHOW_STATUS = "usage: show status"
 _USAGE_RELOAD = "usage: reload"
 _USAGE_UPGRADE = "usage: upgrade"
 _USAGE_ALL = "\n".join(USAGE)
 _USAGE_SHOW = "\n".join(
-    (_USAGE_SHOW_INFO, _USAGE_SHOW_BACKENDS, _USAGE_SHOW_SERVERS, _USAGE_SHOW_DEPLOY)
+    (
+        _USAGE_SHOW_INFO,
+        _USAGE_SHOW_BACKENDS,
+        _USAGE_SHOW_SERVERS,
+        _USAGE_SHOW_DEPLOY,
+        _USAGE_SHOW_STATUS,
+    )
 )
 _USAGE_SET = "\n".join((_USAGE_SET_STATE, _USAGE_SET_WEIGHT))
 
@@ -359,6 +374,9 @@ def _parse_show(words: list[str]) -> Command:
         case "deploy":
             _expect_end(words, 2, _USAGE_SHOW_DEPLOY)
             return ShowDeploy()
+        case "status":
+            _expect_end(words, 2, _USAGE_SHOW_STATUS)
+            return ShowStatus()
         case word:
             raise ControlUsageError(f"unknown command 'show {_clip(word)}'", _USAGE_SHOW)
 
@@ -508,6 +526,8 @@ def format_command(command: Command) -> str:
             return "help"
         case ShowInfo():
             return "show info"
+        case ShowStatus():
+            return "show status"
         case ShowBackends():
             return "show backends"
         case ShowServers(backend=None):

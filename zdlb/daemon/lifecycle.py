@@ -240,6 +240,8 @@ async def start_metrics(
         runtime.backends, runtime.health, runtime.events, source, runtime.census, is_admin=admin
     )
     deploys = control.controller.deploy_snapshot if control is not None else None
+    if control is not None:
+        control.controller.status = board.document
     controller = control.controller if control is not None else new_controller(runtime, workers)
     endpoint = MetricsEndpoint(
         new_registry(source, runtime.events, runtime.census, deploys),
