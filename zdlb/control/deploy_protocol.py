@@ -20,14 +20,16 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TypeAlias, TypeVar, assert_never
 
-from zdlb.config.table import NAME_RE
+from zdlb.control.words import clip as _clip
+from zdlb.control.words import expect_end as _expect_end
+from zdlb.control.words import name as _name
+from zdlb.control.words import shown as _shown
 from zdlb.deploy.plan import Step, Target
 from zdlb.deploy.record import END_RESULTS, HOST_RESULTS, DeployStatus, HostStatus
 from zdlb.errors import ControlUsageError
 
 _INT_RE = re.compile(r"[+-]?[0-9]+")  # ASCII only, as protocol.py
 _MAX_INT_DIGITS = 9
-_MAX_SHOWN_CHARS = 40  # client words echoed in errors are clipped, as protocol.py does
 _Choice = TypeVar("_Choice")
 _TOKEN_RE = re.compile(r"[0-9a-f]{1,64}")  # a deploy lock's token: hex from secrets.token_hex
 
@@ -199,29 +201,6 @@ def _server_word(words: list[str], index: int) -> str:
     if len(words) <= index:
         raise ControlUsageError("missing SERVER", _USAGE_DEPLOY_UPDATE)
     return _name(words[index], "server", _USAGE_DEPLOY_UPDATE)
-
-
-def _name(word: str, kind: str, usage: str) -> str:
-    if not NAME_RE.fullmatch(word):
-        message = f"invalid {kind} name {_shown(word)}: use letters, digits, '.', '_', '-'"
-        raise ControlUsageError(message, usage)
-    return word
-
-
-def _expect_end(words: list[str], count: int, usage: str) -> None:
-    if len(words) > count:
-        done = _clip(" ".join(words[:count]))
-        raise ControlUsageError(f"unexpected {_shown(words[count])} after '{done}'", usage)
-
-
-def _clip(word: str) -> str:
-    if len(word) <= _MAX_SHOWN_CHARS:
-        return word
-    return word[: _MAX_SHOWN_CHARS - 3] + "..."
-
-
-def _shown(word: str) -> str:
-    return f"'{_clip(word)}'"
 
 
 def format_deploy(command: DeployCommand) -> str:

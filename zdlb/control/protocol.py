@@ -42,7 +42,6 @@ from typing import TypeAlias, assert_never
 
 from zdlb.balancer.server import AdminState
 from zdlb.config.model import MAX_WEIGHT
-from zdlb.config.table import NAME_RE
 from zdlb.control.deploy_protocol import (
     DEPLOY_HELP_ROWS,
     DeployBegin,
@@ -55,6 +54,10 @@ from zdlb.control.deploy_protocol import (
     format_deploy,
     parse_deploy,
 )
+from zdlb.control.words import clip as _clip
+from zdlb.control.words import expect_end as _expect_end
+from zdlb.control.words import name as _name
+from zdlb.control.words import shown as _shown
 from zdlb.errors import ControlUsageError
 
 # Commands are a few dozen bytes; the longest legal one is two names and a keyword. A bound keeps
@@ -68,7 +71,6 @@ DEFAULT_WAIT_TIMEOUT_S = 30.0
 # An hour outlasts any sane drain; past it the operator's script is stuck, not the server busy.
 MAX_WAIT_TIMEOUT_S = 3600.0
 
-_MAX_SHOWN_CHARS = 40  # client words are echoed in error messages; a long one must not flood them
 
 _BLANKS_RE = re.compile(r"[ \t]+")
 # C0 controls except tab (a word separator), DEL and C1 controls: none belongs in a command, and
@@ -484,32 +486,6 @@ def _target(word: str, usage: str) -> tuple[str, str]:
     if not slash:
         raise ControlUsageError(f"expected BACKEND/SERVER, got {_shown(word)}", usage)
     return _name(backend, "backend", usage), _name(server, "server", usage)
-
-
-def _name(word: str, kind: str, usage: str) -> str:
-    if not word:
-        raise ControlUsageError(f"empty {kind} name", usage)
-    if not NAME_RE.fullmatch(word):
-        message = f"invalid {kind} name {_shown(word)}: use letters, digits, '.', '_', '-'"
-        raise ControlUsageError(message, usage)
-    return word
-
-
-def _expect_end(words: list[str], count: int, usage: str) -> None:
-    """Refuse words after the ``count`` that make up a complete command."""
-    if len(words) > count:
-        done = _clip(" ".join(words[:count]))
-        raise ControlUsageError(f"unexpected {_shown(words[count])} after '{done}'", usage)
-
-
-def _clip(word: str) -> str:
-    if len(word) <= _MAX_SHOWN_CHARS:
-        return word
-    return word[: _MAX_SHOWN_CHARS - 3] + "..."
-
-
-def _shown(word: str) -> str:
-    return f"'{_clip(word)}'"
 
 
 def format_command(command: Command) -> str:

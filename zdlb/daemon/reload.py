@@ -43,13 +43,13 @@ from zdlb.balancer.pool import Backend
 from zdlb.balancer.server import AdminState, Server
 from zdlb.config.diff import ChangeKind, ConfigDiff, diff_configs
 from zdlb.config.load import load_config
-from zdlb.config.model import Config, ListenerConfig, ListenerMode
+from zdlb.config.model import Config, ListenerConfig
 from zdlb.control import journal
 from zdlb.control.commands import Controller
 from zdlb.control.server import ControlServer
 from zdlb.daemon import notify
 from zdlb.daemon.lifecycle import accept_http, log_listener_started
-from zdlb.daemon.runtime import Runtime, new_census, new_http_route, new_tcp_route
+from zdlb.daemon.runtime import Runtime, add_route, new_census
 from zdlb.errors import ConfigError, ListenerError
 from zdlb.events import EventKind
 from zdlb.health.scheduler import HealthChecker
@@ -126,14 +126,7 @@ def build_plan(running: Runtime, config: Config, diff: ConfigDiff, role: Role) -
                 sock = plan.bound[listener.name] = bind_listener(listener.bind, listener.backlog)
             else:  # refused by check_role before: listeners need the master's socket groups
                 raise AssertionError(f"listener {listener.name} has no socket")
-            if listener.mode is ListenerMode.TCP:
-                tcp_route = new_tcp_route(new, listener)
-                new.tcp_routes.append(tcp_route)
-                new.tcp_sockets.append((tcp_route, sock))
-            else:
-                route = new_http_route(new, listener)
-                new.routes.append(route)
-                new.sockets.append((route, sock))
+            add_route(new, listener, sock)
     except BaseException:
         plan.close_bound()
         raise

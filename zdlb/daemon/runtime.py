@@ -227,14 +227,7 @@ def build_runtime(
                 sock = listener_sockets[index]
             else:
                 sock = _listener_socket(runtime, listener, workers, inherited)
-            if listener.mode is ListenerMode.TCP:
-                tcp_route = new_tcp_route(runtime, listener)
-                runtime.tcp_routes.append(tcp_route)
-                runtime.tcp_sockets.append((tcp_route, sock))
-            else:
-                route = new_http_route(runtime, listener)
-                runtime.routes.append(route)
-                runtime.sockets.append((route, sock))
+            add_route(runtime, listener, sock)
         metrics = config.metrics.listen
         if metrics is not None and listener_sockets is None:
             taken = inherited.take_metrics(metrics) if inherited is not None else None
@@ -262,6 +255,18 @@ def _listener_socket(
     if group is not None:
         return group[0]
     return bind_listener(listener.bind, listener.backlog)
+
+
+def add_route(runtime: Runtime, listener: ListenerConfig, sock: socket.socket) -> None:
+    """Give ``runtime`` the route of ``listener``, to serve on ``sock``."""
+    if listener.mode is ListenerMode.TCP:
+        tcp_route = new_tcp_route(runtime, listener)
+        runtime.tcp_routes.append(tcp_route)
+        runtime.tcp_sockets.append((tcp_route, sock))
+    else:
+        route = new_http_route(runtime, listener)
+        runtime.routes.append(route)
+        runtime.sockets.append((route, sock))
 
 
 def new_census(
