@@ -147,3 +147,42 @@ async def test_absolute_form_matching_host_goes_upstream_in_origin_form(
     [received] = echo_server.requests
     assert received.target == "/p?q=1"
     assert received.header("host") == "front.test:8080"
+
+
+# --- a server that never accepts ---------------------------------------------------------------
+
+
+async def test_http_connect_timeout_tries_the_pair_then_answers(
+    echo_server: EchoServer, proxies: ProxyStarter
+):
+    """connect_s is the client connection's deadline while it connects (no timer per connect):
+    a connect that hangs is a failed connect, retried on another server within `retries`."""
+    # A listener with backlog 0 and one connection queued drops further SYNs: a connect to it
+    # hangs, like one to a host that went away (as test_tcp_proxy's blackhole).
+    blackhole = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    filler = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        blackhole.bind(("127.0.0.1", 0))
+        blackhole.listen(0)
+        filler.settimeout(WAIT_S)
+        filler.connect(blackhole.getsockname())
+        disable_nagle(echo_server)
+        entries = [
+            server_entry("hole", blackhole.getsockname()),
+            server_entry("echo", echo_server.addr),
+        ]
+        config = proxy_config(entries, backend_timeouts={"connect_s": 0.3}, retries=1)
+        proxy = await proxies.start(config)
+        answers = []
+        for _ in range(2):  # round robin: one of the two first tries the hole
+            async with await H11Client.connect(proxy.addr) as client:
+                began = time.monotonic()
+                answers.append(((await client.request()).status, time.monotonic() - began))
+    finally:
+        filler.close()
+        blackhole.close()
+    assert [status for status, _ in answers] == [200, 200]
+    assert max(elapsed for _, elapsed in answers) >= 0.3  # waited connect_s, no longer than a sweep
+    assert max(elapsed for _, elapsed in answers) < 2.0
+    assert proxy.pool("hole").stats.connect_errors == 1
+    assert proxy.server("hole").inflight == 0

@@ -44,6 +44,7 @@ from zdlb.errors import (
     UpstreamError,
     UpstreamProtocolError,
     UpstreamReset,
+    UpstreamTimeout,
 )
 from zdlb.http import rewrite
 from zdlb.http.exchange import (
@@ -159,7 +160,9 @@ class ClientConnection(asyncio.Protocol):
             self.phase = Phase.HEAD
             self.deadline = self.loop.time() + route.timeouts.http_request_s
         elif phase is Phase.EXCHANGE:
-            self.deadline = self.loop.time() + route.server_s
+            exchange = self.exchange
+            if exchange is not None and exchange.connect_task is None:  # a connect keeps its own
+                self.deadline = self.loop.time() + route.server_s
         elif phase is Phase.CLOSING:
             return  # the answer that closes this connection is already decided
         reader = self.reader
@@ -335,6 +338,8 @@ class ClientConnection(asyncio.Protocol):
     def _connect(self, exchange: Exchange, pool: ServerConnections) -> None:
         if exchange.ubuf_bytes > MAX_PENDING_BYTES:
             self._pause(PAUSED_CONNECTING)
+        # The connect's own deadline (connect_s), enforced by the sweep: _exchange_timed_out.
+        self.deadline = self.loop.time() + pool.connect_s
         exchange.connect_task = self.loop.create_task(self._open(exchange, pool))
 
     async def _open(self, exchange: Exchange, pool: ServerConnections) -> None:
@@ -348,6 +353,7 @@ class ClientConnection(asyncio.Protocol):
         if self.exchange is not exchange or exchange.server is not pool.server:
             pool.release(upstream, self.loop.time())  # the client left meanwhile: keep it warm
             return
+        self.deadline = self.loop.time() + self.route.server_s
         self._attach(exchange, upstream)
         self._flush_upstream(exchange)
 
@@ -968,14 +974,20 @@ class ClientConnection(asyncio.Protocol):
             self._abort_exchange(exchange)
             self.abort()
             return
+        task = exchange.connect_task
+        if task is not None:  # the connect took longer than connect_s: as a failed connect
+            exchange.connect_task = None
+            task.cancel()
+            address = server.address
+            self._connect_failed(
+                exchange, server, UpstreamTimeout(f"connect to {address} timed out")
+            )
+            return
         if server.is_observed:
             self.route.observe(server, False)
         if count := self.route.upstreams[server.name].failures_to_log(self.loop.time()):
             log.warning("upstream_timeout server=%s failures=%d", server.name, count)
         self._drop_upstream(exchange)
-        if exchange.connect_task is not None:
-            exchange.connect_task.cancel()
-            exchange.connect_task = None
         exchange.request_done = False  # the client may still be sending: close after
         self._fail(exchange, 504)
 
