@@ -13,7 +13,7 @@ first read goes through a ``BodySplice`` (config/model.py gives the crossover).
 
 Unlike a tunnel, the connection goes on as HTTP afterwards, so the transports keep their
 sockets: a ``BodySplice`` works on *duplicated* descriptors of both, while the source
-transport's reading is paused and the destination's write buffer is empty (``BodySplicing``
+transport's reading is paused and the destination's write buffer is empty (``BodyDetour``
 waits for that). A response body: both transports paused, the client's write buffer empty
 first. A request body: the client's reading paused, the server's write buffer empty first; the
 server's reading goes on, which is safe (that transport only reads, the splice only writes) and
