@@ -216,3 +216,10 @@ async def test_a_returning_user_keeps_its_token_across_a_flip(proxy: RunningProx
         response = await get(client, cookie)
     assert response.header("x-echo-server") == f"{host}-backup"
     assert set_cookie(response) is None  # the pair serves the same host: no new cookie
+
+
+async def test_show_status_without_a_status_page_is_a_clear_error(proxy: RunningProxy) -> None:
+    """`show status` answers the status page's document; with no [metrics] listener there is
+    none, and the operator is told why instead of getting an empty answer."""
+    with pytest.raises(ControlCommandError, match=r"no status page: \[metrics\] listen"):
+        await ctl(proxy, "show status")
