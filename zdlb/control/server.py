@@ -2,9 +2,11 @@
 
 Parsing is control/protocol.py's, effects control/commands.py's. Every input is hostile until
 parsed: a line is bounded (MAX_LINE_BYTES), a client idle too long is dropped, a reply that
-is not read in time is abandoned, and at most MAX_CLIENTS talk at once. The socket file is
-created 0600 (0660 with a group); a stale file from a crashed daemon is replaced, a live
-daemon's socket is never stolen.
+is not read in time is abandoned, and at most MAX_CLIENTS talk at once. When that many are
+connected, a new client takes the place of the one that has been idle longest (not one whose
+command is running): clients that connect and say nothing cannot lock an operator out. The
+socket file is created 0600 (0660 with a group); a stale file from a crashed daemon is
+replaced, a live daemon's socket is never stolen.
 """
 
 from __future__ import annotations
@@ -59,7 +61,9 @@ class ControlServer:
         self._controller = controller
         self._server: asyncio.Server | None = None
         self._sock: socket.socket | None = None
-        self._clients: set[asyncio.StreamWriter] = set()
+        # Connected clients, each with when it last sent a command (loop time): the one idle
+        # longest makes room for a new client at MAX_CLIENTS.
+        self._clients: dict[asyncio.StreamWriter, float] = {}
         # The client handlers, owned here so close() can wait for them; `_busy` are the clients
         # whose command is being carried out (their answer is still to be written).
         self._handlers: set[asyncio.Task[None]] = set()
@@ -101,7 +105,7 @@ class ControlServer:
         # idle clients are dropped now. The handlers are asyncio's tasks, which report errors
         # to the loop, so they are let finish rather than cancelled.
         self._controller.stop_waiting()
-        for writer in self._clients - self._busy:
+        for writer in self._clients.keys() - self._busy:
             writer.close()
         await asyncio.gather(*self._handlers, return_exceptions=True)
         if self._server is not None:
@@ -113,10 +117,11 @@ class ControlServer:
     async def _serve_client(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
-        if len(self._clients) >= MAX_CLIENTS:
-            writer.close()
+        loop = asyncio.get_running_loop()
+        if len(self._clients) >= MAX_CLIENTS and not self._make_room():
+            writer.close()  # every slot has a command running: this one must wait its turn
             return
-        self._clients.add(writer)
+        self._clients[writer] = loop.time()
         handler = asyncio.current_task()
         if handler is not None:
             self._handlers.add(handler)
@@ -132,6 +137,7 @@ class ControlServer:
                     message = f"line longer than {MAX_LINE_BYTES} bytes"
                     await self._send(writer, frame(render_error(message, "usage: help")))
                     return  # the rest of that line cannot be told from the next command
+                self._clients[writer] = loop.time()
                 self._busy.add(writer)
                 try:
                     await self._send(writer, await self._answer(line, uid))
@@ -140,12 +146,24 @@ class ControlServer:
         except (ConnectionError, TimeoutError):
             return
         finally:
-            self._clients.discard(writer)
+            self._clients.pop(writer, None)
             if handler is not None:
                 self._handlers.discard(handler)
             writer.close()
 
+    def _make_room(self) -> bool:
+        """Drop the client idle the longest (not one whose command runs); False if all run."""
+        idle = [(at, writer) for writer, at in self._clients.items() if writer not in self._busy]
+        if not idle:
+            return False
+        _, oldest = min(idle, key=lambda entry: entry[0])
+        del self._clients[oldest]
+        oldest.close()  # its handler sees EOF and ends
+        return True
+
     async def _send(self, writer: asyncio.StreamWriter, reply: bytes) -> None:
+        if writer.is_closing():  # gone (or dropped) meanwhile: uvloop would raise RuntimeError
+            raise ConnectionResetError("control client went away")
         writer.write(reply)
         async with asyncio.timeout(REPLY_WRITE_S):
             await writer.drain()
