@@ -8,6 +8,8 @@
 # -t1 -c10 against it under cProfile; then the count per request, every function called at
 # least MIN_PER_REQUEST times a request, and the callers of the builtins among them.
 # Usage: benchmarks/calls_per_request.sh [MIN_PER_REQUEST]   (default 0.5)
+# COOKIE='SRV=s1' in the environment sends that Cookie header with every request: a returning
+# user, pinned, instead of a new one (zdlb then strips the cookie instead of setting it).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 source benchmarks/lib.sh
@@ -64,7 +66,9 @@ profile() {  # profile SECONDS: writes $work/prof-SECONDS, prints the requests s
     local zdlb=$! served
     pids+=($zdlb)
     for _ in $(seq 100); do curl -s -o /dev/null "http://127.0.0.1:$lb/" && break; sleep 0.1; done
-    served=$(timeout 30 wrk -t1 -c10 -d"$1"s "http://127.0.0.1:$lb/" | awk '/requests in/ {print $1}')
+    local header=()
+    [[ -n "${COOKIE:-}" ]] && header=(-H "Cookie: a=1; $COOKIE")
+    served=$(timeout 30 wrk -t1 -c10 -d"$1"s "${header[@]}" "http://127.0.0.1:$lb/" | awk '/requests in/ {print $1}')
     kill -INT "$zdlb"
     wait "$zdlb" || true
     [[ -s "$work/prof-$1" && -n "$served" ]] || { cat "$work/z.log" >&2; exit 1; }

@@ -163,3 +163,39 @@ def test_a_token_on_a_forged_value_is_not_returned() -> None:
         None,
         None,
     )
+
+
+_PAIRS = st.sampled_from(
+    [
+        b"SERVERID=front-1",
+        b"SERVERID=front-2",
+        b"SERVERID=front-1~0123456789abcdef",
+        b'SERVERID="front-2"',
+        b"SERVERID=nobody",
+        b"SERVERID=",
+        b"XSERVERID=front-1",
+        b"a=1",
+        b"b=SERVERID=front-1",
+        b"",
+        b" c = 3 ",
+    ]
+)
+_LINES = st.lists(_PAIRS, max_size=4).map(lambda pairs: b";".join(pairs))
+_FIELDS = st.sampled_from([b"Cookie: ", b"cookie: ", b"Cookie:", b"COOKIE:\t", b"X-Note: "])
+
+
+@given(
+    fields=st.lists(st.tuples(_FIELDS, _LINES), min_size=1, max_size=3),
+    target=st.sampled_from([b"/", b"/?SERVERID=front-2"]),
+)
+def test_the_remembered_cookie_line_answers_as_the_full_scan(
+    fields: list[tuple[bytes, bytes]], target: bytes
+) -> None:
+    """extract()'s shortcut (one "Cookie: " line holding our cookie, its outcome remembered)
+    gives exactly what the scan of every Cookie line gives, the first time and from memory."""
+    sticky = cookie()
+    lines = b"".join(b"%s%s\r\n" % (name, value) for name, value in fields)
+    raw = b"GET " + target + b" HTTP/1.1\r\nHost: a\r\n" + lines + b"\r\n"
+    expected = sticky._extract_anywhere(raw)
+    assert sticky.extract(raw) == expected
+    assert sticky.extract(raw) == expected  # now from memory, if the shortcut applied
