@@ -142,13 +142,16 @@ class Server:
     @property
     def is_usable(self) -> bool:
         """True if traffic may be sent here at all: admin READY and health UP."""
-        return self.admin is AdminState.READY and self.health is Health.UP
+        # The fields, not the properties: a property read is a Python call, and this runs
+        # for every sticky request (slot_route).
+        return self._admin is AdminState.READY and self._health is Health.UP
 
     @property
     def takes_new_traffic(self) -> bool:
         """True if the balancer may pick this server for a new request (usable, weight > 0)."""
-        # Inlined rather than calling is_usable: this runs once per server per request.
-        return self.admin is AdminState.READY and self.health is Health.UP and self.weight > 0
+        # Inlined rather than calling is_usable, and the fields rather than the properties:
+        # this runs once per server per request.
+        return self._admin is AdminState.READY and self._health is Health.UP and self._weight > 0
 
     def holds_sticky(self, now: float) -> bool:
         """True if this server keeps its sticky users at ``now`` (rule 2)."""
@@ -227,7 +230,7 @@ def slot_route(main: Server, now: float) -> tuple[Member, Member]:
         return new, sticky
     if sticky is Member.NONE:
         # The main is down, in maint, or its drain hold is over: the pair takes the slot.
-        return (Member.PAIR if main.weight > 0 else Member.NONE), Member.PAIR
+        return (Member.PAIR if main._weight > 0 else Member.NONE), Member.PAIR
     return new, sticky
 
 
