@@ -676,7 +676,7 @@ def test_describe_summarises_listeners_backends_and_servers(tmp_path: Path) -> N
             "  web    http  0.0.0.0:80  -> app  splice tunnels, bodies >= 1 MiB",
             "  db.v6  http  [::1]:5432  -> db   splice tunnels, bodies >= 1 MiB",
             "backends:",
-            "  app balance=leastconn retries=0 all_backups",
+            "  app balance=leastconn retries=0 reuse=safe all_backups",
             "    main-1    front-1.internal:8080  main    weight=50   max_idle=8",
             "    backup-1  10.0.0.1:80            backup  weight=100  max_idle=64",
             "  db balance=source retries=2",
@@ -696,7 +696,8 @@ def test_describe_marks_free_port_and_unused_backend() -> None:
         "  web  http  127.0.0.1:0 (any free port)  -> app  splice tunnels, bodies >= 1 MiB"
         in text.splitlines()
     )
-    assert "  spare balance=roundrobin retries=2 (no listener uses it)" in text.splitlines()
+    spare = "  spare balance=roundrobin retries=2 reuse=safe (no listener uses it)"
+    assert spare in text.splitlines()
 
 
 @pytest.mark.parametrize(

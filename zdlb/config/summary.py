@@ -100,6 +100,7 @@ def _size(size: int) -> str:
 
 def _backend_line(backend: BackendConfig, is_used: bool) -> str:
     parts = [backend.name, f"balance={backend.balance.value}", f"retries={backend.retries}"]
+    parts.append(f"reuse={backend.reuse.value}")  # which requests may take pooled connections
     if backend.all_backups:
         parts.append("all_backups")
     if backend.sticky is not None:
