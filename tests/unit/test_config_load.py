@@ -679,7 +679,7 @@ def test_describe_summarises_listeners_backends_and_servers(tmp_path: Path) -> N
             "  app balance=leastconn retries=0 reuse=safe all_backups",
             "    main-1    front-1.internal:8080  main    weight=50   max_idle=8",
             "    backup-1  10.0.0.1:80            backup  weight=100  max_idle=64",
-            "  db balance=source retries=2",
+            "  db balance=source retries=2 reuse=safe",
             "    pg  [fe80::1]:5432  main  weight=0  max_idle=64",
             "workers: one per usable core",
         ]
