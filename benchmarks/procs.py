@@ -8,6 +8,7 @@ zdlb's SO_REUSEPORT workers are all counted.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import ctypes
 import os
@@ -224,3 +225,17 @@ def busy_pct(before: tuple[int, int], after: tuple[int, int]) -> float:
     """Percent of one CPU that was busy between two cpu_times() samples."""
     total = after[1] - before[1]
     return 100.0 * (after[0] - before[0]) / total if total > 0 else 0.0
+
+
+async def accepting(port: int, timeout_s: float) -> None:
+    """Wait, polling every 50 ms within ``timeout_s``, until 127.0.0.1:``port`` accepts
+    (raises TimeoutError)."""
+    async with asyncio.timeout(timeout_s):
+        while True:
+            try:
+                _, writer = await asyncio.open_connection("127.0.0.1", port)
+            except OSError:
+                await asyncio.sleep(0.05)
+                continue
+            writer.close()
+            return

@@ -27,6 +27,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from benchmarks.procs import accepting
 from tests.daemon.load import KeepAliveLoad
 from tests.servers import EchoServer
 
@@ -100,18 +101,6 @@ def zdlb_servers(ups: dict[str, EchoServer], servers: list[tuple[str, str]]) -> 
     return "\n".join(lines)
 
 
-async def wait_port(port: int) -> None:
-    async with asyncio.timeout(START_S):
-        while True:
-            try:
-                _, writer = await asyncio.open_connection("127.0.0.1", port)
-            except OSError:
-                await asyncio.sleep(0.05)
-                continue
-            writer.close()
-            return
-
-
 async def run_zdlb(ups: dict[str, EchoServer], clients: int, tmp: Path) -> str:
     port, config = free_port(), tmp / "zdlb.toml"
     config.write_text(
@@ -129,7 +118,7 @@ async def run_zdlb(ups: dict[str, EchoServer], clients: int, tmp: Path) -> str:
     )
     pids = [proc.pid]
     try:
-        await wait_port(port)
+        await accepting(port, START_S)
         async with KeepAliveLoad(("127.0.0.1", port), clients) as load:
             await load.wait_requests(50)
             codes = []
@@ -178,7 +167,7 @@ async def run_haproxy(ups: dict[str, EchoServer], clients: int, tmp: Path) -> st
         stderr=asyncio.subprocess.DEVNULL,
     )
     try:
-        await wait_port(port)
+        await accepting(port, START_S)
         async with KeepAliveLoad(("127.0.0.1", port), clients) as load:
             await load.wait_requests(50)
             for _, servers in steps(ups):

@@ -21,6 +21,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from benchmarks.procs import accepting
 from tests.daemon.conftest import HELD_TARGET, HeldServer
 from tests.daemon.load import KeepAliveLoad
 from tests.servers import H11Client
@@ -61,18 +62,6 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-async def wait_port(port: int) -> None:
-    async with asyncio.timeout(WAIT_S):
-        while True:
-            try:
-                _, writer = await asyncio.open_connection("127.0.0.1", port)
-            except OSError:
-                await asyncio.sleep(0.05)
-                continue
-            writer.close()
-            return
-
-
 async def one_round(
     name: str, argv: list[str], stop: signal.Signals, port: int, held: HeldServer
 ) -> str:
@@ -83,7 +72,7 @@ async def one_round(
     )
     slow_clients: list[H11Client] = []
     try:
-        await wait_port(port)
+        await accepting(port, WAIT_S)
         load = KeepAliveLoad(("127.0.0.1", port), CLIENTS, reconnect=False)
         async with load:
             await load.wait_requests(100)
