@@ -96,6 +96,10 @@ class BackendSnapshot(TypedDict):
     retries: int
     redispatches: int
     sticky_repins: int
+    queued: int  # requests that found their server at its maxconn
+    queue_timeouts: int  # of those, answered 503 at queue_s
+    queue_wait_s: float  # seconds the granted ones waited, summed
+    queue_length: int  # waiting now in the backend's shared queue (a gauge, set at snapshot)
     response_time_buckets: list[int]  # per bucket, not cumulative; the last one is +Inf
     response_time_sum_s: float
 
@@ -108,6 +112,8 @@ class ServerState(TypedDict):
     health: str  # Health value
     weight: int
     inflight: int
+    maxconn: int | None  # this process's share of the server's maxconn; None: no limit
+    queue_length: int  # sticky requests waiting for a slot on this server now
     conns: int
     check_passed: int | None  # 1 or 0 for the latest probe; None: not checked or not yet
     check_duration_s: float | None
@@ -167,6 +173,9 @@ class BackendStats:
     and the response-time histogram (request head in to response end, seconds)."""
 
     __slots__ = (
+        "queue_timeouts",
+        "queue_wait_s",
+        "queued",
         "redispatches",
         "response_time_buckets",
         "response_time_sum_s",
@@ -178,6 +187,11 @@ class BackendStats:
         self.retries = 0
         self.redispatches = 0
         self.sticky_repins = 0
+        # Requests that found their server at its maxconn and queued; of those, how many gave
+        # up at queue_s (503); and the seconds the granted ones waited, summed.
+        self.queued = 0
+        self.queue_timeouts = 0
+        self.queue_wait_s = 0.0
         self.response_time_buckets = [0] * (len(RESPONSE_TIME_BOUNDS_S) + 1)
         self.response_time_sum_s = 0.0
 
@@ -192,6 +206,10 @@ class BackendStats:
             "retries": self.retries,
             "redispatches": self.redispatches,
             "sticky_repins": self.sticky_repins,
+            "queued": self.queued,
+            "queue_timeouts": self.queue_timeouts,
+            "queue_wait_s": self.queue_wait_s,
+            "queue_length": 0,
             "response_time_buckets": list(self.response_time_buckets),
             "response_time_sum_s": self.response_time_sum_s,
         }
@@ -363,6 +381,10 @@ def _add_backend(a: BackendSnapshot, b: BackendSnapshot) -> BackendSnapshot:
         "retries": a["retries"] + b["retries"],
         "redispatches": a["redispatches"] + b["redispatches"],
         "sticky_repins": a["sticky_repins"] + b["sticky_repins"],
+        "queued": a["queued"] + b["queued"],
+        "queue_timeouts": a["queue_timeouts"] + b["queue_timeouts"],
+        "queue_wait_s": a["queue_wait_s"] + b["queue_wait_s"],
+        "queue_length": a["queue_length"] + b["queue_length"],
         "response_time_buckets": _add_lists(a["response_time_buckets"], b["response_time_buckets"]),
         "response_time_sum_s": a["response_time_sum_s"] + b["response_time_sum_s"],
     }
@@ -392,6 +414,8 @@ def _merge_states(a: ServerState, b: ServerState) -> ServerState:
         "health": max(a["health"], b["health"], key=_HEALTH_SEVERITY.index),
         "weight": min(a["weight"], b["weight"]),
         "inflight": a["inflight"] + b["inflight"],
+        "maxconn": None if a["maxconn"] is None else a["maxconn"] + (b["maxconn"] or 0),
+        "queue_length": a["queue_length"] + b["queue_length"],
         "conns": a["conns"] + b["conns"],
         "check_passed": _worst(a["check_passed"], b["check_passed"], min),
         "check_duration_s": _worst(a["check_duration_s"], b["check_duration_s"], max),

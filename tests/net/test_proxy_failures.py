@@ -530,23 +530,42 @@ async def test_connection_closed_after_each_answer_is_not_reused(
 # --- idle clients and idle upstream connections ------------------------------------------------
 
 
-@pytest.mark.parametrize("requests_first", [0, 1], ids=["never-asked", "after-an-answer"])
-async def test_idle_client_is_closed_after_client_s(
-    echo_server: EchoServer, proxies: ProxyStarter, requests_first: int
-):
+async def test_idle_client_is_closed_after_client_s(echo_server: EchoServer, proxies: ProxyStarter):
+    """Between requests a keep-alive client is closed without a word (exchange.py, rule 7):
+    it may be about to send, and an unasked 408 could be read as the next request's answer."""
     proxy = await start_for(proxies, echo_server, listener_timeouts={"client_s": SHORT_S})
     loop = asyncio.get_running_loop()
     async with await RawClient.connect(proxy.addr) as client:
-        for _ in range(requests_first):
-            await client.send(GOOD_REQUEST)
-            assert (await client.read_response()).status == 200
+        await client.send(GOOD_REQUEST)
+        assert (await client.read_response()).status == 200
         idle_since = loop.time()
         rest, error = await client.read_until_closed()
         idle_s = loop.time() - idle_since
     assert (rest, error) == (b"", None)
     assert idle_s >= SHORT_S * 0.9
     await eventually(lambda: not proxy.connections)
-    await wait_settled(proxy, "echo", conns=requests_first)  # the upstream side stays pooled
+    await wait_settled(proxy, "echo", conns=1)  # the upstream side stays pooled
+
+
+async def test_silent_new_connection_gets_408_at_http_request_s(
+    echo_server: EchoServer, proxies: ProxyStarter
+):
+    """A connection that never sends a byte is answered 408 at http_request_s (HAProxy's
+    `timeout http-request`), not held for client_s."""
+    proxy = await start_for(
+        proxies, echo_server, listener_timeouts={"client_s": 30.0, "http_request_s": SHORT_S}
+    )
+    loop = asyncio.get_running_loop()
+    async with await RawClient.connect(proxy.addr) as client:
+        opened = loop.time()
+        rest, error = await client.read_until_closed()
+        waited_s = loop.time() - opened
+    assert error is None
+    assert rest.startswith(b"HTTP/1.1 408 ")
+    assert b"Connection: close" in rest
+    assert SHORT_S * 0.9 <= waited_s < 5.0
+    await eventually(lambda: not proxy.connections)
+    assert echo_server.accepted == 0
 
 
 async def test_idle_upstream_connection_is_closed_after_upstream_idle_s(

@@ -55,11 +55,17 @@ class Backend:
         "balance",
         "config",
         "name",
+        "processes",
         "servers",
     )
 
-    def __init__(self, config: BackendConfig, rng: random.Random | None = None) -> None:
+    def __init__(
+        self, config: BackendConfig, rng: random.Random | None = None, processes: int = 1
+    ) -> None:
         self.config = config
+        # Processes sharing these servers (workers): each keeps maxconn // processes of a
+        # server's slots (balancer/queue.py, attach_queues).
+        self.processes = processes
         self.name = config.name
         self.balance: Balance = config.balance
         self.servers: tuple[Server, ...] = tuple(Server(s, config.name) for s in config.servers)
@@ -159,6 +165,11 @@ class Backend:
                 return self._pick_source(candidates, client_key)
             case _:
                 assert_never(self.balance)
+
+    def takes_new_traffic(self, server: Server, now: float) -> bool:
+        """True if a balanced pick could choose ``server`` at ``now`` (itself, or standing in
+        for its main): the queue's rule 3 asks before giving it a shared waiter."""
+        return any(s is server for s, _ in self._candidates((), now))
 
     def _build_schedule(self, now: float) -> None:
         """One period of smooth weighted round robin over today's candidates: sum of weights

@@ -29,9 +29,17 @@ from __future__ import annotations
 
 import enum
 import math
+import sys
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from zdlb.config.model import Address, PoolName, ServerConfig
+
+if TYPE_CHECKING:
+    from zdlb.balancer.queue import WaitQueues
+
+# A server without `maxconn` is never full: one integer comparison per request either way.
+UNLIMITED = sys.maxsize
 
 
 class AdminState(enum.Enum):
@@ -73,8 +81,10 @@ class Server:
         "identity",
         "inflight",
         "is_observed",
+        "maxconn",
         "name",
         "pair",
+        "waitq",
     )
 
     # Bumped by every change of pool, admin state, health or weight, in any server: balancers
@@ -92,6 +102,10 @@ class Server:
         self._health = Health.UP
         self.inflight = 0
         self.conns = 0
+        # At most this many requests in flight (this process's share of the config's maxconn,
+        # set by Backend); the queues the next ones wait in, when the backend has limits.
+        self.maxconn = UNLIMITED
+        self.waitq: WaitQueues | None = None
         # Live traffic reports its errors to the health checker (passive checks).
         self.is_observed = config.check is not None and config.check.observe
         # The other version on the same host (set both ways by the Backend), and the name the
@@ -110,7 +124,7 @@ class Server:
     @pool.setter
     def pool(self, pool: PoolName) -> None:
         self._pool = pool
-        Server.generation += 1
+        self._changed()
 
     @property
     def weight(self) -> int:
@@ -119,7 +133,7 @@ class Server:
     @weight.setter
     def weight(self, weight: int) -> None:
         self._weight = weight
-        Server.generation += 1
+        self._changed()
 
     @property
     def admin(self) -> AdminState:
@@ -128,7 +142,7 @@ class Server:
     @admin.setter
     def admin(self, state: AdminState) -> None:
         self._admin = state
-        Server.generation += 1
+        self._changed()
 
     @property
     def health(self) -> Health:
@@ -137,7 +151,14 @@ class Server:
     @health.setter
     def health(self, health: Health) -> None:
         self._health = health
+        self._changed()
+
+    def _changed(self) -> None:
+        """Who may serve whom changed: balancers recompute, queued requests are re-placed."""
         Server.generation += 1
+        waitq = self.waitq
+        if waitq is not None and waitq.waiting:
+            waitq.state_changed()
 
     @property
     def is_usable(self) -> bool:

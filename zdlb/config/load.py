@@ -48,7 +48,16 @@ from zdlb.errors import ConfigError, ConfigIssue
 LOG_LEVELS = ("debug", "info", "warning", "error")
 FORWARDED_PROTOS = ("http", "https")
 
-_TOP_KEYS = ("defaults", "logging", "control", "metrics", "listeners", "backends", "workers")
+_TOP_KEYS = (
+    "defaults",
+    "logging",
+    "control",
+    "metrics",
+    "listeners",
+    "backends",
+    "workers",
+    "maxconn",
+)
 _METRICS_KEYS = ("listen", "admin")
 _CONTROL_KEYS = ("socket", "group", "state_file")
 # sun_path holds 108 bytes on Linux, NUL included: a longer path cannot be bound.
@@ -64,6 +73,7 @@ _LISTENER_KEYS = (
     "splice",
     "pipe_bytes",
     "splice_min_bytes",
+    "maxconn",
     "timeouts",
     "limits",
 )
@@ -78,7 +88,7 @@ _BACKEND_KEYS = (
     "sticky",
     "servers",
 )
-_SERVER_KEYS = ("name", "address", "weight", "pool", "max_idle", "check", "pair")
+_SERVER_KEYS = ("name", "address", "weight", "pool", "max_idle", "check", "pair", "maxconn")
 _TIMEOUT_KEYS = tuple(f.name for f in dataclasses.fields(Timeouts))
 _LIMIT_KEYS = tuple(f.name for f in dataclasses.fields(Limits))
 
@@ -125,6 +135,7 @@ def parse_config(data: Mapping[str, Any], source: str, base_dir: Path) -> Config
     control = _read_control(root.table("control", _CONTROL_KEYS), base_dir)
     metrics = _read_metrics(root.table("metrics", _METRICS_KEYS))
     workers = root.integer("workers", 1, 1, MAX_WORKERS) if root.has("workers") else None
+    maxconn = root.integer("maxconn", 1, minimum=1) if root.has("maxconn") else None
     backends = [
         _read_backend(table, name, default_timeouts)
         for name, table in root.named_tables("backends", _BACKEND_KEYS)
@@ -150,6 +161,7 @@ def parse_config(data: Mapping[str, Any], source: str, base_dir: Path) -> Config
         control,
         metrics,
         workers,
+        maxconn,
     )
 
 
@@ -215,7 +227,11 @@ def _read_limits(parent: Table, base: Limits) -> Limits:
     reported once, there, and not again for every listener inheriting it.
     """
     table = parent.table("limits", _LIMIT_KEYS)
-    changes = {key: table.integer(key, int(getattr(base, key)), minimum=1) for key in _LIMIT_KEYS}
+    # min_body_rate may be 0 (no minimum rate); every size limit needs at least one byte.
+    changes = {
+        key: table.integer(key, int(getattr(base, key)), minimum=int(key != "min_body_rate"))
+        for key in _LIMIT_KEYS
+    }
     limits = dataclasses.replace(base, **changes)
     is_set = table.has("max_line_bytes") or table.has("max_head_bytes")
     if is_set and limits.max_line_bytes > limits.max_head_bytes:
@@ -260,6 +276,7 @@ def _read_listener(
         splice_min_bytes=table.integer_or_false(
             "splice_min_bytes", _LISTENER_DEFAULTS.splice_min_bytes, minimum=0
         ),
+        maxconn=table.integer("maxconn", 1, minimum=1) if table.has("maxconn") else None,
     )
     return listener if bind is not None and backend is not None else None
 
@@ -298,6 +315,7 @@ def _read_server(table: Table, backend_check: CheckConfig | None) -> ServerConfi
         max_idle=table.integer("max_idle", _SERVER_DEFAULTS.max_idle, minimum=0),
         check=read_check(table, backend_check),
         pair=_read_name(table, "pair") if table.has("pair") else None,
+        maxconn=table.integer("maxconn", 1, minimum=1) if table.has("maxconn") else None,
     )
     return server if name is not None and address is not None else None
 

@@ -17,6 +17,15 @@ DEFAULT_CLIENT_S = 30.0
 DEFAULT_HTTP_REQUEST_S = 10.0
 DEFAULT_SERVER_S = 30.0
 DEFAULT_GRACE_S = 10.0
+# A request waiting for a slot on a server at its `maxconn` waits this long, then gets 503:
+# HAProxy's `timeout queue` defaults to `timeout connect`, whose recommended value is 5 s.
+DEFAULT_QUEUE_S = 5.0
+# A request body must keep arriving: no byte for this long, or an average below
+# DEFAULT_MIN_BODY_RATE after it, gets 408. Apache's mod_reqtimeout defaults (body=20,
+# MinRate=500): a phone on a bad 2G link (~2 KB/s) passes, a body trickled to hold a
+# connection does not. nginx's client_body_timeout is 60 s between two reads, with no rate.
+DEFAULT_CLIENT_BODY_S = 20.0
+DEFAULT_MIN_BODY_RATE = 500  # bytes per second, averaged from the start of the body
 # Idle pooled upstream connections are closed after this long. It must stay below the servers'
 # own keep-alive timeout so zdlb, not the server, closes them: gunicorn defaults to 2 s, uvicorn
 # to 5 s, Apache to 5 s, nginx to 75 s. A race is still possible, hence the retry-once rule.
@@ -122,6 +131,8 @@ class Timeouts:
     grace_s: float = DEFAULT_GRACE_S  # on shutdown, how long in-flight requests may finish
     upstream_idle_s: float = DEFAULT_UPSTREAM_IDLE_S  # pooled idle upstream connection lifetime
     tunnel_s: float = DEFAULT_TUNNEL_S  # a TCP tunnel with no bytes either way closes after this
+    queue_s: float = DEFAULT_QUEUE_S  # a request waits this long for a server under maxconn
+    client_body_s: float = DEFAULT_CLIENT_BODY_S  # a request body silent this long gets 408
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,6 +142,9 @@ class Limits:
     max_line_bytes: int = DEFAULT_MAX_LINE_BYTES  # request line; over it: 414
     max_head_bytes: int = DEFAULT_MAX_HEAD_BYTES  # whole head; over it: 431
     max_headers: int = DEFAULT_MAX_HEADERS  # header fields; over it: 431
+    # A request body must average this many bytes per second after its first client_body_s
+    # (0: no minimum rate); slower gets 408.
+    min_body_rate: int = DEFAULT_MIN_BODY_RATE
 
 
 @dataclass(frozen=True, slots=True)
@@ -176,6 +190,9 @@ class ServerConfig:
     # On a backup server only: the main server it pairs with, the same host's other version.
     # It stands in for that main whenever the main is not usable, and shares its cookie.
     pair: str | None = None
+    # At most this many requests in flight to it at once (per process: workers share it out);
+    # the next ones wait in a queue for up to queue_s (balancer/queue.py). None: no limit.
+    maxconn: int | None = None
 
 
 class SameSite(enum.Enum):
@@ -229,6 +246,9 @@ class ListenerConfig:
     # HTTP request and response bodies with at least this many Content-Length bytes left after
     # the first read are spliced too (needs splice); None: never.
     splice_min_bytes: int | None = DEFAULT_SPLICE_MIN_BYTES
+    # Client connections open at once on this listener, per process; at the limit it stops
+    # accepting (the kernel's backlog holds new clients) until one closes. None: no own limit.
+    maxconn: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -270,6 +290,9 @@ class Config:
     # Worker processes accepting on the listeners (1: one process does everything). None: one
     # per core this process may run on, decided at start (daemon/workers.py), not here.
     workers: int | None = None
+    # Client connections open at once in one process, all listeners together (nginx's
+    # worker_connections). None: derived from the open-file limit at start (zdlb/budget.py).
+    maxconn: int | None = None
 
     def backend(self, name: str) -> BackendConfig:
         """The backend called ``name``; load.py guarantees every listener's backend exists."""

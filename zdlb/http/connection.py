@@ -57,6 +57,7 @@ from zdlb.http.exchange import (
     Exchange,
     Phase,
     Replay,
+    body_deadline,
     keeps_alive,
     replay_after_loss,
     retry_target,
@@ -71,6 +72,7 @@ from zdlb.tcp.pipes import PipePool
 from zdlb.tcp.pump import Pump
 
 if TYPE_CHECKING:
+    from zdlb.balancer.queue import Ticket
     from zdlb.balancer.server import Server
     from zdlb.balancer.sticky import StickyCookie
     from zdlb.http.route import Route
@@ -151,7 +153,8 @@ class ClientConnection(asyncio.Protocol):
         route.connections.add(self)
         route.stats.connections_open += 1
         route.stats.connections_total += 1
-        self.deadline = self.loop.time() + route.timeouts.client_s
+        # Its first request within http_request_s, or 408 (exchange.py, rule 7).
+        self.deadline = self.loop.time() + route.timeouts.http_request_s
 
     def data_received(self, data: bytes) -> None:
         route = self.route
@@ -159,10 +162,6 @@ class ClientConnection(asyncio.Protocol):
         if phase is Phase.IDLE:
             self.phase = Phase.HEAD
             self.deadline = self.loop.time() + route.timeouts.http_request_s
-        elif phase is Phase.EXCHANGE:
-            exchange = self.exchange
-            if exchange is not None and exchange.connect_task is None:  # a connect keeps its own
-                self.deadline = self.loop.time() + route.server_s
         elif phase is Phase.CLOSING:
             return  # the answer that closes this connection is already decided
         reader = self.reader
@@ -171,6 +170,10 @@ class ClientConnection(asyncio.Protocol):
         except DownstreamProtocolError as exc:
             self._reject(exc)
             return
+        if phase is Phase.EXCHANGE:  # body bytes: the client's pace (exchange.py, rule 7)
+            exchange = self.exchange
+            if exchange is not None:
+                self._arm_exchange_deadline(exchange)
         if reader.held:  # bytes past a request still being answered: stop reading more
             self._pause(PAUSED_NEXT_REQUEST)
         # _flush_both, inlined: once per read.
@@ -255,14 +258,97 @@ class ClientConnection(asyncio.Protocol):
         framing = head.framing
         if framing is Framing.NONE:
             exchange.request_done = True  # the head is the whole request (stream.py)
-        elif framing is Framing.CHUNKED:
-            exchange.is_chunked_up = True
-        elif (head.content_length or 0) >= route.splice_min_bytes:
-            # Read no more of the body: once the head and what came with it reach the server,
-            # the rest goes by splice (_start_request_detour).
-            exchange.splice_request = True
-            self._pause(PAUSED_DETOUR)
+        else:
+            self._start_body(exchange, now)
+            if framing is Framing.CHUNKED:
+                exchange.is_chunked_up = True
+            elif (head.content_length or 0) >= route.splice_min_bytes:
+                # Read no more of the body: once the head and what came with it reach the
+                # server, the rest goes by splice (_start_request_detour).
+                exchange.splice_request = True
+                self._pause(PAUSED_DETOUR)
+        if server.inflight >= server.maxconn:  # at its maxconn: wait (balancer/queue.py)
+            self._wait_for_slot(exchange, server, now)
+            return
         self._use_server(exchange, server, pool)
+
+    def _start_body(self, exchange: Exchange, now: float) -> None:
+        """A request with a body: its pace is judged from here (exchange.py, rule 7)."""
+        timeouts = self.route.timeouts
+        exchange.body_deadline_base = now + timeouts.client_body_s
+        exchange.body_bytes_base = self.reader.bytes_read
+        self.deadline = exchange.body_deadline_base
+
+    def _arm_exchange_deadline(self, exchange: Exchange) -> None:
+        """Re-arm the exchange's wait: the client's body pace while zdlb reads its body, else
+        (all read, or reading paused: a splice, a full server) the server's ``server_s``. A
+        connect or a queue keeps its own deadline."""
+        if exchange.connect_task is not None or exchange.ticket is not None:
+            return
+        route = self.route
+        now = self.loop.time()
+        if exchange.request_done or self.paused:  # the server's turn, or its pace
+            self.deadline = now + route.server_s
+        else:
+            timeouts = route.timeouts
+            self.deadline = body_deadline(
+                exchange,
+                now,
+                self.reader.bytes_read,
+                timeouts.client_body_s,
+                route.listener.limits.min_body_rate,
+            )
+
+    # --- waiting for a server slot (balancer/queue.py) ----------------------------------------
+
+    def _wait_for_slot(self, exchange: Exchange, server: Server, now: float) -> None:
+        """``server`` is at its maxconn: queue (its own queue for a user pinned to it, else the
+        backend's) until a slot is granted or ``queue_s`` passes (exchange.py, rule 7)."""
+        waitq = server.waitq
+        assert waitq is not None  # a server with a maxconn belongs to a backend with queues
+        sticky = exchange.identity is not None and exchange.identity == server.identity
+        exchange.ticket = waitq.enqueue(self, server.identity if sticky else None, now)
+        self.route.backend_stats.queued += 1
+        if exchange.ticket.is_live:  # not granted at once
+            self.deadline = now + self.route.queue_s
+
+    def queue_granted(self, ticket: Ticket, server: Server) -> None:
+        """The queue reserved a slot on ``server`` for this connection (its I/O comes later:
+        this runs inside another connection's callback)."""
+        self.loop.call_soon(self._slot_granted, ticket, server)
+
+    def _slot_granted(self, ticket: Ticket, server: Server) -> None:
+        exchange = self.exchange
+        server.inflight -= 1  # the reservation; _use_server counts the request again
+        if exchange is None or exchange.ticket is not ticket or self.phase is not Phase.EXCHANGE:
+            self._slot_freed(server)  # the client left meanwhile: the next waiter gets it
+            return
+        exchange.ticket = None
+        route = self.route
+        route.backend_stats.queue_wait_s += time.monotonic() - exchange.started_at
+        pool = route.upstreams[server.name]
+        head = exchange.request
+        if not head.has_host and exchange.ubuf:  # the stand-in Host names the server
+            exchange.ubuf[0] = rewrite.build_request_head(
+                head, self.client_ip, route.proto, pool.host_header
+            )
+        sticky = route.sticky
+        if sticky is not None and server.identity != exchange.identity:
+            exchange.set_cookie = self._pin(sticky, server.identity, None)
+        self._arm_exchange_deadline(exchange)
+        self._use_server(exchange, server, pool)
+        self._flush_upstream(exchange)
+
+    def _slot_freed(self, server: Server) -> None:
+        waitq = server.waitq
+        if waitq is not None:
+            waitq.slot_freed(server, self.loop.time())
+
+    def _leave_queue(self, exchange: Exchange) -> None:
+        ticket = exchange.ticket
+        if ticket is not None:
+            exchange.ticket = None
+            ticket.queues.leave(ticket)
 
     def request_body(self, data: bytes) -> None:
         exchange = self.exchange
@@ -278,6 +364,7 @@ class ClientConnection(asyncio.Protocol):
         if exchange.is_chunked_up:
             self._send_upstream(exchange, rewrite.encode_last_chunk(trailers))
         exchange.request_done = True
+        self._arm_exchange_deadline(exchange)  # now the server's turn
         if exchange.upstream is not None:
             self._flush_upstream(exchange)  # before a pooled connection can be released
 
@@ -353,7 +440,7 @@ class ClientConnection(asyncio.Protocol):
         if self.exchange is not exchange or exchange.server is not pool.server:
             pool.release(upstream, self.loop.time())  # the client left meanwhile: keep it warm
             return
-        self.deadline = self.loop.time() + self.route.server_s
+        self._arm_exchange_deadline(exchange)
         self._attach(exchange, upstream)
         self._flush_upstream(exchange)
 
@@ -580,11 +667,17 @@ class ClientConnection(asyncio.Protocol):
 
     def pause_upstream_writes(self) -> None:
         self._pause(PAUSED_UPSTREAM_FULL)
+        exchange = self.exchange
+        if exchange is not None:
+            self._arm_exchange_deadline(exchange)  # the server is slow, not the client
 
     def resume_upstream_writes(self) -> None:
         if self.detour is not None:
             self.loop.call_soon(self._poll_detour)  # see ProtocolSwitch.poll
         self._resume(PAUSED_UPSTREAM_FULL)
+        exchange = self.exchange
+        if exchange is not None:
+            self._arm_exchange_deadline(exchange)
 
     # --- detours: a switch to a tunnel, a spliced body -------------------------------------
 
@@ -787,6 +880,10 @@ class ClientConnection(asyncio.Protocol):
         if server is not None:
             exchange.server = None
             server.inflight -= 1  # Server.request_finished(), inlined: once per request
+            if server.waitq is not None:
+                self._slot_freed(server)
+        elif exchange.ticket is not None:
+            self._leave_queue(exchange)
         self.answered += 1
         reader = self.reader
         route.stats.bytes_in += reader.bytes_read  # counted by the reader, published here
@@ -840,6 +937,10 @@ class ClientConnection(asyncio.Protocol):
         if server is not None:
             exchange.server = None
             server.inflight -= 1  # Server.request_finished(), inlined: once per request
+            if server.waitq is not None:
+                self._slot_freed(server)
+        elif exchange.ticket is not None:
+            self._leave_queue(exchange)
 
     def _drop_upstream(self, exchange: Exchange) -> None:
         upstream = exchange.upstream
@@ -951,8 +1052,10 @@ class ClientConnection(asyncio.Protocol):
     def deadline_passed(self) -> None:
         """Called by ``Route.sweep``: the current wait took longer than its timeout."""
         match self.phase:
+            case Phase.IDLE if self.answered or self.route.is_stopping:
+                self._close_now()  # keep-alive: a quiet close (exchange.py, rule 7)
             case Phase.IDLE:
-                self._close_now()
+                self._reject(DownstreamProtocolError("no request", 408))
             case Phase.CLOSING:
                 self.abort()
             case Phase.TUNNEL:
@@ -965,16 +1068,30 @@ class ClientConnection(asyncio.Protocol):
     def _exchange_timed_out(self) -> None:
         exchange = self.exchange
         assert exchange is not None
+        if exchange.ticket is not None:  # queue_s passed (exchange.py, rule 7)
+            self._leave_queue(exchange)
+            route = self.route
+            route.backend_stats.queue_timeouts += 1
+            exchange.request_done = False  # the body may still be coming: close after
+            exchange.status = 503
+            self.wbuf.append(rewrite.error_response(503, retry_after=route.retry_after))
+            exchange.keep_alive = False
+            self._finish_exchange(exchange)
+            return
         detour = self.detour
         if detour is not None and detour.take_activity():
             self.deadline = self.loop.time() + self.route.server_s  # bytes still move
             return
         server = exchange.server
+        task = exchange.connect_task
+        if task is None and not exchange.request_done and not self.paused:
+            # The client's body stalled or crawled (rule 7): its fault, not the server's.
+            self._reject(DownstreamProtocolError("request body timed out", 408))
+            return
         if exchange.response_started or server is None:
             self._abort_exchange(exchange)
             self.abort()
             return
-        task = exchange.connect_task
         if task is not None:  # the connect took longer than connect_s: as a failed connect
             exchange.connect_task = None
             task.cancel()

@@ -35,6 +35,14 @@ The rules:
    504 when a server took longer than ``server_s`` to answer, 502 for every other server
    failure (refused, reset, garbage, a connect that timed out); a client's protocol error
    carries its own status (400, 408, 414, 431, 501, 505).
+7. **Waits** (``request_deadline``): a connection that never sent a byte gets 408 at
+   ``http_request_s``, as one whose head is incomplete; an idle keep-alive connection is closed
+   without a word at ``client_s`` (its client may be about to send: HAProxy's `http-keep-alive`).
+   A request waiting for a server slot gets 503 with ``Retry-After`` at ``queue_s``. While
+   zdlb reads a request body (not paused by the server), the client must send a byte at least
+   every ``client_body_s`` and, after the body's first ``client_body_s``, average at least
+   ``min_body_rate`` bytes a second (Apache's mod_reqtimeout rule: each ``min_body_rate`` bytes
+   buy one more second); else 408, or a close if the answer already began.
 """
 
 from __future__ import annotations
@@ -50,6 +58,7 @@ from zdlb.http.head import IDEMPOTENT_METHODS
 if TYPE_CHECKING:
     import asyncio
 
+    from zdlb.balancer.queue import Ticket
     from zdlb.balancer.server import Server
     from zdlb.http.head import RequestHead
     from zdlb.http.upstream import UpstreamConnection
@@ -90,6 +99,8 @@ class Exchange:
     dropped when its answer ends; the connection reads and writes these slots directly."""
 
     __slots__ = (
+        "body_bytes_base",
+        "body_deadline_base",
         "bytes_out",
         "connect_task",
         "identity",
@@ -108,6 +119,7 @@ class Exchange:
         "splice_response",
         "started_at",
         "status",
+        "ticket",
         "tried",
         "ubuf",
         "ubuf_bytes",
@@ -138,6 +150,12 @@ class Exchange:
         self.bytes_out = 0  # body bytes of the answer
         self.identity: str | None = None  # the host the client's sticky cookie named
         self.set_cookie = b""  # Set-Cookie lines for the answer: the client is (re-)pinned
+        # Waiting for a slot on a server at its maxconn (balancer/queue.py); None: not queued.
+        self.ticket: Ticket | None = None
+        # The request body's pace (rule 7): bytes the client had sent when the body began, and
+        # when the body's first client_body_s ends (a loop time).
+        self.body_bytes_base = 0
+        self.body_deadline_base = 0.0
 
     def __repr__(self) -> str:
         server = self.server.name if self.server is not None else "-"
@@ -145,6 +163,15 @@ class Exchange:
             f"<Exchange {self.request.method.decode()} {self.request.target.decode()!r}"
             f" server={server} status={self.status} done={self.request_done}>"
         )
+
+
+def body_deadline(exchange: Exchange, now: float, received: int, body_s: float, rate: int) -> float:
+    """Rule 7: when the client's request body times out, ``received`` bytes into the body."""
+    silence = now + body_s
+    if not rate:
+        return silence
+    pace = exchange.body_deadline_base + (received - exchange.body_bytes_base) / rate
+    return silence if silence < pace else pace
 
 
 def keeps_alive(

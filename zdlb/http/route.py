@@ -14,9 +14,11 @@ from __future__ import annotations
 import asyncio
 import math
 import socket
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
 
+from zdlb.balancer.queue import attach_queues
 from zdlb.config.model import ListenerConfig
 from zdlb.http.exchange import Phase, may_reuse
 from zdlb.http.head import RequestHeadParser
@@ -56,6 +58,24 @@ def _splice_min_bytes(tunnel: TunnelSettings) -> float:
     return float(max(1, tunnel.splice_min_bytes))  # 0 bytes left: nothing to splice
 
 
+def _call_soon(callback: Callable[[], None]) -> None:
+    """Run ``callback`` after the current one: a queue re-places its waiters once a state
+    change is complete (balancer/queue.py, rule 4)."""
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:  # no loop (a synchronous caller): nothing else can run meanwhile
+        callback()
+    else:
+        loop.call_soon(callback)
+
+
+def _attach_queues(backend: Backend) -> None:
+    """Give ``backend`` its request queues once, if a server of it has a ``maxconn``."""
+    if any(s.waitq is not None for s in backend.servers):
+        return  # another listener of the backend did
+    attach_queues(backend, backend.processes, _call_soon, time.monotonic)
+
+
 class Route:
     """What every connection of one HTTP listener shares: its backend, pools and settings."""
 
@@ -79,12 +99,17 @@ class Route:
         self.backend_stats = backend_stats if backend_stats is not None else BackendStats()
         self.observe = observe  # passive health: called for servers with is_observed only
         self.backend = backend
+        _attach_queues(backend)
         self.sticky = sticky
         self.census = census  # distinct users per host, fed by pins (http/connection.py)
         self.upstreams = upstreams
         self.log_access = log_access
         self.timeouts = listener.timeouts
         self.server_s = backend.config.timeouts.server_s
+        # A request queued for a server at its maxconn waits queue_s, then gets 503 with a
+        # Retry-After of as long, rounded up: the queue was full that long (balancer/queue.py).
+        self.queue_s = backend.config.timeouts.queue_s
+        self.retry_after = max(1, math.ceil(self.queue_s))
         self.retries = backend.config.retries
         self.reuse = backend.config.reuse
         # exchange.py's rule 3 for this backend's policy, resolved once: read per request.

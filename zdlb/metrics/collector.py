@@ -80,6 +80,8 @@ def server_state(server: Server, check: CheckRecord | None) -> ServerState:
         "health": server.health.value,
         "weight": server.weight,
         "inflight": server.inflight,
+        "maxconn": server.maxconn if server.waitq is not None else None,
+        "queue_length": server.waitq.queued(server) if server.waitq is not None else 0,
         "conns": server.conns,
         "check_passed": None if check is None else int(check.passed),
         "check_duration_s": None if check is None else check.duration_s,
@@ -90,13 +92,19 @@ def take_snapshot(
     stats: Stats, servers: Iterable[Server], checks: CheckResults | None = None
 ) -> Snapshot:
     """Snapshot ``stats`` with the live state of ``servers`` (every backend's, in order)."""
+    servers = list(servers)
     states = {
         (server.backend, server.name): server_state(
             server, checks.last_result(server) if checks is not None else None
         )
         for server in servers
     }
-    return stats.snapshot(states)
+    snap = stats.snapshot(states)
+    shared = {s.backend: s.waitq.queued(None) for s in servers if s.waitq is not None}
+    for name, length in shared.items():
+        if name in snap["backends"]:
+            snap["backends"][name]["queue_length"] = length
+    return snap
 
 
 def build_info() -> dict[str, str]:
@@ -244,6 +252,18 @@ def _backend_metrics(snap: Snapshot) -> Iterator[Metric]:
         "zdlb_backend_redispatches", "Requests moved to another server after a failure.", names
     )
     repins = _counter("zdlb_backend_sticky_repins", "Sticky clients pinned to a new server.", names)
+    queued = _counter(
+        "zdlb_backend_queued_requests", "Requests that waited for a server at its maxconn.", names
+    )
+    queue_timeouts = _counter(
+        "zdlb_backend_queue_timeouts", "Queued requests answered 503 at queue_s.", names
+    )
+    queue_wait = _counter(
+        "zdlb_backend_queue_wait_seconds", "Seconds queued requests waited, summed.", names
+    )
+    queue_length = _gauge(
+        "zdlb_backend_queue_length", "Requests waiting in the backend's shared queue.", names
+    )
     response_time = HistogramMetricFamily(
         "zdlb_backend_response_time_seconds",
         "Time from request head to response end.",
@@ -255,12 +275,17 @@ def _backend_metrics(snap: Snapshot) -> Iterator[Metric]:
         retries.add_metric([name], backend["retries"])
         redispatches.add_metric([name], backend["redispatches"])
         repins.add_metric([name], backend["sticky_repins"])
+        queued.add_metric([name], backend["queued"])
+        queue_timeouts.add_metric([name], backend["queue_timeouts"])
+        queue_wait.add_metric([name], backend["queue_wait_s"])
+        queue_length.add_metric([name], backend["queue_length"])
         cumulative, buckets = 0, []
         for label, count in zip(_BUCKET_LABELS, backend["response_time_buckets"], strict=True):
             cumulative += count
             buckets.append((label, float(cumulative)))
         response_time.add_metric([name], buckets, backend["response_time_sum_s"])
     yield from (connect_errors, retries, redispatches, repins, response_time)
+    yield from (queued, queue_timeouts, queue_wait, queue_length)
 
 
 def _servers(snap: Snapshot) -> Iterator[tuple[list[str], ServerSnapshot]]:
@@ -304,6 +329,10 @@ def _server_gauges(snap: Snapshot) -> Iterator[Metric]:
     health = _gauge("zdlb_server_health_state", "1 for the server's health verdict.", one_hot)
     weight = _gauge("zdlb_server_weight", "Runtime weight (0..256).", names)
     inflight = _gauge("zdlb_server_inflight_requests", "Requests being proxied to it.", names)
+    maxconn = _gauge("zdlb_server_maxconn", "Most requests in flight at once (if limited).", names)
+    queue_length = _gauge(
+        "zdlb_server_queue_length", "Sticky requests waiting for a slot on it.", names
+    )
     conns = _gauge("zdlb_server_connections_open", "Open upstream connections (idle too).", names)
     passed = _gauge("zdlb_server_check_passed", "1 if the latest probe passed, else 0.", names)
     duration = _gauge(
@@ -322,12 +351,16 @@ def _server_gauges(snap: Snapshot) -> Iterator[Metric]:
                 family.add_metric([*labels, value], 1 if value == current else 0)
         weight.add_metric(labels, state["weight"])
         inflight.add_metric(labels, state["inflight"])
+        queue_length.add_metric(labels, state["queue_length"])
+        if state["maxconn"] is not None:
+            maxconn.add_metric(labels, state["maxconn"])
         conns.add_metric(labels, state["conns"])
         if state["check_passed"] is not None:
             passed.add_metric(labels, state["check_passed"])
         if state["check_duration_s"] is not None:
             duration.add_metric(labels, state["check_duration_s"])
-    yield from (pool, admin, health, weight, inflight, conns, passed, duration)
+    yield from (pool, admin, health, weight, inflight, maxconn, queue_length, conns, passed)
+    yield duration
 
 
 def _control_metrics(snap: Snapshot) -> Iterator[Metric]:
