@@ -58,6 +58,10 @@ def _splice_min_bytes(tunnel: TunnelSettings) -> float:
     return float(max(1, tunnel.splice_min_bytes))  # 0 bytes left: nothing to splice
 
 
+def _deadline_of(conn: ListenedConnection) -> float:
+    return conn.deadline
+
+
 def _call_soon(callback: Callable[[], None]) -> None:
     """Run ``callback`` after the current one: a queue re-places its waiters once a state
     change is complete (balancer/queue.py, rule 4)."""
@@ -150,7 +154,10 @@ class Route:
 
     def sweep(self, now: float) -> None:
         """Enforce every connection's deadline and expire idle upstream connections."""
-        for conn in [c for c in self.connections if c.deadline <= now]:
+        expired = [c for c in self.connections if c.deadline <= now]
+        if len(expired) > 1:  # oldest first: queued requests give up in arrival order
+            expired.sort(key=_deadline_of)
+        for conn in expired:
             conn.deadline_passed()
         for pool in self.upstreams.values():
             pool.close_expired(now)
