@@ -53,6 +53,8 @@ def state(**changes: Any) -> ServerState:
         "health": "up",
         "weight": 100,
         "inflight": 0,
+        "maxconn": None,
+        "queue_length": 0,
         "conns": 0,
         "check_passed": None,
         "check_duration_s": None,

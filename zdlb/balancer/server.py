@@ -31,15 +31,22 @@ import enum
 import math
 import sys
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from zdlb.config.model import Address, PoolName, ServerConfig
 
-if TYPE_CHECKING:
-    from zdlb.balancer.queue import WaitQueues
-
 # A server without `maxconn` is never full: one integer comparison per request either way.
 UNLIMITED = sys.maxsize
+
+
+class SlotQueue(Protocol):
+    """What a server knows of the request queues of its backend (balancer/queue.py's
+    ``WaitQueues``; a Protocol so that this module imports nothing above it)."""
+
+    waiting: int  # live waiters in every queue of the backend
+
+    def state_changed(self) -> None: ...
+    def queued(self, server: Server | None) -> int: ...
 
 
 class AdminState(enum.Enum):
@@ -105,7 +112,7 @@ class Server:
         # At most this many requests in flight (this process's share of the config's maxconn,
         # set by Backend); the queues the next ones wait in, when the backend has limits.
         self.maxconn = UNLIMITED
-        self.waitq: WaitQueues | None = None
+        self.waitq: SlotQueue | None = None
         # Live traffic reports its errors to the health checker (passive checks).
         self.is_observed = config.check is not None and config.check.observe
         # The other version on the same host (set both ways by the Backend), and the name the

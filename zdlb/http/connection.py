@@ -72,7 +72,7 @@ from zdlb.tcp.pipes import PipePool
 from zdlb.tcp.pump import Pump
 
 if TYPE_CHECKING:
-    from zdlb.balancer.queue import Ticket
+    from zdlb.balancer.queue import Ticket, WaitQueues
     from zdlb.balancer.server import Server
     from zdlb.balancer.sticky import StickyCookie
     from zdlb.http.route import Route
@@ -304,8 +304,8 @@ class ClientConnection(asyncio.Protocol):
     def _wait_for_slot(self, exchange: Exchange, server: Server, now: float) -> None:
         """``server`` is at its maxconn: queue (its own queue for a user pinned to it, else the
         backend's) until a slot is granted or ``queue_s`` passes (exchange.py, rule 7)."""
-        waitq = server.waitq
-        assert waitq is not None  # a server with a maxconn belongs to a backend with queues
+        # A server with a maxconn belongs to a backend with queues (route.py attached them).
+        waitq = cast("WaitQueues", server.waitq)
         sticky = exchange.identity is not None and exchange.identity == server.identity
         exchange.ticket = waitq.enqueue(self, server.identity if sticky else None, now)
         self.route.backend_stats.queued += 1
@@ -340,9 +340,8 @@ class ClientConnection(asyncio.Protocol):
         self._flush_upstream(exchange)
 
     def _slot_freed(self, server: Server) -> None:
-        waitq = server.waitq
-        if waitq is not None:
-            waitq.slot_freed(server, self.loop.time())
+        if server.waitq is not None:
+            cast("WaitQueues", server.waitq).slot_freed(server, self.loop.time())
 
     def _leave_queue(self, exchange: Exchange) -> None:
         ticket = exchange.ticket
