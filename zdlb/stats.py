@@ -38,7 +38,7 @@ from zdlb.config.model import Config
 _N = TypeVar("_N", int, float)
 
 # Bumped when a snapshot's layout changes; ``merge`` refuses to mix versions.
-SNAPSHOT_VERSION = 1
+SNAPSHOT_VERSION = 2  # 2: queues, connection limits
 
 # Exported status classes, in the order of every folded ``responses`` list. "other" holds what
 # is not 1xx-5xx: status 0 (the client left before any answer was decided).
@@ -90,6 +90,13 @@ class ListenerSnapshot(TypedDict):
     responses: list[int]  # STATUS_CLASSES order
     bytes_in: int
     bytes_out: int
+    maxconn: int  # the listener's own limit (summed over workers); 0: none
+    limit_hits: int  # times it reached that limit and stopped accepting
+
+
+class ProcessSnapshot(TypedDict):
+    maxconn: int  # client connections the process may hold (summed over workers)
+    limit_hits: int  # times the process limit was reached and every listener paused
 
 
 class BackendSnapshot(TypedDict):
@@ -141,13 +148,22 @@ class Snapshot(TypedDict):
     backends: dict[str, BackendSnapshot]
     servers: dict[str, dict[str, ServerSnapshot]]  # backend -> server -> counts
     control: ControlSnapshot
+    process: ProcessSnapshot
 
 
 class ListenerStats:
     """One listener's counters. Bytes are counted on the client side: ``bytes_in`` received
     from clients, ``bytes_out`` sent to them (HAProxy's frontend convention)."""
 
-    __slots__ = ("bytes_in", "bytes_out", "connections_open", "connections_total", "responses")
+    __slots__ = (
+        "bytes_in",
+        "bytes_out",
+        "connections_open",
+        "connections_total",
+        "limit_hits",
+        "maxconn",
+        "responses",
+    )
 
     def __init__(self) -> None:
         self.connections_open = 0  # +1 in connection_made, -1 in connection_lost
@@ -155,6 +171,8 @@ class ListenerStats:
         self.responses = [0] * STATUS_SLOTS  # responses[status // 100] += 1, once per answer
         self.bytes_in = 0
         self.bytes_out = 0
+        self.maxconn = 0  # the listener's own limit (budget.py); 0: none
+        self.limit_hits = 0
 
     def snapshot(self) -> ListenerSnapshot:
         return {
@@ -163,7 +181,22 @@ class ListenerStats:
             "responses": fold_statuses(self.responses),
             "bytes_in": self.bytes_in,
             "bytes_out": self.bytes_out,
+            "maxconn": self.maxconn,
+            "limit_hits": self.limit_hits,
         }
+
+
+class ProcessStats:
+    """The connection budget's figures (budget.py): its limit and how often it was reached."""
+
+    __slots__ = ("limit_hits", "maxconn")
+
+    def __init__(self) -> None:
+        self.maxconn = 0
+        self.limit_hits = 0
+
+    def snapshot(self) -> ProcessSnapshot:
+        return {"maxconn": self.maxconn, "limit_hits": self.limit_hits}
 
 
 class BackendStats:
@@ -270,13 +303,14 @@ class ControlStats:
 class Stats:
     """Every counter set of one process, by name: what the proxy bumps and a scrape reads."""
 
-    __slots__ = ("backends", "control", "listeners", "servers")
+    __slots__ = ("backends", "control", "listeners", "process", "servers")
 
     def __init__(self) -> None:
         self.listeners: dict[str, ListenerStats] = {}
         self.backends: dict[str, BackendStats] = {}
         self.servers: dict[tuple[str, str], ServerStats] = {}  # (backend, server)
         self.control = ControlStats()
+        self.process = ProcessStats()
 
     def __repr__(self) -> str:
         return (
@@ -295,6 +329,7 @@ class Stats:
         stats = cls()
         old = previous if previous is not None else cls()
         stats.control = old.control
+        stats.process = old.process
         for listener in config.listeners:
             stats.listeners[listener.name] = old.listeners.get(listener.name) or ListenerStats()
         for backend in config.backends:
@@ -320,6 +355,7 @@ class Stats:
             "backends": {name: s.snapshot() for name, s in self.backends.items()},
             "servers": servers,
             "control": self.control.snapshot(),
+            "process": self.process.snapshot(),
         }
 
 
@@ -357,6 +393,11 @@ def merge(snapshots: Iterable[Snapshot]) -> Snapshot:
             "error": merged["control"]["error"] + control["error"],
             "usage": merged["control"]["usage"] + control["usage"],
         }
+        process = snap["process"]
+        merged["process"] = {
+            "maxconn": merged["process"]["maxconn"] + process["maxconn"],
+            "limit_hits": merged["process"]["limit_hits"] + process["limit_hits"],
+        }
     return merged
 
 
@@ -373,6 +414,8 @@ def _add_listener(a: ListenerSnapshot, b: ListenerSnapshot) -> ListenerSnapshot:
         "responses": _add_lists(a["responses"], b["responses"]),
         "bytes_in": a["bytes_in"] + b["bytes_in"],
         "bytes_out": a["bytes_out"] + b["bytes_out"],
+        "maxconn": a["maxconn"] + b["maxconn"],
+        "limit_hits": a["limit_hits"] + b["limit_hits"],
     }
 
 

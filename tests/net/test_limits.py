@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import socket
 import struct
 from collections.abc import AsyncIterator
@@ -221,3 +222,40 @@ async def test_a_body_at_a_steady_pace_passes(echo_server: EchoServer, proxies: 
         response = await client.read_response("POST")
     assert response.status == 200
     assert echo_server.requests[-1].body_bytes == 4000
+
+
+# --- the connection budget (budget.py) ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("where", ["listener", "process"])
+async def test_at_maxconn_new_clients_wait_in_the_backlog_and_are_served_as_others_leave(
+    echo_server: EchoServer, proxies: ProxyStarter, where: str
+):
+    limit = 3
+    data = proxy_config([server_entry("echo", echo_server.addr)])
+    if where == "listener":
+        listener = dataclasses.replace(data.listeners[0], maxconn=limit)
+        config = dataclasses.replace(data, listeners=(listener,))
+    else:
+        config = dataclasses.replace(data, maxconn=limit)
+    proxy = await proxies.start(config)
+    held = [await H11Client.connect(proxy.addr) for _ in range(limit)]
+    for client in held:  # every one accepted and served
+        assert (await client.request()).status == 200
+    late = await RawClient.connect(proxy.addr)  # the kernel completes the handshake...
+    await late.send(b"GET /late HTTP/1.1\r\nHost: t\r\n\r\n")
+    waiting = asyncio.create_task(late.read_response())
+    await eventually(lambda: proxy.route.gate.is_paused)
+    assert len(proxy.connections) == limit  # ...but zdlb has not taken it: nothing to serve it
+    for client in held:  # the ones already accepted keep working
+        assert (await client.request()).status == 200
+    assert not waiting.done()
+    await held.pop().aclose()
+    response = await asyncio.wait_for(waiting, WAIT_S)
+    assert response.status == 200
+    stats = proxy.route.stats if where == "listener" else proxy.runtime.stats.process
+    assert stats.limit_hits == 2  # the late client took the freed place: full again
+    await late.aclose()
+    for client in held:
+        await client.aclose()
+    await eventually(lambda: not proxy.connections and not proxy.route.gate.is_paused)

@@ -27,6 +27,7 @@ from zdlb.config.model import Config, ListenerConfig
 from zdlb.control.commands import Controller, DaemonActions, WorkerLoad
 from zdlb.control.server import ControlServer
 from zdlb.daemon import notify
+from zdlb.daemon.acceptor import HttpAcceptor
 from zdlb.daemon.page_actions import action_runner
 from zdlb.daemon.runtime import RouteSlot, Runtime
 from zdlb.errors import ZdlbError
@@ -193,14 +194,12 @@ async def accept_http(runtime: Runtime, route: Route, sock: socket.socket) -> No
     runtime.http_servers[name] = await accept_into(slot, sock)
 
 
-async def accept_into(slot: RouteSlot, sock: socket.socket) -> asyncio.Server:
-    """An asyncio server accepting on ``sock``, its connections served by ``slot``'s route."""
-    loop = asyncio.get_running_loop()
-    return await loop.create_server(
-        lambda slot=slot: ClientConnection(slot.route, loop),  # type: ignore[misc]
-        sock=sock,
-        backlog=slot.route.listener.backlog,
-    )
+async def accept_into(slot: RouteSlot, sock: socket.socket) -> HttpAcceptor:
+    """Accept on ``sock`` (owned from now on), the connections served by ``slot``'s route and
+    the accepting paused and resumed by the connection budget (budget.py)."""
+    acceptor = HttpAcceptor(slot, sock, asyncio.get_running_loop())
+    await acceptor.start()
+    return acceptor
 
 
 async def adopt_connection(slot: RouteSlot, sock: socket.socket) -> None:
@@ -299,6 +298,7 @@ async def shutdown(runtime: Runtime) -> None:
     we have not read yet. TCP tunnels have no request boundary, so they run until they end by
     themselves or grace_s is over.
     """
+    runtime.budget.stop()  # nothing resumes accepting now
     for server in runtime.http_servers.values():
         server.close()
     routes = runtime.all_routes

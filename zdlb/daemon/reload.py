@@ -48,6 +48,7 @@ from zdlb.control import journal
 from zdlb.control.commands import Controller
 from zdlb.control.server import ControlServer
 from zdlb.daemon import notify
+from zdlb.daemon.acceptor import HttpAcceptor
 from zdlb.daemon.lifecycle import accept_http, log_listener_started
 from zdlb.daemon.runtime import Runtime, add_route, new_census
 from zdlb.errors import ConfigError, ListenerError
@@ -100,7 +101,7 @@ class Plan:
 
 def build_plan(running: Runtime, config: Config, diff: ConfigDiff, role: Role) -> Plan:
     """Step 2. Raises ListenerError (a new bind failed; nothing bound is left open)."""
-    backends = {b.name: Backend(b) for b in config.backends}
+    backends = {b.name: Backend(b, processes=running.share_of) for b in config.backends}
     old_servers = {(s.backend, s.name): s for s in running.servers}
     for backend in backends.values():
         for server in backend.servers:
@@ -258,7 +259,7 @@ def _successor(new: Runtime, sources: dict[str, str], old_name: str) -> Route | 
 
 
 def _stop_old_listener(
-    running: Runtime, route: Route | TcpRoute, server: asyncio.Server | None
+    running: Runtime, route: Route | TcpRoute, server: HttpAcceptor | None
 ) -> None:
     """A listener removed or moved: stop accepting on its old socket. A removed HTTP
     listener's connections drain (closed after their next answer); a moved one's already

@@ -15,10 +15,12 @@ import socket
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from zdlb.balancer.pool import Backend
 from zdlb.balancer.server import Server
 from zdlb.balancer.sticky import StickyCookie
+from zdlb.budget import ConnectionBudget
 from zdlb.census import Census
 from zdlb.config.model import Address, Config, ListenerConfig, ListenerMode
 from zdlb.control import journal
@@ -32,6 +34,9 @@ from zdlb.metrics.status import StatusBoard
 from zdlb.stats import Stats
 from zdlb.tcp.listener import bind_listener, bind_listener_group
 from zdlb.tcp.proxy import TcpRoute, TcpSettings
+
+if TYPE_CHECKING:
+    from zdlb.daemon.acceptor import HttpAcceptor
 
 # A scraper or two, not a crowd: the endpoint caps its connections anyway.
 METRICS_BACKLOG = 64
@@ -127,7 +132,7 @@ class Runtime:
     on_health: TransitionHook | None = None  # the health checker's hook, again after a reload
     # HTTP listeners being served, by name: the asyncio server accepting, and the slot its new
     # connections take their route from (a reload swaps the route in the slot).
-    http_servers: dict[str, asyncio.Server] = field(default_factory=dict)
+    http_servers: dict[str, HttpAcceptor] = field(default_factory=dict)
     slots: dict[str, RouteSlot] = field(default_factory=dict)
     # Routes a reload replaced or removed that still have connections (daemon/reload.py):
     # swept, counted and drained with the others until their last connection ends.
@@ -147,6 +152,10 @@ class Runtime:
     # The status page (metrics/status.py) when [metrics] serves one: a reload points it at the
     # new backends and checks.
     status_board: StatusBoard | None = None
+    # Client connections this process may hold (budget.py), with each listener's gate.
+    budget: ConnectionBudget = field(default_factory=ConnectionBudget)
+    # Processes sharing the servers (workers): each keeps its share of a server's maxconn.
+    share_of: int = 1
 
     @property
     def all_routes(self) -> list[Route | TcpRoute]:
@@ -191,6 +200,7 @@ def build_runtime(
     workers: int = 1,
     inherited: Inherited | None = None,
     census_key: int | None = None,
+    share_of: int = 1,
 ) -> Runtime:
     """Create backends, pools and routes, and bind every listener. Raises ListenerError.
 
@@ -201,7 +211,7 @@ def build_runtime(
     ``inherited``: an upgrade's sockets are used where they match, and its state replaces the
     journal's (it is newer).
     """
-    backends = {b.name: Backend(b) for b in config.backends}
+    backends = {b.name: Backend(b, processes=share_of) for b in config.backends}
     servers = [server for backend in backends.values() for server in backend.servers]
     state_file = config.control.state_file
     if inherited is not None and inherited.state is not None:
@@ -219,6 +229,8 @@ def build_runtime(
         config, backends, health, Stats.from_config(config), on_health=on_health, events=events
     )
     runtime.inherited = inherited
+    runtime.share_of = share_of
+    runtime.budget = ConnectionBudget.for_config(config, runtime.stats.process)
     runtime.census_key = secrets.randbits(64) if census_key is None else census_key
     runtime.census = new_census(backends, runtime.census_key)
     try:
@@ -306,6 +318,7 @@ def new_http_route(runtime: Runtime, listener: ListenerConfig) -> Route:
         census=runtime.census.get(backend.name),
         stats=stats.listeners[listener.name],
         backend_stats=stats.backends[backend.name],
+        gate=runtime.budget.gate(listener.name, listener.maxconn, stats.listeners[listener.name]),
     )
 
 

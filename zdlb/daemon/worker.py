@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from zdlb.balancer.server import AdminState, Health, Server
 from zdlb.config.model import Config, LogFormat
 from zdlb.daemon import ipc
+from zdlb.daemon.acceptor import HttpAcceptor
 from zdlb.daemon.lifecycle import (
     accept_into,
     install_signal_handlers,
@@ -94,7 +95,7 @@ class Worker:
     ) -> None:
         self.runtime = runtime
         self._shares = shares or {}  # sibling index -> its listener sockets, config order
-        self._adopted: dict[int, list[asyncio.Server]] = {}
+        self._adopted: dict[int, list[HttpAcceptor]] = {}
         self._writer = writer
         self._servers = [s for backend in runtime.backends.values() for s in backend.servers]
         self._by_key = {ipc.server_key(s): s for s in self._servers}
@@ -220,7 +221,13 @@ async def run_worker(spec: WorkerSpec) -> None:
     channel = socket.socket(fileno=spec.channel_fd)
     reader, writer = await asyncio.open_unix_connection(sock=channel, limit=ipc.MAX_MESSAGE_BYTES)
     hook = _DeferredHook()
-    runtime = build_runtime(spec.config, sockets, on_health=hook, census_key=spec.census_key)
+    runtime = build_runtime(
+        spec.config,
+        sockets,
+        on_health=hook,
+        census_key=spec.census_key,
+        share_of=max(1, len(spec.share_fds)),
+    )
     shares = {
         index: [socket.socket(fileno=fd) for fd in fds]
         for index, fds in enumerate(spec.share_fds)

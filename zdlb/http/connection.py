@@ -153,6 +153,7 @@ class ClientConnection(asyncio.Protocol):
         route.connections.add(self)
         route.stats.connections_open += 1
         route.stats.connections_total += 1
+        route.gate.opened()  # at a limit, accepting pauses (budget.py)
         # Its first request within http_request_s, or 408 (exchange.py, rule 7).
         self.deadline = self.loop.time() + route.timeouts.http_request_s
 
@@ -201,6 +202,7 @@ class ClientConnection(asyncio.Protocol):
         route = self.route
         route.forget(self)
         route.stats.connections_open -= 1
+        route.gate.closed()
         route.stats.bytes_in += self.reader.bytes_read
         self.reader.bytes_read = 0
         self.phase = Phase.CLOSING
@@ -1118,6 +1120,9 @@ class ClientConnection(asyncio.Protocol):
         self.route = route
         route.connections.add(self)
         route.stats.connections_open += 1
+        if route.gate is not old.gate:  # another listener's (an upgrade's adoption)
+            old.gate.closed()
+            route.gate.opened()
 
     def detach_idle(self) -> socket.socket | None:
         """An upgrade (daemon/upgrade.py): between requests, with nothing buffered either way,

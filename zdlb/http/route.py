@@ -19,6 +19,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
 
 from zdlb.balancer.queue import attach_queues
+from zdlb.budget import ConnectionBudget, ListenerGate
 from zdlb.config.model import ListenerConfig
 from zdlb.http.exchange import Phase, may_reuse
 from zdlb.http.head import RequestHeadParser
@@ -96,11 +97,16 @@ class Route:
         backend_stats: BackendStats | None = None,
         tunnel: TunnelSettings | None = None,
         census: Census | None = None,
+        gate: ListenerGate | None = None,
     ) -> None:
         self.listener = listener
         # Metrics: plain counters the hot path adds to (a scrape reads them; metrics/).
         self.stats = stats if stats is not None else ListenerStats()
         self.backend_stats = backend_stats if backend_stats is not None else BackendStats()
+        # The listener's share of the connection budget (budget.py), kept across reloads.
+        if gate is None:
+            gate = ConnectionBudget().gate(listener.name, listener.maxconn, self.stats)
+        self.gate = gate
         self.observe = observe  # passive health: called for servers with is_observed only
         self.backend = backend
         _attach_queues(backend)

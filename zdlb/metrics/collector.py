@@ -230,14 +230,31 @@ def _listener_metrics(snap: Snapshot) -> Iterator[Metric]:
     )
     bytes_in = _counter("zdlb_listener_bytes_in", "Bytes received from clients.", names)
     bytes_out = _counter("zdlb_listener_bytes_out", "Bytes sent to clients.", names)
+    limit = _gauge("zdlb_listener_connections_limit", "The listener's own maxconn.", names)
+    hits = _counter(
+        "zdlb_listener_connections_limit_hits", "Times it reached maxconn and paused.", names
+    )
     for name, listener in snap["listeners"].items():
+        if listener["maxconn"]:
+            limit.add_metric([name], listener["maxconn"])
+        hits.add_metric([name], listener["limit_hits"])
         conns_open.add_metric([name], listener["connections_open"])
         conns.add_metric([name], listener["connections_total"])
         for code, count in zip(STATUS_CLASSES, listener["responses"], strict=True):
             responses.add_metric([name, code], count)
         bytes_in.add_metric([name], listener["bytes_in"])
         bytes_out.add_metric([name], listener["bytes_out"])
-    yield from (conns_open, conns, responses, bytes_in, bytes_out)
+    yield from (conns_open, conns, responses, bytes_in, bytes_out, limit, hits)
+    process = snap["process"]
+    process_limit = _gauge(
+        "zdlb_connections_limit", "Client connections the process may hold (maxconn).", []
+    )
+    process_limit.add_metric([], process["maxconn"])
+    process_hits = _counter(
+        "zdlb_connections_limit_hits", "Times the process maxconn was reached.", []
+    )
+    process_hits.add_metric([], process["limit_hits"])
+    yield from (process_limit, process_hits)
 
 
 def _backend_metrics(snap: Snapshot) -> Iterator[Metric]:
