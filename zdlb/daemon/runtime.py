@@ -339,4 +339,7 @@ def new_tcp_route(runtime: Runtime, listener: ListenerConfig) -> TcpRoute:
         log_access=runtime.config.logging.access_log,
         observe=runtime.health.observe,
         stats=runtime.stats.listeners[listener.name],
+        gate=runtime.budget.gate(
+            listener.name, listener.maxconn, runtime.stats.listeners[listener.name]
+        ),
     )

@@ -38,10 +38,11 @@ import struct
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 from zdlb.balancer.pool import Backend
 from zdlb.balancer.server import Server
+from zdlb.budget import ConnectionBudget, ListenerGate
 from zdlb.config.model import (
     DEFAULT_CONNECT_S,
     DEFAULT_PIPE_BYTES,
@@ -53,6 +54,9 @@ from zdlb.config.model import (
 from zdlb.stats import ListenerStats
 from zdlb.tcp.pipes import BufferPool, PipePool
 from zdlb.tcp.pump import SPLICE_AVAILABLE, Pump
+
+if TYPE_CHECKING:
+    from zdlb.balancer.queue import WaitQueues
 
 log = logging.getLogger(__name__)
 access_log = logging.getLogger("zdlb.access")
@@ -88,6 +92,12 @@ class Phase(enum.Enum):
     CLOSED = "closed"
 
 
+def _slot_freed(server: Server, now: float) -> None:
+    """A tunnel let go of its server: an HTTP request queued for it may go (balancer/queue.py)."""
+    if server.waitq is not None:
+        cast("WaitQueues", server.waitq).slot_freed(server, now)
+
+
 def _ignore_observation(server: Server, ok: bool) -> None:
     """The default when no health checker runs: live traffic reports to nobody."""
 
@@ -104,9 +114,15 @@ class TcpRoute:
         log_access: bool = False,
         observe: Callable[[Server, bool], None] = _ignore_observation,
         stats: ListenerStats | None = None,
+        gate: ListenerGate | None = None,
     ) -> None:
         self.listener = listener
         self.stats = stats if stats is not None else ListenerStats()  # metrics
+        # The listener's share of the connection budget (budget.py): pause/resume below.
+        if gate is None:
+            gate = ConnectionBudget().gate(listener.name, listener.maxconn, self.stats)
+        self.gate = gate
+        self._is_paused = False
         self.backend = backend
         self.settings = settings
         self.timeouts = listener.timeouts  # grace_s, for the daemon's shutdown
@@ -147,11 +163,24 @@ class TcpRoute:
         self.loop = asyncio.get_running_loop()
         self._sock = sock
         self.loop.add_reader(sock.fileno(), self._accept_ready)
+        self.gate.add(self)
+
+    def pause(self) -> None:
+        """The connection budget is spent (budget.py, rule 2): leave clients in the backlog."""
+        self._is_paused = True
+        if self._sock is not None and self.loop is not None:
+            self.loop.remove_reader(self._sock.fileno())
+
+    def resume(self) -> None:
+        self._is_paused = False
+        if self._sock is not None and self.loop is not None and self._resume_handle is None:
+            self.loop.add_reader(self._sock.fileno(), self._accept_ready)
 
     def stop_accepting(self) -> None:
         """Shutdown, step 1: close the listening socket. Tunnels run on until they end (there
         is no request boundary at which to stop them); ``drained`` is set when the last ends."""
         self.is_stopping = True
+        self.gate.discard(self)
         if self._resume_handle is not None:
             self._resume_handle.cancel()
             self._resume_handle = None
@@ -192,13 +221,16 @@ class TcpRoute:
             client.setblocking(False)
             self.stats.connections_open += 1
             self.stats.connections_total += 1
+            self.gate.opened()
             tunnel = Tunnel(self, loop, client, str(addr[0]).encode())
             self.tunnels.add(tunnel)
             tunnel.start()
+            if self._is_paused:  # that was the last one the budget allows
+                return
 
     def _resume_accepting(self) -> None:
         self._resume_handle = None
-        if self._sock is not None and self.loop is not None:
+        if self._sock is not None and self.loop is not None and not self._is_paused:
             self.loop.add_reader(self._sock.fileno(), self._accept_ready)
 
     # --- shared by tunnels ---------------------------------------------------------------
@@ -252,6 +284,7 @@ class TcpRoute:
         self.bytes_down += tunnel.bytes_down
         stats = self.stats
         stats.connections_open -= 1
+        self.gate.closed()
         stats.bytes_in += tunnel.bytes_up  # published when the tunnel ends, not per chunk
         stats.bytes_out += tunnel.bytes_down
         if self.log_access:
@@ -327,6 +360,11 @@ class Tunnel:
         server = None
         if len(tried) <= route.settings.retries:
             server = route.backend.select(self.loop.time(), self.client_ip, tried)
+            if server is not None and server.inflight >= server.maxconn:
+                # At its maxconn: another server with a free slot, else none (a tunnel has
+                # no request to queue; balancer/queue.py queues HTTP requests only).
+                full = [*tried, *(s for s in route.backend.servers if s.inflight >= s.maxconn)]
+                server = route.backend.select(self.loop.time(), self.client_ip, full)
         if server is None:
             self._give_up("no_server")
             return
@@ -424,6 +462,7 @@ class Tunnel:
         server, self.server = self.server, None
         if server is not None:
             server.request_finished()
+            _slot_freed(server, self.loop.time())
 
     def _give_up(self, end: str) -> None:
         """No server could be connected: reset the client (see the module docstring)."""
@@ -441,6 +480,7 @@ class Tunnel:
         assert server is not None and pump.end is not None
         server.connection_closed()
         server.request_finished()
+        _slot_freed(server, self.loop.time())
         self.bytes_up, self.bytes_down = pump.bytes_up, pump.bytes_down
         self._closed(self.end or pump.end.value)
 
