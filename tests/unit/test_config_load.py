@@ -131,6 +131,32 @@ def _servers(*servers: object) -> tuple[str, object]:
 
 REJECTED = [
     pytest.param(
+        [("maxconn", 0), ("listeners.web.maxconn", "many")],
+        [
+            "maxconn: must be >= 1, got 0",
+            "listeners.web.maxconn: expected an integer, got 'many'",
+        ],
+        id="maxconn-process-and-listener",
+    ),
+    pytest.param(
+        [_servers({"name": "a", "address": "10.0.0.1:80", "maxconn": -2})],
+        ["backends.app.servers[0].maxconn: must be >= 1, got -2"],
+        id="server-maxconn-negative",
+    ),
+    pytest.param(
+        [
+            ("defaults.timeouts.queue_s", 0),
+            ("listeners.web.timeouts.client_body_s", "20s"),
+            ("listeners.web.limits.min_body_rate", -1),
+        ],
+        [
+            "defaults.timeouts.queue_s: must be a finite number of seconds > 0, got 0",
+            "listeners.web.timeouts.client_body_s: expected a number of seconds, got '20s'",
+            "listeners.web.limits.min_body_rate: must be >= 0, got -1",
+        ],
+        id="queue-and-body-timeouts",
+    ),
+    pytest.param(
         [_servers({"name": "a", "address": "10.0.0.1:80"}, {"name": "b", "address": "nonsense"})],
         ["backends.app.servers[1].address: 'nonsense' is not host:port"],
         id="server-address-not-host-port",

@@ -44,7 +44,7 @@ def describe(config: Config) -> str:
                 str(s.address),
                 s.pool.value if s.pair is None else f"backup of {s.pair}",
                 f"weight={s.weight}",
-                f"max_idle={s.max_idle}",
+                f"max_idle={s.max_idle}" + (f" maxconn={s.maxconn}" if s.maxconn else ""),
                 _check_text(s.check),
             )
             for s in backend.servers
@@ -79,7 +79,15 @@ def _listener_row(listener: ListenerConfig) -> tuple[str, ...]:
     bind = str(listener.bind)
     if listener.bind.port == 0:
         bind += " (any free port)"
-    return (listener.name, listener.mode.value, bind, f"-> {listener.backend}", _moves(listener))
+    limit = f"maxconn={listener.maxconn}" if listener.maxconn is not None else ""
+    return (
+        listener.name,
+        listener.mode.value,
+        bind,
+        f"-> {listener.backend}",
+        _moves(listener),
+        limit,
+    )
 
 
 def _moves(listener: ListenerConfig) -> str:

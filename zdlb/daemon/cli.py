@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from zdlb import __version__
+from zdlb.budget import FDS_PER_CLIENT, default_maxconn, open_file_limit, reserved_fds
 from zdlb.config.load import load_config
 from zdlb.config.model import MAX_WORKERS, Config, LogFormat, LoggingConfig
 from zdlb.config.summary import describe
@@ -150,6 +151,20 @@ def _worker_count(text: str) -> int:
     return count
 
 
+def describe_budget(config: Config) -> str:
+    """`zdlb check`'s line on the connection budget (budget.py): the limit this process would
+    run with here, and where it comes from."""
+    nofile = open_file_limit()
+    fits = default_maxconn(config, nofile)
+    if config.maxconn is None:
+        return (
+            f"maxconn: {fits} client connections per process (open-file limit {nofile}:"
+            f" {reserved_fds(config)} reserved, {FDS_PER_CLIENT} per client)"
+        )
+    warning = "" if config.maxconn <= fits else f"; WARNING: open-file limit {nofile} fits {fits}"
+    return f"maxconn: {config.maxconn} client connections per process{warning}"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "demo-app":  # no config file: the demo's vhosts are built in
@@ -166,6 +181,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     match args.command:
         case "check":
             print(describe(config))
+            print(describe_budget(config))
             print("config OK")
             return EXIT_OK
         case "run":
