@@ -10,6 +10,8 @@ import enum
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from zdlb.config.routing import Routing
+
 # Timeout defaults follow HAProxy's recommended values (`timeout connect 5s`, `client 30s`,
 # `server 30s`, `http-request 10s`).
 DEFAULT_CONNECT_S = 5.0
@@ -216,7 +218,7 @@ class BackendConfig:
 class ListenerConfig:
     name: str
     bind: Address
-    backend: str
+    backend: str  # the default backend; "" only for an http listener whose routes all decide
     mode: ListenerMode = ListenerMode.HTTP
     timeouts: Timeouts = field(default_factory=Timeouts)
     limits: Limits = field(default_factory=Limits)
@@ -229,6 +231,8 @@ class ListenerConfig:
     # HTTP request and response bodies with at least this many Content-Length bytes left after
     # the first read are spliced too (needs splice); None: never.
     splice_min_bytes: int | None = DEFAULT_SPLICE_MIN_BYTES
+    # http only: routes choosing a backend per request, and header rules (config/routing.py).
+    routing: Routing = field(default_factory=Routing)
 
 
 @dataclass(frozen=True, slots=True)
