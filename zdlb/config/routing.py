@@ -168,7 +168,7 @@ def normalise_host(host: str) -> str:
         end = host.find("]")
         return host[: end + 1] if end > 0 else host
     name, colon, port = host.rpartition(":")
-    if colon and port.isdigit():
+    if colon and (port.isdigit() or not port):  # RFC 3986 section 3.2.3: the port may be empty
         host = name
     return host.rstrip(".") if host != "." else host
 
@@ -333,11 +333,18 @@ def covers(first: RouteRule, later: RouteRule) -> bool:
     Conservative: only one earlier rule is compared at a time."""
     return (
         _hosts_cover(first.hosts, later.hosts)
-        and (not first.paths or bool(later.paths))
-        and all(any(p.startswith(q) for q in first.paths) for p in later.paths)
-        and (not first.methods or (bool(later.methods) and set(later.methods) <= set(first.methods)))
+        and _paths_cover(first.paths, later.paths)
+        and (
+            not first.methods or (bool(later.methods) and set(later.methods) <= set(first.methods))
+        )
         and (first.header is None or first.header == later.header or _value_free(first, later))
     )
+
+
+def _paths_cover(first: tuple[str, ...], later: tuple[str, ...]) -> bool:
+    if not first:
+        return True
+    return bool(later) and all(any(p.startswith(q) for q in first) for p in later)
 
 
 def _value_free(first: RouteRule, later: RouteRule) -> bool:
@@ -380,3 +387,14 @@ def catch_all(rules: Sequence[RouteRule]) -> int | None:
         if not (rule.hosts or rule.paths or rule.methods or rule.header):
             return index
     return None
+
+
+def reached_backends(default: str, routing: Routing) -> set[str]:
+    """The backends some request can reach: those of rules no earlier rule shadows, and the
+    default unless a rule before it matches everything."""
+    rules = routing.rules
+    never = dict(shadowed(rules))
+    names = {r.backend for i, r in enumerate(rules) if r.backend is not None and i not in never}
+    if default and catch_all(rules) is None:
+        names.add(default)
+    return names

@@ -44,8 +44,13 @@ class HeadEdit:
         return b"%s%s\r\n" % (kept, self.lines)
 
     def apply_request(self, head: RequestHead) -> None:
-        """Edit ``head`` in place: a set Host is the one Host (``has_host``)."""
-        head.replace_raw(self.edit(head.raw))
+        """``edit``, in place on ``head`` (inlined: 3 calls per request, not 4); a set Host is
+        the one Host (``has_host``)."""
+        drop = self.drop
+        raw = head.raw[:-2]
+        head.replace_raw(
+            b"%s%s\r\n" % (drop.sub(b"", raw) if drop is not None else raw, self.lines)
+        )
         if self.sets_host:
             head.has_host = True
 

@@ -179,9 +179,7 @@ class Route:
         request, response = routing.request_headers, routing.response_headers
         default: Destination | LocalAnswer = LocalAnswer(routing.unmatched_status)
         if listener.backend:
-            default = Destination(
-                by_name[listener.backend], edit_for(request), edit_for(response)
-            )
+            default = Destination(by_name[listener.backend], edit_for(request), edit_for(response))
         self.router: Router[Destination | LocalAnswer] = Router(
             [(rule, _outcome(rule, by_name, request, response)) for rule in routing.rules],
             default,

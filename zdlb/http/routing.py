@@ -53,7 +53,7 @@ def normalise_host(host: bytes) -> bytes:
         end = host.find(b"]")
         return host[: end + 1] if end > 0 else host
     name, colon, port = host.rpartition(b":")
-    if colon and port.isdigit():
+    if colon and (port.isdigit() or not port):  # RFC 3986 section 3.2.3: the port may be empty
         host = name
     return host.rstrip(b".") if host != b"." else host
 
