@@ -152,8 +152,8 @@ REJECTED = [
         [(("listeners", "web", "bad key"), 1)],
         [
             'listeners.web."bad key": unknown key (expected one of: bind, mode, backend, '
-            "backlog, x_forwarded_proto, splice, pipe_bytes, splice_min_bytes, timeouts, limits, routes, "
-            "unmatched_status, request_headers, response_headers)"
+            "backlog, x_forwarded_proto, splice, pipe_bytes, splice_min_bytes, timeouts, "
+            "limits, routes, unmatched_status, request_headers, response_headers)"
         ],
         id="unknown-key-quoted-in-path",
     ),

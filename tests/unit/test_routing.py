@@ -440,9 +440,9 @@ def test_check_reports_shadowed_rules_and_unreached_backends() -> None:
     assert "routes[2] (every request) -> api" in text
     assert "default backend app: never used, routes[2] matches every request" in text
     assert "unused balance=roundrobin retries=2 reuse=safe (no listener uses it)" in text
-    assert (
-        "static balance" in text and "static balance=roundrobin retries=2 reuse=safe (" not in text
-    )
+    assert "static balance=roundrobin retries=2 reuse=safe (no route reaches it" in text
+    assert "app balance=roundrobin retries=2 reuse=safe (no route reaches it" in text
+    assert "api balance=roundrobin retries=2 reuse=safe\n" in text
 
 
 # --- header rules and redirects --------------------------------------------------------------

@@ -46,11 +46,14 @@ def describe(config: Config) -> str:
         if index < len(config.listeners):
             lines.extend(_INDENT * 2 + line for line in _routing_lines(config.listeners[index]))
     lines.append("backends:")
-    used = {
-        n for listener in config.listeners for n in backends_of(listener.backend, listener.routing)
-    }
+    listeners = config.listeners
+    used = {n for item in listeners for n in backends_of(item.backend, item.routing)}
+    reached = set().union(*(reached_backends(item.backend, item.routing) for item in listeners))
     for backend in config.backends:
-        lines.append(_INDENT + _backend_line(backend, is_used=backend.name in used))
+        line = _backend_line(backend, is_used=backend.name in used)
+        if backend.name in used and backend.name not in reached:
+            line += " (no route reaches it: see the routes above)"
+        lines.append(_INDENT + line)
         rows = [
             (
                 s.name,
