@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import time
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -521,3 +522,40 @@ def test_redirect_locations(
     redirection = Redirection(Redirect(location, 301, keep_path))
     head = request(host, target, minor=0 if host is None else 1)
     assert redirection.location_for(head) == expected
+
+
+def test_the_readme_routing_example_is_valid() -> None:
+    """README.md's TOML block under *Routing and header rules*, with its backends defined."""
+    text = (Path(__file__).parents[2] / "README.md").read_text(encoding="utf-8")
+    start = text.index("### Routing and header rules")
+    block = text[
+        text.index("```toml\n", start) + 8 : text.index("```", text.index("```toml\n", start) + 8)
+    ]
+    data = tomllib.loads(block)
+    data["backends"] = {
+        name: {"servers": [{"name": "a", "address": "10.0.0.1:8080"}]}
+        for name in ("app", "api", "static", "canary")
+    }
+    listener = parse_config(data, "README.md", Path("/")).listeners[0]
+    assert len(listener.routing.rules) == 4
+    router = Router([(rule, rule.backend or "redirect") for rule in listener.routing.rules], "app")
+    assert router.pick(request(b"www.example.com", b"/x")) == "redirect"
+    assert router.pick(request(b"api.example.com", b"/v2/a")) == "api"
+    assert router.pick(request(b"img.static.example.com")) == "static"
+    assert router.pick(request(b"x.test", method=b"PUT", extra=b"X-Canary: 1\r\n")) == "canary"
+    assert router.pick(request(b"x.test", method=b"PUT")) == "app"
+
+
+def test_the_commented_routing_example_in_config_toml_is_valid() -> None:
+    """config.toml's commented routes, uncommented, load (with an `api` backend added)."""
+    text = (Path(__file__).parents[2] / "config.toml").read_text(encoding="utf-8")
+    lines = text[text.index("# unmatched_status") : text.index("[listeners.tcp]")].splitlines()
+    example = "\n".join(line.removeprefix("# ") for line in lines[1:] if line.startswith("# "))
+    data = tomllib.loads('[listeners.web]\nbind = "127.0.0.1:0"\nbackend = "app"\n' + example)
+    data["backends"] = {
+        name: {"servers": [{"name": "a", "address": "10.0.0.1:8080"}]} for name in ("app", "api")
+    }
+    routing = parse_config(data, "config.toml", Path("/")).listeners[0].routing
+    assert [rule.backend for rule in routing.rules] == [None, "api"]
+    assert routing.rules[0].redirect == Redirect("https://www.example.com", 301, True)
+    assert routing.response_headers.remove == ("Server",)
