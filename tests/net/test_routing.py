@@ -20,6 +20,8 @@ import pytest
 from tests.net.proxy_harness import ProxyStarter, RawClient, RunningProxy, address_of
 from tests.servers import ClientResponse, EchoServer, H11Client
 from zdlb.config.load import parse_config
+from zdlb.control.commands import Controller
+from zdlb.control.protocol import parse_command
 
 SERVERS = {"app": ("app-1", "app-2"), "api": ("api-1", "api-2"), "static": ("static-1",)}
 STICKY = {"app": "APPID", "api": "APIID"}
@@ -230,3 +232,36 @@ async def test_hostile_hosts(servers: dict[str, EchoServer], proxies: ProxyStart
         await client.send(b'GET / HTTP/1.1\r\nHost: x"<y>.to-https.test\r\n\r\n')
         response = await client.read_response()
         assert (response.status, response.header("location")) == (400, None)
+
+
+async def test_operator_commands_act_per_backend(proxy: RunningProxy) -> None:
+    """maint on api/api-1: the api route's requests all go to api-2, the app backend's are not
+    touched; `wait idle` answers for a server of a routed backend."""
+    runtime = proxy.runtime
+    controller = Controller(runtime.backends, runtime.routes, runtime.health)
+
+    async def ctl(line: str) -> str:
+        command, _ = parse_command(line.encode())
+        return (await controller.execute(command, peer_uid=0)).text
+
+    assert await ctl("set server api/api-1 state maint") == "api/api-1: admin ready -> maint\n"
+    async with await H11Client.connect(proxy.addr) as client:
+        api = {server_of(await get(client, "api.example.com", "/v1/")) for _ in range(4)}
+        app = {server_of(await get(client, "www.example.com", "/")) for _ in range(4)}
+    assert api == {"api-2"}
+    assert app == {"app-1", "app-2"}
+    assert await ctl("wait api/api-2 idle 5") == "api/api-2: idle\n"
+
+
+async def test_a_failed_connect_is_retried_within_the_routed_backend(
+    servers: dict[str, EchoServer], proxies: ProxyStarter, refused_addr: tuple[str, int]
+) -> None:
+    addrs = {n: s.addr for n, s in servers.items()}
+    addrs["api-1"] = refused_addr
+    proxy = await proxies.start(routed_config(addrs))
+    async with await H11Client.connect(proxy.addr) as client:
+        for _ in range(4):
+            response = await get(client, "api.example.com", "/v1/")
+            assert (response.status, server_of(response)) == (200, "api-2")
+    assert proxy.link("api").stats.redispatches >= 1
+    assert proxy.link("app").stats.redispatches == 0
