@@ -265,3 +265,15 @@ async def test_a_failed_connect_is_retried_within_the_routed_backend(
             assert (response.status, server_of(response)) == (200, "api-2")
     assert proxy.link("api").stats.redispatches >= 1
     assert proxy.link("app").stats.redispatches == 0
+
+
+async def test_header_rules_on_a_listener_without_routes(
+    servers: dict[str, EchoServer], proxies: ProxyStarter
+) -> None:
+    proxy = await proxies.start(routed_config({n: s.addr for n, s in servers.items()}, routes=[]))
+    assert proxy.route.destination is not None  # no router consulted per request
+    async with await H11Client.connect(proxy.addr) as client:
+        response = await get(client, "api.example.com", "/v1/", ("X-Debug", "1"))
+    assert server_of(response).startswith("app-")
+    assert received(response)["x-proxy"] == "zdlb" and "x-debug" not in received(response)
+    assert response.header("x-frame-options") == "DENY"

@@ -115,7 +115,9 @@ class ClientConnection(asyncio.Protocol):
         "wbuf",
         "writes_paused",
     )
-    dest: Destination  # where the current request goes: set by request_head, see __init__
+    # Where the current request goes (route.py): unset until the first request sent to a
+    # backend; only code running for such a request reads it (a local answer reads none).
+    dest: Destination
 
     def __init__(self, route: Route, loop: asyncio.AbstractEventLoop) -> None:
         self.route = route
@@ -135,8 +137,6 @@ class ClientConnection(asyncio.Protocol):
         self.detour: Detour | None = None
         self.tunnel: Tunnel | None = None
         self.user_token = b""  # the sticky census token of this connection's user, once known
-        # self.dest (route.py) stays unset until the first request to a backend: only code
-        # running for such a request reads it, and a request answered locally reads none.
 
     def __repr__(self) -> str:
         ex = self.exchange
@@ -251,9 +251,7 @@ class ClientConnection(asyncio.Protocol):
         self.dest = dest
         now = self.loop.time()
         self.deadline = now + dest.server_s
-        # Choosing the server (sticky, then balanced), inlined: a method here measured one
-        # call more per request (benchmarks/calls_per_request.sh).
-        sticky = dest.sticky
+        sticky = dest.sticky  # choosing the server, inlined: a method costs a call per request
         if sticky is not None and sticky.marker in head.raw:  # the client names its host
             server = self._select_sticky(exchange, sticky, now)
         else:
