@@ -11,16 +11,20 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from zdlb.config.load import parse_config
 from zdlb.config.model import Config, Limits
 from zdlb.config.routing import (
     MAX_ROUTES,
+    HeaderMatch,
     HeaderRules,
     Redirect,
     RouteRule,
     Routing,
     backends_of,
+    host_matches,
     normalise_host,
     shadowed,
 )
@@ -384,6 +388,62 @@ def test_a_rule_list_stops_at_the_first_unconditional_rule() -> None:
     assert router.choice_for(b"a.example").rules == ()  # decided without a comparison
     assert router.choice_for(b"a.example").fallback == "x"
     assert len(router.choice_for(b"b.example").rules) == 1
+
+
+# A differential test: the compiled router against rule 1 read literally (every rule in order,
+# every condition checked), over small alphabets so that hosts, wildcards and prefixes collide.
+_LABELS = st.sampled_from(["a", "b", "c"])
+_NAMES = st.lists(_LABELS, min_size=1, max_size=3).map(".".join)
+_PATTERNS = st.one_of(_NAMES, _NAMES.map(lambda name: "*." + name))
+_PATHS = st.sampled_from(["/", "/a", "/a/", "/ab", "/b"])
+_METHODS = st.sampled_from(["GET", "POST"])
+_HEADERS = st.sampled_from([None, HeaderMatch("x-k"), HeaderMatch("x-k", "1")])
+_RULES = st.builds(
+    RouteRule,
+    hosts=st.lists(_PATTERNS, max_size=2).map(tuple),
+    paths=st.lists(_PATHS, max_size=2).map(tuple),
+    methods=st.lists(_METHODS, max_size=1).map(tuple),
+    header=_HEADERS,
+)
+_SPELLINGS = st.tuples(_NAMES, st.sampled_from(["", ".", ":80", ".:8080"]), st.booleans())
+
+
+def _literal(rules: list[RouteRule], host: str, path: str, method: str, field: str) -> int:
+    for index, rule in enumerate(rules):
+        header = rule.header
+        if (
+            (not rule.hosts or any(host_matches(p, host) for p in rule.hosts))
+            and (not rule.paths or any(path.startswith(p) for p in rule.paths))
+            and (not rule.methods or method in rule.methods)
+            and (header is None or field in ("x-k: 1", "x-k: 2")[: 1 if header.value else 2])
+        ):
+            return index
+    return -1
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(_RULES, max_size=6),
+    _SPELLINGS,
+    _PATHS.map(lambda path: path + "x"),
+    _METHODS,
+    st.sampled_from(["", "x-k: 1", "x-k: 2"]),
+)
+def test_the_compiled_router_agrees_with_the_rules_read_literally(
+    rules: list[RouteRule],
+    spelling: tuple[str, str, bool],
+    path: str,
+    method: str,
+    field: str,
+) -> None:
+    name, suffix, upper = spelling
+    sent = (name.upper() if upper else name) + suffix
+    router = Router([(rule, index) for index, rule in enumerate(rules)], -1)
+    extra = f"{field}\r\n".encode() if field else b""
+    head = request(sent.encode(), path.encode(), method.encode(), extra)
+    expected = _literal(rules, name, path, method, field)
+    assert router.pick(head) == expected
+    assert router.pick(head) == expected  # learned
 
 
 # --- what zdlb check says --------------------------------------------------------------------
