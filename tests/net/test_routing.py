@@ -277,3 +277,23 @@ async def test_header_rules_on_a_listener_without_routes(
     assert server_of(response).startswith("app-")
     assert received(response)["x-proxy"] == "zdlb" and "x-debug" not in received(response)
     assert response.header("x-frame-options") == "DENY"
+
+
+async def test_a_listener_that_only_redirects(proxies: ProxyStarter) -> None:
+    """http -> https for every host, no backend at all: nothing is pooled or checked."""
+    data = {
+        "listeners": {
+            "http": {
+                "bind": "127.0.0.1:0",
+                "routes": [{"redirect": {"location": "https://{host}", "status": 308}}],
+            }
+        },
+    }
+    proxy = await proxies.start(parse_config(data, "test_routing", Path(__file__).parent))
+    assert (proxy.route.backend, proxy.route.upstreams) == (None, {})
+    async with await H11Client.connect(proxy.addr) as client:
+        for host, target in (("Example.com:80", "/a?b"), ("shop.example.org.", "/")):
+            response = await get(client, host, target)
+            expected = f"https://{host.lower().split(':')[0].rstrip('.')}{target}"
+            assert (response.status, response.header("location")) == (308, expected)
+        assert client.is_reusable
