@@ -73,12 +73,27 @@ class Router(Generic[T]):
     __slots__ = ("_anywhere", "_exact", "_wildcards", "learned")
 
     def __init__(self, rules: Sequence[tuple[RouteRule, T]], unmatched: T) -> None:
-        exact = {h for rule, _ in rules for h in rule.hosts if not h.startswith("*.")}
-        suffixes = {h[1:] for rule, _ in rules for h in rule.hosts if h.startswith("*.")}
-        self._exact = {name.encode(): _choice(rules, name, unmatched) for name in exact}
+        # Per exact name, only the rules naming it plus those that may match any name are
+        # looked at: compiling stays linear in the rules when most name one host each.
+        by_name: dict[str, list[int]] = {}
+        general = []  # rules without a host, or with a wildcard
+        suffixes = set()
+        for index, (rule, _) in enumerate(rules):
+            for host in dict.fromkeys(rule.hosts):
+                if host.startswith("*."):
+                    suffixes.add(host[1:])
+                else:
+                    by_name.setdefault(host, []).append(index)
+            if not rule.hosts or any(h.startswith("*.") for h in rule.hosts):
+                general.append(index)
+
+        def choice(host: str | None, named: Sequence[int] = ()) -> Choice[T]:
+            return _choice([rules[i] for i in sorted({*named, *general})], host, unmatched)
+
+        self._exact = {name.encode(): choice(name, named) for name, named in by_name.items()}
         # A host strictly under a suffix: "*" + suffix stands for every such name.
-        self._wildcards = {s.encode(): _choice(rules, "*" + s, unmatched) for s in suffixes}
-        self._anywhere: Choice[T] = _choice(rules, None, unmatched)
+        self._wildcards = {s.encode(): choice("*" + s) for s in suffixes}
+        self._anywhere: Choice[T] = choice(None)
         # Seeded with the names as configured: the spelling most clients send.
         self.learned: dict[bytes, Choice[T]] = dict(self._exact)
 
