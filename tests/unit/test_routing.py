@@ -374,6 +374,14 @@ def test_header_conditions_match_name_in_any_case_and_the_exact_value() -> None:
     assert router.pick(request(extra=b"X-Betamax: 1\r\n")) == "app"
 
 
+def test_a_huge_host_is_not_walked_label_by_label() -> None:
+    host = b"a." * 8000 + b"static.example.com"
+    started = time.perf_counter()
+    for _ in range(20):
+        assert ROUTER.choice_for(host) is ROUTER.choice_for(b"unknown.test")
+    assert time.perf_counter() - started < 0.05
+
+
 def test_learned_hosts_stay_bounded() -> None:
     router = Router([(RULES[0], "api")], "app")
     for i in range(MAX_LEARNED_HOSTS * 2 + 5):

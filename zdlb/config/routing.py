@@ -46,6 +46,7 @@ _HEADER_RULE_KEYS = ("set", "add", "remove")
 # own examples route a few dozen hosts) and keeps a pathological one loading in well under 1 s.
 MAX_ROUTES = 1000
 MAX_LIST_ITEMS = 100  # hosts, paths or methods of one route
+MAX_HOST_CHARS = 255  # RFC 1035 section 2.3.4; http/routing.py relies on it
 DEFAULT_UNMATCHED_STATUS = 404  # nginx's and HAProxy's answer when no server block/backend fits
 DEFAULT_REDIRECT_STATUS = 302  # HAProxy's `redirect` default
 REDIRECT_STATUSES = (301, 302, 303, 307, 308)
@@ -199,7 +200,7 @@ def read_routing(table: Table, has_default: bool) -> Routing:
 def _read_rule(table: Table) -> RouteRule:
     hosts = tuple(normalise_host(h) for h in _strings(table, "host"))
     for host in hosts:
-        if not _HOST_RE.fullmatch(host):
+        if not _HOST_RE.fullmatch(host) or len(host) > MAX_HOST_CHARS:
             table.fail("host", f"{host!r} is not a host name, '*.name' or an IP literal")
     paths = _strings(table, "path")
     for path in paths:

@@ -28,6 +28,9 @@ from zdlb.http.head import RequestHead
 T = TypeVar("T")
 # Distinct Host spellings remembered; a site has a handful, a scanner thousands.
 MAX_LEARNED_HOSTS = 4096
+# RFC 1035 section 2.3.4: a name is at most 255 bytes (config/routing.py refuses longer ones),
+# so a Host longer than that is not walked label by label (32 KiB of dots would cost ~5 ms).
+MAX_HOST_BYTES = 255
 
 # One conditional rule: path prefixes, methods, header pattern (None: any), its outcome.
 Conditions = tuple[tuple[bytes, ...] | None, frozenset[bytes] | None, re.Pattern[bytes] | None, T]
@@ -124,6 +127,8 @@ class Router(Generic[T]):
         choice = self._exact.get(name)
         if choice is not None:
             return choice
+        if len(name) > MAX_HOST_BYTES:  # no configured name is this long: no suffix walk
+            return self._anywhere
         dot = name.find(b".")
         while dot >= 0:  # longest suffix first: the most specific wildcard
             choice = self._wildcards.get(name[dot:])
