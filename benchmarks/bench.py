@@ -195,8 +195,8 @@ def start_targets(args: argparse.Namespace, reg: ProcRegistry, tmp: Path) -> lis
     for name in args.only:
         if name == "direct":
             target = tg.Target("direct", b1.port)
-        elif name == "haproxy":
-            target = tg.start_haproxy(reg, tmp, backends, proxy_cpu)
+        elif name in ("haproxy", "haproxy-routes"):
+            target = tg.start_haproxy(reg, tmp, backends, proxy_cpu, name)
         elif name == "nginx":
             target = tg.start_nginx_proxy(reg, tmp, backends, proxy_cpu)
         elif name == tg.BASELINE_TARGET:

@@ -10,6 +10,9 @@
 # Usage: benchmarks/calls_per_request.sh [MIN_PER_REQUEST]   (default 0.5)
 # COOKIE='SRV=s1' in the environment sends that Cookie header with every request: a returning
 # user, pinned, instead of a new one (zdlb then strips the cookie instead of setting it).
+# ROUTES=1: the listener routes (three rules, backends api, static and app on the same two
+# nginx) and has header rules on both sides; requests carry `Host: www.example.com` and reach
+# the default backend after the one rule that can apply to that host was tried.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 source benchmarks/lib.sh
@@ -46,6 +49,38 @@ level = "warning"
 [listeners.web]
 bind = "127.0.0.1:$lb"
 backend = "app"
+TOML
+if [[ -n "${ROUTES:-}" ]]; then
+    cat >>"$work/z.toml" <<TOML
+[[listeners.web.routes]]
+host = "api.example.com"
+path = "/v1/"
+backend = "api"
+[[listeners.web.routes]]
+host = "*.static.example.com"
+backend = "static"
+[[listeners.web.routes]]
+path = "/admin/"
+backend = "api"
+[listeners.web.request_headers]
+set = { X-Route = "web" }
+remove = ["X-Debug"]
+[listeners.web.response_headers]
+set = { X-Frame-Options = "DENY" }
+remove = ["Server"]
+TOML
+    for b in api static; do
+        cat >>"$work/z.toml" <<TOML
+[[backends.$b.servers]]
+name = "s1"
+address = "127.0.0.1:$b1"
+[[backends.$b.servers]]
+name = "s2"
+address = "127.0.0.1:$b2"
+TOML
+    done
+fi
+cat >>"$work/z.toml" <<TOML
 [backends.app.sticky]
 cookie = "SRV"
 [backends.app.check]
@@ -68,6 +103,7 @@ profile() {  # profile SECONDS: writes $work/prof-SECONDS, prints the requests s
     for _ in $(seq 100); do curl -s -o /dev/null "http://127.0.0.1:$lb/" && break; sleep 0.1; done
     local header=()
     [[ -n "${COOKIE:-}" ]] && header=(-H "Cookie: a=1; $COOKIE")
+    [[ -n "${ROUTES:-}" ]] && header+=(-H "Host: www.example.com")
     served=$(timeout 30 wrk -t1 -c10 -d"$1"s "${header[@]}" "http://127.0.0.1:$lb/" | awk '/requests in/ {print $1}')
     kill -INT "$zdlb"
     wait "$zdlb" || true

@@ -18,7 +18,7 @@ import uvloop
 from zdlb.balancer.pool import Backend
 from zdlb.config.load import parse_config
 from zdlb.http.connection import ClientConnection
-from zdlb.http.route import Route
+from zdlb.http.route import BackendLink, Route
 from zdlb.http.upstream import ServerConnections, UpstreamConnection
 
 REQUEST = b"GET / HTTP/1.1\r\nHost: 127.0.0.1:9000\r\n\r\n"
@@ -76,7 +76,7 @@ def main() -> None:
     loop = uvloop.new_event_loop()
     backend = Backend(config.backends[0])
     upstreams = {s.name: ServerConnections(s, 1.0, 3600.0) for s in backend.servers}
-    route = Route(config.listeners[0], backend, upstreams, log_access=False)
+    route = Route(config.listeners[0], [BackendLink(backend, upstreams)], log_access=False)
     for pool in upstreams.values():
         upstream = UpstreamConnection(pool)
         upstream.connection_made(CountingTransport())

@@ -12,7 +12,8 @@ from dataclasses import dataclass
 
 from benchmarks.wrkrun import RunResult
 
-BASELINE = "haproxy"  # every ratio is against this target
+BASELINE = "haproxy"  # every ratio is against this target, but for the routing targets:
+ROUTES_SUFFIX = "-routes"  # zdlb-routes is compared with haproxy-routes (the same routes)
 # Busy time on the proxy core beyond the proxy's own CPU time: interrupt work the kernel charges
 # to no process (5-10 points in `close` runs here) or another process. Above this, flag the row.
 FOREIGN_BUSY_PCT = 15.0
@@ -110,14 +111,19 @@ def _fmt(value: float | None, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
+def baseline_of(target: str) -> str:
+    """The target ``target``'s ratios are computed against."""
+    return BASELINE + ROUTES_SUFFIX if target.endswith(ROUTES_SUFFIX) else BASELINE
+
+
 def table_rows(
     summaries: Sequence[Summary], skipped: dict[str, str], workloads: Sequence[str]
 ) -> list[list[str]]:
     """One row per summary plus one per skipped target and workload."""
-    base = {s.workload: s for s in summaries if s.target == BASELINE}
+    base = {(s.workload, s.target): s for s in summaries}
     rows = []
     for s in summaries:
-        b = base.get(s.workload)
+        b = base.get((s.workload, baseline_of(s.target)))
         errors = f"{s.errors}" if s.errors <= s.requests // 100 else f"{s.errors} (!)"
         rows.append(
             [

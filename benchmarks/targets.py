@@ -35,7 +35,17 @@ PROBE_TIMEOUT_S = 5.0
 
 # zdlb-bare: zdlb without checks, sticky cookie and control socket (templates/zdlb-bare.toml);
 # zdlb-always: zdlb with reuse = "always" (templates/zdlb-always.toml).
-PROXY_NAMES = ("zdlb", "zdlb-bare", "zdlb-always", "haproxy", "nginx")
+# zdlb-routes / haproxy-routes: three routes and header rules, the same in both
+# (templates/zdlb-routes.toml, templates/haproxy-routes.cfg); compared with each other.
+PROXY_NAMES = (
+    "zdlb",
+    "zdlb-bare",
+    "zdlb-always",
+    "zdlb-routes",
+    "haproxy",
+    "haproxy-routes",
+    "nginx",
+)
 # zdlb at another git revision (bench.py --baseline REV), configured as the zdlb target.
 BASELINE_TARGET = "zdlb-base"
 ALL_TARGETS = ("direct", *PROXY_NAMES)
@@ -119,16 +129,19 @@ def start_backend(reg: ProcRegistry, tmp: Path, name: str, cpu: int | None) -> T
 
 
 def start_haproxy(
-    reg: ProcRegistry, tmp: Path, backends: tuple[int, int], cpu: int | None
+    reg: ProcRegistry,
+    tmp: Path,
+    backends: tuple[int, int],
+    cpu: int | None,
+    name: str = "haproxy",
 ) -> Target:
+    """HAProxy with templates/NAME.cfg."""
     port = free_port()
     conf = render(
-        "haproxy.cfg", tmp / "haproxy.cfg", port=port, backend1=backends[0], backend2=backends[1]
+        f"{name}.cfg", tmp / f"{name}.cfg", port=port, backend1=backends[0], backend2=backends[1]
     )
     argv = ["haproxy", "-db", "-f", str(conf)]  # -db: foreground, no daemon, no master
-    return _ready(
-        Target("haproxy", port, reg.spawn("haproxy", taskset(cpu, argv), tmp)), READY_TIMEOUT_S
-    )
+    return _ready(Target(name, port, reg.spawn(name, taskset(cpu, argv), tmp)), READY_TIMEOUT_S)
 
 
 def start_nginx_proxy(

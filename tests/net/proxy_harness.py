@@ -51,7 +51,7 @@ from zdlb.config.model import Config
 from zdlb.daemon.lifecycle import serve
 from zdlb.daemon.runtime import Runtime, build_runtime
 from zdlb.http.connection import ClientConnection
-from zdlb.http.route import Route
+from zdlb.http.route import BackendLink, Route
 from zdlb.http.upstream import ServerConnections
 from zdlb.tcp.listener import bound_address
 from zdlb.tcp.pipes import PipePool
@@ -136,13 +136,19 @@ class RunningProxy:
     def __repr__(self) -> str:
         return f"<RunningProxy {address_of(self.addr)} {self.route!r} done={self.task.done()}>"
 
-    def server(self, name: str) -> Server:
-        server = self.route.backend.server(name)
-        assert server is not None, f"no server {name!r} in {self.route.backend!r}"
+    def server(self, name: str, backend: str = BACKEND) -> Server:
+        server = self.link(backend).backend.server(name)
+        assert server is not None, f"no server {name!r} in {backend!r}"
         return server
 
-    def pool(self, name: str) -> ServerConnections:
-        return self.route.upstreams[name]
+    def pool(self, name: str, backend: str = BACKEND) -> ServerConnections:
+        return self.link(backend).upstreams[name]
+
+    def link(self, backend: str = BACKEND) -> BackendLink:
+        for link in self.route.links:
+            if link.backend.name == backend:
+                return link
+        raise AssertionError(f"{self.route!r} does not send to {backend!r}")
 
     @property
     def connections(self) -> list[ClientConnection]:

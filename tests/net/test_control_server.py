@@ -106,7 +106,9 @@ class Control:
 
     def state(self) -> State:
         """Every server's operator-visible state: name, admin, weight, pool."""
-        return [(s.name, s.admin, s.weight, s.pool.value) for s in self.proxy.route.backend.servers]
+        return [
+            (s.name, s.admin, s.weight, s.pool.value) for s in self.proxy.link().backend.servers
+        ]
 
     async def connect(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         async with asyncio.timeout(WAIT_S):

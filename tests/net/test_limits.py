@@ -92,8 +92,8 @@ async def test_server_never_sees_more_than_maxconn_and_every_request_succeeds(
     statuses = await asyncio.gather(*(one(i) for i in range(CLIENTS)))
     assert statuses == [200] * CLIENTS
     assert paced.most_active == SLOTS
-    assert proxy.route.backend_stats.queued >= CLIENTS - SLOTS
-    assert proxy.route.backend_stats.queue_timeouts == 0
+    assert proxy.link().stats.queued >= CLIENTS - SLOTS
+    assert proxy.link().stats.queue_timeouts == 0
     assert proxy.server("paced").inflight == 0
 
 
@@ -103,7 +103,7 @@ async def test_queue_s_answers_the_surplus_503_with_retry_after_in_arrival_order
     queue_s = 0.3
     proxy = await start(proxies, paced, queue_s=queue_s)
     loop = asyncio.get_running_loop()
-    stats = proxy.route.backend_stats
+    stats = proxy.link().stats
     clients = [await RawClient.connect(proxy.addr) for _ in range(8)]
     try:
         for i, client in enumerate(clients):
@@ -137,7 +137,7 @@ async def test_a_client_that_leaves_the_queue_frees_its_place(
     paced: PacedServer, proxies: ProxyStarter
 ):
     proxy = await start(proxies, paced)
-    stats = proxy.route.backend_stats
+    stats = proxy.link().stats
     holders = [await RawClient.connect(proxy.addr) for _ in range(SLOTS)]
     for i, holder in enumerate(holders):
         await holder.send(b"GET /hold HTTP/1.1\r\nHost: t\r\n\r\n")

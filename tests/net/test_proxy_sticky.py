@@ -185,7 +185,7 @@ async def test_census_counts_distinct_cookie_jars_per_host(proxy: RunningProxy) 
     """Issue 15's census through the real proxy: 1,000 users, each its own cookie jar (a new
     connection, pinned by its first answer, back once with its cookie), over two hosts; each
     host's estimate is within 5% (3 standard errors of census.py's sketch) of the truth."""
-    census = proxy.route.census
+    census = proxy.link().census
     assert census is not None
     pinned = {"front-1": 0, "front-2": 0}
     cookies = set()

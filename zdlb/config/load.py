@@ -41,6 +41,8 @@ from zdlb.config.model import (
     ServerConfig,
     Timeouts,
 )
+from zdlb.config.routing import LISTENER_KEYS as _ROUTING_KEYS
+from zdlb.config.routing import Routing, read_routing
 from zdlb.config.sticky import check_pairs, read_sticky
 from zdlb.config.table import NAME_RE, Table, join_path
 from zdlb.errors import ConfigError, ConfigIssue
@@ -76,8 +78,9 @@ _LISTENER_KEYS = (
     "maxconn",
     "timeouts",
     "limits",
+    *_ROUTING_KEYS,
 )
-_HTTP_ONLY_KEYS = ("x_forwarded_proto", "limits", "splice_min_bytes")
+_HTTP_ONLY_KEYS = ("x_forwarded_proto", "limits", "splice_min_bytes", *_ROUTING_KEYS)
 _BACKEND_KEYS = (
     "balance",
     "retries",
@@ -252,8 +255,13 @@ def _read_listener(
     table: Table, name: str, default_timeouts: Timeouts, default_limits: Limits
 ) -> ListenerConfig | None:
     bind = _read_address(table, "bind", is_bind=True)
-    backend = table.required_string("backend")
     mode = table.enum_choice("mode", ListenerMode, _LISTENER_DEFAULTS.mode)
+    # With routes, the default backend is optional (config/routing.py, rule 3).
+    is_routed = mode is ListenerMode.HTTP and bool(table.data.get("routes"))
+    backend = "" if is_routed and not table.has("backend") else table.required_string("backend")
+    if backend == "" and table.has("backend"):
+        table.fail("backend", "must name a backend")
+        backend = None
     # splice and pipe_bytes apply to both: tcp tunnels, and HTTP connections upgraded after 101.
     for key in _HTTP_ONLY_KEYS if mode is ListenerMode.TCP else ():
         if table.has(key):
@@ -277,6 +285,7 @@ def _read_listener(
             "splice_min_bytes", _LISTENER_DEFAULTS.splice_min_bytes, minimum=0
         ),
         maxconn=table.integer("maxconn", 1, minimum=1) if table.has("maxconn") else None,
+        routing=read_routing(table, bool(backend)) if mode is ListenerMode.HTTP else Routing(),
     )
     return listener if bind is not None and backend is not None else None
 
@@ -358,10 +367,15 @@ def _check_listener_backends(
 ) -> None:
     known = ", ".join(repr(name) for name in backend_names) or "none are defined"
     for listener in listeners:
-        if listener.backend not in backend_names:
-            path = join_path(join_path("listeners", listener.name), "backend")
-            message = f"no backend named {listener.backend!r} (backends: {known})"
-            issues.append(ConfigIssue(path, message))
+        at = join_path("listeners", listener.name)
+        named = [("backend", listener.backend)] if listener.backend else []
+        for index, rule in enumerate(listener.routing.rules):
+            if rule.backend is not None:
+                named.append((f"routes[{index}].backend", rule.backend))
+        for key, name in named:
+            if name not in backend_names:
+                message = f"no backend named {name!r} (backends: {known})"
+                issues.append(ConfigIssue(f"{at}.{key}", message))
 
 
 def _check_binds(

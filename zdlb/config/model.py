@@ -10,6 +10,8 @@ import enum
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from zdlb.config.routing import Routing
+
 # Timeout defaults follow HAProxy's recommended values (`timeout connect 5s`, `client 30s`,
 # `server 30s`, `http-request 10s`).
 DEFAULT_CONNECT_S = 5.0
@@ -233,7 +235,7 @@ class BackendConfig:
 class ListenerConfig:
     name: str
     bind: Address
-    backend: str
+    backend: str  # the default backend; "" only for an http listener whose routes all decide
     mode: ListenerMode = ListenerMode.HTTP
     timeouts: Timeouts = field(default_factory=Timeouts)
     limits: Limits = field(default_factory=Limits)
@@ -249,6 +251,8 @@ class ListenerConfig:
     # Client connections open at once on this listener, per process; at the limit it stops
     # accepting (the kernel's backlog holds new clients) until one closes. None: no own limit.
     maxconn: int | None = None
+    # http only: routes choosing a backend per request, and header rules (config/routing.py).
+    routing: Routing = field(default_factory=Routing)
 
 
 @dataclass(frozen=True, slots=True)

@@ -16,6 +16,13 @@ from zdlb.config.model import (
     ListenerConfig,
     ListenerMode,
 )
+from zdlb.config.routing import (
+    HeaderRules,
+    backends_of,
+    catch_all,
+    reached_backends,
+    shadowed,
+)
 
 _INDENT = "  "
 _COLUMN_GAP = "  "
@@ -32,12 +39,21 @@ def describe(config: Config) -> str:
         f"{config.source}: {_count(config.listeners, 'listener')}, "
         f"{_count(config.backends, 'backend')}",
         "listeners:",
-        *_columns([_listener_row(listener) for listener in config.listeners], depth=1),
-        "backends:",
     ]
-    used = {listener.backend for listener in config.listeners}
+    listener_rows = _columns([_listener_row(listener) for listener in config.listeners], depth=1)
+    for index, row in enumerate(listener_rows):  # one per listener, or "(none)"
+        lines.append(row)
+        if index < len(config.listeners):
+            lines.extend(_INDENT * 2 + line for line in _routing_lines(config.listeners[index]))
+    lines.append("backends:")
+    listeners = config.listeners
+    used = {n for item in listeners for n in backends_of(item.backend, item.routing)}
+    reached = set().union(*(reached_backends(item.backend, item.routing) for item in listeners))
     for backend in config.backends:
-        lines.append(_INDENT + _backend_line(backend, is_used=backend.name in used))
+        line = _backend_line(backend, is_used=backend.name in used)
+        if backend.name in used and backend.name not in reached:
+            line += " (no route reaches it: see the routes above)"
+        lines.append(_INDENT + line)
         rows = [
             (
                 s.name,
@@ -79,15 +95,44 @@ def _listener_row(listener: ListenerConfig) -> tuple[str, ...]:
     bind = str(listener.bind)
     if listener.bind.port == 0:
         bind += " (any free port)"
+    target = f"-> {listener.backend}" if listener.backend else "-> (routes only)"
+    if listener.routing.rules:
+        target += f", {_count(listener.routing.rules, 'route')}"
     limit = f"maxconn={listener.maxconn}" if listener.maxconn is not None else ""
-    return (
-        listener.name,
-        listener.mode.value,
-        bind,
-        f"-> {listener.backend}",
-        _moves(listener),
-        limit,
-    )
+    return (listener.name, listener.mode.value, bind, target, _moves(listener), limit)
+
+
+def _routing_lines(listener: ListenerConfig) -> list[str]:
+    """A listener's routes in order, each with what `zdlb check` knows about it: shadowed by
+    an earlier one (config/routing.py ``covers``), a default never used; then header rules."""
+    routing = listener.routing
+    rules = routing.rules
+    never = dict(shadowed(rules))
+    lines = []
+    for index, rule in enumerate(rules):
+        note = ""
+        if index in never:
+            note = f": never matches, routes[{never[index]}] matches every request it would"
+        lines.append(f"routes[{index}] {rule.describe()}{note}")
+    last = catch_all(rules)
+    if rules and last is not None and listener.backend:
+        lines.append(
+            f"default backend {listener.backend}: never used, routes[{last}] matches every request"
+        )
+    elif rules and not listener.backend:
+        lines.append(f"no route matches: {routing.unmatched_status}")
+    for side, edits in (
+        ("request", routing.request_headers),
+        ("response", routing.response_headers),
+    ):
+        if not edits.is_empty:
+            lines.append(f"{side} headers: {_edits_text(edits)}")
+    return lines
+
+
+def _edits_text(rules: HeaderRules) -> str:
+    parts = [f"set {name}" for name, _ in rules.set] + [f"add {name}" for name, _ in rules.add]
+    return ", ".join(parts + [f"remove {name}" for name in rules.remove])
 
 
 def _moves(listener: ListenerConfig) -> str:

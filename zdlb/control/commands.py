@@ -519,7 +519,7 @@ class Controller:
         for route in self._routes:
             if not isinstance(route, Route):
                 continue  # a TCP tunnel holds no idle connection: it ends with its client
-            pool = route.upstreams.get(server.name)
+            pool = route.upstreams.get(server)
             if pool is not None and pool.server is server:
                 pool.close_idle()
 

@@ -252,12 +252,14 @@ async def start_metrics(
     return endpoint
 
 
-def log_listener_started(listener: ListenerConfig, sock: socket.socket, backend: Backend) -> None:
+def log_listener_started(
+    listener: ListenerConfig, sock: socket.socket, backend: Backend | None
+) -> None:
     log.info(
         "listener_started listener=%s addr=%s backend=%s mode=%s",
         listener.name,
         bound_address(sock),
-        backend.name,
+        backend.name if backend is not None else "-",  # None: a listener that only redirects
         listener.mode.value,
     )
 

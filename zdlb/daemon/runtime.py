@@ -23,12 +23,13 @@ from zdlb.balancer.sticky import StickyCookie
 from zdlb.budget import ConnectionBudget
 from zdlb.census import Census
 from zdlb.config.model import Address, Config, ListenerConfig, ListenerMode
+from zdlb.config.routing import backends_of
 from zdlb.control import journal
 from zdlb.daemon import ipc
 from zdlb.errors import ListenerError
 from zdlb.events import Timeline
 from zdlb.health.scheduler import HealthChecker, TransitionHook
-from zdlb.http.route import Route
+from zdlb.http.route import BackendLink, Route
 from zdlb.http.upstream import ServerConnections
 from zdlb.metrics.status import StatusBoard
 from zdlb.stats import Stats
@@ -298,7 +299,24 @@ def new_census(
 
 
 def new_http_route(runtime: Runtime, listener: ListenerConfig) -> Route:
-    backend = runtime.backends[listener.backend]
+    links = [
+        new_backend_link(runtime, runtime.backends[name])
+        for name in backends_of(listener.backend, listener.routing)
+    ]
+    return Route(
+        listener,
+        links,
+        log_access=runtime.config.logging.access_log,
+        observe=runtime.health.observe,
+        stats=runtime.stats.listeners[listener.name],
+        gate=runtime.budget.gate(
+            listener.name, listener.maxconn, runtime.stats.listeners[listener.name]
+        ),
+    )
+
+
+def new_backend_link(runtime: Runtime, backend: Backend) -> BackendLink:
+    """What an HTTP route needs of ``backend``: its pools, sticky cookie, census and stats."""
     timeouts = backend.config.timeouts
     stats = runtime.stats
     upstreams = {
@@ -308,17 +326,12 @@ def new_http_route(runtime: Runtime, listener: ListenerConfig) -> Route:
         for s in backend.servers
     }
     sticky = backend.config.sticky
-    return Route(
-        listener,
+    return BackendLink(
         backend,
         upstreams,
-        log_access=runtime.config.logging.access_log,
-        observe=runtime.health.observe,
         sticky=StickyCookie(sticky, backend.name, backend.identities()) if sticky else None,
         census=runtime.census.get(backend.name),
-        stats=stats.listeners[listener.name],
-        backend_stats=stats.backends[backend.name],
-        gate=runtime.budget.gate(listener.name, listener.maxconn, stats.listeners[listener.name]),
+        stats=stats.backends[backend.name],
     )
 
 

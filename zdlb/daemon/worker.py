@@ -208,7 +208,7 @@ class Worker:
 
     def _close_idle(self, server: Server) -> None:
         for route in self.runtime.routes:  # HTTP only: a TCP tunnel holds no idle connection
-            pool = route.upstreams.get(server.name)
+            pool = route.upstreams.get(server)
             if pool is not None and pool.server is server:
                 pool.close_idle()
 

@@ -75,7 +75,7 @@ if TYPE_CHECKING:
     from zdlb.balancer.queue import Ticket, WaitQueues
     from zdlb.balancer.server import Server
     from zdlb.balancer.sticky import StickyCookie
-    from zdlb.http.route import Route
+    from zdlb.http.route import Destination, Route
     from zdlb.http.upstream import ServerConnections, UpstreamConnection
 
 log = logging.getLogger(__name__)
@@ -103,6 +103,7 @@ class ClientConnection(asyncio.Protocol):
         "client_ip",
         "close_after_write",
         "deadline",
+        "dest",
         "detour",
         "exchange",
         "loop",
@@ -116,6 +117,9 @@ class ClientConnection(asyncio.Protocol):
         "wbuf",
         "writes_paused",
     )
+    # Where the current request goes (route.py): unset until the first request sent to a
+    # backend; only code running for such a request reads it (a local answer reads none).
+    dest: Destination
 
     def __init__(self, route: Route, loop: asyncio.AbstractEventLoop) -> None:
         self.route = route
@@ -241,19 +245,30 @@ class ClientConnection(asyncio.Protocol):
         route = self.route
         exchange = self.exchange = Exchange(head, time.monotonic())
         self.phase = Phase.EXCHANGE
+        dest = route.destination
+        if dest is None:  # the listener routes (http/routing.py): one call, and its conditions
+            picked = route.router.pick(head)
+            if picked.is_local:  # a redirect, or no route matched
+                exchange.request_done = head.framing is Framing.NONE
+                self._fail(exchange, *picked.answer(head))
+                return
+            dest = picked
+        self.dest = dest
         now = self.loop.time()
-        self.deadline = now + route.server_s
-        sticky = route.sticky
+        self.deadline = now + dest.server_s
+        sticky = dest.sticky  # choosing the server, inlined: a method costs a call per request
         if sticky is not None and sticky.marker in head.raw:  # the client names its host
             server = self._select_sticky(exchange, sticky, now)
         else:
-            server = route.backend.select(now, self.client_ip)
+            server = dest.backend.select(now, self.client_ip)
             if sticky is not None and server is not None:
                 exchange.set_cookie = self._pin(sticky, server.identity, None)
         if server is None:
             self._fail(exchange, 503)
             return
-        pool = route.upstreams[server.name]
+        pool = dest.upstreams[server.name]
+        if dest.request_edit is not None:
+            dest.request_edit.apply_request(head)
         data = rewrite.build_request_head(head, self.client_ip, route.proto, pool.host_header)
         exchange.ubuf = [data]
         exchange.ubuf_bytes = len(data)
@@ -290,7 +305,7 @@ class ClientConnection(asyncio.Protocol):
         route = self.route
         now = self.loop.time()
         if exchange.request_done or self.paused:  # the server's turn, or its pace
-            self.deadline = now + route.server_s
+            self.deadline = now + self.dest.server_s
         else:
             timeouts = route.timeouts
             self.deadline = body_deadline(
@@ -310,9 +325,9 @@ class ClientConnection(asyncio.Protocol):
         waitq = cast("WaitQueues", server.waitq)
         sticky = exchange.identity is not None and exchange.identity == server.identity
         exchange.ticket = waitq.enqueue(self, server.identity if sticky else None, now)
-        self.route.backend_stats.queued += 1
+        self.dest.backend_stats.queued += 1
         if exchange.ticket.is_live:  # not granted at once
-            self.deadline = now + self.route.queue_s
+            self.deadline = now + self.dest.queue_s
 
     def queue_granted(self, ticket: Ticket, server: Server) -> None:
         """The queue reserved a slot on ``server`` for this connection (its I/O comes later:
@@ -326,15 +341,15 @@ class ClientConnection(asyncio.Protocol):
             self._slot_freed(server)  # the client left meanwhile: the next waiter gets it
             return
         exchange.ticket = None
-        route = self.route
-        route.backend_stats.queue_wait_s += time.monotonic() - exchange.started_at
-        pool = route.upstreams[server.name]
+        dest = self.dest
+        dest.backend_stats.queue_wait_s += time.monotonic() - exchange.started_at
+        pool = dest.upstreams[server.name]
         head = exchange.request
         if not head.has_host and exchange.ubuf:  # the stand-in Host names the server
             exchange.ubuf[0] = rewrite.build_request_head(
-                head, self.client_ip, route.proto, pool.host_header
+                head, self.client_ip, self.route.proto, pool.host_header
             )
-        sticky = route.sticky
+        sticky = dest.sticky
         if sticky is not None and server.identity != exchange.identity:
             exchange.set_cookie = self._pin(sticky, server.identity, None)
         self._arm_exchange_deadline(exchange)
@@ -378,12 +393,13 @@ class ClientConnection(asyncio.Protocol):
         identity, stripped, token = sticky.extract(head.raw)
         if stripped is not None:
             head.replace_raw(stripped)  # the server never sees zdlb's cookie
-        backend = self.route.backend
+        dest = self.dest
+        backend = dest.backend
         server = backend.select_sticky(identity, now) if identity is not None else None
         if server is None:
             server = backend.select(now, self.client_ip)
             if identity is not None and server is not None:
-                self.route.backend_stats.sticky_repins += 1
+                dest.backend_stats.sticky_repins += 1
         exchange.identity = identity
         if server is None:
             return None
@@ -391,7 +407,7 @@ class ClientConnection(asyncio.Protocol):
             exchange.set_cookie = self._pin(sticky, server.identity, token)
         elif token != self.user_token:  # a returning user: counted once per connection
             self.user_token = token
-            census = self.route.census
+            census = dest.census
             if census is not None:
                 census.observe(identity, token)
         return server
@@ -400,7 +416,7 @@ class ClientConnection(asyncio.Protocol):
         """The Set-Cookie lines that pin this client to ``identity``, with its user token
         (census.py): the one its cookie carried, else this connection's, else a new one."""
         token = token or self.user_token or mint_token()
-        census = self.route.census
+        census = self.dest.census
         if census is not None and token != self.user_token:
             census.observe(identity, token)
         self.user_token = token
@@ -411,9 +427,9 @@ class ClientConnection(asyncio.Protocol):
         server.inflight += 1  # Server.request_started(), inlined: once per request
         pool.stats.requests += 1
         head = exchange.request
-        route = self.route
+        dest = self.dest
         # may_reuse (exchange.py, rule 3), resolved for this backend once by the route.
-        if (route.reuse_later if self.answered else route.reuse_first) and head.upgrade is None:
+        if (dest.reuse_later if self.answered else dest.reuse_first) and head.upgrade is None:
             upstream = pool.acquire()
             if upstream is not None:  # _attach, inlined: nothing is paused for a connect yet
                 exchange.upstream = upstream
@@ -446,7 +462,7 @@ class ClientConnection(asyncio.Protocol):
         self._flush_upstream(exchange)
 
     def _connect_failed(self, exchange: Exchange, server: Server, exc: UpstreamError) -> None:
-        pool = self.route.upstreams[server.name]
+        pool = self.dest.upstreams[server.name]
         pool.stats.connect_errors += 1
         if server.is_observed:
             self.route.observe(server, False)
@@ -458,27 +474,27 @@ class ClientConnection(asyncio.Protocol):
 
     def _retry_elsewhere(self, exchange: Exchange, server: Server, exc: UpstreamError) -> None:
         """Send the request to another server (exchange.py, rule 5), or answer 502/504."""
-        route = self.route
+        dest = self.dest
         self._end_server_request(exchange)
         exchange.tried.append(server)
         now = self.loop.time()
         retry = retry_target(
             server,
             exchange.tried,
-            route.retries,
-            lambda exclude: route.backend.select(now, self.client_ip, exclude),
+            dest.retries,
+            lambda exclude: dest.backend.select(now, self.client_ip, exclude),
         )
         if retry is None:
             self._fail(exchange, status_for_upstream_failure(exc, answering=False))
             return
-        route.backend_stats.redispatches += 1
+        dest.backend_stats.redispatches += 1
         head = exchange.request
-        pool = route.upstreams[retry.name]
+        pool = dest.upstreams[retry.name]
         if not head.has_host:  # the stand-in Host names the server
             exchange.ubuf[0] = rewrite.build_request_head(
-                head, self.client_ip, route.proto, pool.host_header
+                head, self.client_ip, self.route.proto, pool.host_header
             )
-        sticky = route.sticky
+        sticky = dest.sticky
         if sticky is not None and retry.identity != exchange.identity:
             exchange.set_cookie = self._pin(sticky, retry.identity, None)
         self._use_server(exchange, retry, pool)
@@ -564,9 +580,10 @@ class ClientConnection(asyncio.Protocol):
             and exchange.request_done
         )
         exchange.status = head.status
-        return rewrite.build_response_head(
-            head, framing, keep_alive, request.http_minor, exchange.set_cookie
-        )
+        added = exchange.set_cookie
+        if self.dest.response_edit is not None:
+            added = self.dest.response_edit.apply_response(head, added)
+        return rewrite.build_response_head(head, framing, keep_alive, request.http_minor, added)
 
     def response_complete(self, head: ResponseHead, body: bytes) -> None:
         """A whole final response in one read: its head, its entire body, its end."""
@@ -598,7 +615,7 @@ class ClientConnection(asyncio.Protocol):
                 and exchange.request_done
                 and not upstream.is_closed
                 and exchange.request.upgrade is None  # exchange.py, rule 3
-                and self.route.reuse is not Reuse.NEVER
+                and self.dest.reuse is not Reuse.NEVER
             ):
                 upstream.pool.release(upstream, self.loop.time())
             else:
@@ -610,7 +627,7 @@ class ClientConnection(asyncio.Protocol):
         """The server's bytes of one read were all handled: write the client's share."""
         exchange = self.exchange
         if self.phase is Phase.EXCHANGE:
-            self.deadline = self.loop.time() + self.route.server_s
+            self.deadline = self.loop.time() + self.dest.server_s
         self._flush_client()
         if exchange is None or self.detour is not None or self.tunnel is not None:
             return
@@ -644,8 +661,8 @@ class ClientConnection(asyncio.Protocol):
                 exchange.ubuf_bytes = sum(len(b) for b in exchange.ubuf)
                 exchange.replay, exchange.replay_bytes = [], 0
                 if how is Replay.SAME_SERVER:
-                    self.route.backend_stats.retries += 1
-                    self._connect(exchange, self.route.upstreams[server.name])
+                    self.dest.backend_stats.retries += 1
+                    self._connect(exchange, self.dest.upstreams[server.name])
                 else:
                     self._connect_failed(
                         exchange, server, UpstreamReset("closed without an answer")
@@ -656,7 +673,7 @@ class ClientConnection(asyncio.Protocol):
         status = exc.status if isinstance(exc, UpstreamProtocolError) else 502
         if server.is_observed:
             self.route.observe(server, False)
-        if count := self.route.upstreams[server.name].failures_to_log(self.loop.time()):
+        if count := self.dest.upstreams[server.name].failures_to_log(self.loop.time()):
             log.warning(
                 "upstream_failed server=%s failures=%d status=%d error=%s",
                 server.name,
@@ -750,7 +767,7 @@ class ClientConnection(asyncio.Protocol):
         server = exchange.server
         if server is not None:
             server.connection_closed()
-            route.upstreams[server.name].stats.bytes_in += pump.bytes_up
+            self.dest.upstreams[server.name].stats.bytes_in += pump.bytes_up
         route.stats.bytes_in += pump.bytes_up
         route.stats.bytes_out += pump.bytes_down
         exchange.bytes_out += pump.bytes_down
@@ -849,7 +866,7 @@ class ClientConnection(asyncio.Protocol):
     def _count_request_splice(self, exchange: Exchange, moved: int) -> None:
         self.route.stats.bytes_in += moved
         if exchange.server is not None:
-            self.route.upstreams[exchange.server.name].stats.bytes_in += moved
+            self.dest.upstreams[exchange.server.name].stats.bytes_in += moved
 
     # --- ending an exchange ------------------------------------------------------------------
 
@@ -863,11 +880,12 @@ class ClientConnection(asyncio.Protocol):
         route.stats.responses[status // 100] += 1
         server = exchange.server
         if server is not None and exchange.response_started:
-            server_stats = route.upstreams[server.name].stats
+            dest = self.dest
+            server_stats = dest.upstreams[server.name].stats
             server_stats.responses[status // 100] += 1
             server_stats.bytes_out += exchange.bytes_out
             seconds = time.monotonic() - exchange.started_at
-            backend_stats = route.backend_stats
+            backend_stats = dest.backend_stats
             # BackendStats.observe_response_s, inlined: once per request (stats.py); a LAN
             # answer under the first bound (1 ms) needs no bisect.
             buckets = backend_stats.response_time_buckets
@@ -950,8 +968,9 @@ class ClientConnection(asyncio.Protocol):
             upstream.owner = None
             upstream.abort()
 
-    def _fail(self, exchange: Exchange, status: int) -> None:
-        """Answer an error zdlb generated (no byte of a server answer was sent yet)."""
+    def _fail(self, exchange: Exchange, status: int, location: bytes | None = None) -> None:
+        """Answer an error or a redirect (to ``location``) zdlb generated (no byte of a server
+        answer was sent yet)."""
         request = exchange.request
         keep_alive = exchange.keep_alive = keeps_alive(
             request,
@@ -962,7 +981,7 @@ class ClientConnection(asyncio.Protocol):
             request.upgrade is not None and bool(self.reader.held),
         )
         exchange.status = status
-        self.wbuf.append(rewrite.error_response(status, close=not keep_alive))
+        self.wbuf.append(rewrite.error_response(status, close=not keep_alive, location=location))
         self._finish_exchange(exchange)
 
     def _abort_exchange(self, exchange: Exchange) -> None:
@@ -1071,17 +1090,17 @@ class ClientConnection(asyncio.Protocol):
         assert exchange is not None
         if exchange.ticket is not None:  # queue_s passed (exchange.py, rule 7)
             self._leave_queue(exchange)
-            route = self.route
-            route.backend_stats.queue_timeouts += 1
+            dest = self.dest
+            dest.backend_stats.queue_timeouts += 1
             exchange.request_done = False  # the body may still be coming: close after
             exchange.status = 503
-            self.wbuf.append(rewrite.error_response(503, retry_after=route.retry_after))
+            self.wbuf.append(rewrite.error_response(503, retry_after=dest.retry_after))
             exchange.keep_alive = False
             self._finish_exchange(exchange)
             return
         detour = self.detour
         if detour is not None and detour.take_activity():
-            self.deadline = self.loop.time() + self.route.server_s  # bytes still move
+            self.deadline = self.loop.time() + self.dest.server_s  # bytes still move
             return
         server = exchange.server
         task = exchange.connect_task
@@ -1103,7 +1122,7 @@ class ClientConnection(asyncio.Protocol):
             return
         if server.is_observed:
             self.route.observe(server, False)
-        if count := self.route.upstreams[server.name].failures_to_log(self.loop.time()):
+        if count := self.dest.upstreams[server.name].failures_to_log(self.loop.time()):
             log.warning("upstream_timeout server=%s failures=%d", server.name, count)
         self._drop_upstream(exchange)
         exchange.request_done = False  # the client may still be sending: close after

@@ -123,6 +123,7 @@ class RequestHead(_Head):
         "framing",
         "has_host",
         "hop_lines_only",
+        "host",
         "http_minor",
         "is_plain",
         "keep_alive",
@@ -145,9 +146,11 @@ class RequestHead(_Head):
         is_plain: bool = False,
         hop_lines_only: bool = False,
         upgrade: bytes | None = None,
+        host: bytes = b"",
     ) -> None:
         # _Head's fields set here, not through _Head.__init__: one call less per request.
         self.raw = raw
+        self.host = host  # the Host value as sent (trailing whitespace kept), b"" without one
         self._headers: Headers | None = None
         self.upgrade = upgrade  # the Upgrade value when zdlb forwards the upgrade, else None
         self.method = method
@@ -319,10 +322,20 @@ class RequestHeadParser:
                 raw, target = _origin_form(raw, method, target, line.end(2), fields)
             http_minor = 1 if line[3] == b"1" else 0
             match fields:
-                case [(name, _)] if http_minor and name in _HOST_SPELLINGS:
+                case [(name, host)] if http_minor and name in _HOST_SPELLINGS:
                     # The common case: only Host: nothing to edit, no body, persistent.
                     return RequestHead(
-                        raw, method, target, 1, Framing.NONE, None, True, False, True, True
+                        raw,
+                        method,
+                        target,
+                        1,
+                        Framing.NONE,
+                        None,
+                        True,
+                        False,
+                        True,
+                        True,
+                        host=host,
                     )
             return self._parse_fields(raw, method, target, http_minor, fields)
         except DownstreamProtocolError:
@@ -339,6 +352,7 @@ class RequestHeadParser:
     ) -> RequestHead:
         """The general case: framing, persistence and the other notable fields."""
         hosts = 0
+        host = b""
         content_length: int | None = None
         codings: list[bytes] = []
         connection: list[bytes] = []
@@ -351,6 +365,7 @@ class RequestHeadParser:
                 editable += 1
             if lname == b"host":
                 hosts += 1
+                host = value
             elif lname == b"upgrade":
                 upgrade.append(value.rstrip())
             elif lname == b"content-length":
@@ -394,6 +409,7 @@ class RequestHeadParser:
             http_minor == 1 and len(fields) == hosts,
             hosts == 1 and not editable and _names_only_persistence(connection),
             _honoured_upgrade(method, http_minor, framing, connection, upgrade),
+            host,
         )
 
 

@@ -194,14 +194,22 @@ def encode_last_chunk(trailers: Headers) -> bytes:
     return b"0\r\n" + b"".join(kept) + b"\r\n"
 
 
-def error_response(status: int, *, close: bool = True, retry_after: int | None = None) -> bytes:
-    """A small complete response zdlb answers on its own (400, 408, 502, 503, 504...);
+def error_response(
+    status: int,
+    *,
+    close: bool = True,
+    location: bytes | None = None,
+    retry_after: int | None = None,
+) -> bytes:
+    """A small complete response zdlb answers on its own (400, 404, 408, 502, 503, 504...),
+    or a redirect to ``location`` (a routing rule's, http/headrules.py: already validated);
     ``retry_after``: seconds for a ``Retry-After`` field (a 503 from a full queue)."""
     phrase = HTTPStatus(status).phrase.encode()
     body = b"%d %s\n" % (status, phrase)
-    return b"HTTP/1.1 %d %s\r\nContent-Type: text/plain\r\nContent-Length: %d\r\n%s%s\r\n%s" % (
+    return b"HTTP/1.1 %d %s\r\n%sContent-Type: text/plain\r\nContent-Length: %d\r\n%s%s\r\n%s" % (
         status,
         phrase,
+        b"" if location is None else b"Location: %s\r\n" % location,
         len(body),
         b"" if retry_after is None else b"Retry-After: %d\r\n" % retry_after,
         b"Connection: close\r\n" if close else b"",

@@ -1,5 +1,6 @@
-"""What every connection of one HTTP listener shares (``Route``), and the sweeper that enforces
-their deadlines.
+"""What every connection of one HTTP listener shares (``Route``): where its requests go (one
+``Destination`` per backend and route, chosen by http/routing.py's ``Router`` when the listener
+has routes), and the sweeper that enforces their deadlines.
 
 Deadlines are not timer handles: each connection keeps one ``deadline`` and a sweeper task
 (``Route.sweep``) closes the ones past it. Re-arming a float costs nothing on the hot path,
@@ -15,14 +16,18 @@ import asyncio
 import math
 import socket
 import time
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Protocol
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, ClassVar, Literal, Protocol
 
 from zdlb.balancer.queue import attach_queues
 from zdlb.budget import ConnectionBudget, ListenerGate
-from zdlb.config.model import ListenerConfig
+from zdlb.config.model import ListenerConfig, Reuse
+from zdlb.config.routing import HeaderRules, RouteRule, backends_of
 from zdlb.http.exchange import Phase, may_reuse
-from zdlb.http.head import RequestHeadParser
+from zdlb.http.head import RequestHead, RequestHeadParser
+from zdlb.http.headrules import HeadEdit, Redirection, edit_for
+from zdlb.http.routing import Router
 from zdlb.http.upgrade import Tunnel, TunnelSettings
 from zdlb.http.upstream import ServerConnections
 from zdlb.stats import BackendStats, ListenerStats
@@ -81,50 +86,151 @@ def _attach_queues(backend: Backend) -> None:
     attach_queues(backend, backend.processes, _call_soon, time.monotonic)
 
 
-class Route:
-    """What every connection of one HTTP listener shares: its backend, pools and settings."""
+@dataclass(slots=True)
+class BackendLink:
+    """What a route needs of one backend it sends to: built by the runtime, shared by every
+    route of the listener that names the backend (one pool and sticky cookie per server)."""
+
+    backend: Backend
+    upstreams: dict[str, ServerConnections]  # by server name
+    sticky: StickyCookie | None = None
+    census: Census | None = None  # distinct users per host, fed by pins (http/connection.py)
+    stats: BackendStats = field(default_factory=BackendStats)
+
+
+class Destination:
+    """One backend as a request chosen for it sees it: the backend's pools and settings, read
+    per request, and the header edits of the route that chose it (None: no rule)."""
+
+    __slots__ = (
+        "backend",
+        "backend_stats",
+        "census",
+        "queue_s",
+        "request_edit",
+        "response_edit",
+        "retries",
+        "retry_after",
+        "reuse",
+        "reuse_first",
+        "reuse_later",
+        "server_s",
+        "sticky",
+        "upstreams",
+    )
+    is_local: ClassVar[Literal[False]] = False  # see LocalAnswer
 
     def __init__(
-        self,
-        listener: ListenerConfig,
-        backend: Backend,
-        upstreams: dict[str, ServerConnections],
-        *,
-        log_access: bool,
-        observe: Callable[[Server, bool], None] = _ignore_observation,
-        sticky: StickyCookie | None = None,
-        stats: ListenerStats | None = None,
-        backend_stats: BackendStats | None = None,
-        tunnel: TunnelSettings | None = None,
-        census: Census | None = None,
-        gate: ListenerGate | None = None,
+        self, link: BackendLink, request_edit: HeadEdit | None, response_edit: HeadEdit | None
     ) -> None:
-        self.listener = listener
-        # Metrics: plain counters the hot path adds to (a scrape reads them; metrics/).
-        self.stats = stats if stats is not None else ListenerStats()
-        self.backend_stats = backend_stats if backend_stats is not None else BackendStats()
-        # The listener's share of the connection budget (budget.py), kept across reloads.
-        if gate is None:
-            gate = ConnectionBudget().gate(listener.name, listener.maxconn, self.stats)
-        self.gate = gate
-        self.observe = observe  # passive health: called for servers with is_observed only
+        backend = link.backend
         self.backend = backend
-        _attach_queues(backend)
-        self.sticky = sticky
-        self.census = census  # distinct users per host, fed by pins (http/connection.py)
-        self.upstreams = upstreams
-        self.log_access = log_access
-        self.timeouts = listener.timeouts
+        self.upstreams = link.upstreams
+        self.sticky = link.sticky
+        self.census = link.census
+        self.backend_stats = link.stats  # plain counters the hot path adds to (metrics/)
         self.server_s = backend.config.timeouts.server_s
         # A request queued for a server at its maxconn waits queue_s, then gets 503 with a
         # Retry-After of as long, rounded up: the queue was full that long (balancer/queue.py).
         self.queue_s = backend.config.timeouts.queue_s
         self.retry_after = max(1, math.ceil(self.queue_s))
+        _attach_queues(backend)
         self.retries = backend.config.retries
-        self.reuse = backend.config.reuse
+        self.reuse: Reuse = backend.config.reuse
         # exchange.py's rule 3 for this backend's policy, resolved once: read per request.
         self.reuse_first = may_reuse(self.reuse, is_first_request=True, is_upgrade=False)
         self.reuse_later = may_reuse(self.reuse, is_first_request=False, is_upgrade=False)
+        self.request_edit = request_edit
+        self.response_edit = response_edit
+
+    def __repr__(self) -> str:
+        edits = "" if self.request_edit is None and self.response_edit is None else " +edits"
+        return f"<Destination {self.backend.name}{edits}>"
+
+
+class LocalAnswer:
+    """A route that zdlb answers itself: a redirect, or no route matched (``status``)."""
+
+    __slots__ = ("redirect", "status")
+    is_local: ClassVar[Literal[True]] = True  # the connection tells the two kinds apart by it
+
+    def __init__(self, status: int, redirect: Redirection | None = None) -> None:
+        self.status = status
+        self.redirect = redirect
+
+    def __repr__(self) -> str:
+        return f"<LocalAnswer {self.status if self.redirect is None else self.redirect}>"
+
+    def answer(self, head: RequestHead) -> tuple[int, bytes | None]:
+        """The status and Location to answer ``head`` with (400: no host to redirect to)."""
+        redirect = self.redirect
+        if redirect is None:
+            return self.status, None
+        location = redirect.location_for(head)
+        return (400, None) if location is None else (redirect.status, location)
+
+
+def _outcome(
+    rule: RouteRule, links: dict[str, BackendLink], request: HeaderRules, response: HeaderRules
+) -> Destination | LocalAnswer:
+    if rule.redirect is not None:
+        return LocalAnswer(rule.redirect.status, Redirection(rule.redirect))
+    assert rule.backend is not None  # config/routing.py: a backend or a redirect
+    return Destination(
+        links[rule.backend],
+        edit_for(request, rule.request_headers),
+        edit_for(response, rule.response_headers),
+    )
+
+
+class Route:
+    """What every connection of one HTTP listener shares: where requests go, pools, settings.
+
+    ``destination`` serves every request of a listener without routes (no call to choose);
+    with routes it is None and ``router.pick`` chooses per request.
+    """
+
+    def __init__(
+        self,
+        listener: ListenerConfig,
+        links: Sequence[BackendLink],
+        *,
+        log_access: bool,
+        observe: Callable[[Server, bool], None] = _ignore_observation,
+        stats: ListenerStats | None = None,
+        tunnel: TunnelSettings | None = None,
+        gate: ListenerGate | None = None,
+    ) -> None:
+        """``links``: one per backend of ``backends_of(listener)``, in that order."""
+        self.listener = listener
+        # Metrics: plain counters the hot path adds to (a scrape reads them; metrics/).
+        self.stats = stats if stats is not None else ListenerStats()
+        # The listener's share of the connection budget (budget.py), kept across reloads.
+        if gate is None:
+            gate = ConnectionBudget().gate(listener.name, listener.maxconn, self.stats)
+        self.gate = gate
+        self.observe = observe  # passive health: called for servers with is_observed only
+        by_name = {link.backend.name: link for link in links}
+        assert tuple(by_name) == backends_of(listener.backend, listener.routing), by_name
+        routing = listener.routing
+        request, response = routing.request_headers, routing.response_headers
+        default: Destination | LocalAnswer = LocalAnswer(routing.unmatched_status)
+        if listener.backend:
+            default = Destination(by_name[listener.backend], edit_for(request), edit_for(response))
+        self.router: Router[Destination | LocalAnswer] = Router(
+            [(rule, _outcome(rule, by_name, request, response)) for rule in routing.rules],
+            default,
+        )
+        self.destination: Destination | None = None
+        if not routing.rules and not default.is_local:
+            self.destination = default
+        # The default backend, else the first a route names; None: every route redirects.
+        self.backend = links[0].backend if links else None
+        self.links = tuple(links)
+        # Every pool of every backend, by server (a name may repeat across backends).
+        self.upstreams = {p.server: p for link in links for p in link.upstreams.values()}
+        self.log_access = log_access
+        self.timeouts = listener.timeouts
         self.proto = listener.x_forwarded_proto.encode()
         self.head_parser = RequestHeadParser(listener.limits)  # one for all its connections
         self.connections: set[ListenedConnection] = set()
@@ -146,8 +252,9 @@ class Route:
         self.successor: Route | None = None
 
     def __repr__(self) -> str:
+        names = ",".join(link.backend.name for link in self.links) or "-"
         return (
-            f"<Route {self.listener.name} -> {self.backend.name} conns={len(self.connections)}"
+            f"<Route {self.listener.name} -> {names} conns={len(self.connections)}"
             f" tunnels={len(self.tunnels)}>"
         )
 
