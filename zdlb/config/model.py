@@ -10,6 +10,8 @@ import enum
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from zdlb.config.cluster import ClusterConfig
+
 # Timeout defaults follow HAProxy's recommended values (`timeout connect 5s`, `client 30s`,
 # `server 30s`, `http-request 10s`).
 DEFAULT_CONNECT_S = 5.0
@@ -270,6 +272,7 @@ class Config:
     # Worker processes accepting on the listeners (1: one process does everything). None: one
     # per core this process may run on, decided at start (daemon/workers.py), not here.
     workers: int | None = None
+    cluster: ClusterConfig | None = None  # [cluster]: a fleet sharing state in etcd (issue 16)
 
     def backend(self, name: str) -> BackendConfig:
         """The backend called ``name``; load.py guarantees every listener's backend exists."""

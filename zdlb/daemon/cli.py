@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from zdlb import __version__
+from zdlb.cluster.fleet import join_fleet
 from zdlb.config.load import load_config
 from zdlb.config.model import MAX_WORKERS, Config, LogFormat, LoggingConfig
 from zdlb.config.summary import describe
@@ -230,8 +231,11 @@ async def _serve(
             reloader.upgrade_action = upgrader.upgrade
         return reloader
 
+    fleet = None
     try:
         runtime = build_runtime(config, workers=workers, inherited=inherited)
+        if config.cluster is not None:  # issue 16: the fleet's state before anything serves
+            fleet = runtime.fleet = await join_fleet(config.cluster, runtime.servers)
         if channel is not None:
             runtime.on_ready.append(lambda: _ready(channel, runtime, workers == 1))
         if workers == 1:
@@ -242,6 +246,9 @@ async def _serve(
         if channel is not None and channel.fileno() != -1:
             report(channel, {"error": str(exc)})
         raise
+    finally:
+        if fleet is not None:
+            await fleet.close()
 
 
 def _ready(channel: socket.socket, runtime: Runtime, takes_connections: bool) -> None:

@@ -22,6 +22,7 @@ from zdlb.balancer.sticky import StickyCookie
 from zdlb.census import Census
 from zdlb.config.model import Address, Config, ListenerConfig, ListenerMode
 from zdlb.control import journal
+from zdlb.control.commands import FleetLink
 from zdlb.daemon import ipc
 from zdlb.errors import ListenerError
 from zdlb.events import Timeline
@@ -147,6 +148,8 @@ class Runtime:
     # The status page (metrics/status.py) when [metrics] serves one: a reload points it at the
     # new backends and checks.
     status_board: StatusBoard | None = None
+    # [cluster] (issue 16): the fleet's shared state; the controller commits changes there.
+    fleet: FleetLink | None = None
 
     @property
     def all_routes(self) -> list[Route | TcpRoute]:
