@@ -296,6 +296,8 @@ class _Unauthenticated(Exception):
 def _reason(exc: BaseException) -> str:
     if isinstance(exc, TimeoutError):
         return "timed out"
+    if isinstance(exc, EOFError):
+        return "connection closed"
     return str(exc) or type(exc).__name__
 
 
