@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from benchmarks.fleet_convergence import measure, p99, summary
 from tests.daemon.conftest import StartDaemon
 from tests.daemon.fleet_support import Instance, fleet_config, start_instance
 from zdlb.cluster.local import LocalEtcd
@@ -169,3 +170,14 @@ async def test_a_restarted_instance_rejoins_with_the_current_state(
     assert servers["app/front-2"]["admin"] == "maint", servers
     assert servers["app/front-2b"]["admin"] == "ready", servers
     assert servers["app/front-1"]["weight"] == 3, servers
+
+
+async def test_100_changes_from_random_instances_converge_within_200ms_p99(
+    fleet: list[Instance],
+) -> None:
+    """The issue's figure: each change's time from its command until all three instances show
+    it (benchmarks/fleet_convergence.py measures the same, with its own fleet)."""
+    servers = [name for name, *_ in SERVERS]
+    times = await measure([i.socket for i in fleet], [f"app/{s}" for s in servers], 100)
+    print(summary(times))
+    assert p99(times) < 0.2, summary(times)
