@@ -71,10 +71,9 @@ async def measure(
         origin = rng.choice(sockets)
         began = loop.time()
         async with asyncio.timeout(CHANGE_TIMEOUT_S):
-            answer, *seen = await asyncio.gather(
-                control(origin, f"set server {server} weight {weight}"),
-                *(_until_weight(path, server, weight) for path in sockets),
-            )
+            command = asyncio.ensure_future(control(origin, f"set server {server} weight {weight}"))
+            seen = await asyncio.gather(*(_until_weight(p, server, weight) for p in sockets))
+            answer = await command
         if answer.startswith("error:"):
             raise RuntimeError(f"change refused: {answer}")
         times.append(max(seen) - began)
