@@ -80,25 +80,53 @@ def test_tls_and_auth_files(tmp_path: Path) -> None:
     assert (config.lease_s, config.timeout_s) == (5, 0.5)
 
 
+NAME_RULE = "[A-Za-z0-9._-]+"
+PREFIX_RULE = f"must look like /name or /name/name ({NAME_RULE})"
+REJECTED: list[tuple[str, dict[str, Any], list[str]]] = [
+    ("no-endpoints", {"endpoints": None}, ["cluster.endpoints: required key is missing"]),
+    (
+        "empty-endpoints",
+        {"endpoints": []},
+        ['cluster.endpoints: expected a list of URLs, e.g. ["http://127.0.0.1:2379"]'],
+    ),
+    (
+        "no-scheme",
+        {"endpoints": ["etcd:2379"]},
+        ["cluster.endpoints: 'etcd:2379': the scheme must be http or https"],
+    ),
+    (
+        "no-port",
+        {"endpoints": ["http://etcd"]},
+        ["cluster.endpoints: 'http://etcd': expected scheme://host:port"],
+    ),
+    (
+        "path",
+        {"endpoints": ["http://e:1/v3"]},
+        [
+            "cluster.endpoints: 'http://e:1/v3': "
+            "no path, query or fragment: etcd's API paths are fixed"
+        ],
+    ),
+    ("prefix-relative", {"prefix": "zdlb"}, [f"cluster.prefix: 'zdlb' {PREFIX_RULE}"]),
+    ("prefix-slash", {"prefix": "/a/"}, [f"cluster.prefix: '/a/' {PREFIX_RULE}"]),
+    ("instance", {"instance": "a b"}, [f"cluster.instance: 'a b' must match {NAME_RULE}"]),
+    ("lease", {"lease_s": 1}, ["cluster.lease_s: must be between 2 and 3600, got 1"]),
+    (
+        "tls",
+        {"tls": {"ca": "/nope.pem"}},
+        ["cluster.tls.ca: file not found: /nope.pem", "cluster.tls: TLS needs https:// endpoints"],
+    ),
+    ("auth", {"auth": {"user": "u"}}, ["cluster.auth.password_file: required key is missing"]),
+    ("unknown", {"prefx": 3}, ["cluster.prefx: unknown key (did you mean 'prefix'?)"]),
+]
+
+
 @pytest.mark.parametrize(
-    ("cluster", "expected"),
-    [
-        pytest.param({"prefix": "/a", "instance": "x"}, ["cluster.endpoints: required key is missing"], id="no-endpoints"),
-        pytest.param({"endpoints": [], "prefix": "/a"}, ['cluster.endpoints: expected a list of URLs, e.g. ["http://127.0.0.1:2379"]'], id="empty-endpoints"),
-        pytest.param({"endpoints": ["etcd:2379"], "prefix": "/a"}, ["cluster.endpoints: 'etcd:2379': the scheme must be http or https"], id="no-scheme"),
-        pytest.param({"endpoints": ["http://etcd"], "prefix": "/a"}, ["cluster.endpoints: 'http://etcd': expected scheme://host:port"], id="no-port"),
-        pytest.param({"endpoints": ["http://etcd:2379/v3"], "prefix": "/a"}, ["cluster.endpoints: 'http://etcd:2379/v3': no path, query or fragment: etcd's API paths are fixed"], id="path"),
-        pytest.param({"endpoints": ["http://e:1"], "prefix": "zdlb"}, ["cluster.prefix: 'zdlb' must look like /name or /name/name ([A-Za-z0-9._-]+)"], id="prefix-relative"),
-        pytest.param({"endpoints": ["http://e:1"], "prefix": "/a/"}, ["cluster.prefix: '/a/' must look like /name or /name/name ([A-Za-z0-9._-]+)"], id="prefix-slash"),
-        pytest.param({"endpoints": ["http://e:1"], "prefix": "/a", "instance": "a b"}, ["cluster.instance: 'a b' must match [A-Za-z0-9._-]+"], id="instance"),
-        pytest.param({"endpoints": ["http://e:1"], "prefix": "/a", "lease_s": 1}, ["cluster.lease_s: must be between 2 and 3600, got 1"], id="lease"),
-        pytest.param({"endpoints": ["http://e:1"], "prefix": "/a", "tls": {"ca": "/nope.pem"}}, ["cluster.tls.ca: file not found: /nope.pem", "cluster.tls: TLS needs https:// endpoints"], id="tls"),
-        pytest.param({"endpoints": ["https://e:1"], "prefix": "/a", "auth": {"user": "u"}}, ["cluster.auth.password_file: required key is missing"], id="auth"),
-        pytest.param({"endpoints": ["http://e:1"], "prefix": "/a", "prefx": 3}, ["cluster.prefx: unknown key (did you mean 'prefix'?)"], id="unknown"),
-    ],
-)  # fmt: skip
-def test_rejects(cluster: dict[str, Any], expected: list[str]) -> None:
-    assert _issues(cluster) == expected
+    ("changes", "expected"), [pytest.param(c, e, id=i) for i, c, e in REJECTED]
+)
+def test_rejects(changes: dict[str, Any], expected: list[str]) -> None:
+    cluster = {**BASE["cluster"], **changes}
+    assert _issues({k: v for k, v in cluster.items() if v is not None}) == expected
 
 
 def test_cluster_needs_a_control_socket() -> None:
