@@ -225,7 +225,7 @@ def test_swap_plan() -> None:
 
 def test_render_views() -> None:
     view = {"admin": "ready", "health": "up", "weight": 1, "pool": "main", "inflight": 2}
-    views = {"lb-2": {"servers": {"app/a": view}}, "lb-1": {"servers": {}}}
+    views: dict[str, Any] = {"lb-2": {"servers": {"app/a": view}}, "lb-1": {"servers": {}}}
     text, _ = fleet.render_views(views, ["app/a"])
     assert text.splitlines()[0].split() == ["server", "lb-1", "lb-2"]
     assert text.splitlines()[1].split() == ["app/a", "?", "ready/up", "w=1", "main", "inflight=2"]
