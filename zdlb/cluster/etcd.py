@@ -200,7 +200,11 @@ class EtcdClient:
 
     async def range_prefix(self, prefix: str) -> tuple[int, list[KeyValue]]:
         """(revision, every key under ``prefix``)."""
-        answer = await self.call("kv/range", {"key": b64(prefix), "range_end": prefix_end(prefix)})
+        return await self.range_keys(prefix, prefix_end(prefix))
+
+    async def range_keys(self, key: str, range_end_b64: str) -> tuple[int, list[KeyValue]]:
+        """(revision, every key from ``key`` up to the base64 ``range_end_b64``)."""
+        answer = await self.call("kv/range", {"key": b64(key), "range_end": range_end_b64})
         return _revision(answer), [_kv(item) for item in answer.get("kvs", [])]
 
     async def txn(
@@ -234,9 +238,12 @@ class EtcdClient:
     async def revoke(self, lease: int) -> None:
         await self.call("lease/revoke", {"ID": str(lease)})
 
-    async def watch(self, prefix: str, start_revision: int) -> AsyncIterator[list[WatchEvent]]:
-        """Every change under ``prefix`` from ``start_revision`` on, a batch (one revision or
-        more) at a time, until the connection ends (ClusterUnavailable).
+    async def watch(
+        self, prefix: str, start_revision: int, range_end_b64: str | None = None
+    ) -> AsyncIterator[list[WatchEvent]]:
+        """Every change under ``prefix`` (or up to ``range_end_b64``) from ``start_revision``
+        on, a batch (one revision or more) at a time, until the connection ends
+        (ClusterUnavailable).
 
         Raises ``Compacted`` when etcd no longer has ``start_revision``: the caller reads the
         whole prefix again instead.
@@ -247,7 +254,7 @@ class EtcdClient:
         body = {
             "create_request": {
                 "key": b64(prefix),
-                "range_end": prefix_end(prefix),
+                "range_end": range_end_b64 or prefix_end(prefix),
                 "start_revision": str(start_revision),
             }
         }

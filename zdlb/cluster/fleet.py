@@ -37,9 +37,10 @@ from typing import Any, Protocol
 
 from zdlb.balancer.server import Server
 from zdlb.cluster import state as shared
-from zdlb.cluster.etcd import EtcdClient, KeyValue, WatchEvent, b64
-from zdlb.cluster.state import ServerState
+from zdlb.cluster.etcd import EtcdClient, KeyValue, WatchEvent, b64, prefix_end
+from zdlb.cluster.state import LockChange, ServerState
 from zdlb.config.cluster import ClusterConfig
+from zdlb.deploy.record import DEPLOY_LEASE_S
 from zdlb.errors import ClusterConflict, ClusterUnavailable
 
 log = logging.getLogger(__name__)
@@ -65,6 +66,10 @@ class StateSink(Protocol):
 
     def fleet_view(self) -> dict[str, dict[str, object]]:
         """This instance's view of its servers, by "backend/server" (health and load too)."""
+        ...
+
+    def apply_deploy(self, value: bytes) -> None:
+        """The deploy record (``zdlb deploy``) as committed in the fleet, by any instance."""
         ...
 
 
@@ -108,6 +113,11 @@ class Fleet:
         self._waiters: list[tuple[int, asyncio.Future[None]]] = []
         self._stale = asyncio.Event()  # a lease renewal failed: the watch must be redone
         self._lease = 0
+        self.deploy_lock: dict[str, Any] | None = None  # PREFIX/deploy/lock's value, if held
+
+    @property
+    def instance(self) -> str:
+        return self.config.instance
 
     def __repr__(self) -> str:
         return (
@@ -118,6 +128,11 @@ class Fleet:
     @property
     def _servers_prefix(self) -> str:
         return f"{self.config.prefix}/{shared.SERVERS}/"
+
+    @property
+    def _followed(self) -> tuple[str, str]:
+        """The keys every instance follows: ``deploy/`` and ``servers/`` (state.py)."""
+        return f"{self.config.prefix}/deploy/", prefix_end(self._servers_prefix)
 
     async def join(self, servers: Iterable[Server]) -> bool:
         """Rule 1: apply the fleet's state to ``servers`` (before they serve); False when etcd
@@ -180,11 +195,7 @@ class Fleet:
         Raises ClusterUnavailable (etcd down or this instance not in step: nothing changed)
         or ClusterConflict (another change won the race: nothing changed).
         """
-        if not self.is_synced:
-            raise ClusterUnavailable(
-                f"not in step with the fleet's etcd ({self.client.endpoint}): change refused, "
-                "nothing changed; every instance keeps serving its last state"
-            )
+        self._refuse_unless_synced()
         wall_now = time.time()
         compares, puts, seen = [], [], {}
         for (backend, server), state in changes.items():
@@ -246,6 +257,74 @@ class Fleet:
                 for (backend, server), state in changes.items():
                     self._sink.apply_shared(backend, server, state)
 
+    # -- the deploy lock and record (zdlb deploy across the fleet) ---------------------------
+
+    def _key(self, name: str) -> str:
+        return f"{self.config.prefix}/{name}"
+
+    async def commit_deploy(self, value: bytes, lock: LockChange, holder: str) -> None:
+        """Commit the deploy record ``value`` (on condition that it is still the one this
+        instance last applied), and change the lock: ``TAKE`` it under a new etcd lease of
+        DEPLOY_LEASE_S (refused while anyone holds it: etcd lets the lease of a crashed deploy
+        expire), ``RENEW`` that lease, ``RELEASE`` it, or ``KEEP`` it. ``holder`` describes
+        who takes it, for the refusal others get.
+
+        Raises ClusterUnavailable or ClusterConflict (nothing changed then).
+        """
+        self._refuse_unless_synced()
+        record_key, lock_key = self._key(shared.DEPLOY_RECORD), self._key(shared.DEPLOY_LOCK)
+        seen = str(self._seen.get(record_key, 0))
+        compares: list[dict[str, Any]] = [
+            {"key": b64(record_key), "target": "MOD", "mod_revision": seen, "result": "EQUAL"}
+        ]
+        ops: list[dict[str, Any]] = [{"request_put": {"key": b64(record_key), "value": b64(value)}}]
+        lease = int((self.deploy_lock or {}).get("lease", 0))
+        try:
+            if lock is LockChange.TAKE:
+                lease = await self.client.grant(int(DEPLOY_LEASE_S))
+                absent = {"target": "CREATE", "create_revision": "0", "result": "EQUAL"}
+                compares.append({"key": b64(lock_key), **absent})
+                text = json.dumps(
+                    {"holder": holder, "instance": self.config.instance, "lease": lease}
+                )
+                ops.append(
+                    {"request_put": {"key": b64(lock_key), "value": b64(text), "lease": str(lease)}}
+                )
+            elif lock is LockChange.RENEW and lease and await self.client.keepalive(lease) <= 0:
+                raise ClusterConflict("the deploy lock's etcd lease expired: the deploy lost it")
+            elif lock is LockChange.RELEASE:
+                ops.append({"request_delete_range": {"key": b64(lock_key)}})
+            result = await self.client.txn(compares, ops, [lock_key])
+        except ClusterUnavailable as exc:
+            raise ClusterUnavailable(f"{exc}: the deploy's record cannot be written") from None
+        if not result.succeeded:
+            if lock is LockChange.TAKE:
+                await self._revoke_quietly(lease)
+            held = next((_json_object(kv.value) for kv in result.current), None)
+            if held is not None:
+                raise ClusterConflict(
+                    f"a deploy holds the fleet's lock: {held.get('holder')} on instance "
+                    f"{held.get('instance')}"
+                )
+            raise ClusterConflict("the deploy record changed meanwhile: look again (show deploy)")
+        if lock is LockChange.RELEASE:
+            await self._revoke_quietly(lease)
+        await self._until_applied(result.revision, {})
+
+    async def _revoke_quietly(self, lease: int) -> None:
+        if lease:
+            try:
+                await self.client.revoke(lease)
+            except ClusterUnavailable:
+                pass  # it expires by itself within DEPLOY_LEASE_S
+
+    def _refuse_unless_synced(self) -> None:
+        if not self.is_synced:
+            raise ClusterUnavailable(
+                f"not in step with the fleet's etcd ({self.client.endpoint}): change refused, "
+                "nothing changed; every instance keeps serving its last state"
+            )
+
     # -- following the fleet (rules 3, 4) --------------------------------------------------
 
     async def _follow(self) -> None:
@@ -269,9 +348,11 @@ class Fleet:
 
     async def _resync(self) -> None:
         """Read every server key at once; apply what differs; log what was caught up."""
-        revision, kvs = await self.client.range_prefix(self._servers_prefix)
+        revision, kvs = await self.client.range_keys(*self._followed)
         old_revision = self.revision
         caught_up = [name for kv in kvs if (name := self._apply_kv(kv)) is not None]
+        if all(kv.key != self._key(shared.DEPLOY_LOCK) for kv in kvs):
+            self.deploy_lock = None
         self._set_revision(revision)
         self.is_synced = True
         self._stale.clear()
@@ -298,7 +379,8 @@ class Fleet:
         raise ClusterUnavailable("a lease renewal failed: watching again")
 
     async def _watch(self) -> None:
-        async for batch in self.client.watch(self._servers_prefix, self.revision + 1):
+        start, end = self._followed
+        async for batch in self.client.watch(start, self.revision + 1, end):
             self._apply_batch(batch)
 
     def _apply_batch(self, batch: list[WatchEvent]) -> None:
@@ -307,6 +389,8 @@ class Fleet:
             top = max(top, event.kv.mod_revision)
             if event.is_delete:
                 self._seen.pop(event.kv.key, None)  # an operator's etcdctl; config rules next
+                if event.kv.key == self._key(shared.DEPLOY_LOCK):
+                    self.deploy_lock = None  # released, or its lease expired
                 continue
             self._apply_kv(event.kv)
         self._set_revision(top)
@@ -316,6 +400,13 @@ class Fleet:
         if kv.mod_revision <= self._seen.get(kv.key, 0):
             return None  # already applied (rule 4: no stale replay)
         self._seen[kv.key] = kv.mod_revision
+        if kv.key == self._key(shared.DEPLOY_LOCK):
+            self.deploy_lock = _json_object(kv.value)
+            return None
+        if kv.key == self._key(shared.DEPLOY_RECORD):
+            if self._sink is not None:
+                self._sink.apply_deploy(kv.value)
+            return None
         names = shared.parse_server_key(self.config.prefix, kv.key)
         state = self._decode(kv)
         if names is None or state is None or self._sink is None:
@@ -344,7 +435,7 @@ class Fleet:
     # -- this instance's view (rule 5) -----------------------------------------------------
 
     async def _publish(self) -> None:
-        key = shared.instance_key(self.config.prefix, self.config.instance)
+        key = shared.view_key(self.config.prefix, self.config.instance)
         renew_every_s = self.config.lease_s / 3
         last_text, last_renew = "", 0.0
         loop = asyncio.get_running_loop()
@@ -384,7 +475,7 @@ class Fleet:
 
     async def views(self) -> dict[str, dict[str, Any]]:
         """Every live instance's published view, by instance name. Raises ClusterUnavailable."""
-        prefix = f"{self.config.prefix}/{shared.INSTANCES}/"
+        prefix = f"{self.config.prefix}/{shared.VIEWS}/"
         _, kvs = await self.client.range_prefix(prefix)
         views = {}
         for kv in kvs:
@@ -405,3 +496,11 @@ async def join_fleet(config: ClusterConfig, servers: Iterable[Server]) -> Fleet:
     fleet = Fleet(config, client_of(config))
     await fleet.join(servers)
     return fleet
+
+
+def _json_object(value: bytes) -> dict[str, Any] | None:
+    try:
+        data = json.loads(value)
+    except ValueError:
+        return None
+    return data if isinstance(data, dict) else None

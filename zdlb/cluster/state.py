@@ -2,10 +2,13 @@
 
 Layout under the fleet's prefix (``[cluster] prefix``, e.g. ``/zdlb/prod``)::
 
+    PREFIX/deploy/lock              the deploy lock's holder, under the deploy's etcd lease
+    PREFIX/deploy/record            the current or last deploy's record (deploy/record.py)
     PREFIX/servers/BACKEND/SERVER   a ServerState as JSON; absent: as configured
-    PREFIX/instances/NAME           an instance's own view (health, load), under its lease
-    PREFIX/deploy/lock              the deploy lock's holder, under the deploy's lease
-    PREFIX/deploy/record            the current or last deploy's record
+    PREFIX/views/NAME               an instance's own view (health, load), under its lease
+
+Every instance watches ``deploy/`` and ``servers/`` (adjacent in key order); ``views/`` sorts
+after them, so the views' frequent writes never reach the watch.
 
 Rules:
 1. A server key holds the whole runtime state an operator sets (admin, weight, pool, the drain
@@ -18,6 +21,7 @@ Rules:
 
 from __future__ import annotations
 
+import enum
 import json
 import math
 from dataclasses import dataclass, replace
@@ -26,7 +30,18 @@ from zdlb.balancer.server import AdminState, Server
 from zdlb.config.model import MAX_WEIGHT, PoolName
 
 SERVERS = "servers"
-INSTANCES = "instances"
+VIEWS = "views"
+DEPLOY_LOCK = "deploy/lock"
+DEPLOY_RECORD = "deploy/record"
+
+
+class LockChange(enum.Enum):
+    """What a deploy command does to the fleet's deploy lock."""
+
+    TAKE = "take"  # begin, takeover
+    RENEW = "renew"
+    RELEASE = "release"  # end
+    KEEP = "keep"  # a step, a host's result
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,8 +68,8 @@ def server_key(prefix: str, backend: str, server: str) -> str:
     return f"{prefix}/{SERVERS}/{backend}/{server}"
 
 
-def instance_key(prefix: str, instance: str) -> str:
-    return f"{prefix}/{INSTANCES}/{instance}"
+def view_key(prefix: str, instance: str) -> str:
+    return f"{prefix}/{VIEWS}/{instance}"
 
 
 def parse_server_key(prefix: str, key: str) -> tuple[str, str] | None:

@@ -7,6 +7,7 @@ effects. Every change is logged once with the peer's uid, the old and the new va
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import time
@@ -19,11 +20,12 @@ from zdlb import __version__
 from zdlb.balancer.pool import Backend
 from zdlb.balancer.server import AdminState, FlipPlan, Health, Server, plan_flip
 from zdlb.cluster import state as shared
-from zdlb.cluster.state import ServerState
+from zdlb.cluster.state import LockChange, ServerState
 from zdlb.config.model import PoolName
 from zdlb.control import fleet, journal
 from zdlb.control.deploy_protocol import (
     DeployBegin,
+    DeployCommand,
     DeployEnd,
     DeployHost,
     DeployRenew,
@@ -52,6 +54,7 @@ from zdlb.control.protocol import (
     render_table,
 )
 from zdlb.control.waits import wait_up
+from zdlb.deploy import record as deploy_record
 from zdlb.deploy.record import DeployRecord
 from zdlb.errors import ClusterConflict, ClusterUnavailable, ControlCommandError
 from zdlb.events import EventKind, Timeline
@@ -64,6 +67,9 @@ log = logging.getLogger(__name__)
 # `wait ... idle` looks at the server's counters this often. Counters change in callbacks that
 # notify nobody (an event per counter would cost every request); 10 ms is far below any drain.
 WAIT_POLL_S = 0.01
+# A fleet-wide `wait idle` reads the instances' published views this often: each is written
+# within cluster/fleet.py's PUBLISH_POLL_S (50 ms) of a change, so polling faster gains nothing.
+FLEET_POLL_S = 0.05
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,6 +129,15 @@ class FleetLink(Protocol):
         ...
 
     async def views(self) -> dict[str, dict[str, Any]]: ...
+
+    async def commit_deploy(self, value: bytes, lock: LockChange, holder: str) -> None:
+        """The deploy record and lock (``zdlb deploy``); raises as ``commit``."""
+        ...
+
+    @property
+    def instance(self) -> str:
+        """This instance's name in the fleet."""
+        ...
 
 
 class DaemonActions(Protocol):
@@ -258,6 +273,15 @@ class Controller:
                 return Reply(text, data)
             case ShowStatus():
                 return self._show_status()
+            case (
+                DeployBegin()
+                | DeployTakeover()
+                | DeployRenew()
+                | DeployStep()
+                | DeployHost()
+                | DeployEnd()
+            ) if self._fleet:
+                return await self._deploy_fleet(command, peer_uid)
             case (
                 DeployBegin()
                 | DeployTakeover()
@@ -541,12 +565,56 @@ class Controller:
         self._journal_soon()
         return True
 
+    async def _deploy_fleet(self, command: DeployCommand, peer_uid: int) -> Reply:
+        """[cluster]: the deploy's lock is an etcd lease and its record a key every instance
+        follows, so ``show deploy`` and the metrics tell the same story everywhere."""
+        assert self._fleet is not None
+        planned = self._deploys.plan(command, peer_uid)
+        match command:
+            case DeployBegin() | DeployTakeover():
+                lock = LockChange.TAKE
+            case DeployRenew():
+                lock = LockChange.RENEW
+            case DeployEnd():
+                lock = LockChange.RELEASE
+            case _:
+                lock = LockChange.KEEP
+        record = planned.record
+        value = json.dumps({**record.to_json(time.time()), "token": record.token}).encode()
+        try:
+            await self._fleet.commit_deploy(value, lock, record.holder())
+        except ClusterConflict as exc:
+            raise ControlCommandError(f"deploy refused: {exc}") from None
+        except ClusterUnavailable as exc:
+            raise ControlCommandError(str(exc)) from None
+        self._deploys.adopt(planned)
+        await self._journal()
+        return Reply(planned.text, planned.data)
+
+    def apply_deploy(self, value: bytes) -> None:
+        """The deploy record as committed in the fleet (any instance's ``zdlb deploy``)."""
+        try:
+            data = json.loads(value)
+            record = deploy_record.from_json(data)
+        except (ValueError, TypeError, KeyError) as exc:
+            log.warning("cluster_deploy_record_ignored reason=%s", exc)
+            return
+        if record != self._deploys.record:
+            self._deploys.record = record
+            self._journal_soon()
+
     def fleet_view(self) -> dict[str, dict[str, object]]:
-        """This instance's view of its servers, which it publishes to the fleet."""
+        """This instance's view of its servers, which it publishes to the fleet (every
+        PUBLISH_POLL_S). A server that takes no new traffic here gets its idle pooled
+        connections closed again each time: one released after the change reached this
+        instance would keep a fleet-wide ``wait idle`` waiting for the upstream's idle timeout
+        (the local wait does the same in its loop)."""
         view: dict[str, dict[str, object]] = {}
         for backend in self._backends.values():
             for server in backend.servers:
                 inflight, conns = self._load(server)
+                if conns and not server.takes_new_traffic:
+                    self._close_idle(server)
                 view[_key(server)] = {
                     "admin": server.admin.value,
                     "health": server.health.value,
@@ -651,7 +719,40 @@ class Controller:
             if server.admin is not AdminState.READY:
                 self._close_idle(server)  # connections released since the last look
             await self._refresh()
+        if self._fleet is not None:
+            return await self._wait_fleet_idle(server, deadline)
         return Reply(f"{name}: idle\n", {"server": name, "idle": True})
+
+    async def _wait_fleet_idle(self, server: Server, deadline: float) -> Reply:
+        """[cluster]: idle here, now until idle on every other live instance too, as each
+        publishes (its view lives under its lease: a dead instance stops counting)."""
+        assert self._fleet is not None
+        name = _key(server)
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                views = await self._fleet.views()
+            except ClusterUnavailable as exc:
+                raise ControlCommandError(f"{name}: cannot see the fleet's load: {exc}") from None
+            busy = {
+                instance: (load.get("inflight", 0), load.get("conns", 0))
+                for instance, view in views.items()
+                if instance != self._fleet.instance
+                and isinstance(load := view.get("servers", {}).get(name), dict)
+                and (load.get("inflight") or load.get("conns"))
+            }
+            if not busy:
+                data = {"server": name, "idle": True, "instances": sorted(views)}
+                return Reply(f"{name}: idle on {len(views)} instances\n", data)
+            if self._stopping.is_set():
+                return Reply(f"{name}: the daemon is stopping\n", {"error": "stopping"}, True)
+            if loop.time() >= deadline:
+                where = ", ".join(
+                    f"{i} inflight={n} conns={c}" for i, (n, c) in sorted(busy.items())
+                )
+                data = {"error": "timeout", "server": name, "idle": False, "busy": sorted(busy)}
+                return Reply(f"{name}: timeout, busy on {where}\n", data, is_error=True)
+            await asyncio.sleep(FLEET_POLL_S)
 
     async def _journal(self) -> None:
         """Record the runtime changes so a restart keeps them (in a thread: it fsyncs)."""
