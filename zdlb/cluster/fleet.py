@@ -55,6 +55,10 @@ PUBLISH_POLL_S = 0.05
 # A commit is answered once the watch brought it back; if the watch is slower than this (it
 # broke just then), the committed change is applied here directly.
 APPLIED_WAIT_S = 1.0
+# A change's reply waits this long at most for every live instance to report it applied; one
+# that does not is named in the reply (it may be stuck, or cut off from etcd).
+REACH_WAIT_S = 1.0
+REACH_POLL_S = 0.005
 
 
 class StateSink(Protocol):
@@ -112,6 +116,7 @@ class Fleet:
         # Commits waiting for the watch to bring their revision back (rule 2).
         self._waiters: list[tuple[int, asyncio.Future[None]]] = []
         self._stale = asyncio.Event()  # a lease renewal failed: the watch must be redone
+        self._moved = asyncio.Event()  # the applied revision moved: publish the view now
         self._lease = 0
         self.deploy_lock: dict[str, Any] | None = None  # PREFIX/deploy/lock's value, if held
 
@@ -225,6 +230,21 @@ class Fleet:
             raise ClusterConflict(self._conflict_message(result.current, seen))
         await self._until_applied(result.revision, changes)
         return result.revision
+
+    async def lagging(self, revision: int) -> list[str]:
+        """Wait (at most REACH_WAIT_S) until every live instance reports it applied
+        ``revision``; the instances that still do not (empty: the whole fleet has it)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + REACH_WAIT_S
+        while True:
+            try:
+                views = await self.views()
+            except ClusterUnavailable:
+                return ["? (etcd did not answer)"]
+            behind = sorted(n for n, v in views.items() if _int(v.get("revision")) < revision)
+            if not behind or loop.time() >= deadline:
+                return behind
+            await asyncio.sleep(REACH_POLL_S)
 
     def _conflict_message(self, current: Iterable[KeyValue], seen: Mapping[str, int]) -> str:
         lines = []
@@ -415,6 +435,8 @@ class Fleet:
         return f"{backend}/{server}" if self._sink.apply_shared(backend, server, state) else None
 
     def _set_revision(self, revision: int) -> None:
+        if revision > self.revision:
+            self._moved.set()
         self.revision = max(self.revision, revision)
         waiting = []
         for wanted, waiter in self._waiters:
@@ -460,7 +482,12 @@ class Fleet:
                 self._lease, last_text = 0, ""
                 await asyncio.sleep(RETRY_MAX_S)
                 continue
-            await asyncio.sleep(PUBLISH_POLL_S)
+            try:  # at once when a change was applied: `lagging` waits for it
+                async with asyncio.timeout(PUBLISH_POLL_S):
+                    await self._moved.wait()
+            except TimeoutError:
+                pass
+            self._moved.clear()
 
     def _view_text(self) -> str:
         assert self._sink is not None
@@ -496,6 +523,10 @@ async def join_fleet(config: ClusterConfig, servers: Iterable[Server]) -> Fleet:
     fleet = Fleet(config, client_of(config))
     await fleet.join(servers)
     return fleet
+
+
+def _int(value: object) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) else 0
 
 
 def _json_object(value: bytes) -> dict[str, Any] | None:

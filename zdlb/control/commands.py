@@ -125,7 +125,12 @@ class FleetLink(Protocol):
         ...
 
     async def commit(self, changes: Mapping[tuple[str, str], ServerState], uid: int) -> int:
-        """Raises ClusterUnavailable or ClusterConflict; nothing changed then."""
+        """The revision committed. Raises ClusterUnavailable or ClusterConflict; nothing
+        changed then."""
+        ...
+
+    async def lagging(self, revision: int) -> list[str]:
+        """The live instances that did not report ``revision`` applied within a bound."""
         ...
 
     async def views(self) -> dict[str, dict[str, Any]]: ...
@@ -521,14 +526,20 @@ class Controller:
                 change = fleet.swap(self._backend(name), wall_now, loop_now)
             case _:
                 assert_never(command)
-        if change.states:
-            try:
-                await self._fleet.commit(change.states, peer_uid)
-            except ClusterConflict as exc:
-                raise ControlCommandError(f"conflict: {exc}") from None
-            except ClusterUnavailable as exc:
-                raise ControlCommandError(str(exc)) from None
-        return Reply(change.text, change.data)
+        if not change.states:
+            return Reply(change.text, change.data)
+        try:
+            revision = await self._fleet.commit(change.states, peer_uid)
+        except ClusterConflict as exc:
+            raise ControlCommandError(f"conflict: {exc}") from None
+        except ClusterUnavailable as exc:
+            raise ControlCommandError(str(exc)) from None
+        # Answered once every live instance applied it, so `show servers` anywhere agrees.
+        lagging = await self._fleet.lagging(revision)
+        text = change.text
+        if lagging:
+            text += f"committed, not yet applied on: {', '.join(lagging)}\n"
+        return Reply(text, {**change.data, "revision": revision, "lagging": lagging})
 
     def apply_shared(self, backend_name: str, server_name: str, state: ServerState) -> bool:
         """A change committed in the fleet (by any instance): apply it here, log it once,

@@ -27,6 +27,7 @@ from zdlb.daemon.ctl import CTL_DESCRIPTION, CTL_HELP, add_ctl_arguments, run_ct
 from zdlb.daemon.demo_app import DEMO_HOSTS, DemoVhost, start_demo_hosts, vhosts_of
 from zdlb.daemon.demo_deploy import add_parser as add_demo_deploy_parser
 from zdlb.daemon.demo_deploy import run_demo_deploy
+from zdlb.daemon.demo_fleet import fleet_count, run_fleet_demo_command
 from zdlb.daemon.lifecycle import (
     EXIT_OK,
     install_signal_handlers,
@@ -82,6 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
         "demo", help="start two demo hosts (main + backup vhosts) behind zdlb on :8000"
     )
     demo.add_argument("-c", "--config", type=Path, default=DEMO_CONFIG, metavar="FILE")
+    demo.add_argument(  # issue 16: zdlb/daemon/demo_fleet.py
+        "--fleet", type=fleet_count, metavar="N", help="N instances sharing state through etcd"
+    )
     _add_runtime_options(demo)
 
     demo_app = commands.add_parser(
@@ -157,6 +161,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _run_demo_apps(args)
     if args.command == "demo-deploy":
         return run_demo_deploy(args)
+    if args.command == "demo" and args.fleet:  # issue 16: etcd and N instances, no -c
+        return run_fleet_demo_command(args)
     if args.command == "ctl":  # daemon/entry.py comes here without importing this module
         return run_ctl_command(args)
     try:
