@@ -90,7 +90,7 @@ async def test_a_rolling_deploy_across_three_instances_fails_no_request(
     tmp_path: Path,
     vhosts: dict[str, DemoVhostServer],
 ) -> None:
-    servers = []
+    servers: list[tuple[str, str, str, str | None]] = []
     for host in HOSTS:
         main, backup = vhosts[f"{host}/main"].addr, vhosts[f"{host}/backup"].addr
         servers.append((host, f"{main[0]}:{main[1]}", "main", None))

@@ -140,8 +140,9 @@ class Fleet:
         return f"{self.config.prefix}/deploy/", prefix_end(self._servers_prefix)
 
     async def join(self, servers: Iterable[Server]) -> bool:
-        """Rule 1: apply the fleet's state to ``servers`` (before they serve); False when etcd
-        did not answer (the journal's state stays, and the watch catches up later)."""
+        """Rule 1: apply the fleet's state to ``servers`` (before they serve), a server without
+        a key being as configured; False when etcd did not answer (the journal's state stays,
+        and the watch catches up later)."""
         by_key = {shared.server_key(self.config.prefix, s.backend, s.name): s for s in servers}
         try:
             revision, kvs = await self.client.range_prefix(self._servers_prefix)
@@ -153,13 +154,15 @@ class Fleet:
             )
             return False
         loop_now, wall_now = asyncio.get_running_loop().time(), time.time()
-        applied = 0
+        # The fleet's state wins over the journal's: a server without a key is as configured.
+        states = {key: shared.configured(server) for key, server in by_key.items()}
         for kv in kvs:
-            state = self._decode(kv)
-            server = by_key.get(kv.key)
             self._seen[kv.key] = kv.mod_revision
-            if state is not None and server is not None:
-                applied += shared.apply(server, state, wall_now, loop_now)
+            if kv.key in states and (state := self._decode(kv)) is not None:
+                states[kv.key] = state
+        applied = sum(
+            shared.apply(by_key[key], state, wall_now, loop_now) for key, state in states.items()
+        )
         self.revision = revision
         log.info(
             "cluster_joined prefix=%s instance=%s revision=%d keys=%d changed=%d",

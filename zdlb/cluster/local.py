@@ -8,6 +8,7 @@ names its own etcd cluster in ``[cluster] endpoints``.
 
 from __future__ import annotations
 
+import ctypes
 import http.client
 import json
 import shutil
@@ -22,6 +23,13 @@ from zdlb.errors import ClusterUnavailable
 # Debian's etcd-server 3.4 starts in ~0.3 s here; a loaded CI box gets many times that.
 READY_TIMEOUT_S = 20.0
 POLL_S = 0.02  # between two /health polls
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def die_with_parent() -> None:
+    """preexec_fn: the child gets SIGTERM when the process that started it dies, so a killed
+    demo or test run never leaves an etcd or an instance behind."""
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
 
 
 def free_port() -> int:
@@ -73,7 +81,11 @@ class LocalEtcd:
         ]
         with open(self.log_path, "ab") as log_file:
             self.proc = subprocess.Popen(
-                args, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT
+                args,
+                stdin=subprocess.DEVNULL,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                preexec_fn=die_with_parent,
             )
 
     def wait_ready(self, timeout_s: float = READY_TIMEOUT_S) -> None:

@@ -91,6 +91,11 @@ def state_of(server: Server, wall_now: float, loop_now: float) -> ServerState:
     return ServerState(server.admin, server.weight, server.pool, until)
 
 
+def configured(server: Server) -> ServerState:
+    """The state ``server``'s config gives it (what an absent key means)."""
+    return ServerState(AdminState.READY, server.config.weight, server.config.pool)
+
+
 def with_admin(state: ServerState, admin: AdminState, hold_until: float | None) -> ServerState:
     """``state`` with ``admin``; entering a drain starts a hold until ``hold_until``, and
     draining again keeps the first deadline (as Server.set_admin)."""

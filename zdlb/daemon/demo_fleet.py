@@ -20,7 +20,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from zdlb.cluster.local import LocalEtcd
+from zdlb.cluster.local import LocalEtcd, die_with_parent
 from zdlb.config.model import LogFormat, LoggingConfig
 from zdlb.daemon.demo_app import start_demo_hosts
 from zdlb.daemon.lifecycle import install_signal_handlers, run_loop
@@ -177,6 +177,7 @@ async def _start_instance(
         sys.executable, "-m", "zdlb.daemon.cli", "run", "--workers", "1", "-c", str(config),
         stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        preexec_fn=die_with_parent,
     )  # fmt: skip
     assert proc.stdout is not None
     ready = asyncio.Event()
