@@ -25,10 +25,8 @@ from __future__ import annotations
 
 import os
 import re
-import socket
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlsplit
 
 from zdlb.config.table import NAME_RE, Table
 
@@ -46,6 +44,12 @@ MIN_LEASE_S = 2  # etcd refuses TTLs below its minimum (heartbeat-based, ~1.5 s 
 MAX_LEASE_S = 3600
 # A prefix is a path of names: "/" then NAME_RE parts, so keys stay readable in etcdctl.
 PREFIX_RE = re.compile(r"(/[A-Za-z0-9._-]+)+")
+# scheme://host:port, host a name, an IPv4 or a bracketed IPv6 address. A regex rather than
+# urllib.parse: `zdlb ctl -c` loads the config, and its start-up is measured in milliseconds.
+_ENDPOINT_RE = re.compile(
+    r"(?P<scheme>[a-z]+)://(?P<host>\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._-]+)(:(?P<port>[0-9]{1,5}))?"
+    r"(?P<rest>.*)"
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,7 +89,7 @@ def read_cluster(table: Table, base_dir: Path) -> ClusterConfig | None:
     if prefix is not None and not PREFIX_RE.fullmatch(prefix):
         table.fail("prefix", f"{prefix!r} must look like /name or /name/name ({NAME_RE.pattern})")
         prefix = None
-    instance: str | None = socket.gethostname()
+    instance: str | None = os.uname().nodename
     if table.has("instance"):
         instance = table.required_string("instance")
     if instance is not None and not NAME_RE.fullmatch(instance):
@@ -122,16 +126,18 @@ def _read_endpoints(table: Table) -> tuple[str, ...] | None:
 
 def endpoint_problem(text: str) -> str | None:
     """Why ``text`` is not an etcd client URL (``http(s)://host:port``), or None."""
-    try:
-        url = urlsplit(text)
-        port = url.port
-    except ValueError as exc:
-        return str(exc)
-    if url.scheme not in ("http", "https"):
+    match = _ENDPOINT_RE.fullmatch(text)
+    if match is None:
+        return (
+            "the scheme must be http or https"
+            if "://" not in text
+            else "expected scheme://host:port"
+        )
+    if match["scheme"] not in ("http", "https"):
         return "the scheme must be http or https"
-    if not url.hostname or port is None:
+    if match["port"] is None or not 0 < int(match["port"]) < 65536:
         return "expected scheme://host:port"
-    if url.path not in ("", "/") or url.query or url.fragment:
+    if match["rest"] not in ("", "/"):
         return "no path, query or fragment: etcd's API paths are fixed"
     return None
 
