@@ -93,11 +93,11 @@ async def control(path: Path, line: str) -> str:
 
 
 async def start_instance(
-    start_daemon: StartDaemon, config_text: str, state_dir: Path, name: str
+    start_daemon: StartDaemon, config_text: str, state_dir: Path, name: str, workers: int = 1
 ) -> Instance:
     """Start ``zdlb run`` on ``config_text``; returns once its listener accepts."""
     config = state_dir / f"{name}.toml"
     config.write_text(config_text, encoding="utf-8")
-    daemon = await start_daemon("run", "-c", str(config))
+    daemon = await start_daemon("run", "--workers", str(workers), "-c", str(config))
     addr = await daemon.listener_addr()
     return Instance(name, config, state_dir / f"{name}.sock", daemon, addr)

@@ -7,6 +7,7 @@ waited for by polling /health. The instances proxy to real upstreams (``EchoServ
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 from collections.abc import AsyncIterator, Iterator
@@ -66,6 +67,7 @@ async def start_fleet(
     tmp_path: Path,
     upstreams: list[EchoServer],
     count: int = 3,
+    workers: tuple[int, ...] = (1, 1, 1),
 ) -> list[Instance]:
     instances = []
     for index in range(1, count + 1):
@@ -78,7 +80,8 @@ async def start_fleet(
             servers=servers_of(upstreams),
             extra=STICKY,
         )
-        instances.append(await start_instance(start_daemon, text, tmp_path, name))
+        instance = await start_instance(start_daemon, text, tmp_path, name, workers[index - 1])
+        instances.append(instance)
     return instances
 
 
@@ -171,3 +174,28 @@ async def test_an_instance_started_without_etcd_serves_its_journal_and_catches_u
         assert answer == "app/front-2: admin ready -> drain", answer
     finally:
         etcd.stop()
+
+
+async def test_a_flip_reaches_the_worker_processes_of_another_instance(
+    start_daemon: StartDaemon, etcd: LocalEtcd, tmp_path: Path, upstreams: list[EchoServer]
+) -> None:
+    """lb-2 runs two worker processes: the change reaches its data plane (the workers, through
+    the master's push) within the issue's 200 ms, measured from the command."""
+    lb1, lb2 = await start_fleet(
+        start_daemon, [etcd.url], tmp_path, upstreams, count=2, workers=(1, 2)
+    )
+    await lb2.daemon.wait_text("workers_started")
+    _, server, cookie = await get(lb2)
+    while server != "s1":  # round robin: a user pinned to front-1
+        _, server, cookie = await get(lb2)
+    loop = asyncio.get_running_loop()
+    began = loop.time()
+    await lb1.control("flip app/front-1")
+    async with asyncio.timeout(CONVERGE_S):
+        while (await get(lb2, cookie))[1] != "s1b":  # new connections: any worker may take it
+            pass
+    took_s = loop.time() - began
+    print(f"flip on lb-1 to lb-2's workers: {took_s * 1000:.1f} ms")
+    assert took_s < 0.2
+    for _ in range(10):
+        assert (await get(lb2, cookie))[:2] == (200, "s1b")
