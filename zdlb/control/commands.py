@@ -20,7 +20,7 @@ from zdlb import __version__
 from zdlb.balancer.pool import Backend
 from zdlb.balancer.server import AdminState, FlipPlan, Health, Server, plan_flip
 from zdlb.cluster import state as shared
-from zdlb.cluster.state import LockChange, ServerState
+from zdlb.cluster.state import ServerState
 from zdlb.config.model import PoolName
 from zdlb.control import fleet, journal
 from zdlb.control.deploy_protocol import (
@@ -33,6 +33,7 @@ from zdlb.control.deploy_protocol import (
     DeployTakeover,
 )
 from zdlb.control.deploys import DeployDesk, DeployEvent
+from zdlb.control.fleet import FleetLink
 from zdlb.control.protocol import (
     Command,
     Flip,
@@ -53,7 +54,7 @@ from zdlb.control.protocol import (
     render_json,
     render_table,
 )
-from zdlb.control.waits import wait_up
+from zdlb.control.waits import wait_fleet_idle, wait_up
 from zdlb.deploy import record as deploy_record
 from zdlb.deploy.record import DeployRecord
 from zdlb.errors import ClusterConflict, ClusterUnavailable, ControlCommandError
@@ -113,38 +114,6 @@ class WorkerLoad(Protocol):
         ...
 
 
-class FleetLink(Protocol):
-    """The fleet's shared state (zdlb/cluster/fleet.py's ``Fleet``), with ``[cluster]``.
-
-    A change is committed there, then applied on every instance (this one included) through
-    ``Controller.apply_shared``; ``views`` are every live instance's published views.
-    """
-
-    def attach(self, sink: Any) -> None:
-        """Start applying the fleet's changes to ``sink`` (this controller)."""
-        ...
-
-    async def commit(self, changes: Mapping[tuple[str, str], ServerState], uid: int) -> int:
-        """The revision committed. Raises ClusterUnavailable or ClusterConflict; nothing
-        changed then."""
-        ...
-
-    async def lagging(self, revision: int) -> list[str]:
-        """The live instances that did not report ``revision`` applied within a bound."""
-        ...
-
-    async def views(self) -> dict[str, dict[str, Any]]: ...
-
-    async def commit_deploy(self, value: bytes, lock: LockChange, holder: str) -> None:
-        """The deploy record and lock (``zdlb deploy``); raises as ``commit``."""
-        ...
-
-    @property
-    def instance(self) -> str:
-        """This instance's name in the fleet."""
-        ...
-
-
 class DaemonActions(Protocol):
     """What only the daemon can do to itself: daemon/reload.py and daemon/upgrade.py.
 
@@ -193,8 +162,7 @@ class Controller:
         # [cluster]: changes go through etcd (control/fleet.py); journal writes of changes
         # that came from the fleet run here, one at a time.
         self._fleet = fleet_link
-        self._journaling: asyncio.Task[None] | None = None
-        self._journal_again = False
+        self._later = journal.Coalesced(self._journal)
         if fleet_link is not None:
             fleet_link.attach(self)
 
@@ -573,7 +541,7 @@ class Controller:
             self.events.record(EventKind.SWAP, _key(server), f"pool {state.pool.value}")
         if state.admin is not AdminState.READY or state.pool is PoolName.BACKUP:
             self._close_idle(server)
-        self._journal_soon()
+        self._later.run_soon()
         return True
 
     async def _deploy_fleet(self, command: DeployCommand, peer_uid: int) -> Reply:
@@ -581,19 +549,10 @@ class Controller:
         follows, so ``show deploy`` and the metrics tell the same story everywhere."""
         assert self._fleet is not None
         planned = self._deploys.plan(command, peer_uid)
-        match command:
-            case DeployBegin() | DeployTakeover():
-                lock = LockChange.TAKE
-            case DeployRenew():
-                lock = LockChange.RENEW
-            case DeployEnd():
-                lock = LockChange.RELEASE
-            case _:
-                lock = LockChange.KEEP
         record = planned.record
         value = json.dumps({**record.to_json(time.time()), "token": record.token}).encode()
         try:
-            await self._fleet.commit_deploy(value, lock, record.holder())
+            await self._fleet.commit_deploy(value, fleet.lock_change(command), record.holder())
         except ClusterConflict as exc:
             raise ControlCommandError(f"deploy refused: {exc}") from None
         except ClusterUnavailable as exc:
@@ -612,29 +571,12 @@ class Controller:
             return
         if record != self._deploys.record:
             self._deploys.record = record
-            self._journal_soon()
+            self._later.run_soon()
 
     def fleet_view(self) -> dict[str, dict[str, object]]:
         """This instance's view of its servers, which it publishes to the fleet (every
-        PUBLISH_POLL_S). A server that takes no new traffic here gets its idle pooled
-        connections closed again each time: one released after the change reached this
-        instance would keep a fleet-wide ``wait idle`` waiting for the upstream's idle timeout
-        (the local wait does the same in its loop)."""
-        view: dict[str, dict[str, object]] = {}
-        for backend in self._backends.values():
-            for server in backend.servers:
-                inflight, conns = self._load(server)
-                if conns and not server.takes_new_traffic:
-                    self._close_idle(server)
-                view[_key(server)] = {
-                    "admin": server.admin.value,
-                    "health": server.health.value,
-                    "weight": server.weight,
-                    "pool": server.pool.value,
-                    "inflight": inflight,
-                    "conns": conns,
-                }
-        return view
+        PUBLISH_POLL_S; control/fleet.py's ``view_of``)."""
+        return fleet.view_of(self._backends.values(), self._load, self._close_idle)
 
     async def _show_fleet(self, backends: Sequence[Backend]) -> Reply:
         if self._fleet is None:
@@ -646,22 +588,6 @@ class Controller:
         servers = [_key(server) for backend in backends for server in backend.servers]
         text, data = fleet.render_views(views, servers)
         return Reply(text, data)
-
-    def _journal_soon(self) -> None:
-        """Journal in the background (changes from the fleet arrive outside any command);
-        one write at a time, the last state always written."""
-        if self._state_file is None:
-            return
-        if self._journaling is not None and not self._journaling.done():
-            self._journal_again = True
-            return
-        self._journaling = asyncio.get_running_loop().create_task(self._journal_loop())
-
-    async def _journal_loop(self) -> None:
-        self._journal_again = True
-        while self._journal_again:
-            self._journal_again = False
-            await self._journal()
 
     async def _wait_up(self, command: WaitUp) -> Reply:
         """Until the server passes its checks again (control/waits.py), or the timeout."""
@@ -731,39 +657,11 @@ class Controller:
                 self._close_idle(server)  # connections released since the last look
             await self._refresh()
         if self._fleet is not None:
-            return await self._wait_fleet_idle(server, deadline)
+            answer = await wait_fleet_idle(
+                self._fleet, name, self._stopping, deadline, FLEET_POLL_S
+            )
+            return Reply(answer.text, answer.data, answer.is_error)
         return Reply(f"{name}: idle\n", {"server": name, "idle": True})
-
-    async def _wait_fleet_idle(self, server: Server, deadline: float) -> Reply:
-        """[cluster]: idle here, now until idle on every other live instance too, as each
-        publishes (its view lives under its lease: a dead instance stops counting)."""
-        assert self._fleet is not None
-        name = _key(server)
-        loop = asyncio.get_running_loop()
-        while True:
-            try:
-                views = await self._fleet.views()
-            except ClusterUnavailable as exc:
-                raise ControlCommandError(f"{name}: cannot see the fleet's load: {exc}") from None
-            busy = {
-                instance: (load.get("inflight", 0), load.get("conns", 0))
-                for instance, view in views.items()
-                if instance != self._fleet.instance
-                and isinstance(load := view.get("servers", {}).get(name), dict)
-                and (load.get("inflight") or load.get("conns"))
-            }
-            if not busy:
-                data = {"server": name, "idle": True, "instances": sorted(views)}
-                return Reply(f"{name}: idle on {len(views)} instances\n", data)
-            if self._stopping.is_set():
-                return Reply(f"{name}: the daemon is stopping\n", {"error": "stopping"}, True)
-            if loop.time() >= deadline:
-                where = ", ".join(
-                    f"{i} inflight={n} conns={c}" for i, (n, c) in sorted(busy.items())
-                )
-                data = {"error": "timeout", "server": name, "idle": False, "busy": sorted(busy)}
-                return Reply(f"{name}: timeout, busy on {where}\n", data, is_error=True)
-            await asyncio.sleep(FLEET_POLL_S)
 
     async def _journal(self) -> None:
         """Record the runtime changes so a restart keeps them (in a thread: it fsyncs)."""

@@ -4,21 +4,62 @@ In a fleet a command does not change the servers itself: it plans the servers' n
 states (``Change``), the fleet commits them (zdlb/cluster/fleet.py), and the watch applies them
 on every instance, this one included, through ``Controller.apply_shared``. The plan mirrors
 what the command does alone (commands.py): the same refusals, the same reply. Also ``show
-servers --fleet``'s table. Pure: no I/O, no clock (callers pass ``wall_now``/``loop_now``).
+servers --fleet``'s table, this instance's published view, and ``FleetLink``: what the
+controller needs of the fleet. No I/O and no clock here (callers pass ``wall_now`` and
+``loop_now``; ``view_of`` asks for idle connections to be closed through its callback).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, Protocol
 
 from zdlb.balancer.pool import Backend
 from zdlb.balancer.server import AdminState, FlipPlan, Server
 from zdlb.cluster import state as shared
-from zdlb.cluster.state import ServerState
+from zdlb.cluster.state import LockChange, ServerState
 from zdlb.config.model import PoolName
+from zdlb.control.deploy_protocol import (
+    DeployBegin,
+    DeployCommand,
+    DeployEnd,
+    DeployRenew,
+    DeployTakeover,
+)
 from zdlb.control.protocol import render_table
+
+
+class FleetLink(Protocol):
+    """The fleet's shared state (zdlb/cluster/fleet.py's ``Fleet``), with ``[cluster]``.
+
+    A change is committed there, then applied on every instance (this one included) through
+    ``Controller.apply_shared``; ``views`` are every live instance's published views.
+    """
+
+    def attach(self, sink: Any) -> None:
+        """Start applying the fleet's changes to ``sink`` (this controller)."""
+        ...
+
+    async def commit(self, changes: Mapping[tuple[str, str], ServerState], uid: int) -> int:
+        """The revision committed. Raises ClusterUnavailable or ClusterConflict; nothing
+        changed then."""
+        ...
+
+    async def lagging(self, revision: int) -> list[str]:
+        """The live instances that did not report ``revision`` applied within a bound."""
+        ...
+
+    async def views(self) -> dict[str, dict[str, Any]]: ...
+
+    async def commit_deploy(self, value: bytes, lock: LockChange, holder: str) -> None:
+        """The deploy record and lock (``zdlb deploy``); raises as ``commit``."""
+        ...
+
+    @property
+    def instance(self) -> str:
+        """This instance's name in the fleet."""
+        ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,6 +127,19 @@ def swap(backend: Backend, wall_now: float, loop_now: float) -> Change:
     return Change(states, "".join(lines), {"backend": backend.name, "pools": pools})
 
 
+def lock_change(command: DeployCommand) -> LockChange:
+    """What a ``deploy ...`` command does to the fleet's deploy lock (an etcd lease)."""
+    match command:
+        case DeployBegin() | DeployTakeover():
+            return LockChange.TAKE
+        case DeployRenew():
+            return LockChange.RENEW
+        case DeployEnd():
+            return LockChange.RELEASE
+        case _:
+            return LockChange.KEEP
+
+
 def render_views(
     views: Mapping[str, Mapping[str, Any]], servers: Iterable[str]
 ) -> tuple[str, dict[str, object]]:
@@ -113,3 +167,30 @@ def _cell(view: Mapping[str, Any]) -> str:
         f"{view.get('admin')}/{view.get('health')} w={view.get('weight')} {view.get('pool')} "
         f"inflight={view.get('inflight')}"
     )
+
+
+def view_of(
+    backends: Iterable[Backend],
+    load: Callable[[Server], tuple[int, int]],
+    close_idle: Callable[[Server], None],
+) -> dict[str, dict[str, object]]:
+    """This instance's view of its servers, by "backend/server", with ``load`` (in flight,
+    connections). A server that takes no new traffic here gets its idle pooled connections
+    closed again (``close_idle``) each time: one released after a change reached this
+    instance would keep a fleet-wide ``wait idle`` waiting for the upstream's idle timeout
+    (the local wait does the same in its loop)."""
+    view: dict[str, dict[str, object]] = {}
+    for backend in backends:
+        for server in backend.servers:
+            inflight, conns = load(server)
+            if conns and not server.takes_new_traffic:
+                close_idle(server)
+            view[f"{backend.name}/{server.name}"] = {
+                "admin": server.admin.value,
+                "health": server.health.value,
+                "weight": server.weight,
+                "pool": server.pool.value,
+                "inflight": inflight,
+                "conns": conns,
+            }
+    return view

@@ -22,7 +22,7 @@ from zdlb.balancer.sticky import StickyCookie
 from zdlb.census import Census
 from zdlb.config.model import Address, Config, ListenerConfig, ListenerMode
 from zdlb.control import journal
-from zdlb.control.commands import FleetLink
+from zdlb.control.fleet import FleetLink
 from zdlb.daemon import ipc
 from zdlb.errors import ListenerError
 from zdlb.events import Timeline
