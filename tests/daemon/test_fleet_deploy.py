@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -84,12 +86,21 @@ async def deploy(instance: Instance, *args: str) -> DeployRun:
     return DeployRun(proc)
 
 
-async def test_a_rolling_deploy_across_three_instances_fails_no_request(
+async def resynced_after_outage(instance: Instance) -> None:
+    lines = instance.daemon.lines
+    outage = max(i for i, line in enumerate(lines) if "cluster_unavailable" in line)
+    await instance.daemon.wait_line(
+        lambda line: "cluster_resynced" in line and lines.index(line) > outage
+    )
+
+
+async def start_deploy_fleet(
     start_daemon: StartDaemon,
     etcd: LocalEtcd,
     tmp_path: Path,
     vhosts: dict[str, DemoVhostServer],
-) -> None:
+) -> list[Instance]:
+    """Three instances in front of the demo hosts, every server up on each."""
     servers: list[tuple[str, str, str, str | None]] = []
     for host in HOSTS:
         main, backup = vhosts[f"{host}/main"].addr, vhosts[f"{host}/backup"].addr
@@ -106,10 +117,20 @@ async def test_a_rolling_deploy_across_three_instances_fails_no_request(
             extra=CHECK_AND_STICKY,
         )
         fleet.append(await start_instance(start_daemon, text, tmp_path, f"lb-{index}"))
-    lb1, lb2, lb3 = fleet
     for instance in fleet:
         for name, *_ in servers:
             assert (await instance.control(f"wait app/{name} up 10")).endswith("up")
+    return fleet
+
+
+async def test_a_rolling_deploy_across_three_instances_fails_no_request(
+    start_daemon: StartDaemon,
+    etcd: LocalEtcd,
+    tmp_path: Path,
+    vhosts: dict[str, DemoVhostServer],
+) -> None:
+    fleet = await start_deploy_fleet(start_daemon, etcd, tmp_path, vhosts)
+    lb1, lb2, lb3 = fleet
 
     users = [User(i) for i in range(USERS_PER_INSTANCE * len(fleet))]
     done = asyncio.Event()
@@ -151,3 +172,45 @@ async def test_a_rolling_deploy_across_three_instances_fails_no_request(
     for host in HOSTS:
         async with await H11Client.connect(vhosts[f"{host}/main"].addr) as client:
             assert (await client.request("GET", "/")).header("x-demo-server") == f"{host}/main/v3"
+
+
+async def test_etcd_killed_mid_deploy_stops_it_clearly_and_resume_works_once_back(
+    start_daemon: StartDaemon,
+    etcd: LocalEtcd,
+    tmp_path: Path,
+    vhosts: dict[str, DemoVhostServer],
+) -> None:
+    fleet = await start_deploy_fleet(start_daemon, etcd, tmp_path, vhosts)
+    lb1, lb2, lb3 = fleet
+    gate = tmp_path / "gate"
+    os.mkfifo(gate)
+    run = await deploy(lb1, "--run", f"read line < {gate}")
+    await run.event(lambda e: e.get("event") == "step-started" and e.get("step") == "run")
+    etcd.kill()
+    for instance in fleet:
+        await instance.daemon.wait_text("cluster_unavailable")
+    answer = await lb2.control("set server app/front-2 state drain")
+    assert answer.startswith("error: ") and "nothing changed" in answer, answer
+    for instance in fleet:  # serving goes on, front-1's users on its pair
+        for _ in range(3):
+            async with await H11Client.connect(instance.addr) as client:
+                assert (await client.request("GET", "/")).status == 200
+    await asyncio.to_thread(gate.write_text, "go\n")  # the run step ends; the next is refused
+    assert await run.wait() != 0
+    assert "refused: not in step with the fleet's etcd" in run.stderr, (run.stderr, run.events)
+
+    etcd.start()
+    etcd.wait_ready()
+    for instance in fleet:
+        await resynced_after_outage(instance)
+    shown = json.loads(await lb2.control("json show deploy"))
+    assert shown["status"] == "running", shown  # its holder could not write its end
+    # Its holder is gone: once its lease ran out, the deploy reads interrupted everywhere.
+    await asyncio.sleep(max(0.0, shown["lease_until"] - time.time()) + 0.1)
+    assert json.loads(await lb3.control("json show deploy"))["status"] == "interrupted"
+    resumed = await deploy(lb2, "--resume", "--run", "true")
+    assert await resumed.wait() == 0, (resumed.stderr, resumed.events)
+    for instance in fleet:
+        assert json.loads(await instance.control("json show deploy"))["status"] == "done"
+        servers = await instance.servers()
+        assert servers["app/front-1"]["admin"] == "ready", servers

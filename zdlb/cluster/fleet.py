@@ -301,12 +301,16 @@ class Fleet:
             {"key": b64(record_key), "target": "MOD", "mod_revision": seen, "result": "EQUAL"}
         ]
         ops: list[dict[str, Any]] = [{"request_put": {"key": b64(record_key), "value": b64(value)}}]
-        lease = int((self.deploy_lock or {}).get("lease", 0))
+        lease = old_lease = _int((self.deploy_lock or {}).get("lease"))
         try:
-            if lock is LockChange.TAKE:
+            if lock in (LockChange.TAKE, LockChange.TAKE_OVER):
                 lease = await self.client.grant(int(DEPLOY_LEASE_S))
-                absent = {"target": "CREATE", "create_revision": "0", "result": "EQUAL"}
-                compares.append({"key": b64(lock_key), **absent})
+                if lock is LockChange.TAKE_OVER and old_lease:
+                    same = {"target": "LEASE", "lease": str(old_lease), "result": "EQUAL"}
+                    compares.append({"key": b64(lock_key), **same})
+                else:
+                    absent = {"target": "CREATE", "create_revision": "0", "result": "EQUAL"}
+                    compares.append({"key": b64(lock_key), **absent})
                 text = json.dumps(
                     {"holder": holder, "instance": self.config.instance, "lease": lease}
                 )
@@ -321,7 +325,7 @@ class Fleet:
         except ClusterUnavailable as exc:
             raise ClusterUnavailable(f"{exc}: the deploy's record cannot be written") from None
         if not result.succeeded:
-            if lock is LockChange.TAKE:
+            if lock in (LockChange.TAKE, LockChange.TAKE_OVER):
                 await self._revoke_quietly(lease)
             held = next((_json_object(kv.value) for kv in result.current), None)
             if held is not None:
@@ -330,8 +334,8 @@ class Fleet:
                     f"{held.get('instance')}"
                 )
             raise ClusterConflict("the deploy record changed meanwhile: look again (show deploy)")
-        if lock is LockChange.RELEASE:
-            await self._revoke_quietly(lease)
+        if lock is LockChange.RELEASE or (lock is LockChange.TAKE_OVER and old_lease):
+            await self._revoke_quietly(old_lease)
         await self._until_applied(result.revision, {})
 
     async def _revoke_quietly(self, lease: int) -> None:

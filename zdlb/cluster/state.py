@@ -38,7 +38,10 @@ DEPLOY_RECORD = "deploy/record"
 class LockChange(enum.Enum):
     """What a deploy command does to the fleet's deploy lock."""
 
-    TAKE = "take"  # begin, takeover
+    TAKE = "take"  # begin: the lock must be free
+    TAKE_OVER = "take-over"  # takeover: the record says its holder stopped renewing, so the
+    # lock may still be there under the dead holder's etcd lease (etcd restarts reset a
+    # lease's TTL): it is replaced if it is still that lease
     RENEW = "renew"
     RELEASE = "release"  # end
     KEEP = "keep"  # a step, a host's result

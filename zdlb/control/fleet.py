@@ -130,8 +130,10 @@ def swap(backend: Backend, wall_now: float, loop_now: float) -> Change:
 def lock_change(command: DeployCommand) -> LockChange:
     """What a ``deploy ...`` command does to the fleet's deploy lock (an etcd lease)."""
     match command:
-        case DeployBegin() | DeployTakeover():
+        case DeployBegin():
             return LockChange.TAKE
+        case DeployTakeover():
+            return LockChange.TAKE_OVER
         case DeployRenew():
             return LockChange.RENEW
         case DeployEnd():
