@@ -165,7 +165,7 @@ REJECTED = [
         [("stats", {"listen": "127.0.0.1:9100"})],
         [
             "stats: unknown key (expected one of: defaults, logging, control, metrics, "
-            "listeners, backends, workers)"
+            "listeners, backends, workers, cluster)"
         ],
         id="unknown-top-level-section",
     ),
@@ -555,7 +555,7 @@ def test_reports_every_issue_together() -> None:
     )
     assert _issues(data) == [
         "bogus: unknown key (expected one of: defaults, logging, control, metrics, listeners, "
-        "backends, workers)",
+        "backends, workers, cluster)",
         "logging.level: expected one of 'debug', 'info', 'warning', 'error', got 'loud'",
         "backends.app.retries: expected an integer, got 'two'",
         "backends.app.servers[0].address: 'nonsense' is not host:port",
@@ -571,7 +571,7 @@ def test_config_error_message_names_source_and_count() -> None:
     assert str(info.value) == (
         "test.toml: 2 error(s)\n"
         "  x: unknown key (expected one of: defaults, logging, control, metrics, listeners, "
-        "backends, workers)\n"
+        "backends, workers, cluster)\n"
         "  listeners: at least one listener is required"
     )
 
