@@ -478,7 +478,9 @@ class Fleet:
                     if await self.client.keepalive(self._lease) <= 0:
                         self._lease = 0  # expired while etcd was away: a new one
                         continue
-                    last_renew = now
+                    # Written again with each renewal: a predecessor (an upgrade) revoking
+                    # its own lease may have taken the shared key with it.
+                    last_renew, last_text = now, ""
                 text = self._view_text()
                 if text != last_text:
                     put = {"key": b64(key), "value": b64(text), "lease": str(self._lease)}
