@@ -100,3 +100,13 @@ class ControlUsageError(ZdlbError):
 
 class ControlCommandError(ZdlbError):
     """A well-formed control command that cannot be carried out (no such server...)."""
+
+
+class ClusterUnavailable(ZdlbError):
+    """etcd (``[cluster]``) did not answer, or answered an error: the fleet's shared state
+    cannot be read or changed now. Each instance keeps serving its last state."""
+
+
+class ClusterConflict(ZdlbError):
+    """A change lost a race: another instance changed the same server since this one last
+    saw it (an etcd transaction's compare failed). Nothing changed."""

@@ -192,7 +192,7 @@ REJECTED = [
         [("stats", {"listen": "127.0.0.1:9100"})],
         [
             "stats: unknown key (expected one of: defaults, logging, control, metrics, "
-            "listeners, backends, workers, maxconn)"
+            "listeners, backends, workers, maxconn, cluster)"
         ],
         id="unknown-top-level-section",
     ),
@@ -582,7 +582,7 @@ def test_reports_every_issue_together() -> None:
     )
     assert _issues(data) == [
         "bogus: unknown key (expected one of: defaults, logging, control, metrics, listeners, "
-        "backends, workers, maxconn)",
+        "backends, workers, maxconn, cluster)",
         "logging.level: expected one of 'debug', 'info', 'warning', 'error', got 'loud'",
         "backends.app.retries: expected an integer, got 'two'",
         "backends.app.servers[0].address: 'nonsense' is not host:port",
@@ -598,7 +598,7 @@ def test_config_error_message_names_source_and_count() -> None:
     assert str(info.value) == (
         "test.toml: 2 error(s)\n"
         "  x: unknown key (expected one of: defaults, logging, control, metrics, listeners, "
-        "backends, workers, maxconn)\n"
+        "backends, workers, maxconn, cluster)\n"
         "  listeners: at least one listener is required"
     )
 

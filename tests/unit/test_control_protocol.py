@@ -548,7 +548,7 @@ def test_usage_lines_one_per_command_form() -> None:
         "usage: help",
         "usage: show info",
         "usage: show backends",
-        "usage: show servers [BACKEND]",
+        "usage: show servers [BACKEND] [--fleet]",
         "usage: set server BACKEND/SERVER state ready|drain|maint",
         "usage: set server BACKEND/SERVER weight 0..256",
         "usage: flip BACKEND/SERVER [force | wait TIMEOUT_S]",

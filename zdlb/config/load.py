@@ -19,6 +19,7 @@ from typing import Any
 
 from zdlb.config.address import bind_clashes, parse_address
 from zdlb.config.checks import read_check
+from zdlb.config.cluster import CLUSTER_KEYS, read_cluster
 from zdlb.config.model import (
     MAX_PIPE_BYTES,
     MAX_WEIGHT,
@@ -59,6 +60,7 @@ _TOP_KEYS = (
     "backends",
     "workers",
     "maxconn",
+    "cluster",
 )
 _METRICS_KEYS = ("listen", "admin")
 _CONTROL_KEYS = ("socket", "group", "state_file")
@@ -153,6 +155,11 @@ def parse_config(data: Mapping[str, Any], source: str, base_dir: Path) -> Config
     valid_listeners = tuple(item for item in listeners if item is not None)
     _check_listener_backends(valid_listeners, root.names("backends"), issues)
     _check_binds(valid_listeners, metrics, issues)
+    cluster = None
+    if root.has("cluster"):  # issue 16: the fleet's shared state (config/cluster.py)
+        cluster = read_cluster(root.table("cluster", CLUSTER_KEYS), base_dir)
+        if control.socket is None:
+            issues.append(ConfigIssue("cluster", "needs [control] socket (changes go through it)"))
     if issues:
         raise ConfigError(source, issues)
     return Config(
@@ -165,6 +172,7 @@ def parse_config(data: Mapping[str, Any], source: str, base_dir: Path) -> Config
         metrics,
         workers,
         maxconn,
+        cluster,
     )
 
 

@@ -10,6 +10,7 @@ import enum
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from zdlb.config.cluster import ClusterConfig
 from zdlb.config.routing import Routing
 
 # Timeout defaults follow HAProxy's recommended values (`timeout connect 5s`, `client 30s`,
@@ -297,6 +298,7 @@ class Config:
     # Client connections open at once in one process, all listeners together (nginx's
     # worker_connections). None: derived from the open-file limit at start (zdlb/budget.py).
     maxconn: int | None = None
+    cluster: ClusterConfig | None = None  # [cluster]: a fleet sharing state in etcd (issue 16)
 
     def backend(self, name: str) -> BackendConfig:
         """The backend called ``name``; load.py guarantees every listener's backend exists."""

@@ -7,6 +7,7 @@ effects. Every change is logged once with the peer's uid, the old and the new va
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import time
@@ -17,11 +18,14 @@ from typing import Any, Protocol, assert_never, cast
 
 from zdlb import __version__
 from zdlb.balancer.pool import Backend
-from zdlb.balancer.server import AdminState, Health, Server, plan_flip
+from zdlb.balancer.server import AdminState, FlipPlan, Health, Server, plan_flip
+from zdlb.cluster import state as shared
+from zdlb.cluster.state import ServerState
 from zdlb.config.model import PoolName
-from zdlb.control import journal
+from zdlb.control import fleet, journal
 from zdlb.control.deploy_protocol import (
     DeployBegin,
+    DeployCommand,
     DeployEnd,
     DeployHost,
     DeployRenew,
@@ -29,6 +33,7 @@ from zdlb.control.deploy_protocol import (
     DeployTakeover,
 )
 from zdlb.control.deploys import DeployDesk, DeployEvent
+from zdlb.control.fleet import FleetLink
 from zdlb.control.protocol import (
     Command,
     Flip,
@@ -49,9 +54,10 @@ from zdlb.control.protocol import (
     render_json,
     render_table,
 )
-from zdlb.control.waits import wait_up
+from zdlb.control.waits import wait_fleet_idle, wait_up
+from zdlb.deploy import record as deploy_record
 from zdlb.deploy.record import DeployRecord
-from zdlb.errors import ControlCommandError
+from zdlb.errors import ClusterConflict, ClusterUnavailable, ControlCommandError
 from zdlb.events import EventKind, Timeline
 from zdlb.health.scheduler import HealthChecker
 from zdlb.http.route import Route
@@ -62,6 +68,9 @@ log = logging.getLogger(__name__)
 # `wait ... idle` looks at the server's counters this often. Counters change in callbacks that
 # notify nobody (an event per counter would cost every request); 10 ms is far below any drain.
 WAIT_POLL_S = 0.01
+# A fleet-wide `wait idle` reads the instances' published views this often: each is written
+# within cluster/fleet.py's PUBLISH_POLL_S (50 ms) of a change, so polling faster gains nothing.
+FLEET_POLL_S = 0.05
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,6 +139,7 @@ class Controller:
         state_file: Path | None = None,
         workers: WorkerLoad | None = None,
         events: Timeline | None = None,
+        fleet_link: FleetLink | None = None,
     ) -> None:
         self.events = events if events is not None else Timeline()  # what changed, when
         self._backends = backends
@@ -149,6 +159,12 @@ class Controller:
         # zdlb deploy's lock and record; the last one is read back from the journal.
         last_deploy = journal.load_deploy(state_file) if state_file is not None else None
         self._deploys = DeployDesk(backends, last_deploy, on_event=self._deploy_event)
+        # [cluster]: changes go through etcd (control/fleet.py); journal writes of changes
+        # that came from the fleet run here, one at a time.
+        self._fleet = fleet_link
+        self._later = journal.Coalesced(self._journal)
+        if fleet_link is not None:
+            fleet_link.attach(self)
 
     def replace(
         self,
@@ -196,10 +212,15 @@ class Controller:
             case ShowBackends():
                 await self._refresh()
                 return self._show_backends()
+            case ShowServers(backend=name, fleet=True):
+                backends = [self._backend(name)] if name else list(self._backends.values())
+                return await self._show_fleet(backends)
             case ShowServers(backend=name):
                 backends = [self._backend(name)] if name else list(self._backends.values())
                 await self._refresh()
                 return self._show_servers(backends)
+            case SetServerState() | SetServerWeight() | Flip() | Swap() if self._fleet:
+                return await self._change_fleet(command, peer_uid)
             case SetServerState():
                 reply = self._set_state(command, peer_uid)
                 await self._journal()
@@ -225,6 +246,15 @@ class Controller:
                 return Reply(text, data)
             case ShowStatus():
                 return self._show_status()
+            case (
+                DeployBegin()
+                | DeployTakeover()
+                | DeployRenew()
+                | DeployStep()
+                | DeployHost()
+                | DeployEnd()
+            ) if self._fleet:
+                return await self._deploy_fleet(command, peer_uid)
             case (
                 DeployBegin()
                 | DeployTakeover()
@@ -382,8 +412,8 @@ class Controller:
             self._close_idle(server)  # pooled connections must not keep it from going idle
         return f"{server.backend}/{server.name}: admin {old.value} -> {state.value}\n"
 
-    def _flip(self, command: Flip, peer_uid: int) -> Reply:
-        """The host's other version takes the traffic, or gives it back (server.py, rule 4)."""
+    def _flip_plan(self, command: Flip) -> tuple[Server, Server, FlipPlan]:
+        """(main, pair, plan) of a flip; ControlCommandError if it is refused."""
         server = self._server(command.backend, command.server)
         pair = server.pair
         if pair is None:
@@ -395,6 +425,11 @@ class Controller:
         plan = plan_flip(main, pair, command.force)
         if plan.refusal is not None:
             raise ControlCommandError(plan.refusal)
+        return main, pair, plan
+
+    def _flip(self, command: Flip, peer_uid: int) -> Reply:
+        """The host's other version takes the traffic, or gives it back (server.py, rule 4)."""
+        main, pair, plan = self._flip_plan(command)
         # The one taking over first, so at no instant is neither of them usable.
         first, second = ((pair, plan.pair), (main, plan.main))
         if plan.main is AdminState.READY:
@@ -416,8 +451,14 @@ class Controller:
     async def _flip_when_up(self, command: Flip, peer_uid: int) -> Reply:
         """``flip``; with ``wait T``, a refusal because the member taking over fails its checks
         becomes a wait (up to T s) for it to pass them, then the flip."""
+        refused = await self._wait_to_flip(command)
+        return refused if refused is not None else self._flip(command, peer_uid)
+
+    async def _wait_to_flip(self, command: Flip) -> Reply | None:
+        """``flip ... wait T``: wait for the member taking over to pass its checks; the error
+        reply if it does not in time, None when the flip may go on."""
         if command.wait_s is None:
-            return self._flip(command, peer_uid)
+            return None
         server = self._server(command.backend, command.server)
         pair = server.pair
         if pair is not None:
@@ -429,7 +470,124 @@ class Controller:
                 if up.is_error:
                     text = f"{up.text.rstrip()}; {command.backend}/{server.name} not flipped\n"
                     return Reply(text, up.data, is_error=True)
-        return self._flip(command, peer_uid)
+        return None
+
+    async def _change_fleet(
+        self, command: SetServerState | SetServerWeight | Flip | Swap, peer_uid: int
+    ) -> Reply:
+        """[cluster]: plan the change, commit it in etcd; the watch applies it everywhere."""
+        assert self._fleet is not None
+        wall_now, loop_now = time.time(), asyncio.get_running_loop().time()
+        match command:
+            case SetServerState(backend, name, state):
+                change = fleet.set_admin(self._server(backend, name), state, wall_now, loop_now)
+            case SetServerWeight(backend, name, weight):
+                change = fleet.set_weight(self._server(backend, name), weight, wall_now, loop_now)
+            case Flip():
+                refused = await self._wait_to_flip(command)
+                if refused is not None:
+                    return refused
+                main, pair, plan = self._flip_plan(command)
+                wall_now, loop_now = time.time(), asyncio.get_running_loop().time()
+                change = fleet.flip(main, pair, plan, wall_now, loop_now)
+            case Swap(backend=name):
+                change = fleet.swap(self._backend(name), wall_now, loop_now)
+            case _:
+                assert_never(command)
+        if not change.states:
+            return Reply(change.text, change.data)
+        try:
+            revision = await self._fleet.commit(change.states, peer_uid)
+        except ClusterConflict as exc:
+            raise ControlCommandError(f"conflict: {exc}") from None
+        except ClusterUnavailable as exc:
+            raise ControlCommandError(str(exc)) from None
+        # Answered once every live instance applied it, so `show servers` anywhere agrees.
+        lagging = await self._fleet.lagging(revision)
+        text = change.text
+        if lagging:
+            text += f"committed, not yet applied on: {', '.join(lagging)}\n"
+        return Reply(text, {**change.data, "revision": revision, "lagging": lagging})
+
+    def apply_shared(self, backend_name: str, server_name: str, state: ServerState) -> bool:
+        """A change committed in the fleet (by any instance): apply it here, log it once,
+        journal it (this instance's copy for a start without etcd). True if it changed."""
+        backend = self._backends.get(backend_name)
+        server = backend.server(server_name) if backend is not None else None
+        if server is None:
+            log.info("cluster_server_unknown server=%s/%s", backend_name, server_name)
+            return False
+        old_admin, old_weight, old_pool = server.admin, server.weight, server.pool
+        if not shared.apply(server, state, time.time(), asyncio.get_running_loop().time()):
+            return False
+        log.info(
+            "server_shared server=%s/%s old=%s/%d/%s new=%s by=%s uid=%d",
+            server.backend,
+            server.name,
+            old_admin.value,
+            old_weight,
+            old_pool.value,
+            state.describe(),
+            state.by,
+            state.uid,
+        )
+        if old_admin is not state.admin:
+            self.events.record(
+                EventKind.ADMIN, _key(server), f"{old_admin.value} -> {state.admin.value}"
+            )
+        if old_weight != state.weight:
+            self.events.record(EventKind.WEIGHT, _key(server), f"{old_weight} -> {state.weight}")
+        if old_pool is not state.pool:
+            self.events.record(EventKind.SWAP, _key(server), f"pool {state.pool.value}")
+        if state.admin is not AdminState.READY or state.pool is PoolName.BACKUP:
+            self._close_idle(server)
+        self._later.run_soon()
+        return True
+
+    async def _deploy_fleet(self, command: DeployCommand, peer_uid: int) -> Reply:
+        """[cluster]: the deploy's lock is an etcd lease and its record a key every instance
+        follows, so ``show deploy`` and the metrics tell the same story everywhere."""
+        assert self._fleet is not None
+        planned = self._deploys.plan(command, peer_uid)
+        record = planned.record
+        value = json.dumps({**record.to_json(time.time()), "token": record.token}).encode()
+        try:
+            await self._fleet.commit_deploy(value, fleet.lock_change(command), record.holder())
+        except ClusterConflict as exc:
+            raise ControlCommandError(f"deploy refused: {exc}") from None
+        except ClusterUnavailable as exc:
+            raise ControlCommandError(str(exc)) from None
+        self._deploys.adopt(planned)
+        await self._journal()
+        return Reply(planned.text, planned.data)
+
+    def apply_deploy(self, value: bytes) -> None:
+        """The deploy record as committed in the fleet (any instance's ``zdlb deploy``)."""
+        try:
+            data = json.loads(value)
+            record = deploy_record.from_json(data)
+        except (ValueError, TypeError, KeyError) as exc:
+            log.warning("cluster_deploy_record_ignored reason=%s", exc)
+            return
+        if record != self._deploys.record:
+            self._deploys.record = record
+            self._later.run_soon()
+
+    def fleet_view(self) -> dict[str, dict[str, object]]:
+        """This instance's view of its servers, which it publishes to the fleet (every
+        PUBLISH_POLL_S; control/fleet.py's ``view_of``)."""
+        return fleet.view_of(self._backends.values(), self._load, self._close_idle)
+
+    async def _show_fleet(self, backends: Sequence[Backend]) -> Reply:
+        if self._fleet is None:
+            raise ControlCommandError("no fleet: [cluster] is not configured")
+        try:
+            views = await self._fleet.views()
+        except ClusterUnavailable as exc:
+            raise ControlCommandError(str(exc)) from None
+        servers = [_key(server) for backend in backends for server in backend.servers]
+        text, data = fleet.render_views(views, servers)
+        return Reply(text, data)
 
     async def _wait_up(self, command: WaitUp) -> Reply:
         """Until the server passes its checks again (control/waits.py), or the timeout."""
@@ -498,6 +656,11 @@ class Controller:
             if server.admin is not AdminState.READY:
                 self._close_idle(server)  # connections released since the last look
             await self._refresh()
+        if self._fleet is not None:
+            answer = await wait_fleet_idle(
+                self._fleet, name, self._stopping, deadline, FLEET_POLL_S
+            )
+            return Reply(answer.text, answer.data, answer.is_error)
         return Reply(f"{name}: idle\n", {"server": name, "idle": True})
 
     async def _journal(self) -> None:

@@ -46,6 +46,18 @@ MAX_EVENTS = 500
 
 
 @dataclass(frozen=True, slots=True)
+class PlannedDeploy:
+    """A deploy command's outcome before it is adopted: the new record, its events and log
+    lines, and the reply (text, data)."""
+
+    record: DeployRecord
+    events: tuple[DeployEvent, ...]
+    logs: list[tuple[str, str]]
+    text: str
+    data: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
 class DeployEvent:
     """One line of the deploy's history: ``what`` is "begin", "takeover", a step's name, a
     host's result or "end RESULT"; ``at`` is wall-clock seconds."""
@@ -72,6 +84,7 @@ class DeployDesk:
         self._clock = clock
         self.record = last
         self.events: deque[DeployEvent] = deque(maxlen=MAX_EVENTS)
+        self._logs: list[tuple[str, str]] = []  # a plan's log lines, written when adopted
 
     def use_backends(self, backends: Mapping[str, Backend]) -> None:
         """A reload replaced the backends: new deploys are checked against these."""
@@ -96,6 +109,29 @@ class DeployDesk:
 
         Raises ControlCommandError when the lock refuses it (held, expired, wrong token).
         """
+        planned = self.plan(command, peer_uid)
+        self.adopt(planned)
+        return planned.text, planned.data
+
+    def plan(self, command: DeployCommand, peer_uid: int) -> PlannedDeploy:
+        """What ``command`` would make of the record, changing nothing here (a fleet commits
+        it in etcd first, then ``adopt``s it). Raises ControlCommandError as ``apply``."""
+        scratch = DeployDesk(self._backends, self.record, self._clock)
+        text, data = scratch._apply(command, peer_uid)
+        assert scratch.record is not None  # every command leaves a record or raises
+        return PlannedDeploy(scratch.record, tuple(scratch.events), scratch._logs, text, data)
+
+    def adopt(self, planned: PlannedDeploy) -> None:
+        """Make a planned command's record this desk's, with its events and log lines."""
+        self.record = planned.record
+        for event_name, details in planned.logs:
+            log.info("%s backend=%s %s", event_name, planned.record.backend, details)
+        for event in planned.events:
+            self.events.append(event)
+            if self._on_event is not None:
+                self._on_event(event)
+
+    def _apply(self, command: DeployCommand, peer_uid: int) -> tuple[str, dict[str, Any]]:
         now = self._clock()
         last = self.record
         match command:
@@ -162,7 +198,7 @@ class DeployDesk:
 
     def _log(self, event: str, details: str) -> None:
         assert self.record is not None
-        log.info("%s backend=%s %s", event, self.record.backend, details)
+        self._logs.append((event, details))
 
 
 def _hosts(backend: Backend, names: tuple[str, ...]) -> list[tuple[str, str]]:

@@ -15,10 +15,11 @@ Blocking file I/O: callers on the event loop run ``save`` in a thread.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -188,3 +189,26 @@ def replay(
 
 def _describe(server: Server) -> str:
     return f"pool={server.pool.value} admin={server.admin.value} weight={server.weight}"
+
+
+class Coalesced:
+    """Runs ``write`` (a journal save) in the background on request, one at a time: requests
+    made while one runs make exactly one more, so the last state is always the one written.
+    For changes that arrive outside any command (a fleet's watch); the task is kept here."""
+
+    def __init__(self, write: Callable[[], Awaitable[None]]) -> None:
+        self._write = write
+        self._task: asyncio.Task[None] | None = None
+        self._again = False
+
+    def run_soon(self) -> None:
+        if self._task is not None and not self._task.done():
+            self._again = True
+            return
+        self._task = asyncio.get_running_loop().create_task(self._loop(), name="journal")
+
+    async def _loop(self) -> None:
+        self._again = True
+        while self._again:
+            self._again = False
+            await self._write()

@@ -11,7 +11,7 @@ of spaces or tabs, leading and trailing blanks ignored)::
     [json] help
     [json] show info
     [json] show backends
-    [json] show servers [BACKEND]
+    [json] show servers [BACKEND] [--fleet]
     [json] set server BACKEND/SERVER state ready|drain|maint
     [json] set server BACKEND/SERVER weight 0..256
     [json] wait BACKEND/SERVER idle|up [TIMEOUT_S]
@@ -99,9 +99,11 @@ class ShowBackends:
 
 @dataclass(frozen=True, slots=True)
 class ShowServers:
-    """``show servers [BACKEND]``: one row per server, of one backend or (``None``) of all."""
+    """``show servers [BACKEND] [--fleet]``: one row per server, of one backend or (``None``)
+    of all; ``fleet``: every instance's view side by side (``[cluster]``)."""
 
     backend: str | None = None
+    fleet: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -215,7 +217,10 @@ _HELP_ROWS: tuple[tuple[str, str], ...] = (
     ("help", "this list"),
     ("show info", "version, uptime and listeners"),
     ("show backends", "one line per backend"),
-    ("show servers [BACKEND]", "one line per server, of one backend or of all"),
+    (
+        "show servers [BACKEND] [--fleet]",
+        "one line per server, of one backend or of all (--fleet: every instance's view)",
+    ),
     (f"set server BACKEND/SERVER state {_STATES}", "change a server's admin state"),
     (f"set server BACKEND/SERVER weight 0..{MAX_WEIGHT}", "change a server's weight"),
     (
@@ -369,10 +374,13 @@ def _parse_show(words: list[str]) -> Command:
             _expect_end(words, 2, _USAGE_SHOW_BACKENDS)
             return ShowBackends()
         case "servers":
+            fleet = "--fleet" in words[2:]
+            if fleet:
+                words = [word for word in words if word != "--fleet"]
             if len(words) == 2:
-                return ShowServers(None)
+                return ShowServers(None, fleet)
             _expect_end(words, 3, _USAGE_SHOW_SERVERS)
-            return ShowServers(_name(words[2], "backend", _USAGE_SHOW_SERVERS))
+            return ShowServers(_name(words[2], "backend", _USAGE_SHOW_SERVERS), fleet)
         case "deploy":
             _expect_end(words, 2, _USAGE_SHOW_DEPLOY)
             return ShowDeploy()
@@ -506,10 +514,10 @@ def format_command(command: Command) -> str:
             return "show status"
         case ShowBackends():
             return "show backends"
-        case ShowServers(backend=None):
-            return "show servers"
-        case ShowServers(backend=backend):
-            return f"show servers {backend}"
+        case ShowServers(backend=None, fleet=fleet):
+            return "show servers --fleet" if fleet else "show servers"
+        case ShowServers(backend=backend, fleet=fleet):
+            return f"show servers {backend}" + (" --fleet" if fleet else "")
         case SetServerState(backend, server, state):
             return f"set server {backend}/{server} state {state.value}"
         case SetServerWeight(backend, server, weight):

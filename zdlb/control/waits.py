@@ -1,4 +1,5 @@
-"""``wait BACKEND/SERVER up``: until a server passes its checks again, for the control socket.
+"""``wait BACKEND/SERVER up``: until a server passes its checks again, for the control socket;
+and a fleet's ``wait ... idle``: until no other instance serves it either.
 
 "Up" means health UP *and* ``rise`` passes of probes that started after the wait began: right
 after a restart a server can still read UP (its checks have not failed ``fall`` times yet), and
@@ -11,9 +12,20 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 from zdlb.balancer.server import Health, Server
+from zdlb.errors import ClusterUnavailable, ControlCommandError
 from zdlb.health.scheduler import HealthChecker
+
+
+class FleetViews(Protocol):
+    """The fleet's published views (cluster/fleet.py's ``Fleet``), and this instance's name."""
+
+    @property
+    def instance(self) -> str: ...
+
+    async def views(self) -> dict[str, dict[str, Any]]: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,4 +73,36 @@ async def wait_up(
             }
             text = f"{name}: timeout, health={server.health.value} check={check}\n"
             return UpAnswer(text, data, is_error=True)
+        await asyncio.sleep(poll_s)
+
+
+async def wait_fleet_idle(
+    fleet: FleetViews, name: str, stopping: asyncio.Event, deadline: float, poll_s: float
+) -> UpAnswer:
+    """``wait B/S idle`` in a fleet, once idle here: until every other live instance publishes
+    no request in flight and no connection to ``name`` ("backend/server"), or ``deadline``
+    (loop time). An instance's view lives under its lease, so a dead one stops counting.
+    Raises ControlCommandError when etcd does not answer."""
+    loop = asyncio.get_running_loop()
+    while True:
+        try:
+            views = await fleet.views()
+        except ClusterUnavailable as exc:
+            raise ControlCommandError(f"{name}: cannot see the fleet's load: {exc}") from None
+        busy = {
+            instance: (load.get("inflight", 0), load.get("conns", 0))
+            for instance, view in views.items()
+            if instance != fleet.instance
+            and isinstance(load := view.get("servers", {}).get(name), dict)
+            and (load.get("inflight") or load.get("conns"))
+        }
+        if not busy:
+            data: dict[str, object] = {"server": name, "idle": True, "instances": sorted(views)}
+            return UpAnswer(f"{name}: idle on {len(views)} instances\n", data)
+        if stopping.is_set():
+            return UpAnswer(f"{name}: the daemon is stopping\n", {"error": "stopping"}, True)
+        if loop.time() >= deadline:
+            where = ", ".join(f"{i} inflight={n} conns={c}" for i, (n, c) in sorted(busy.items()))
+            data = {"error": "timeout", "server": name, "idle": False, "busy": sorted(busy)}
+            return UpAnswer(f"{name}: timeout, busy on {where}\n", data, is_error=True)
         await asyncio.sleep(poll_s)

@@ -19,6 +19,7 @@ from typing import Any
 
 from zdlb import __version__
 from zdlb.budget import FDS_PER_CLIENT, default_maxconn, open_file_limit, reserved_fds
+from zdlb.cluster.fleet import join_fleet
 from zdlb.config.load import load_config
 from zdlb.config.model import MAX_WORKERS, Config, LogFormat, LoggingConfig
 from zdlb.config.summary import describe
@@ -27,6 +28,7 @@ from zdlb.daemon.ctl import CTL_DESCRIPTION, CTL_HELP, add_ctl_arguments, run_ct
 from zdlb.daemon.demo_app import DEMO_HOSTS, DemoVhost, start_demo_hosts, vhosts_of
 from zdlb.daemon.demo_deploy import add_parser as add_demo_deploy_parser
 from zdlb.daemon.demo_deploy import run_demo_deploy
+from zdlb.daemon.demo_fleet import fleet_count, run_fleet_demo_command
 from zdlb.daemon.lifecycle import (
     EXIT_OK,
     install_signal_handlers,
@@ -82,6 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
         "demo", help="start two demo hosts (main + backup vhosts) behind zdlb on :8000"
     )
     demo.add_argument("-c", "--config", type=Path, default=DEMO_CONFIG, metavar="FILE")
+    demo.add_argument(  # issue 16: zdlb/daemon/demo_fleet.py
+        "--fleet", type=fleet_count, metavar="N", help="N instances sharing state through etcd"
+    )
     _add_runtime_options(demo)
 
     demo_app = commands.add_parser(
@@ -171,6 +176,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _run_demo_apps(args)
     if args.command == "demo-deploy":
         return run_demo_deploy(args)
+    if args.command == "demo" and args.fleet:  # issue 16: etcd and N instances, no -c
+        return run_fleet_demo_command(args)
     if args.command == "ctl":  # daemon/entry.py comes here without importing this module
         return run_ctl_command(args)
     try:
@@ -246,8 +253,11 @@ async def _serve(
             reloader.upgrade_action = upgrader.upgrade
         return reloader
 
+    fleet = None
     try:
         runtime = build_runtime(config, workers=workers, inherited=inherited)
+        if config.cluster is not None:  # issue 16: the fleet's state before anything serves
+            fleet = runtime.fleet = await join_fleet(config.cluster, runtime.servers)
         if channel is not None:
             runtime.on_ready.append(lambda: _ready(channel, runtime, workers == 1))
         if workers == 1:
@@ -258,6 +268,9 @@ async def _serve(
         if channel is not None and channel.fileno() != -1:
             report(channel, {"error": str(exc)})
         raise
+    finally:
+        if fleet is not None:
+            await fleet.close()
 
 
 def _ready(channel: socket.socket, runtime: Runtime, takes_connections: bool) -> None:

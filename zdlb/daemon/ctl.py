@@ -39,6 +39,8 @@ def add_ctl_arguments(ctl: argparse.ArgumentParser) -> None:
     where.add_argument("-c", "--config", type=Path, metavar="FILE", help="find the socket here")
     where.add_argument("-s", "--socket", type=Path, metavar="PATH", help="the socket itself")
     ctl.add_argument("--json", action="store_true", help="ask for a JSON answer")
+    # issue 16: `show servers --fleet` (argparse would take --fleet as an option of its own).
+    ctl.add_argument("--fleet", action="store_true", help="show servers: every instance's view")
     ctl.add_argument(
         "--timeout", type=float, default=CTL_TIMEOUT_S, metavar="S", help="give up after S s"
     )
@@ -60,7 +62,8 @@ def run_ctl_command(args: argparse.Namespace) -> int:
         path = _socket_of(args.config)
         if path is None:
             return EXIT_CONFIG
-    return run_ctl(path, args.words, as_json=args.json, timeout_s=args.timeout)
+    words = [*args.words, "--fleet"] if args.fleet else args.words
+    return run_ctl(path, words, as_json=args.json, timeout_s=args.timeout)
 
 
 def _socket_of(config_path: Path) -> Path | None:

@@ -220,6 +220,7 @@ def new_controller(runtime: Runtime, workers: WorkerLoad | None = None) -> Contr
         runtime.config.control.state_file,
         workers=workers,
         events=runtime.events,
+        fleet_link=runtime.fleet,  # [cluster] (issue 16)
     )
 
 

@@ -25,6 +25,7 @@ from zdlb.census import Census
 from zdlb.config.model import Address, Config, ListenerConfig, ListenerMode
 from zdlb.config.routing import backends_of
 from zdlb.control import journal
+from zdlb.control.fleet import FleetLink
 from zdlb.daemon import ipc
 from zdlb.errors import ListenerError
 from zdlb.events import Timeline
@@ -157,6 +158,8 @@ class Runtime:
     budget: ConnectionBudget = field(default_factory=ConnectionBudget)
     # Processes sharing the servers (workers): each keeps its share of a server's maxconn.
     share_of: int = 1
+    # [cluster] (issue 16): the fleet's shared state; the controller commits changes there.
+    fleet: FleetLink | None = None
 
     @property
     def all_routes(self) -> list[Route | TcpRoute]:
