@@ -233,7 +233,7 @@ async def _serve(
     try:
         runtime = build_runtime(config, workers=workers, inherited=inherited)
         if channel is not None:
-            runtime.on_ready.append(lambda: _ready(channel, runtime, workers == 1))
+            runtime.on_ready.append(lambda: _ready(channel, runtime, True))
         if workers == 1:
             await serve(runtime, stop, actions=actions)
         else:
@@ -245,8 +245,8 @@ async def _serve(
 
 
 def _ready(channel: socket.socket, runtime: Runtime, takes_connections: bool) -> None:
-    """An upgrade's new process serves: say so; one process also takes the idle connections
-    (with workers they live in the old workers, which drain)."""
+    """An upgrade's new process serves: say so, and take the idle connections (a master deals
+    them out to its workers: upgrade.py ``receive_connections``)."""
     report(channel, ready_message(runtime, takes_connections), close=not takes_connections)
     if takes_connections:
         task = asyncio.get_running_loop().create_task(receive_connections(channel, runtime))

@@ -13,7 +13,7 @@ import contextlib
 import secrets
 import socket
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
 from zdlb.balancer.pool import Backend
@@ -32,6 +32,9 @@ from zdlb.metrics.status import StatusBoard
 from zdlb.stats import Stats
 from zdlb.tcp.listener import bind_listener, bind_listener_group
 from zdlb.tcp.proxy import TcpRoute, TcpSettings
+
+# (listener name, client socket) pairs, and what takes them (daemon/idle_handover.py).
+SendConnections = Callable[[list[tuple[str, socket.socket]]], Awaitable[None]]
 
 # A scraper or two, not a crowd: the endpoint caps its connections anyway.
 METRICS_BACKLOG = 64
@@ -147,6 +150,11 @@ class Runtime:
     # The status page (metrics/status.py) when [metrics] serves one: a reload points it at the
     # new backends and checks.
     status_board: StatusBoard | None = None
+    workers: int = 1  # worker processes (a master binds this many sockets per listener)
+    # A master's part in an upgrade (daemon/idle_handover.py), set by workers.py: collect the old
+    # workers' idle connections into a send, and deal received ones out to the new workers.
+    collect_idle: Callable[[SendConnections], Awaitable[int]] | None = None
+    deliver_connections: SendConnections | None = None
 
     @property
     def all_routes(self) -> list[Route | TcpRoute]:
@@ -218,7 +226,7 @@ def build_runtime(
     runtime = Runtime(
         config, backends, health, Stats.from_config(config), on_health=on_health, events=events
     )
-    runtime.inherited = inherited
+    runtime.inherited, runtime.workers = inherited, workers
     runtime.census_key = secrets.randbits(64) if census_key is None else census_key
     runtime.census = new_census(backends, runtime.census_key)
     try:

@@ -25,8 +25,12 @@
    the kernel queued there are served within milliseconds, not after the restart; the
    adopter lets go (``ipc.Release``) when the new worker serves. After a kill -9, fresh clients
    were all answered 18-19 ms after the kill, where without adoption they waited 249-275 ms
-   for the replacement (tests/daemon/test_worker_kill.py, 3 runs each). HTTP listeners only:
-   a TCP listener's share still waits for the restart.
+   for the replacement (tests/daemon/test_worker_kill.py, 3 runs each). TCP listeners too
+   (sibling_shares.py).
+7. Reload: the master applies the config, binds what it adds or moves, and pushes both to the
+   workers (reload.py, handoff.py ``ConfigPush``); a worker started later gets the new config
+   and sockets. Upgrade: the old workers' idle connections go through both masters to the new
+   workers (idle_handover.py, handoff.py ``collect_idle`` and ``Dealer``).
 """
 
 from __future__ import annotations
@@ -39,12 +43,13 @@ import pickle
 import signal
 import socket
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 from zdlb.balancer.server import Health, Server
 from zdlb.config.model import Config
-from zdlb.daemon import ipc, notify, spawn
-from zdlb.daemon.handoff import ConfigPush, Shares
+from zdlb.daemon import fdchannel, ipc, notify, spawn
+from zdlb.daemon.fdchannel import FdChannel
+from zdlb.daemon.handoff import ConfigPush, Dealer, Shares, collect_idle
 from zdlb.daemon.lifecycle import (
     ActionsFactory,
     announce_ready,
@@ -54,7 +59,7 @@ from zdlb.daemon.lifecycle import (
     start_metrics,
 )
 from zdlb.daemon.reload import Reloader, Role
-from zdlb.daemon.runtime import Runtime
+from zdlb.daemon.runtime import Runtime, SendConnections
 from zdlb.daemon.worker import WorkerOptions, WorkerSpec
 from zdlb.errors import ZdlbError
 from zdlb.events import EventKind
@@ -101,6 +106,7 @@ class WorkerSlot:
         self.writer: asyncio.StreamWriter | None = None
         self.report: ipc.StatsReport | None = None
         self.reader: asyncio.Task[None] | None = None
+        self.fds: FdChannel | None = None  # sockets both ways (fdchannel.py)
         self.ready = asyncio.Event()
         self.started_at = 0.0
 
@@ -129,10 +135,15 @@ class Supervisor:
         self._pushed_generation = Server.generation
         self._shares = Shares()  # rule 6
         self._push = ConfigPush()  # reload.py
-        # Worker i accepts on the i-th socket of every listener's group (build_runtime).
-        groups = runtime.listener_groups
-        assert all(len(group) == count for group in groups), "build_runtime(workers=count)"
-        self._worker_socks = [[group[i] for group in groups] for i in range(count)]
+        self.dealer = Dealer(self.slots)
+        assert all(len(group) == count for group in runtime.listener_groups), "workers=count"
+
+    @property
+    def _worker_socks(self) -> list[list[socket.socket]]:
+        """Worker i accepts on the i-th socket of every listener's group (build_runtime), in
+        config order; a reload changes the groups (reload.py)."""
+        groups = self.runtime.listener_groups
+        return [[group[i] for group in groups] for i in range(len(self.slots))]
 
     # --- WorkerLoad (control/commands.py) ---------------------------------------------------
 
@@ -172,14 +183,21 @@ class Supervisor:
 
     # --- reload (daemon/reload.py) --------------------------------------------------------
 
-    async def push_config(self, config: Config) -> list[str]:
-        """Send the config the master just applied to every serving worker, then the state;
-        returns the problems (handoff.py ``ConfigPush``)."""
+    async def push_config(
+        self, config: Config, groups: Mapping[str, list[socket.socket]]
+    ) -> list[str]:
+        """Send the config the master just applied to every serving worker, with the sockets
+        of its new listeners, then the state; returns the problems (handoff.py)."""
         self._servers = self.runtime.servers
         self._by_key = {ipc.server_key(s): s for s in self._servers}
         self._seq += 1
         self._pushed_generation = Server.generation
-        return await self._push.push(self._seq, config, ipc.views_of(self._servers), self.slots)
+        state = ipc.views_of(self._servers)
+        return await self._push.push(self._seq, config, state, self.slots, groups)
+
+    async def collect_idle(self, send: SendConnections) -> int:
+        """An upgrade: the workers' idle keep-alive connections, passed on to ``send``."""
+        return await collect_idle(self.slots, send)
 
     # --- metrics ----------------------------------------------------------------------------
 
@@ -242,9 +260,13 @@ class Supervisor:
         for slot in self.slots:
             if slot.writer is not None:
                 slot.writer.close()
+            if slot.fds is not None:
+                slot.fds.close()
+                slot.fds = None
 
     async def _spawn(self, slot: WorkerSlot) -> None:
         master_end, worker_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        fds_ours, fds_theirs = fdchannel.socketpair()
         try:
             fds = tuple(sock.fileno() for sock in self._worker_socks[slot.index])
             shares = tuple(tuple(sock.fileno() for sock in socks) for socks in self._worker_socks)
@@ -256,18 +278,25 @@ class Supervisor:
                 self._options,
                 self.runtime.census_key,
                 shares,
+                fds_theirs.fileno(),
             )
+            passed = (worker_end.fileno(), fds_theirs.fileno())
             proc = await asyncio.create_subprocess_exec(
                 *spawn.worker_argv(),
                 stdin=asyncio.subprocess.PIPE,
                 env=spawn.child_environment(),
-                pass_fds=(*(fd for share in shares for fd in share), worker_end.fileno()),
+                pass_fds=(*(fd for share in shares for fd in share), *passed),
             )
         except BaseException:
             master_end.close()
+            fds_ours.close()
             raise
         finally:
             worker_end.close()
+            fds_theirs.close()
+        if slot.fds is not None:
+            slot.fds.close()
+        slot.fds = FdChannel(fds_ours)
         slot.proc, slot.report, slot.started_at = proc, None, time.monotonic()
         slot.ready.clear()
         assert proc.stdin is not None
@@ -357,6 +386,7 @@ class Supervisor:
                 | ipc.Reload()
                 | ipc.Adopt()
                 | ipc.Release()
+                | ipc.HandOver()
             ):
                 log.error("worker_channel_unexpected message=%s", type(message).__name__)
 
@@ -419,6 +449,8 @@ async def serve_master(
         raise
     reloader = Reloader(runtime, control.controller if control else None, Role.MASTER)
     reloader.push = supervisor.push_config
+    runtime.collect_idle = supervisor.collect_idle  # an upgrade from here (upgrade.py)
+    runtime.deliver_connections = supervisor.dealer.deliver  # an upgrade to here
     if actions is not None:
         reloader.upgrade_action = actions(runtime, control, stop).upgrade
     install_actions(reloader, control)
