@@ -123,8 +123,10 @@ async def start_cluster(
     *,
     grace_s: float = 5.0,
     backend_extra: str = "",
+    extra: str = "",
 ) -> Cluster:
-    text = render_config(specs, grace_s=grace_s, backend_extra=backend_extra)
+    """``extra``: TOML appended as written (more listeners, say)."""
+    text = render_config(specs, grace_s=grace_s, backend_extra=backend_extra) + extra
     text += f'\n[control]\nsocket = "{SOCKET_NAME}"\n'
     text += f'\n[metrics]\nlisten = "{LOOPBACK}:0"\n'
     config = write_config(text)
