@@ -62,6 +62,7 @@ MESSAGES = [
     ),
     pytest.param(ipc.Reloaded(7, ()), id="reloaded"),
     pytest.param(ipc.HandOver(), id="hand-over"),
+    pytest.param(ipc.Siblings(9, ("web", "raw")), id="siblings"),
     pytest.param(ipc.Adopt(1), id="adopt"),
     pytest.param(ipc.Release(1), id="release"),
     pytest.param(ipc.Reloaded(8, ("worker 1: out of fds",)), id="reloaded-problem"),

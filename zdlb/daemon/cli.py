@@ -34,8 +34,9 @@ from zdlb.daemon.lifecycle import (
     serve,
 )
 from zdlb.daemon.logs import setup_logging
+from zdlb.daemon.master import serve_master
 from zdlb.daemon.reload import Reloader, single_actions
-from zdlb.daemon.runtime import Runtime, build_runtime
+from zdlb.daemon.runtime import Runtime, build_runtime, worker_count
 from zdlb.daemon.upgrade import (
     UPGRADE_FD_ENV,
     Launch,
@@ -46,7 +47,6 @@ from zdlb.daemon.upgrade import (
     report,
 )
 from zdlb.daemon.worker import WorkerOptions
-from zdlb.daemon.workers import serve_master, worker_count
 from zdlb.deploy.cli import add_parser as add_deploy_parser
 from zdlb.deploy.cli import run_deploy
 from zdlb.errors import ConfigError, ZdlbError
@@ -188,6 +188,7 @@ def _run(
         log_level=args.log_level or logging_config.level,
         log_format=LogFormat(args.log_format) if args.log_format else logging_config.format,
         access_log=logging_config.access_log and not args.no_access_log,
+        workers_override=args.workers,  # a reload may change `workers` only without it
     )
     setup_logging(options.log_level, options.log_format, access_log=options.access_log)
     raise_open_file_limit()

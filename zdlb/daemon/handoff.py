@@ -93,7 +93,7 @@ class ConfigPush:
         problems: list[str] = []
         for peer in serving:
             try:
-                await _send_groups(peer, seq, groups)
+                await send_groups(peer, seq, groups)
             except OSError as exc:  # it died: it restarts with the new config and sockets
                 problems.append(f"worker {peer.index}: sending the new listeners failed: {exc}")
                 continue
@@ -118,7 +118,7 @@ class ConfigPush:
         return (answer is not None and answer.seq >= seq) or not peer.ready.is_set()
 
 
-async def _send_groups(peer: Peer, seq: int, groups: Mapping[str, Sequence[socket.socket]]) -> None:
+async def send_groups(peer: Peer, seq: int, groups: Mapping[str, Sequence[socket.socket]]) -> None:
     """``listeners`` messages (fdchannel.py) holding every group, as few as MAX_FDS allows."""
     if not groups or peer.fds is None:
         return

@@ -28,7 +28,10 @@ Rules, stated once:
    ends it once worker ``index`` serves again.
 7. ``HandOver`` (an upgrade, once the new process serves) asks an old worker to stop accepting
    and send its idle keep-alive connections to the master over the fd channel (idle_handover.py).
-8. A line is at most ``MAX_MESSAGE_BYTES``; anything else is a bug in zdlb, not an attack (both
+8. ``Siblings`` (a reload that changed ``workers``, resize.py): every listener's sockets, every
+   worker's of each, were sent just before on the fd channel; the worker keeps its siblings'
+   as its shares from now on, in place of those it held.
+9. A line is at most ``MAX_MESSAGE_BYTES``; anything else is a bug in zdlb, not an attack (both
    ends are zdlb, the socketpair is not reachable from outside): ``decode`` raises ValueError.
 
 Pure: no sockets, no clock, no event loop here; workers.py and worker.py move the lines.
@@ -127,6 +130,12 @@ class HandOver:
     pass
 
 
+@dataclass(frozen=True, slots=True)
+class Siblings:
+    seq: int
+    listeners: tuple[str, ...]  # whose groups the fd channel carries (rule 8)
+
+
 Message = (
     StateUpdate
     | Poll
@@ -139,6 +148,7 @@ Message = (
     | Adopt
     | Release
     | HandOver
+    | Siblings
 )
 
 
@@ -213,6 +223,8 @@ def encode(message: Message) -> bytes:
             data = {"t": "release", "index": index}
         case HandOver():
             data = {"t": "hand_over"}
+        case Siblings(seq=seq, listeners=listeners):
+            data = {"t": "siblings", "seq": seq, "listeners": list(listeners)}
     return json.dumps(data, separators=(",", ":")).encode() + b"\n"
 
 
@@ -258,6 +270,9 @@ def decode(line: bytes) -> Message:
                 return Release(_int(data["index"]))
             case "hand_over":
                 return HandOver()
+            case "siblings":
+                names = tuple(_str(name) for name in data["listeners"])
+                return Siblings(_int(data["seq"]), names)
     except (KeyError, TypeError, AttributeError) as exc:
         raise ValueError(f"malformed message: {exc!r}") from None
     raise ValueError(f"unknown message type {kind!r}")

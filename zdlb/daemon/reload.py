@@ -43,6 +43,7 @@ import socket
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 from zdlb.balancer.pool import Backend
 from zdlb.balancer.server import AdminState, Server
@@ -297,6 +298,15 @@ def _stop_old_listener(
 
 # --- the action ------------------------------------------------------------------------------
 
+
+class WorkerResize(Protocol):
+    """A master's workers, for a reload that changes ``workers`` (workers.py ``Supervisor``)."""
+
+    def check_resize(self, config: Config) -> list[str]: ...
+
+    async def resize(self, config: Config) -> list[str]: ...
+
+
 # A master's: send the config to the workers with the new listeners' socket groups; problems.
 Pusher = Callable[[Config, Mapping[str, list[socket.socket]]], Awaitable[list[str]]]
 
@@ -317,6 +327,7 @@ class Reloader:
         self._controller = controller
         self._role = role
         self.push = push
+        self.workers: WorkerResize | None = None  # a master's (resize.py)
         self._lock = asyncio.Lock()  # one reload at a time; a second waits for the first
         self.upgrade_action: Callable[[int], Awaitable[tuple[bool, list[str]]]] | None = None
 
@@ -351,12 +362,23 @@ class Reloader:
             return False, list(diff.refused)
         if not diff.changes:
             return True, ["no change"]
+        resizing = any(change.name == "workers" for change in diff.of("setting"))
+        if resizing and (problems := self._check_workers(config)):
+            return False, problems
         try:
             plan = build_plan(running, config, diff, self._role)
         except ListenerError as exc:
             return False, [f"listeners: {exc}"]
         await self._apply(plan)
-        return True, [str(change) for change in diff.changes]
+        lines = [str(change) for change in diff.changes]
+        if resizing and self.workers is not None:
+            lines += [f"warning: {problem}" for problem in await self.workers.resize(config)]
+        return True, lines
+
+    def _check_workers(self, config: Config) -> list[str]:
+        if self.workers is None:
+            return ["workers: one process (workers = 1) gets worker processes only by a restart"]
+        return self.workers.check_resize(config)
 
     async def _apply(self, plan: Plan) -> None:
         running = self._runtime

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import secrets
 import socket
 import time
@@ -189,6 +190,16 @@ class Runtime:
                 sock.close()
         if self.metrics_socket is not None:
             self.metrics_socket.close()
+
+
+def worker_count(config: Config, override: int | None = None) -> int:
+    """Workers to run: ``override`` (the command line), ``workers`` in the config, or one per
+    core this process may run on (``taskset -c 1 zdlb run`` gets one)."""
+    if override is not None:
+        return override
+    if config.workers is not None:
+        return config.workers
+    return max(1, len(os.sched_getaffinity(0)))
 
 
 def build_runtime(

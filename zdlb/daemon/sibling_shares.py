@@ -14,6 +14,8 @@ Rules:
    groups, fdchannel.py); ``replace`` keeps the shares of the listeners kept (under their new
    name), takes the new ones and closes those of listeners removed. Shares adopted across a
    reload are released before it and adopted again after, on the new routes.
+4. A reload that changes ``workers`` sends every worker's socket of every listener: ``reset``
+   replaces every share with them (the shares of a worker gone are closed here).
 
 No socket is bound here, and nothing but the adopted duplicates is ever accepted on.
 """
@@ -91,6 +93,20 @@ class SiblingShares:
             for sock in old.values():  # a listener removed or moved
                 sock.close()
             self._socks[index] = row
+
+    def reset(self, groups: Mapping[str, Sequence[socket.socket]], own: int) -> None:
+        """Rule 4: every listener's sockets, every worker's (``groups``, by listener name, by
+        worker index) replace the shares held, after the master changed the number of workers
+        (resize.py; shares being served were released before)."""
+        for socks in self._socks.values():
+            for sock in socks.values():
+                sock.close()
+        count = len(next(iter(groups.values()), []))
+        self._socks = {
+            index: {name: socks[index] for name, socks in groups.items()}
+            for index in range(count)
+            if index != own
+        }
 
     def close(self) -> None:
         """At stop: let go of every sibling socket, so that once every process has, the

@@ -76,6 +76,7 @@ class WorkerOptions:
     log_level: str
     log_format: LogFormat
     access_log: bool
+    workers_override: int | None = None  # `zdlb run --workers N`: fixes the count (resize.py)
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,7 +169,7 @@ class Worker:
                 self.shares.release(index)
             case ipc.HandOver():
                 self.hand_over()
-            case ipc.Reload() | ipc.Adopt():
+            case ipc.Reload() | ipc.Adopt() | ipc.Siblings():
                 raise AssertionError("awaited by _read_channel, in channel order")
             case ipc.Ready() | ipc.StatsReport() | ipc.ObservedDown() | ipc.Reloaded():
                 log.error("worker_channel_unexpected message=%s", type(message).__name__)
@@ -180,7 +181,7 @@ class Worker:
         for index in adopted:  # sibling_shares.py, rule 3
             self.shares.release(index)
         try:
-            groups = await self._listener_groups(message)
+            groups = await self._listener_groups(message.seq, message.listeners)
             sources = socket_sources(self.runtime, message.config)
             own = {name: socks[self.index] for name, socks in groups.items()}
             try:
@@ -200,18 +201,31 @@ class Worker:
         self._predecessors = [s for s in (*self._predecessors, *old) if s.inflight or s.conns]
         self.send(ipc.Reloaded(message.seq, tuple(problems)))
 
-    async def _listener_groups(self, message: ipc.Reload) -> dict[str, list[socket.socket]]:
-        """The sockets of ``message.listeners``, sent before it on the fd channel (rule 4).
-        Raises ZdlbError if they do not come within LISTENERS_TIMEOUT_S."""
-        wanted = set(message.listeners)
+    async def siblings(self, message: ipc.Siblings) -> None:
+        """ipc.py rule 8: the siblings' sockets, after the master changed their number."""
+        try:
+            groups = await self._listener_groups(message.seq, message.listeners)
+        except ZdlbError as exc:
+            log.error("worker_siblings_failed error=%s", exc)
+            return
+        for socks in groups.values():
+            socks[self.index].close()  # its own: the runtime's copy serves
+        self.shares.reset(groups, self.index)
+
+    async def _listener_groups(
+        self, seq: int, names: tuple[str, ...]
+    ) -> dict[str, list[socket.socket]]:
+        """The sockets of listeners ``names``, sent on the fd channel before message ``seq``
+        (rule 4). Raises ZdlbError if they do not come within LISTENERS_TIMEOUT_S."""
+        wanted = set(names)
         try:
             async with asyncio.timeout(LISTENERS_TIMEOUT_S):
-                while not wanted <= self._arrived.get(message.seq, {}).keys():
+                while not wanted <= self._arrived.get(seq, {}).keys():
                     self._has_arrived.clear()
                     await self._has_arrived.wait()
         except TimeoutError:
             raise ZdlbError(f"listeners {sorted(wanted)}: no sockets from the master") from None
-        return self._arrived.pop(message.seq, {})
+        return self._arrived.pop(seq, {})
 
     async def read_fds(self) -> None:
         """Rule 4: until the master closes its end."""
@@ -374,6 +388,8 @@ async def _read_channel(reader: asyncio.StreamReader, worker: Worker, stop: asyn
                 await worker.reload(message)  # before the next message: the state follows it
             elif isinstance(message, ipc.Adopt):
                 await worker.shares.adopt(message.index)
+            elif isinstance(message, ipc.Siblings):
+                await worker.siblings(message)
             else:
                 worker.handle(message)
     except (ConnectionError, ValueError) as exc:

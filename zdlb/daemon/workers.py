@@ -1,4 +1,5 @@
-"""The master of a ``workers = N`` daemon (N > 1): it binds, supervises workers and owns the state.
+"""The master of a ``workers = N`` daemon (N > 1): it binds, supervises workers and owns the state
+(daemon/master.py runs it; ``Supervisor`` here starts, feeds, watches, resizes and stops them).
 
 ``workers = 1`` never comes here: one process does everything (lifecycle.serve). With more:
 
@@ -27,6 +28,8 @@
    were all answered 18-19 ms after the kill, where without adoption they waited 249-275 ms
    for the replacement (tests/daemon/test_worker_kill.py, 3 runs each). TCP listeners too
    (sibling_shares.py).
+8. A reload that changes ``workers`` starts or retires workers (resize.py has the rules), so
+   no client is queued for a worker not yet serving nor reset by a socket that closes.
 7. Reload: the master applies the config, binds what it adds or moves, and pushes both to the
    workers (reload.py, handoff.py ``ConfigPush``); a worker started later gets the new config
    and sockets. Upgrade: the old workers' idle connections go through both masters to the new
@@ -38,7 +41,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import pickle
 import signal
 import socket
@@ -47,19 +49,10 @@ from collections.abc import Iterable, Mapping
 
 from zdlb.balancer.server import Health, Server
 from zdlb.config.model import Config
-from zdlb.daemon import fdchannel, ipc, notify, spawn
+from zdlb.daemon import fdchannel, ipc, resize, spawn
 from zdlb.daemon.fdchannel import FdChannel
 from zdlb.daemon.handoff import ConfigPush, Dealer, Shares, collect_idle
-from zdlb.daemon.lifecycle import (
-    ActionsFactory,
-    announce_ready,
-    install_actions,
-    log_listener_started,
-    start_control,
-    start_metrics,
-)
-from zdlb.daemon.reload import Reloader, Role
-from zdlb.daemon.runtime import Runtime, SendConnections
+from zdlb.daemon.runtime import Runtime, SendConnections, worker_count
 from zdlb.daemon.worker import WorkerOptions, WorkerSpec
 from zdlb.errors import ZdlbError
 from zdlb.events import EventKind
@@ -87,16 +80,6 @@ RESTART_MIN_S = 0.1
 RESTART_MAX_S = 5.0
 
 
-def worker_count(config: Config, override: int | None = None) -> int:
-    """Workers to run: ``override`` (the command line), ``workers`` in the config, or one per
-    core this process may run on (``taskset -c 1 zdlb run`` gets one)."""
-    if override is not None:
-        return override
-    if config.workers is not None:
-        return config.workers
-    return max(1, len(os.sched_getaffinity(0)))
-
-
 class WorkerSlot:
     """Worker number ``index``: its current process, channel and latest report."""
 
@@ -109,6 +92,8 @@ class WorkerSlot:
         self.fds: FdChannel | None = None  # sockets both ways (fdchannel.py)
         self.ready = asyncio.Event()
         self.started_at = 0.0
+        self.config: Config | None = None  # what it was started with
+        self.is_retiring = False  # a reload lowered `workers`: not restarted (resize.py)
 
     def __repr__(self) -> str:
         pid = self.proc.pid if self.proc is not None else None
@@ -136,6 +121,8 @@ class Supervisor:
         self._shares = Shares()  # rule 6
         self._push = ConfigPush()  # reload.py
         self.dealer = Dealer(self.slots)
+        self._retiring: list[WorkerSlot] = []  # retired by a reload, still draining
+        self._tasks: asyncio.TaskGroup | None = None  # run()'s, watching every worker
         assert all(len(group) == count for group in runtime.listener_groups), "workers=count"
 
     @property
@@ -199,6 +186,78 @@ class Supervisor:
         """An upgrade: the workers' idle keep-alive connections, passed on to ``send``."""
         return await collect_idle(self.slots, send)
 
+    # --- a reload that changes `workers` (resize.py) --------------------------------------
+
+    def check_resize(self, config: Config) -> list[str]:
+        """What stands in the way of running ``config``'s number of workers (nothing changed)."""
+        target = worker_count(config, self._options.workers_override)
+        problems = resize.check(self._options.workers_override)
+        if not problems and target < len(self.slots):  # shrinking needs the BPF program
+            problems = resize.steer(self.runtime.listener_groups, len(self.slots))
+        return problems
+
+    async def resize(self, config: Config) -> list[str]:
+        """Start or retire workers to run ``config``'s number (resize.py, rules 1-3); the
+        problems met (the change is made as far as it can be)."""
+        running = len(self.slots)
+        target = worker_count(config, self._options.workers_override)
+        if target == running:
+            return []
+        if target > running:
+            problems = await self._grow(target)
+        else:
+            problems = await self._shrink(target)
+        self._seq += 1
+        groups = self.runtime.listener_groups
+        await resize.send_siblings(self.slots, self._seq, config.listeners, groups)
+        log.info("workers_resized old=%d new=%d", running, len(self.slots))
+        return problems
+
+    async def _grow(self, target: int) -> list[str]:
+        running, groups = len(self.slots), self.runtime.listener_groups
+        problems = resize.steer(groups, running)  # rule 1: the new sockets get nothing yet
+        try:
+            resize.grow(groups, self.runtime.config.listeners, target)
+        except ZdlbError as exc:
+            return [*problems, f"workers: {exc}"]
+        added = [WorkerSlot(index) for index in range(running, target)]
+        self.slots.extend(added)
+        for slot in added:
+            await self._spawn(slot)
+            if self._tasks is not None:
+                self._tasks.create_task(self._watch(slot), name=f"worker {slot.index}")
+        try:
+            async with asyncio.timeout(READY_TIMEOUT_S):
+                for slot in added:
+                    await _ready_or_exited(slot)
+        except TimeoutError:  # restarted by _watch: serving soon, or never
+            problems.append(f"workers: new workers not serving after {READY_TIMEOUT_S} s")
+        except ZdlbError as exc:
+            problems.append(f"workers: {exc}")
+        return problems + resize.steer(groups, target)
+
+    async def _shrink(self, target: int) -> list[str]:
+        running, groups = len(self.slots), self.runtime.listener_groups
+        problems = resize.steer(groups, target)  # rule 2: the last ones get nothing new
+        staying, retiring = self.slots[:target], self.slots[target:]
+        for slot in retiring:
+            slot.is_retiring = True
+            self._shares.hand_over(slot.index, staying)  # a sibling serves what is queued
+        moved = await collect_idle(retiring, Dealer(staying).deliver)
+        for slot in retiring:
+            if slot.proc is not None and slot.proc.returncode is None:
+                slot.proc.send_signal(signal.SIGTERM)
+        tails = [group[index] for group in groups for index in range(target, running)]
+        if not await resize.wait_queues_empty(tails):
+            problems.append("workers: a retiring worker's accept queue did not empty")
+        for slot in retiring:
+            self._shares.give_back(slot.index, staying)
+        del self.slots[target:]
+        self._retiring.extend(retiring)
+        resize.shrink(groups, target)
+        log.info("workers_retiring workers=%d connections_moved=%d", len(retiring), moved)
+        return problems
+
     # --- metrics ----------------------------------------------------------------------------
 
     def snapshot(self) -> Snapshot:
@@ -209,7 +268,8 @@ class Supervisor:
         return merge([own, *reports, *retired])
 
     def _reports(self) -> Iterable[ipc.StatsReport]:
-        return (slot.report for slot in self.slots if slot.report is not None)
+        slots = [*self.slots, *self._retiring]
+        return (slot.report for slot in slots if slot.report is not None)
 
     @property
     def is_stopping(self) -> bool:
@@ -233,6 +293,7 @@ class Supervisor:
     async def run(self) -> None:
         """Push state changes, restart workers that exit; until cancelled."""
         async with asyncio.TaskGroup() as tasks:
+            self._tasks = tasks
             for slot in self.slots:
                 tasks.create_task(self._watch(slot), name=f"worker {slot.index}")
             tasks.create_task(self._push_forever(), name="state push")
@@ -243,7 +304,8 @@ class Supervisor:
         for socks in self._worker_socks:
             for sock in socks:
                 sock.close()  # else the kernel keeps queueing connections nobody will accept
-        procs = [slot.proc for slot in self.slots if slot.proc is not None]
+        slots = [*self.slots, *self._retiring]
+        procs = [slot.proc for slot in slots if slot.proc is not None]
         for proc in procs:
             if proc.returncode is None:
                 proc.send_signal(signal.SIGTERM)
@@ -257,7 +319,7 @@ class Supervisor:
                     log.warning("worker_killed pid=%d reason=drain overran", proc.pid)
                     proc.kill()
             await asyncio.gather(*(proc.wait() for proc in procs))
-        for slot in self.slots:
+        for slot in slots:
             if slot.writer is not None:
                 slot.writer.close()
             if slot.fds is not None:
@@ -298,6 +360,7 @@ class Supervisor:
             slot.fds.close()
         slot.fds = FdChannel(fds_ours)
         slot.proc, slot.report, slot.started_at = proc, None, time.monotonic()
+        slot.config = self.runtime.config
         slot.ready.clear()
         assert proc.stdin is not None
         proc.stdin.write(pickle.dumps(spec))
@@ -318,10 +381,15 @@ class Supervisor:
             assert proc is not None
             code = await proc.wait()
             slot.ready.clear()  # refresh() no longer waits for it, show info counts it out
-            if not self._is_stopping:
+            if not self._is_stopping and not slot.is_retiring:
                 self._shares.hand_over(slot.index, self.slots)  # first: its clients wait
             if slot.reader is not None:
                 await slot.reader  # its last report, if it sent one
+            if slot.is_retiring:
+                log.info("worker_retired worker=%d pid=%d code=%d", slot.index, proc.pid, code)
+                self._retire(slot)
+                self._retiring.remove(slot)
+                return
             if self._is_stopping:
                 log.info("worker_stopped worker=%d pid=%d code=%d", slot.index, proc.pid, code)
                 return
@@ -375,6 +443,10 @@ class Supervisor:
                 slot.ready.set()
                 log.info("worker_started worker=%d pid=%d", slot.index, pid)
                 self._shares.give_back(slot.index, self.slots)
+                if slot.config is not self.runtime.config and slot.proc is not None:
+                    # Started just before a reload it missed: its restart takes the new one.
+                    log.warning("worker_config_stale worker=%d pid=%d", slot.index, pid)
+                    slot.proc.send_signal(signal.SIGTERM)
             case ipc.ObservedDown(server=key, reason=reason):
                 self._observed_down(key, reason)
             case ipc.Reloaded():
@@ -387,6 +459,7 @@ class Supervisor:
                 | ipc.Adopt()
                 | ipc.Release()
                 | ipc.HandOver()
+                | ipc.Siblings()
             ):
                 log.error("worker_channel_unexpected message=%s", type(message).__name__)
 
@@ -429,50 +502,3 @@ async def _ready_or_exited(slot: WorkerSlot) -> None:
     if not slot.ready.is_set():
         code = slot.proc.returncode
         raise ZdlbError(f"worker {slot.index} exited with code {code} before serving")
-
-
-async def serve_master(
-    runtime: Runtime,
-    stop: asyncio.Event,
-    count: int,
-    options: WorkerOptions,
-    actions: ActionsFactory | None = None,
-) -> None:
-    """lifecycle.serve for ``count`` > 1 workers: the rules above, until ``stop`` is set."""
-    supervisor = Supervisor(runtime, count, options)
-    control = await start_control(runtime, supervisor)
-    metrics = await start_metrics(runtime, supervisor.snapshot, supervisor, control)
-    try:
-        await supervisor.start()
-    except BaseException:
-        await supervisor.stop(0.0)
-        raise
-    reloader = Reloader(runtime, control.controller if control else None, Role.MASTER)
-    reloader.push = supervisor.push_config
-    runtime.collect_idle = supervisor.collect_idle  # an upgrade from here (upgrade.py)
-    runtime.deliver_connections = supervisor.dealer.deliver  # an upgrade to here
-    if actions is not None:
-        reloader.upgrade_action = actions(runtime, control, stop).upgrade
-    install_actions(reloader, control)
-    for route, sock in runtime.sockets:
-        log_listener_started(route.listener, sock, route.backend)
-    for tcp_route, sock in runtime.tcp_sockets:
-        log_listener_started(tcp_route.listener, sock, tcp_route.backend)
-    log.info("workers_started workers=%d", count)
-    runtime.start_health()
-    announce_ready(runtime)
-    async with asyncio.TaskGroup() as tasks:
-        supervising = tasks.create_task(supervisor.run())
-        await stop.wait()
-        if not runtime.handed_over:
-            notify.stopping()
-        if control is not None:
-            await control.close(unlink=not runtime.handed_over)
-        grace_s = max((route.timeouts.grace_s for route in runtime.all_routes), default=0.0)
-        await supervisor.stop(grace_s)
-        supervising.cancel()
-        await runtime.stop_health()
-    if metrics is not None:
-        metrics.close()
-        await metrics.wait_closed()
-    log.info("shutdown_finished workers=%d", count)
