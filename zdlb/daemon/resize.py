@@ -28,13 +28,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import signal
 import socket
 from collections.abc import Sequence
+from typing import Protocol
 
 from zdlb.config.model import ListenerConfig
 from zdlb.daemon import ipc
-from zdlb.daemon.handoff import Peer, send_groups
-from zdlb.errors import ListenerError
+from zdlb.daemon.handoff import Dealer, Peer, Shares, collect_idle, send_groups
+from zdlb.daemon.runtime import Runtime
+from zdlb.daemon.slot import WorkerSlot, ready_or_exited
+from zdlb.errors import ListenerError, ZdlbError
 from zdlb.tcp.listener import accept_queue_length, join_listener_group, steer_to_first
 
 log = logging.getLogger(__name__)
@@ -43,6 +47,8 @@ log = logging.getLogger(__name__)
 # is accepted by a sibling within milliseconds. Past this, they close anyway.
 QUEUE_DRAIN_S = 2.0
 QUEUE_POLL_S = 0.005
+# A new worker imports zdlb and uvloop (~0.3 s here); a loaded box gets many times that.
+READY_TIMEOUT_S = 15.0
 
 
 def check(override: int | None) -> list[str]:
@@ -121,3 +127,61 @@ async def send_siblings(
             log.warning("worker_siblings_not_sent worker=%d error=%s", peer.index, exc)
             continue
         peer.send(ipc.Siblings(seq, names))
+
+
+class Workforce(Protocol):
+    """What growing and shrinking need of the master's supervisor (workers.py)."""
+
+    runtime: Runtime
+    slots: list[WorkerSlot]  # serving, by index
+    retiring: list[WorkerSlot]  # retired, still draining
+    shares: Shares
+
+    async def add(self, slot: WorkerSlot) -> None: ...
+
+
+async def grow_workers(force: Workforce, target: int) -> list[str]:
+    """Rule 1: from ``len(force.slots)`` workers to ``target``; the problems met."""
+    running, groups = len(force.slots), force.runtime.listener_groups
+    problems = steer(groups, running)  # the new sockets get nothing yet
+    try:
+        grow(groups, force.runtime.config.listeners, target)
+    except ListenerError as exc:
+        return [*problems, f"workers: {exc}"]
+    added = [WorkerSlot(index) for index in range(running, target)]
+    force.slots.extend(added)
+    for slot in added:
+        await force.add(slot)
+    try:
+        async with asyncio.timeout(READY_TIMEOUT_S):
+            for slot in added:
+                await ready_or_exited(slot)
+    except TimeoutError:  # restarted as any worker: serving soon, or never
+        problems.append(f"workers: new workers not serving after {READY_TIMEOUT_S} s")
+    except ZdlbError as exc:
+        problems.append(f"workers: {exc}")
+    return problems + steer(groups, target)
+
+
+async def shrink_workers(force: Workforce, target: int) -> list[str]:
+    """Rule 2: from ``len(force.slots)`` workers to ``target``; the problems met."""
+    running, groups = len(force.slots), force.runtime.listener_groups
+    problems = steer(groups, target)  # the last ones get nothing new
+    staying, retiring = force.slots[:target], force.slots[target:]
+    for slot in retiring:
+        slot.is_retiring = True
+        force.shares.hand_over(slot.index, staying)  # a sibling serves what is queued
+    moved = await collect_idle(retiring, Dealer(staying).deliver)
+    for slot in retiring:
+        if slot.proc is not None and slot.proc.returncode is None:
+            slot.proc.send_signal(signal.SIGTERM)  # it drains what is still busy
+    tails = [group[index] for group in groups for index in range(target, running)]
+    if not await wait_queues_empty(tails):
+        problems.append("workers: a retiring worker's accept queue did not empty")
+    for slot in retiring:
+        force.shares.give_back(slot.index, staying)
+    del force.slots[target:]
+    force.retiring.extend(retiring)
+    shrink(groups, target)
+    log.info("workers_retiring workers=%d connections_moved=%d", len(retiring), moved)
+    return problems

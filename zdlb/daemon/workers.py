@@ -28,12 +28,12 @@
    were all answered 18-19 ms after the kill, where without adoption they waited 249-275 ms
    for the replacement (tests/daemon/test_worker_kill.py, 3 runs each). TCP listeners too
    (sibling_shares.py).
-8. A reload that changes ``workers`` starts or retires workers (resize.py has the rules), so
-   no client is queued for a worker not yet serving nor reset by a socket that closes.
 7. Reload: the master applies the config, binds what it adds or moves, and pushes both to the
    workers (reload.py, handoff.py ``ConfigPush``); a worker started later gets the new config
    and sockets. Upgrade: the old workers' idle connections go through both masters to the new
    workers (idle_handover.py, handoff.py ``collect_idle`` and ``Dealer``).
+8. A reload that changes ``workers`` starts or retires workers (resize.py has the rules), so
+   no client is queued for a worker not yet serving nor reset by a socket that closes.
 """
 
 from __future__ import annotations
@@ -53,6 +53,7 @@ from zdlb.daemon import fdchannel, ipc, resize, spawn
 from zdlb.daemon.fdchannel import FdChannel
 from zdlb.daemon.handoff import ConfigPush, Dealer, Shares, collect_idle
 from zdlb.daemon.runtime import Runtime, SendConnections, worker_count
+from zdlb.daemon.slot import WorkerSlot, ready_or_exited
 from zdlb.daemon.worker import WorkerOptions, WorkerSpec
 from zdlb.errors import ZdlbError
 from zdlb.events import EventKind
@@ -80,30 +81,6 @@ RESTART_MIN_S = 0.1
 RESTART_MAX_S = 5.0
 
 
-class WorkerSlot:
-    """Worker number ``index``: its current process, channel and latest report."""
-
-    def __init__(self, index: int) -> None:
-        self.index = index
-        self.proc: asyncio.subprocess.Process | None = None
-        self.writer: asyncio.StreamWriter | None = None
-        self.report: ipc.StatsReport | None = None
-        self.reader: asyncio.Task[None] | None = None
-        self.fds: FdChannel | None = None  # sockets both ways (fdchannel.py)
-        self.ready = asyncio.Event()
-        self.started_at = 0.0
-        self.config: Config | None = None  # what it was started with
-        self.is_retiring = False  # a reload lowered `workers`: not restarted (resize.py)
-
-    def __repr__(self) -> str:
-        pid = self.proc.pid if self.proc is not None else None
-        return f"<WorkerSlot {self.index} pid={pid} ready={self.ready.is_set()}>"
-
-    def send(self, message: ipc.Message) -> None:
-        if self.writer is not None and not self.writer.is_closing():
-            self.writer.write(ipc.encode(message))
-
-
 class Supervisor:
     """Starts, feeds, watches and stops the workers; the controller's ``WorkerLoad``."""
 
@@ -118,10 +95,10 @@ class Supervisor:
         self._reported = asyncio.Event()
         self._is_stopping = False
         self._pushed_generation = Server.generation
-        self._shares = Shares()  # rule 6
+        self.shares = Shares()  # rule 6
         self._push = ConfigPush()  # reload.py
         self.dealer = Dealer(self.slots)
-        self._retiring: list[WorkerSlot] = []  # retired by a reload, still draining
+        self.retiring: list[WorkerSlot] = []  # retired by a reload, still draining
         self._tasks: asyncio.TaskGroup | None = None  # run()'s, watching every worker
         assert all(len(group) == count for group in runtime.listener_groups), "workers=count"
 
@@ -204,58 +181,13 @@ class Supervisor:
         if target == running:
             return []
         if target > running:
-            problems = await self._grow(target)
+            problems = await resize.grow_workers(self, target)
         else:
-            problems = await self._shrink(target)
+            problems = await resize.shrink_workers(self, target)
         self._seq += 1
         groups = self.runtime.listener_groups
         await resize.send_siblings(self.slots, self._seq, config.listeners, groups)
         log.info("workers_resized old=%d new=%d", running, len(self.slots))
-        return problems
-
-    async def _grow(self, target: int) -> list[str]:
-        running, groups = len(self.slots), self.runtime.listener_groups
-        problems = resize.steer(groups, running)  # rule 1: the new sockets get nothing yet
-        try:
-            resize.grow(groups, self.runtime.config.listeners, target)
-        except ZdlbError as exc:
-            return [*problems, f"workers: {exc}"]
-        added = [WorkerSlot(index) for index in range(running, target)]
-        self.slots.extend(added)
-        for slot in added:
-            await self._spawn(slot)
-            if self._tasks is not None:
-                self._tasks.create_task(self._watch(slot), name=f"worker {slot.index}")
-        try:
-            async with asyncio.timeout(READY_TIMEOUT_S):
-                for slot in added:
-                    await _ready_or_exited(slot)
-        except TimeoutError:  # restarted by _watch: serving soon, or never
-            problems.append(f"workers: new workers not serving after {READY_TIMEOUT_S} s")
-        except ZdlbError as exc:
-            problems.append(f"workers: {exc}")
-        return problems + resize.steer(groups, target)
-
-    async def _shrink(self, target: int) -> list[str]:
-        running, groups = len(self.slots), self.runtime.listener_groups
-        problems = resize.steer(groups, target)  # rule 2: the last ones get nothing new
-        staying, retiring = self.slots[:target], self.slots[target:]
-        for slot in retiring:
-            slot.is_retiring = True
-            self._shares.hand_over(slot.index, staying)  # a sibling serves what is queued
-        moved = await collect_idle(retiring, Dealer(staying).deliver)
-        for slot in retiring:
-            if slot.proc is not None and slot.proc.returncode is None:
-                slot.proc.send_signal(signal.SIGTERM)
-        tails = [group[index] for group in groups for index in range(target, running)]
-        if not await resize.wait_queues_empty(tails):
-            problems.append("workers: a retiring worker's accept queue did not empty")
-        for slot in retiring:
-            self._shares.give_back(slot.index, staying)
-        del self.slots[target:]
-        self._retiring.extend(retiring)
-        resize.shrink(groups, target)
-        log.info("workers_retiring workers=%d connections_moved=%d", len(retiring), moved)
         return problems
 
     # --- metrics ----------------------------------------------------------------------------
@@ -268,7 +200,7 @@ class Supervisor:
         return merge([own, *reports, *retired])
 
     def _reports(self) -> Iterable[ipc.StatsReport]:
-        slots = [*self.slots, *self._retiring]
+        slots = [*self.slots, *self.retiring]
         return (slot.report for slot in slots if slot.report is not None)
 
     @property
@@ -285,7 +217,7 @@ class Supervisor:
         try:
             async with asyncio.timeout(READY_TIMEOUT_S):
                 for slot in self.slots:
-                    await _ready_or_exited(slot)
+                    await ready_or_exited(slot)
         except TimeoutError:
             late = [slot.index for slot in self.slots if not slot.ready.is_set()]
             raise ZdlbError(f"workers {late} not serving after {READY_TIMEOUT_S} s") from None
@@ -304,7 +236,7 @@ class Supervisor:
         for socks in self._worker_socks:
             for sock in socks:
                 sock.close()  # else the kernel keeps queueing connections nobody will accept
-        slots = [*self.slots, *self._retiring]
+        slots = [*self.slots, *self.retiring]
         procs = [slot.proc for slot in slots if slot.proc is not None]
         for proc in procs:
             if proc.returncode is None:
@@ -325,6 +257,12 @@ class Supervisor:
             if slot.fds is not None:
                 slot.fds.close()
                 slot.fds = None
+
+    async def add(self, slot: WorkerSlot) -> None:
+        """Start a worker in a new ``slot`` (resize.py) and watch it as the others."""
+        await self._spawn(slot)
+        if self._tasks is not None:
+            self._tasks.create_task(self._watch(slot), name=f"worker {slot.index}")
 
     async def _spawn(self, slot: WorkerSlot) -> None:
         master_end, worker_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -382,13 +320,13 @@ class Supervisor:
             code = await proc.wait()
             slot.ready.clear()  # refresh() no longer waits for it, show info counts it out
             if not self._is_stopping and not slot.is_retiring:
-                self._shares.hand_over(slot.index, self.slots)  # first: its clients wait
+                self.shares.hand_over(slot.index, self.slots)  # first: its clients wait
             if slot.reader is not None:
                 await slot.reader  # its last report, if it sent one
             if slot.is_retiring:
                 log.info("worker_retired worker=%d pid=%d code=%d", slot.index, proc.pid, code)
                 self._retire(slot)
-                self._retiring.remove(slot)
+                self.retiring.remove(slot)
                 return
             if self._is_stopping:
                 log.info("worker_stopped worker=%d pid=%d code=%d", slot.index, proc.pid, code)
@@ -442,7 +380,7 @@ class Supervisor:
             case ipc.Ready(pid=pid):
                 slot.ready.set()
                 log.info("worker_started worker=%d pid=%d", slot.index, pid)
-                self._shares.give_back(slot.index, self.slots)
+                self.shares.give_back(slot.index, self.slots)
                 if slot.config is not self.runtime.config and slot.proc is not None:
                     # Started just before a reload it missed: its restart takes the new one.
                     log.warning("worker_config_stale worker=%d pid=%d", slot.index, pid)
@@ -489,16 +427,3 @@ class Supervisor:
                 update = ipc.views_of(self._servers)
                 for slot in self.slots:
                     slot.send(update)
-
-
-async def _ready_or_exited(slot: WorkerSlot) -> None:
-    """Wait for the worker to serve. Raises ZdlbError if it exits first."""
-    assert slot.proc is not None
-    ready = asyncio.ensure_future(slot.ready.wait())
-    exited = asyncio.ensure_future(slot.proc.wait())
-    await asyncio.wait((ready, exited), return_when=asyncio.FIRST_COMPLETED)
-    ready.cancel()
-    exited.cancel()
-    if not slot.ready.is_set():
-        code = slot.proc.returncode
-        raise ZdlbError(f"worker {slot.index} exited with code {code} before serving")
