@@ -78,14 +78,12 @@ def grow(
 ) -> None:
     """Rule 1: every group gets sockets up to ``count``. Raises ListenerError; the groups
     then hold what they held before."""
-    grown: list[list[socket.socket]] = []
+    before = len(groups[0]) if groups else 0
     try:
         for group, listener in zip(groups, listeners, strict=True):
             join_listener_group(group, listener.backlog, count - len(group))
-            grown.append(group)
     except ListenerError:
-        for group in grown:
-            shrink([group], len(group) - (count - len(groups[0])))
+        shrink(groups, before)
         raise
 
 

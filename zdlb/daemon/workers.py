@@ -184,6 +184,7 @@ class Supervisor:
             problems = await resize.grow_workers(self, target)
         else:
             problems = await resize.shrink_workers(self, target)
+        self.runtime.workers = len(self.slots)  # a listener added later binds as many
         self._seq += 1
         groups = self.runtime.listener_groups
         await resize.send_siblings(self.slots, self._seq, config.listeners, groups)
