@@ -266,6 +266,8 @@ async def test_workers_five_reloads_and_an_upgrade_fail_nothing_and_close_nothin
     assert handed is not None and int(handed[1]) > 0, daemon.output
     assert "worker_connections_adopted" in daemon.output
     assert "Traceback" not in daemon.output
+    errors = [line for line in daemon.lines if " ERROR " in line or " WARNING " in line]
+    assert [line for line in errors if "reload_refused" not in line] == [], errors
     print(
         f"workers=2: {record.requests} requests, 0 failed, 0 closed; "
         f"{handed[1]} idle connections moved to the new workers"

@@ -543,6 +543,17 @@ async def resize_under_load(daemon: Daemon, config: Path, body: str) -> None:
         assert (grown.returncode, grown.stdout.strip()) == (0, "setting workers changed"), grown
         assert sorted(cluster.worker_pids()) == [0, 1, 2]
         assert json.loads((await cluster.ctl("json", "show", "info")).stdout)["workers"] == 3
+        # A listener added now gets a socket for each of the three (runtime.workers followed).
+        body += '\n[listeners.api]\nbind = "127.0.0.1:0"\nbackend = "app"\n'
+        rewrite(config, "workers = 3\n" + body)
+        added = await cluster.ctl("reload")
+        assert (added.returncode, added.stdout.strip()) == (0, "listener api added"), added
+        api = await daemon.listener_addr("api")
+        since = len(daemon.lines)
+        for _ in range(FAN_OUT * 2):  # all three workers serve it: 1 - (2/3)**24 likely
+            async with await H11Client.connect(api) as client:
+                assert (await client.request()).status == 200
+        assert set(cluster.access_workers(since)) == {0, 1, 2}
         # Clients connecting now: the new worker takes its share of them (all of them on the
         # other two: a (2/3)**20 chance), so retiring it has connections to hand over.
         since = len(daemon.lines)
@@ -573,6 +584,8 @@ async def resize_under_load(daemon: Daemon, config: Path, body: str) -> None:
     assert moved > 0, daemon.output
     await daemon.wait_text("worker_retired worker=2")
     assert "Traceback" not in daemon.output
+    errors = [line for line in daemon.lines if " ERROR " in line or " WARNING " in line]
+    assert errors == [], errors
     print(
         f"workers 2 -> 3 -> 2: 0 failed, 0 closed; {moved} connections moved off worker 2; "
         f"{answered} fresh connections during the shrink, 0 failed"
