@@ -186,13 +186,14 @@ backend = "app"
 """
 
 
+@pytest.mark.parametrize("workers", [1, 2], ids=["single", "2-workers"])
 async def test_listeners_added_moved_and_removed_without_closing_a_connection(
-    start_daemon: StartDaemon, tmp_path: Path, echoes: dict[str, EchoServer]
+    start_daemon: StartDaemon, tmp_path: Path, echoes: dict[str, EchoServer], workers: int
 ) -> None:
     config = tmp_path / "zdlb.toml"
     base = config_text(specs(echoes, "s1"))
     config.write_text(base, encoding="utf-8")
-    daemon = await start_daemon("run", "-c", str(config))
+    daemon = await start_daemon("run", "--workers", str(workers), "-c", str(config))
     web = await daemon.listener_addr("web")
     async with await H11Client.connect(web) as kept:
         assert (await kept.request()).status == 200
@@ -230,21 +231,48 @@ async def test_listeners_added_moved_and_removed_without_closing_a_connection(
     await assert_clean(daemon)
 
 
-async def test_a_listener_change_with_workers_is_refused(
+async def test_with_workers_a_listener_added_serves_on_every_worker_and_show_info_agrees(
     start_daemon: StartDaemon, tmp_path: Path, echoes: dict[str, EchoServer]
 ) -> None:
+    """The master binds the new listener (one socket per worker) and each worker accepts on
+    its own: fresh connections are answered by both workers, and a worker restarted after the
+    reload serves the new listener too."""
     config = tmp_path / "zdlb.toml"
-    base = config_text(specs(echoes, "s1"))
+    base = config_text(specs(echoes, "s1")).replace("access_log = false", "access_log = true")
     config.write_text(base, encoding="utf-8")
     daemon = await start_daemon("run", "--workers", "2", "-c", str(config))
     await daemon.listener_addr("web")
-    config.write_text(base + API_LISTENER, encoding="utf-8")
+    config.write_text(base + API_LISTENER + TCP_LISTENER, encoding="utf-8")
     code, out, err = await reload(config)
-    assert code == 1 and out == ""
-    assert "listeners.api.bind: adding, moving or renaming a listener with workers" in err
+    assert (code, out.splitlines()) == (0, ["listener api added", "listener raw added"]), err
+    api, raw = await daemon.listener_addr("api"), await daemon.listener_addr("raw")
     shown = await run_zdlb("ctl", "-c", str(config), "json", "show", "info")
-    assert json.loads(shown.stdout)["listeners"] == 1
+    assert json.loads(shown.stdout)["listeners"] == 3
+    since = len(daemon.lines)
+    for _ in range(FRESH):  # SO_REUSEPORT spreads them: both workers get some
+        async with await H11Client.connect(api) as client:
+            assert (await client.request()).status == 200
+    access = [line for line in daemon.lines[since:] if "zdlb.access" in line]
+    assert len(access) == FRESH
+    served_by = {line.rsplit("worker=", 1)[1] for line in access}
+    assert served_by == {"0", "1"}, daemon.output[-2000:]
+    # A worker started after the reload gets the new listeners' sockets too.
+    worker_pid = int(
+        (await daemon.wait_text("worker_started worker=0")).rsplit("pid=", 1)[1].split()[0]
+    )
+    os.kill(worker_pid, signal.SIGKILL)
+    await daemon.wait_line(
+        lambda line: "worker_started worker=0" in line and f"pid={worker_pid}" not in line
+    )
+    for addr in (api, raw):
+        for _ in range(FRESH):
+            async with await H11Client.connect(addr) as client:
+                assert (await client.request()).status == 200
     await assert_clean(daemon)
+
+
+# Fresh connections per listener: the chance that all land on one worker is 2**-FRESH.
+FRESH = 16
 
 
 TCP_LISTENER = """
@@ -255,12 +283,13 @@ backend = "app"
 """
 
 
+@pytest.mark.parametrize("workers", [1, 2], ids=["single", "2-workers"])
 async def test_a_tcp_listener_keeps_accepting_and_its_tunnels_run_across_reloads(
-    start_daemon: StartDaemon, tmp_path: Path, echoes: dict[str, EchoServer]
+    start_daemon: StartDaemon, tmp_path: Path, echoes: dict[str, EchoServer], workers: int
 ) -> None:
     config = tmp_path / "zdlb.toml"
     config.write_text(config_text(specs(echoes, "s1")) + TCP_LISTENER, encoding="utf-8")
-    daemon = await start_daemon("run", "-c", str(config))
+    daemon = await start_daemon("run", "--workers", str(workers), "-c", str(config))
     raw = await daemon.listener_addr("raw")
     async with await H11Client.connect(raw) as tunnel:  # a tunnel open across both reloads
         assert (await tunnel.request()).header("x-echo-server") == "s1"

@@ -28,16 +28,18 @@ from tests.daemon.conftest import (
     HELD_TARGET,
     LINE_TIMEOUT_S,
     START_TIMEOUT_S,
+    ZDLB_CMD,
     Daemon,
     HeldServer,
     ServerSpec,
     StartDaemon,
     render_config,
 )
+from tests.daemon.load import KeepAliveLoad
 from tests.daemon.test_control import EXIT_FAILURE, EXIT_OK, SOCKET_NAME, CtlResult, run_zdlb
 from tests.servers import LOOPBACK, EchoServer, H11Client, UpstreamServer, refused_address
 from zdlb.config.model import Address, Config, ListenerConfig
-from zdlb.daemon.workers import worker_count
+from zdlb.daemon.runtime import worker_count
 
 WriteConfig = Callable[[str], Path]
 WORKERS = 2
@@ -123,8 +125,10 @@ async def start_cluster(
     *,
     grace_s: float = 5.0,
     backend_extra: str = "",
+    extra: str = "",
 ) -> Cluster:
-    text = render_config(specs, grace_s=grace_s, backend_extra=backend_extra)
+    """``extra``: TOML appended as written (more listeners, say)."""
+    text = render_config(specs, grace_s=grace_s, backend_extra=backend_extra) + extra
     text += f'\n[control]\nsocket = "{SOCKET_NAME}"\n'
     text += f'\n[metrics]\nlisten = "{LOOPBACK}:0"\n'
     config = write_config(text)
@@ -472,3 +476,132 @@ async def test_a_second_daemon_on_the_same_port_fails_fast(
     assert result.returncode == EXIT_FAILURE, result
     assert f"cannot listen on {host}:{port}: Address already in use" in result.stderr
     assert len(await fan_out(cluster.addr)) == FAN_OUT  # the first one still serves
+
+
+async def test_a_reload_changes_the_number_of_workers_without_failing_or_closing_anything(
+    write_config: WriteConfig, echo_server: EchoServer
+) -> None:
+    """2 -> 3 -> 2 workers under keep-alive clients pausing 0-200 ms (resize.py): the third
+    worker serves its share of new connections; retiring it hands its idle connections to the
+    other two, so no request fails and no connection is closed."""
+    specs = [ServerSpec("s1", echo_server.addr)]
+    body = render_config(specs, access_log=True) + f'\n[control]\nsocket = "{SOCKET_NAME}"\n'
+    config = write_config("workers = 2\n" + body)
+    async with config_counted_daemon(config) as daemon:
+        await resize_under_load(daemon, config, body)
+
+
+@contextlib.asynccontextmanager
+async def config_counted_daemon(config: Path) -> AsyncIterator[Daemon]:
+    """``zdlb run`` whose worker count comes from its config (``start_daemon`` passes
+    ``--workers``, which fixes it); stopped by SIGTERM at the end."""
+    proc = await asyncio.create_subprocess_exec(
+        *ZDLB_CMD,
+        *("run", "-c", str(config)),
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    daemon = Daemon(proc)
+    try:
+        yield daemon
+    finally:
+        if proc.returncode is None:
+            proc.send_signal(signal.SIGTERM)
+        assert await daemon.wait_exit() == EXIT_OK
+
+
+# Clients connecting one after another during a shrink, at once: some land on a retiring
+# worker's socket in the moment it closes unless the BPF program steers them away (resize.py).
+HAMMERS = 8
+
+
+async def fresh_clients(addr: tuple[str, int], done: asyncio.Event) -> tuple[int, list[str]]:
+    """One fresh connection and request after another until ``done``: (answered, failures)."""
+    answered, failures = 0, []
+    while not done.is_set():
+        try:
+            async with await H11Client.connect(addr) as client:
+                response = await client.request()
+            answered += response.status == 200
+        except (OSError, TimeoutError, h11.RemoteProtocolError) as exc:
+            failures.append(repr(exc))
+    return answered, failures
+
+
+def rewrite(config: Path, text: str) -> None:
+    config.write_text(text, encoding="utf-8")
+
+
+async def resize_under_load(daemon: Daemon, config: Path, body: str) -> None:
+    addr = await daemon.listener_addr("web")
+    cluster = Cluster(daemon, config, addr, ("127.0.0.1", 0))
+    async with KeepAliveLoad(addr, clients=10) as load:
+        await load.wait_requests(30)
+        rewrite(config, "workers = 3\n" + body)
+        grown = await cluster.ctl("reload")
+        assert (grown.returncode, grown.stdout.strip()) == (0, "setting workers changed"), grown
+        assert sorted(cluster.worker_pids()) == [0, 1, 2]
+        assert json.loads((await cluster.ctl("json", "show", "info")).stdout)["workers"] == 3
+        # A listener added now gets a socket for each of the three (runtime.workers followed).
+        body += '\n[listeners.api]\nbind = "127.0.0.1:0"\nbackend = "app"\n'
+        rewrite(config, "workers = 3\n" + body)
+        added = await cluster.ctl("reload")
+        assert (added.returncode, added.stdout.strip()) == (0, "listener api added"), added
+        api = await daemon.listener_addr("api")
+        since = len(daemon.lines)
+        for _ in range(FAN_OUT * 2):  # all three workers serve it: 1 - (2/3)**24 likely
+            async with await H11Client.connect(api) as client:
+                assert (await client.request()).status == 200
+        assert set(cluster.access_workers(since)) == {0, 1, 2}
+        # Clients connecting now: the new worker takes its share of them (all of them on the
+        # other two: a (2/3)**20 chance), so retiring it has connections to hand over.
+        since = len(daemon.lines)
+        async with KeepAliveLoad(addr, clients=20, seed=3) as later:
+            await later.wait_requests(60)
+            assert 2 in cluster.access_workers(since)
+            rewrite(config, "workers = 2\n" + body)
+            done = asyncio.Event()
+            hammers = [asyncio.create_task(fresh_clients(addr, done)) for _ in range(HAMMERS)]
+            shrunk = await cluster.ctl("reload")  # meanwhile, no fresh client may be reset
+            done.set()
+            results = await asyncio.gather(*hammers)
+            answered = sum(count for count, _ in results)
+            failures = [failure for _, failed in results for failure in failed]
+            assert (shrunk.returncode, shrunk.stdout.strip()) == (0, "setting workers changed")
+            assert failures == [] and answered > 0
+            retired = await daemon.wait_text("workers_retiring workers=1")
+            assert json.loads((await cluster.ctl("json", "show", "info")).stdout)["workers"] == 2
+            since = len(daemon.lines)
+            await later.wait_requests(60)
+            late_record = await later.stop()
+        await load.wait_requests(30)
+        record = await load.stop()
+    assert set(cluster.access_workers(since)) <= {0, 1}
+    assert record.failed == [] and late_record.failed == []
+    assert (record.closed, late_record.closed) == (0, 0)
+    moved = int(retired.rsplit("connections_moved=", 1)[1].split()[0])
+    assert moved > 0, daemon.output
+    await daemon.wait_text("worker_retired worker=2")
+    assert "Traceback" not in daemon.output
+    errors = [line for line in daemon.lines if " ERROR " in line or " WARNING " in line]
+    assert errors == [], errors
+    print(
+        f"workers 2 -> 3 -> 2: 0 failed, 0 closed; {moved} connections moved off worker 2; "
+        f"{answered} fresh connections during the shrink, 0 failed"
+    )
+
+
+async def test_workers_fixed_on_the_command_line_are_not_changed_by_a_reload(
+    start_daemon: StartDaemon, write_config: WriteConfig, echo_server: EchoServer
+) -> None:
+    specs = [ServerSpec("s1", echo_server.addr)]
+    body = render_config(specs) + f'\n[control]\nsocket = "{SOCKET_NAME}"\n'
+    config = write_config("workers = 2\n" + body)
+    daemon = await start_daemon("run", "--workers", "2", "-c", str(config))
+    await daemon.listener_addr("web")
+    config.write_text("workers = 3\n" + body, encoding="utf-8")
+    refused = await run_zdlb("ctl", "-c", str(config), "reload")
+    assert refused.returncode == EXIT_FAILURE
+    assert "workers: fixed at 2 by `zdlb run --workers`" in refused.stderr
+    assert "worker_started worker=2" not in daemon.output

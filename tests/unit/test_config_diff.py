@@ -101,15 +101,15 @@ CASES: list[tuple[str, Edit, list[Change], int]] = [
         1,
     ),
     (
-        "control socket, metrics and workers",
+        "control socket and metrics refused, workers a change (resize.py)",
         lambda: dataclasses.replace(
             BASE,
             control=ControlConfig(socket=Path("/run/x.sock")),
             metrics=MetricsConfig(Address("127.0.0.1", 9100)),
             workers=4,
         ),
-        [],
-        3,
+        [Change(CHANGED, "setting", "workers")],
+        2,
     ),
 ]
 

@@ -52,7 +52,17 @@ MESSAGES = [
         ipc.Reload(7, Config("z.toml", (ListenerConfig("web", Address("127.0.0.1", 0), "a"),), ())),
         id="reload",
     ),
+    pytest.param(
+        ipc.Reload(
+            8,
+            Config("z.toml", (ListenerConfig("web", Address("127.0.0.1", 0), "a"),), ()),
+            ("api", "raw"),
+        ),
+        id="reload-with-listeners",
+    ),
     pytest.param(ipc.Reloaded(7, ()), id="reloaded"),
+    pytest.param(ipc.HandOver(), id="hand-over"),
+    pytest.param(ipc.Siblings(9, ("web", "raw")), id="siblings"),
     pytest.param(ipc.Adopt(1), id="adopt"),
     pytest.param(ipc.Release(1), id="release"),
     pytest.param(ipc.Reloaded(8, ("worker 1: out of fds",)), id="reloaded-problem"),

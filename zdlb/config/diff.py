@@ -21,14 +21,14 @@ from typing import Any, TypeVar
 from zdlb.config.model import BackendConfig, Config, ListenerConfig, ServerConfig
 
 # Settings a reload cannot apply, with the reason the refusal gives. The control socket and
-# the metrics endpoint are bound once at start; `workers` is the number of processes; log
-# handlers are installed once (their level and the access log flag do reload).
+# the metrics endpoint are bound once at start; log handlers are installed once (their level
+# and the access log flag do reload). `workers` reloads where there is a master to start and
+# retire workers (daemon/resize.py decides; one process refuses it).
 RESTART_ONLY: Mapping[str, str] = {
     "control.socket": "the control socket is bound once",
     "control.group": "the control socket is bound once",
     "control.state_file": "the journal is read once, at start",
     "metrics.listen": "the /metrics endpoint is bound once",
-    "workers": "the number of worker processes is fixed at start",
     "logging.format": "log handlers are installed once",
 }
 RESTART_HINT = "needs a restart or `zdlb ctl upgrade`"

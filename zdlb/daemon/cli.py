@@ -37,8 +37,9 @@ from zdlb.daemon.lifecycle import (
     serve,
 )
 from zdlb.daemon.logs import setup_logging
+from zdlb.daemon.master import serve_master
 from zdlb.daemon.reload import Reloader, single_actions
-from zdlb.daemon.runtime import Runtime, build_runtime
+from zdlb.daemon.runtime import Runtime, build_runtime, worker_count
 from zdlb.daemon.upgrade import (
     UPGRADE_FD_ENV,
     Launch,
@@ -49,7 +50,6 @@ from zdlb.daemon.upgrade import (
     report,
 )
 from zdlb.daemon.worker import WorkerOptions
-from zdlb.daemon.workers import serve_master, worker_count
 from zdlb.deploy.cli import add_parser as add_deploy_parser
 from zdlb.deploy.cli import run_deploy
 from zdlb.errors import ConfigError, ZdlbError
@@ -211,6 +211,7 @@ def _run(
         log_level=args.log_level or logging_config.level,
         log_format=LogFormat(args.log_format) if args.log_format else logging_config.format,
         access_log=logging_config.access_log and not args.no_access_log,
+        workers_override=args.workers,  # a reload may change `workers` only without it
     )
     setup_logging(options.log_level, options.log_format, access_log=options.access_log)
     raise_open_file_limit()
@@ -259,7 +260,7 @@ async def _serve(
         if config.cluster is not None:  # issue 16: the fleet's state before anything serves
             fleet = runtime.fleet = await join_fleet(config.cluster, runtime.servers)
         if channel is not None:
-            runtime.on_ready.append(lambda: _ready(channel, runtime, workers == 1))
+            runtime.on_ready.append(lambda: _ready(channel, runtime, True))
         if workers == 1:
             await serve(runtime, stop, actions=actions)
         else:
@@ -274,8 +275,8 @@ async def _serve(
 
 
 def _ready(channel: socket.socket, runtime: Runtime, takes_connections: bool) -> None:
-    """An upgrade's new process serves: say so; one process also takes the idle connections
-    (with workers they live in the old workers, which drain)."""
+    """An upgrade's new process serves: say so, and take the idle connections (a master deals
+    them out to its workers: upgrade.py ``receive_connections``)."""
     report(channel, ready_message(runtime, takes_connections), close=not takes_connections)
     if takes_connections:
         task = asyncio.get_running_loop().create_task(receive_connections(channel, runtime))

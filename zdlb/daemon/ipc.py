@@ -20,11 +20,18 @@ Rules, stated once:
    problem), and the master's ``StateUpdate`` that follows is authoritative as always. The
    config travels pickled (base64 in the JSON line): master and worker run the same code, and
    the channel is a socketpair only they hold, as the spec on the worker's stdin is.
+   ``listeners`` names the listeners whose sockets (a reload's new binds) were sent just
+   before on the worker's fd channel (fdchannel.py); the worker waits for them.
 6. ``Adopt`` asks a worker to accept also on the sockets of worker ``index``, which exited (it
    holds every sibling's sockets from its start, unused until then), so that share of the
    SO_REUSEPORT group is served within milliseconds instead of after a restart; ``Release``
    ends it once worker ``index`` serves again.
-7. A line is at most ``MAX_MESSAGE_BYTES``; anything else is a bug in zdlb, not an attack (both
+7. ``HandOver`` (an upgrade, once the new process serves) asks an old worker to stop accepting
+   and send its idle keep-alive connections to the master over the fd channel (idle_handover.py).
+8. ``Siblings`` (a reload that changed ``workers``, resize.py): every listener's sockets, every
+   worker's of each, were sent just before on the fd channel; the worker keeps its siblings'
+   as its shares from now on, in place of those it held.
+9. A line is at most ``MAX_MESSAGE_BYTES``; anything else is a bug in zdlb, not an attack (both
    ends are zdlb, the socketpair is not reachable from outside): ``decode`` raises ValueError.
 
 Pure: no sockets, no clock, no event loop here; workers.py and worker.py move the lines.
@@ -99,6 +106,7 @@ class ObservedDown:
 class Reload:
     seq: int
     config: Config
+    listeners: tuple[str, ...] = ()  # sockets sent on the fd channel first (rule 5)
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,6 +125,17 @@ class Release:
     index: int
 
 
+@dataclass(frozen=True, slots=True)
+class HandOver:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class Siblings:
+    seq: int
+    listeners: tuple[str, ...]  # whose groups the fd channel carries (rule 8)
+
+
 Message = (
     StateUpdate
     | Poll
@@ -128,6 +147,8 @@ Message = (
     | Reloaded
     | Adopt
     | Release
+    | HandOver
+    | Siblings
 )
 
 
@@ -191,15 +212,19 @@ def encode(message: Message) -> bytes:
                 data["census"] = census
         case ObservedDown(server=server, reason=reason):
             data = {"t": "down", "server": server, "reason": reason}
-        case Reload(seq=seq, config=config):
+        case Reload(seq=seq, config=config, listeners=listeners):
             blob = base64.b64encode(pickle.dumps(config)).decode("ascii")
-            data = {"t": "reload", "seq": seq, "config": blob}
+            data = {"t": "reload", "seq": seq, "config": blob, "listeners": list(listeners)}
         case Reloaded(seq=seq, problems=problems):
             data = {"t": "reloaded", "seq": seq, "problems": list(problems)}
         case Adopt(index=index):
             data = {"t": "adopt", "index": index}
         case Release(index=index):
             data = {"t": "release", "index": index}
+        case HandOver():
+            data = {"t": "hand_over"}
+        case Siblings(seq=seq, listeners=listeners):
+            data = {"t": "siblings", "seq": seq, "listeners": list(listeners)}
     return json.dumps(data, separators=(",", ":")).encode() + b"\n"
 
 
@@ -235,13 +260,19 @@ def decode(line: bytes) -> Message:
             case "down":
                 return ObservedDown(_str(data["server"]), _str(data["reason"]))
             case "reload":
-                return Reload(_int(data["seq"]), _config(_str(data["config"])))
+                listeners = tuple(_str(name) for name in data.get("listeners", []))
+                return Reload(_int(data["seq"]), _config(_str(data["config"])), listeners)
             case "reloaded":
                 return Reloaded(_int(data["seq"]), tuple(_str(p) for p in data["problems"]))
             case "adopt":
                 return Adopt(_int(data["index"]))
             case "release":
                 return Release(_int(data["index"]))
+            case "hand_over":
+                return HandOver()
+            case "siblings":
+                names = tuple(_str(name) for name in data["listeners"])
+                return Siblings(_int(data["seq"]), names)
     except (KeyError, TypeError, AttributeError) as exc:
         raise ValueError(f"malformed message: {exc!r}") from None
     raise ValueError(f"unknown message type {kind!r}")

@@ -22,9 +22,14 @@ Old routes stay in ``Runtime.retired`` (swept, counted by ``show info``, drained
 their last connection ends; ``wait idle`` also counts a server's predecessors.
 
 With workers (``Role.MASTER``) the master does steps 1-2 for its own state and pushes the
-validated config to every worker, which applies it as ``Role.WORKER`` (ipc.py ``Reload``);
-adding, removing or moving a listener needs sockets bound for every worker, so it is refused
-there (a restart or ``zdlb ctl upgrade`` does it).
+validated config to every worker, which applies it as ``Role.WORKER`` in place (ipc.py
+``Reload``): the workers keep their processes, connections and pooled upstream connections,
+where replacing them one by one would close every keep-alive client of each (or hand each over,
+an upgrade's cost per reload). The master owns the sockets, so a listener added or moved is
+bound by the master (one SO_REUSEPORT socket per worker), sent to every worker over its fd
+channel (fdchannel.py) just before the ``Reload`` that serves it, and accepted on there; the
+master closes its copies of a removed listener's sockets once every worker applied the reload
+(each stopped accepting on its own and drains that listener's connections as above).
 
 Must not: read the file on the loop, close a client connection, or leave anything half-applied.
 """
@@ -35,13 +40,14 @@ import asyncio
 import enum
 import logging
 import socket
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 from zdlb.balancer.pool import Backend
 from zdlb.balancer.server import AdminState, Server
-from zdlb.config.diff import ChangeKind, ConfigDiff, diff_configs
+from zdlb.config.diff import ConfigDiff, diff_configs
 from zdlb.config.load import load_config
 from zdlb.config.model import Config, ListenerConfig
 from zdlb.control import journal
@@ -56,7 +62,7 @@ from zdlb.events import EventKind
 from zdlb.health.scheduler import HealthChecker
 from zdlb.http.route import Route
 from zdlb.stats import Stats
-from zdlb.tcp.listener import bind_listener
+from zdlb.tcp.listener import bind_listener, bind_listener_group
 from zdlb.tcp.proxy import TcpRoute
 
 log = logging.getLogger(__name__)
@@ -93,14 +99,28 @@ class Plan:
     runtime: Runtime  # the new objects (the running one is updated from it)
     sources: dict[str, str]  # new listener name -> old listener whose socket it keeps
     bound: dict[str, socket.socket] = field(default_factory=dict)  # newly bound, by listener
+    # A master's new binds: one socket per worker, by listener; and the groups of listeners
+    # removed or moved, closed once the workers applied the reload.
+    groups: dict[str, list[socket.socket]] = field(default_factory=dict)
+    dropped: list[list[socket.socket]] = field(default_factory=list)
 
     def close_bound(self) -> None:
         for sock in self.bound.values():
             sock.close()
+        for group in self.groups.values():
+            for sock in group:
+                sock.close()
 
 
-def build_plan(running: Runtime, config: Config, diff: ConfigDiff, role: Role) -> Plan:
-    """Step 2. Raises ListenerError (a new bind failed; nothing bound is left open)."""
+def build_plan(
+    running: Runtime,
+    config: Config,
+    diff: ConfigDiff,
+    role: Role,
+    received: Mapping[str, socket.socket] | None = None,
+) -> Plan:
+    """Step 2. Raises ListenerError (a new bind failed; nothing bound is left open).
+    ``received``: a worker's sockets for the listeners its master bound for this reload."""
     backends = {b.name: Backend(b, processes=running.share_of) for b in config.backends}
     old_servers = {(s.backend, s.name): s for s in running.servers}
     for backend in backends.values():
@@ -116,17 +136,23 @@ def build_plan(running: Runtime, config: Config, diff: ConfigDiff, role: Role) -
     new = Runtime(config, backends, health, stats, on_health=running.on_health)
     new.events, new.census_key = running.events, running.census_key
     new.census = new_census(backends, running.census_key, running.census)
-    plan = Plan(config, diff, new, _socket_sources(running, config))
+    plan = Plan(config, diff, new, socket_sources(running, config))
     old_sockets = _sockets_by_name(running)
     try:
         for listener in config.listeners:
-            source = plan.sources.get(listener.name)
+            source, name = plan.sources.get(listener.name), listener.name
             if source is not None:
                 sock = old_sockets[source]
             elif role is Role.SINGLE:
-                sock = plan.bound[listener.name] = bind_listener(listener.bind, listener.backlog)
-            else:  # refused by check_role before: listeners need the master's socket groups
-                raise AssertionError(f"listener {listener.name} has no socket")
+                sock = plan.bound[name] = bind_listener(listener.bind, listener.backlog)
+            elif role is Role.MASTER:
+                group = bind_listener_group(listener.bind, listener.backlog, running.workers)
+                plan.groups[name] = group
+                sock = group[0]
+            elif received is not None and name in received:
+                sock = plan.bound[name] = received[name]
+            else:  # the master sends every socket a worker needs: a bug
+                raise ListenerError(0, f"listener {name}: no socket from the master")
             add_route(new, listener, sock)
     except BaseException:
         plan.close_bound()
@@ -140,7 +166,7 @@ def _sockets_by_name(runtime: Runtime) -> dict[str, socket.socket]:
     return socks
 
 
-def _socket_sources(running: Runtime, config: Config) -> dict[str, str]:
+def socket_sources(running: Runtime, config: Config) -> dict[str, str]:
     """Which old listener's socket each new listener keeps: the same name and bind first, then
     the same bind and mode (a renamed listener), else none (a new bind)."""
     old = {r.listener.name: r.listener for r in _routes(running)}
@@ -165,34 +191,16 @@ def _same_socket(old: ListenerConfig, new: ListenerConfig) -> bool:
     return old.bind == new.bind and old.mode is new.mode and old.backlog == new.backlog
 
 
-def check_role(
-    diff: ConfigDiff, plan_sources: dict[str, str], config: Config, role: Role
-) -> list[str]:
-    """With workers, every listener must keep its socket (see the module docstring)."""
-    if role is Role.SINGLE:
-        return []
-    problems = [
-        f"listeners.{listener.name}.bind: adding, moving or renaming a listener with workers "
-        "needs a restart or `zdlb ctl upgrade`"
-        for listener in config.listeners
-        if plan_sources.get(listener.name) != listener.name
-    ]
-    problems += [
-        f"listeners.{change.name}: removing a listener with workers needs a restart or "
-        "`zdlb ctl upgrade`"
-        for change in diff.of("listener", ChangeKind.REMOVED)
-    ]
-    return problems
-
-
 async def switch(running: Runtime, plan: Plan, role: Role) -> list[Server]:
     """Step 3: make ``running`` serve ``plan``; returns the servers replaced (predecessors)."""
     new = plan.runtime
     old_routes = {r.listener.name: r for r in _routes(running)}
     old_servers = dict(running.http_servers)  # a moved listener's new server takes its name
-    if role is not Role.MASTER:
-        await _accept_new_binds(running, plan)
     kept = set(plan.sources.values())
+    if role is Role.MASTER:
+        _switch_groups(running, plan, kept)
+    else:
+        await _accept_new_binds(running, plan)
     for route, _ in new.sockets:
         name = route.listener.name
         source = plan.sources.get(name)
@@ -227,6 +235,18 @@ async def switch(running: Runtime, plan: Plan, role: Role) -> list[Server]:
     if role is not Role.WORKER:
         running.start_health()
     return predecessors
+
+
+def _switch_groups(running: Runtime, plan: Plan, kept: set[str]) -> None:
+    """A master: each listener's group of sockets, in the new config order; the groups no
+    listener keeps are closed after the push (``Reloader._apply``)."""
+    names = [listener.name for listener in running.config.listeners]
+    old = dict(zip(names, running.listener_groups, strict=True))
+    running.listener_groups = [
+        old[source] if (source := plan.sources.get(listener.name)) else plan.groups[listener.name]
+        for listener in plan.config.listeners
+    ]
+    plan.dropped = [group for name, group in old.items() if name not in kept]
 
 
 async def _accept_new_binds(running: Runtime, plan: Plan) -> None:
@@ -279,7 +299,17 @@ def _stop_old_listener(
 
 # --- the action ------------------------------------------------------------------------------
 
-Pusher = Callable[[Config], Awaitable[list[str]]]
+
+class WorkerResize(Protocol):
+    """A master's workers, for a reload that changes ``workers`` (workers.py ``Supervisor``)."""
+
+    def check_resize(self, config: Config) -> list[str]: ...
+
+    async def resize(self, config: Config) -> list[str]: ...
+
+
+# A master's: send the config to the workers with the new listeners' socket groups; problems.
+Pusher = Callable[[Config, Mapping[str, list[socket.socket]]], Awaitable[list[str]]]
 
 
 class Reloader:
@@ -298,6 +328,7 @@ class Reloader:
         self._controller = controller
         self._role = role
         self.push = push
+        self.workers: WorkerResize | None = None  # a master's (resize.py)
         self._lock = asyncio.Lock()  # one reload at a time; a second waits for the first
         self.upgrade_action: Callable[[int], Awaitable[tuple[bool, list[str]]]] | None = None
 
@@ -330,17 +361,25 @@ class Reloader:
         diff = diff_configs(running.config, config)
         if diff.refused:
             return False, list(diff.refused)
-        sources = _socket_sources(running, config)
-        if problems := check_role(diff, sources, config, self._role):
-            return False, problems
         if not diff.changes:
             return True, ["no change"]
+        resizing = any(change.name == "workers" for change in diff.of("setting"))
+        if resizing and (problems := self._check_workers(config)):
+            return False, problems
         try:
             plan = build_plan(running, config, diff, self._role)
         except ListenerError as exc:
             return False, [f"listeners: {exc}"]
         await self._apply(plan)
-        return True, [str(change) for change in diff.changes]
+        lines = [str(change) for change in diff.changes]
+        if resizing and self.workers is not None:
+            lines += [f"warning: {problem}" for problem in await self.workers.resize(config)]
+        return True, lines
+
+    def _check_workers(self, config: Config) -> list[str]:
+        if self.workers is None:
+            return ["workers: one process (workers = 1) gets worker processes only by a restart"]
+        return self.workers.check_resize(config)
 
     async def _apply(self, plan: Plan) -> None:
         running = self._runtime
@@ -356,8 +395,15 @@ class Reloader:
             changes = ", ".join(str(change) for change in plan.diff.changes) or "no change"
             running.events.record(EventKind.RELOAD, "-", changes)
         if self.push is not None:
-            for problem in await self.push(plan.config):
+            for problem in await self.push(plan.config, plan.groups):
                 log.error("reload_worker_failed %s", problem)
+            _close_groups(plan.dropped)  # every worker let go of its own copy, or is gone
+            for route, sock in running.sockets:
+                if route.listener.name in plan.groups:
+                    log_listener_started(route.listener, sock, route.backend)
+            for tcp_route, sock in running.tcp_sockets:
+                if tcp_route.listener.name in plan.groups:
+                    log_listener_started(tcp_route.listener, sock, tcp_route.backend)
         state_file = plan.config.control.state_file
         if state_file is not None and self._role is not Role.WORKER:
             try:
@@ -372,13 +418,19 @@ def _apply_logging(config: Config, diff: ConfigDiff) -> None:
         logging.getLogger().setLevel(config.logging.level.upper())
 
 
-async def apply_pushed(runtime: Runtime, config: Config) -> list[str]:
-    """A worker applies the config its master validated and sent (ipc.py ``Reload``)."""
+def _close_groups(groups: list[list[socket.socket]]) -> None:
+    for group in groups:
+        for sock in group:
+            sock.close()
+
+
+async def apply_pushed(
+    runtime: Runtime, config: Config, received: Mapping[str, socket.socket]
+) -> list[str]:
+    """A worker applies the config its master validated and sent (ipc.py ``Reload``), with
+    the sockets of the listeners the master bound for it. Raises ListenerError (a bug)."""
     diff = diff_configs(runtime.config, config)
-    sources = _socket_sources(runtime, config)
-    if problems := check_role(diff, sources, config, Role.WORKER):
-        return problems  # the master refused these already: a bug if it happens
-    plan = build_plan(runtime, config, diff, Role.WORKER)
+    plan = build_plan(runtime, config, diff, Role.WORKER, received)
     await switch(runtime, plan, Role.WORKER)
     _apply_logging(config, diff)
     return []

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import secrets
 import socket
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -39,6 +40,8 @@ from zdlb.tcp.proxy import TcpRoute, TcpSettings
 
 if TYPE_CHECKING:
     from zdlb.daemon.acceptor import HttpAcceptor
+# (listener name, client socket) pairs, and what takes them (daemon/idle_handover.py).
+SendConnections = Callable[[list[tuple[str, socket.socket]]], Awaitable[None]]
 
 # A scraper or two, not a crowd: the endpoint caps its connections anyway.
 METRICS_BACKLOG = 64
@@ -160,6 +163,11 @@ class Runtime:
     share_of: int = 1
     # [cluster] (issue 16): the fleet's shared state; the controller commits changes there.
     fleet: FleetLink | None = None
+    workers: int = 1  # worker processes (a master binds this many sockets per listener)
+    # A master's part in an upgrade (daemon/idle_handover.py), set by workers.py: collect the old
+    # workers' idle connections into a send, and deal received ones out to the new workers.
+    collect_idle: Callable[[SendConnections], Awaitable[int]] | None = None
+    deliver_connections: SendConnections | None = None
 
     @property
     def all_routes(self) -> list[Route | TcpRoute]:
@@ -194,6 +202,16 @@ class Runtime:
                 sock.close()
         if self.metrics_socket is not None:
             self.metrics_socket.close()
+
+
+def worker_count(config: Config, override: int | None = None) -> int:
+    """Workers to run: ``override`` (the command line), ``workers`` in the config, or one per
+    core this process may run on (``taskset -c 1 zdlb run`` gets one)."""
+    if override is not None:
+        return override
+    if config.workers is not None:
+        return config.workers
+    return max(1, len(os.sched_getaffinity(0)))
 
 
 def build_runtime(
@@ -232,7 +250,7 @@ def build_runtime(
     runtime = Runtime(
         config, backends, health, Stats.from_config(config), on_health=on_health, events=events
     )
-    runtime.inherited = inherited
+    runtime.inherited, runtime.workers = inherited, workers
     runtime.share_of = share_of
     runtime.budget = ConnectionBudget.for_config(config, runtime.stats.process)
     runtime.census_key = secrets.randbits(64) if census_key is None else census_key

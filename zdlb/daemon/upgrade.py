@@ -13,14 +13,11 @@ The old process (``Upgrader``):
 3. waits, within ``READY_TIMEOUT_S``, for the new process to answer ``ready`` (it serves every
    listener and the control socket) or ``error`` (why it cannot), or to exit. On anything
    but ``ready`` the old process kills the new one, keeps serving, and answers why;
-4. on ``ready``, one process: stops accepting (the new one accepts on the same queues) and
-   hands over its keep-alive client connections, each at a moment it is idle (between
-   requests, nothing buffered either way): ``ClientConnection.detach_idle`` gives a duplicate
-   of its socket and aborts the transport (this process's descriptor closes, no FIN), and
-   the socket goes over the channel (``{"conns": [listener names]}`` lines with the fds, at
-   most ``FDS_PER_MESSAGE`` a message); those busy are looked at again every
-   ``HANDOVER_POLL_S`` for up to ``HANDOVER_S``. With workers the connections are the old
-   workers' and stay there (each is told ``Connection: close`` at its next answer);
+4. on ``ready``: stops accepting (the new one accepts on the same queues) and hands over its
+   keep-alive client connections, each at a moment it is idle (idle_handover.py), the sockets
+   going over the channel as ``{"conns": [listener names]}`` lines with the fds. With workers
+   the connections are the old workers': the master asks each (ipc.py ``HandOver``) and
+   passes on what they send; the new master deals them out to its workers;
 5. answers the command, then stops as on SIGTERM (what is left drains within ``grace_s``),
    except that the control socket file is the new process's and systemd hears MAINPID from
    the new one.
@@ -29,13 +26,14 @@ The new process (``receive_takeover`` at start; ``report`` and ``receive_connect
 serves): build_runtime uses the sockets that match its config (daemon/runtime.py
 ``Inherited``) and binds the rest, so both processes accept on the same queues for a moment
 and no client is refused; handed-over connections join their listener's route through
-``loop.connect_accepted_socket`` (a listener the new config lacks: closed). Listeners are
-matched by name and bind; ``workers`` must not change (the sockets are one per worker).
+``loop.connect_accepted_socket`` (a listener the new config lacks: closed), or, in a master,
+go on to its workers (``Runtime.deliver_connections``). Listeners are matched by name and bind;
+``workers`` must not change (the sockets are one per worker).
 
-Under 10 keep-alive clients pausing 0-200 ms, an upgrade of one process failed 0 requests and
-closed 0 connections (tests/daemon/test_upgrade.py, benchmarks/reload_compare.py). Must not:
-block the loop (socket I/O runs in a thread) or leave the new process running after a failed
-upgrade.
+Under 10 keep-alive clients pausing 0-200 ms, an upgrade failed 0 requests and closed 0
+connections, with one process and with 2 workers (tests/daemon/test_upgrade.py,
+benchmarks/reload_compare.py). Must not: block the loop (socket I/O runs in a thread) or leave
+the new process running after a failed upgrade.
 """
 
 from __future__ import annotations
@@ -54,10 +52,10 @@ from zdlb.config.load import load_config
 from zdlb.config.model import Address
 from zdlb.control import journal
 from zdlb.daemon import ipc, spawn
+from zdlb.daemon.idle_handover import Batch, close_all, hand_over_idle
 from zdlb.daemon.lifecycle import adopt_connection
 from zdlb.daemon.runtime import Inherited, Runtime
 from zdlb.errors import ConfigError, ZdlbError
-from zdlb.http.route import Route
 
 log = logging.getLogger(__name__)
 
@@ -68,12 +66,6 @@ READY_TIMEOUT_S = 20.0
 # The header and the answers are a few KiB (the state is ~100 bytes per server).
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 MAX_FDS = 4096  # listeners x workers + 2; far more than any config has
-# Client connections per message: the kernel passes at most 253 descriptors in one (SCM_MAX_FD).
-FDS_PER_MESSAGE = 200
-# Busy keep-alive connections are handed over when their exchange ends: looked for this often,
-# for at most this long (most exchanges end in milliseconds; a longer one is drained here).
-HANDOVER_POLL_S = 0.005
-HANDOVER_S = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,25 +141,21 @@ class Upgrader:
         ]
 
     async def _hand_over_idle(self, ours: socket.socket) -> None:
-        """Give the new process the keep-alive connections (one process only: with workers
-        the connections are the workers'). This process stops accepting (the new one does),
-        then every ``HANDOVER_POLL_S`` detaches the connections idle at that moment -- on the
-        loop, in one go, so none can start a request in between -- and sends them, until none
-        is left or ``HANDOVER_S`` passed; a connection still busy then is told `Connection:
-        close` by the drain that follows."""
+        """Give the new process the keep-alive connections (idle_handover.py): this process's,
+        or with workers (``Runtime.collect_idle``) its workers'."""
         runtime = self._runtime
-        for server in runtime.http_servers.values():
-            server.close()
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + HANDOVER_S
+
+        async def send(batch: Batch) -> None:
+            line = json.dumps({"conns": [name for name, _ in batch]}).encode() + b"\n"
+            fds = [sock.fileno() for _, sock in batch]
+            await asyncio.to_thread(socket.send_fds, ours, [line], fds)
+
         count = 0
         try:
-            while True:
-                count += await _send_idle(ours, runtime)
-                busy = sum(len(r.connections) for r in runtime.all_routes if isinstance(r, Route))
-                if not busy or loop.time() >= deadline:
-                    break
-                await asyncio.sleep(HANDOVER_POLL_S)
+            if runtime.collect_idle is not None:
+                count = await runtime.collect_idle(send)
+            else:
+                count = await hand_over_idle(runtime, send)
         except OSError as exc:
             log.error("upgrade_connections_failed error=%s", exc)
         log.info("upgrade_connections_handed_over count=%d", count)
@@ -227,27 +215,6 @@ class Upgrader:
             return {}
         except OSError as exc:
             return {"error": f"handing over the sockets failed: {exc}"}
-
-
-async def _send_idle(ours: socket.socket, runtime: Runtime) -> int:
-    """Detach the idle connections and send them, ``FDS_PER_MESSAGE`` at a time."""
-    idle = [
-        (route.listener.name, sock)
-        for route in runtime.all_routes
-        if isinstance(route, Route)
-        for conn in list(route.connections)
-        if (sock := conn.detach_idle()) is not None
-    ]
-    try:
-        for start in range(0, len(idle), FDS_PER_MESSAGE):
-            batch = idle[start : start + FDS_PER_MESSAGE]
-            line = json.dumps({"conns": [name for name, _ in batch]}).encode() + b"\n"
-            fds = [sock.fileno() for _, sock in batch]
-            await asyncio.to_thread(socket.send_fds, ours, [line], fds)
-    finally:
-        for _, sock in idle:
-            sock.close()
-    return len(idle)
 
 
 def _read_line(sock: socket.socket) -> bytes:
@@ -353,15 +320,24 @@ async def receive_connections(channel: socket.socket, runtime: Runtime) -> None:
             )
             if not data and not fds:
                 break
+            socks = [socket.socket(fileno=fd) for fd in fds]
             names = [n for line in data.splitlines() for n in json.loads(line)["conns"]]
-            for name, fd in zip(names, fds, strict=False):
-                sock = socket.socket(fileno=fd)
-                slot = runtime.slots.get(name)
-                if slot is None:
-                    sock.close()
-                    continue
-                await adopt_connection(slot, sock)
-                adopted += 1
+            batch = list(zip(names, socks, strict=False))
+            for extra in socks[len(names) :]:  # unnamed: a bug, closed
+                extra.close()
+            if runtime.deliver_connections is not None:  # a master: to its workers
+                try:
+                    await runtime.deliver_connections(batch)
+                finally:
+                    close_all(batch)
+            else:
+                for name, sock in batch:
+                    slot = runtime.slots.get(name)
+                    if slot is None:
+                        sock.close()
+                        continue
+                    await adopt_connection(slot, sock)
+            adopted += len(batch)
     except (OSError, ValueError, KeyError, TypeError) as exc:
         log.error("upgrade_connections_failed error=%r", exc)
     finally:

@@ -15,6 +15,9 @@ Rules:
 3. SIGTERM/SIGINT drain it as the single process drains (lifecycle.shutdown, within grace_s).
    The channel closing means the master is gone: the worker drains and exits too, so a killed
    master leaves no orphans behind.
+4. Sockets come over the fd channel (fdchannel.py), read by one task: a reload's new
+   listeners (kept by ``seq`` until its ``Reload`` takes them) and, in an upgrade's new worker,
+   client connections to serve. An old worker told ``HandOver`` sends its idle ones there.
 """
 
 from __future__ import annotations
@@ -27,13 +30,15 @@ import pickle
 import socket
 import sys
 from dataclasses import dataclass
+from typing import Any
 
 from zdlb.balancer.server import AdminState, Health, Server
 from zdlb.config.model import Config, LogFormat
 from zdlb.daemon import ipc
-from zdlb.daemon.acceptor import HttpAcceptor
+from zdlb.daemon.fdchannel import FdChannel, names_of
+from zdlb.daemon.idle_handover import hand_over_idle, send_conns
 from zdlb.daemon.lifecycle import (
-    accept_into,
+    adopt_connection,
     install_signal_handlers,
     raise_open_file_limit,
     run_loop,
@@ -43,8 +48,9 @@ from zdlb.daemon.lifecycle import (
     tune_gc,
 )
 from zdlb.daemon.logs import setup_logging
-from zdlb.daemon.reload import apply_pushed
+from zdlb.daemon.reload import apply_pushed, socket_sources
 from zdlb.daemon.runtime import Runtime, build_runtime
+from zdlb.daemon.sibling_shares import SiblingShares
 from zdlb.errors import ZdlbError
 from zdlb.health.verdict import Transition, Verdict
 from zdlb.metrics.collector import take_snapshot
@@ -57,6 +63,9 @@ log = logging.getLogger(__name__)
 REPORT_INTERVAL_S = 0.1
 # The master sends the state at once; not getting it means the master is stuck or gone.
 FIRST_STATE_TIMEOUT_S = 10.0
+# A reload's listener sockets are sent just before its Reload: they are there at once, unless
+# the master died in between.
+LISTENERS_TIMEOUT_S = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,6 +76,7 @@ class WorkerOptions:
     log_level: str
     log_format: LogFormat
     access_log: bool
+    workers_override: int | None = None  # `zdlb run --workers N`: fixes the count (resize.py)
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,6 +92,7 @@ class WorkerSpec:
     # Every worker's listener fds, by worker index (this one's too): a sibling's are served
     # only while it is down (workers.py, rule 6).
     share_fds: tuple[tuple[int, ...], ...] = ()
+    fd_channel: int = -1  # the worker's end of the fd channel (rule 4)
 
 
 class Worker:
@@ -91,11 +102,14 @@ class Worker:
         self,
         runtime: Runtime,
         writer: asyncio.StreamWriter,
-        shares: dict[int, list[socket.socket]] | None = None,
+        shares: SiblingShares | None = None,
+        fds: FdChannel | None = None,
+        index: int = 0,
     ) -> None:
         self.runtime = runtime
-        self._shares = shares or {}  # sibling index -> its listener sockets, config order
-        self._adopted: dict[int, list[HttpAcceptor]] = {}
+        self.index = index
+        self.shares = shares or SiblingShares(runtime, {})
+        self.fds = fds
         self._writer = writer
         self._servers = [s for backend in runtime.backends.values() for s in backend.servers]
         self._by_key = {ipc.server_key(s): s for s in self._servers}
@@ -103,6 +117,10 @@ class Worker:
         # Servers a reload replaced whose last requests still run here: reported with the
         # server of the same name, so the master's `wait idle` waits for them too.
         self._predecessors: list[Server] = []
+        # Rule 4: a reload's listener sockets by seq, then name (every worker's, by index).
+        self._arrived: dict[int, dict[str, list[socket.socket]]] = {}
+        self._has_arrived = asyncio.Event()
+        self.background: set[asyncio.Task[None]] = set()
 
     def send(self, message: ipc.Message) -> None:
         if not self._writer.is_closing():
@@ -148,51 +166,134 @@ class Worker:
                 if (target := self._by_key.get(key)) is not None:
                     self._close_idle(target)
             case ipc.Release(index=index):
-                self.release(index)
-            case ipc.Reload() | ipc.Adopt():
+                self.shares.release(index)
+            case ipc.HandOver():
+                self.hand_over()
+            case ipc.Reload() | ipc.Adopt() | ipc.Siblings():
                 raise AssertionError("awaited by _read_channel, in channel order")
             case ipc.Ready() | ipc.StatsReport() | ipc.ObservedDown() | ipc.Reloaded():
                 log.error("worker_channel_unexpected message=%s", type(message).__name__)
 
-    async def adopt(self, index: int) -> None:
-        """Accept on worker ``index``'s HTTP listener sockets too, until ``release``."""
-        if index in self._adopted or index not in self._shares:
-            return
-        servers = []
-        for listener, sock in zip(self.runtime.config.listeners, self._shares[index], strict=True):
-            slot = self.runtime.slots.get(listener.name)
-            if slot is not None:  # HTTP; a TCP share waits for the restart
-                # A duplicate: closing the server must leave the socket for the next time.
-                servers.append(await accept_into(slot, sock.dup()))
-        self._adopted[index] = servers
-        log.info("worker_share_serving share=%d listeners=%d", index, len(servers))
-
-    def release(self, index: int) -> None:
-        """Stop accepting on worker ``index``'s sockets; its connections here carry on."""
-        for server in self._adopted.pop(index, []):
-            server.close()
-
-    def close_shares(self) -> None:
-        """At stop: let go of every sibling socket, so that once every process has, the
-        listeners close and new clients are refused instead of queued for nobody."""
-        for index in list(self._adopted):
-            self.release(index)
-        for socks in self._shares.values():
-            for sock in socks:
-                sock.close()
-        self._shares = {}
-
     async def reload(self, message: ipc.Reload) -> None:
         """Apply the config the master pushed (ipc.py, rule 5) and say how it went."""
         old = self._servers
+        adopted = self.shares.adopted
+        for index in adopted:  # sibling_shares.py, rule 3
+            self.shares.release(index)
         try:
-            problems = await apply_pushed(self.runtime, message.config)
+            groups = await self._listener_groups(message.seq, message.listeners)
+            sources = socket_sources(self.runtime, message.config)
+            own = {name: socks[self.index] for name, socks in groups.items()}
+            try:
+                problems = await apply_pushed(self.runtime, message.config, own)
+            except BaseException:
+                for socks in groups.values():
+                    for sock in socks:
+                        sock.close()
+                raise
+            self.shares.replace(message.config, sources, groups)
         except ZdlbError as exc:  # a bug, or out of fds: the master logs it
             problems = [str(exc)]
+        for index in adopted:
+            await self.shares.adopt(index)
         self._servers = self.runtime.servers
         self._by_key = {ipc.server_key(s): s for s in self._servers}
         self._predecessors = [s for s in (*self._predecessors, *old) if s.inflight or s.conns]
         self.send(ipc.Reloaded(message.seq, tuple(problems)))
+
+    async def siblings(self, message: ipc.Siblings) -> None:
+        """ipc.py rule 8: the siblings' sockets, after the master changed their number."""
+        try:
+            groups = await self._listener_groups(message.seq, message.listeners)
+        except ZdlbError as exc:
+            log.error("worker_siblings_failed error=%s", exc)
+            return
+        for socks in groups.values():
+            socks[self.index].close()  # its own: the runtime's copy serves
+        self.shares.reset(groups, self.index)
+
+    async def _listener_groups(
+        self, seq: int, names: tuple[str, ...]
+    ) -> dict[str, list[socket.socket]]:
+        """The sockets of listeners ``names``, sent on the fd channel before message ``seq``
+        (rule 4). Raises ZdlbError if they do not come within LISTENERS_TIMEOUT_S."""
+        wanted = set(names)
+        try:
+            async with asyncio.timeout(LISTENERS_TIMEOUT_S):
+                while not wanted <= self._arrived.get(seq, {}).keys():
+                    self._has_arrived.clear()
+                    await self._has_arrived.wait()
+        except TimeoutError:
+            raise ZdlbError(f"listeners {sorted(wanted)}: no sockets from the master") from None
+        return self._arrived.pop(seq, {})
+
+    async def read_fds(self) -> None:
+        """Rule 4: until the master closes its end."""
+        if self.fds is None:
+            return
+        while True:
+            try:
+                payload, socks = await self.fds.receive()
+            except (ConnectionError, ValueError) as exc:
+                log.info("worker_fd_channel_closed reason=%r", exc)
+                return
+            match payload["t"]:
+                case "listeners":
+                    self._listeners_arrived(payload, socks)
+                case "conns":
+                    await self._adopt_connections(payload, socks)
+                case kind:
+                    log.error("worker_fd_channel_unexpected message=%s", kind)
+                    for sock in socks:
+                        sock.close()
+
+    def _listeners_arrived(self, payload: dict[str, Any], socks: list[socket.socket]) -> None:
+        names, count, seq = payload["names"], int(payload["count"]), int(payload["seq"])
+        if len(names) * count != len(socks):
+            log.error("worker_fd_channel_malformed names=%s sockets=%d", names, len(socks))
+            for sock in socks:
+                sock.close()
+            return
+        arrived = self._arrived.setdefault(seq, {})
+        for number, name in enumerate(names):
+            arrived[str(name)] = socks[number * count : (number + 1) * count]
+        self._has_arrived.set()
+
+    async def _adopt_connections(self, payload: dict[str, Any], socks: list[socket.socket]) -> None:
+        """An upgrade's connections, from the new master (idle_handover.py)."""
+        try:
+            names = names_of(payload, len(socks))
+        except ValueError as exc:
+            log.error("worker_fd_channel_malformed error=%s", exc)
+            names = []
+        for number, sock in enumerate(socks):
+            slot = self.runtime.slots.get(names[number]) if number < len(names) else None
+            if slot is None:
+                sock.close()
+                continue
+            await adopt_connection(slot, sock)
+        log.info("worker_connections_adopted count=%d", len(socks))
+
+    def hand_over(self) -> None:
+        """ipc.py ``HandOver``: send the idle keep-alive connections to the master (an upgrade),
+        in a task: the channel goes on being read meanwhile."""
+        task = asyncio.get_running_loop().create_task(self._hand_over())
+        self.background.add(task)
+        task.add_done_callback(self.background.discard)
+
+    async def _hand_over(self) -> None:
+        fds = self.fds
+        if fds is None:
+            return
+        count = 0
+        try:
+            count = await hand_over_idle(self.runtime, lambda batch: send_conns(fds, batch))
+        except (OSError, ValueError) as exc:
+            log.error("worker_hand_over_failed error=%r", exc)
+        finally:
+            with contextlib.suppress(OSError):
+                await fds.send({"t": "done", "count": count}, [])
+        log.info("worker_connections_handed_over count=%d", count)
 
     def _align_verdict(self, server: Server) -> None:
         """The local passive-check verdict follows the master's health, so the next errors on
@@ -228,12 +329,14 @@ async def run_worker(spec: WorkerSpec) -> None:
         census_key=spec.census_key,
         share_of=max(1, len(spec.share_fds)),
     )
+    names = [listener.name for listener in spec.config.listeners]
     shares = {
-        index: [socket.socket(fileno=fd) for fd in fds]
+        index: {name: socket.socket(fileno=fd) for name, fd in zip(names, fds, strict=True)}
         for index, fds in enumerate(spec.share_fds)
         if index != spec.index
     }
-    worker = Worker(runtime, writer, shares)
+    fds = FdChannel(socket.socket(fileno=spec.fd_channel)) if spec.fd_channel >= 0 else None
+    worker = Worker(runtime, writer, SiblingShares(runtime, shares), fds, spec.index)
     hook.target = worker
     stop = asyncio.Event()
     install_signal_handlers(stop)
@@ -253,12 +356,15 @@ async def run_worker(spec: WorkerSpec) -> None:
         sweeper = tasks.create_task(sweep_forever(runtime))
         reporter = tasks.create_task(_report_forever(worker))
         listener = tasks.create_task(_read_channel(reader, worker, stop))
+        fd_reader = tasks.create_task(worker.read_fds())
         await stop.wait()
-        worker.close_shares()
+        worker.shares.close()
         await shutdown(runtime)
         worker.report()  # the last counts, so a scrape after a drain adds them up
-        for task in (sweeper, reporter, listener):
+        for task in (sweeper, reporter, listener, fd_reader, *worker.background):
             task.cancel()
+    if fds is not None:
+        fds.close()
     writer.close()
     with contextlib.suppress(ConnectionError):
         await writer.wait_closed()
@@ -287,7 +393,9 @@ async def _read_channel(reader: asyncio.StreamReader, worker: Worker, stop: asyn
             if isinstance(message, ipc.Reload):
                 await worker.reload(message)  # before the next message: the state follows it
             elif isinstance(message, ipc.Adopt):
-                await worker.adopt(message.index)
+                await worker.shares.adopt(message.index)
+            elif isinstance(message, ipc.Siblings):
+                await worker.siblings(message)
             else:
                 worker.handle(message)
     except (ConnectionError, ValueError) as exc:

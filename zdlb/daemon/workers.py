@@ -1,4 +1,5 @@
-"""The master of a ``workers = N`` daemon (N > 1): it binds, supervises workers and owns the state.
+"""The master of a ``workers = N`` daemon (N > 1): it binds, supervises workers and owns the state
+(daemon/master.py runs it; ``Supervisor`` here starts, feeds, watches, resizes and stops them).
 
 ``workers = 1`` never comes here: one process does everything (lifecycle.serve). With more:
 
@@ -25,8 +26,14 @@
    the kernel queued there are served within milliseconds, not after the restart; the
    adopter lets go (``ipc.Release``) when the new worker serves. After a kill -9, fresh clients
    were all answered 18-19 ms after the kill, where without adoption they waited 249-275 ms
-   for the replacement (tests/daemon/test_worker_kill.py, 3 runs each). HTTP listeners only:
-   a TCP listener's share still waits for the restart.
+   for the replacement (tests/daemon/test_worker_kill.py, 3 runs each). TCP listeners too
+   (sibling_shares.py).
+7. Reload: the master applies the config, binds what it adds or moves, and pushes both to the
+   workers (reload.py, handoff.py ``ConfigPush``); a worker started later gets the new config
+   and sockets. Upgrade: the old workers' idle connections go through both masters to the new
+   workers (idle_handover.py, handoff.py ``collect_idle`` and ``Dealer``).
+8. A reload that changes ``workers`` starts or retires workers (resize.py has the rules), so
+   no client is queued for a worker not yet serving nor reset by a socket that closes.
 """
 
 from __future__ import annotations
@@ -34,27 +41,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import pickle
 import signal
 import socket
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 from zdlb.balancer.server import Health, Server
 from zdlb.config.model import Config
-from zdlb.daemon import ipc, notify, spawn
-from zdlb.daemon.handoff import ConfigPush, Shares
-from zdlb.daemon.lifecycle import (
-    ActionsFactory,
-    announce_ready,
-    install_actions,
-    log_listener_started,
-    start_control,
-    start_metrics,
-)
-from zdlb.daemon.reload import Reloader, Role
-from zdlb.daemon.runtime import Runtime
+from zdlb.daemon import fdchannel, ipc, resize, spawn
+from zdlb.daemon.fdchannel import FdChannel
+from zdlb.daemon.handoff import ConfigPush, Dealer, Shares, collect_idle
+from zdlb.daemon.runtime import Runtime, SendConnections, worker_count
+from zdlb.daemon.slot import WorkerSlot, ready_or_exited
 from zdlb.daemon.worker import WorkerOptions, WorkerSpec
 from zdlb.errors import ZdlbError
 from zdlb.events import EventKind
@@ -82,37 +81,6 @@ RESTART_MIN_S = 0.1
 RESTART_MAX_S = 5.0
 
 
-def worker_count(config: Config, override: int | None = None) -> int:
-    """Workers to run: ``override`` (the command line), ``workers`` in the config, or one per
-    core this process may run on (``taskset -c 1 zdlb run`` gets one)."""
-    if override is not None:
-        return override
-    if config.workers is not None:
-        return config.workers
-    return max(1, len(os.sched_getaffinity(0)))
-
-
-class WorkerSlot:
-    """Worker number ``index``: its current process, channel and latest report."""
-
-    def __init__(self, index: int) -> None:
-        self.index = index
-        self.proc: asyncio.subprocess.Process | None = None
-        self.writer: asyncio.StreamWriter | None = None
-        self.report: ipc.StatsReport | None = None
-        self.reader: asyncio.Task[None] | None = None
-        self.ready = asyncio.Event()
-        self.started_at = 0.0
-
-    def __repr__(self) -> str:
-        pid = self.proc.pid if self.proc is not None else None
-        return f"<WorkerSlot {self.index} pid={pid} ready={self.ready.is_set()}>"
-
-    def send(self, message: ipc.Message) -> None:
-        if self.writer is not None and not self.writer.is_closing():
-            self.writer.write(ipc.encode(message))
-
-
 class Supervisor:
     """Starts, feeds, watches and stops the workers; the controller's ``WorkerLoad``."""
 
@@ -127,12 +95,19 @@ class Supervisor:
         self._reported = asyncio.Event()
         self._is_stopping = False
         self._pushed_generation = Server.generation
-        self._shares = Shares()  # rule 6
+        self.shares = Shares()  # rule 6
         self._push = ConfigPush()  # reload.py
-        # Worker i accepts on the i-th socket of every listener's group (build_runtime).
-        groups = runtime.listener_groups
-        assert all(len(group) == count for group in groups), "build_runtime(workers=count)"
-        self._worker_socks = [[group[i] for group in groups] for i in range(count)]
+        self.dealer = Dealer(self.slots)
+        self.retiring: list[WorkerSlot] = []  # retired by a reload, still draining
+        self._tasks: asyncio.TaskGroup | None = None  # run()'s, watching every worker
+        assert all(len(group) == count for group in runtime.listener_groups), "workers=count"
+
+    @property
+    def _worker_socks(self) -> list[list[socket.socket]]:
+        """Worker i accepts on the i-th socket of every listener's group (build_runtime), in
+        config order; a reload changes the groups (reload.py)."""
+        groups = self.runtime.listener_groups
+        return [[group[i] for group in groups] for i in range(len(self.slots))]
 
     # --- WorkerLoad (control/commands.py) ---------------------------------------------------
 
@@ -172,14 +147,49 @@ class Supervisor:
 
     # --- reload (daemon/reload.py) --------------------------------------------------------
 
-    async def push_config(self, config: Config) -> list[str]:
-        """Send the config the master just applied to every serving worker, then the state;
-        returns the problems (handoff.py ``ConfigPush``)."""
+    async def push_config(
+        self, config: Config, groups: Mapping[str, list[socket.socket]]
+    ) -> list[str]:
+        """Send the config the master just applied to every serving worker, with the sockets
+        of its new listeners, then the state; returns the problems (handoff.py)."""
         self._servers = self.runtime.servers
         self._by_key = {ipc.server_key(s): s for s in self._servers}
         self._seq += 1
         self._pushed_generation = Server.generation
-        return await self._push.push(self._seq, config, ipc.views_of(self._servers), self.slots)
+        state = ipc.views_of(self._servers)
+        return await self._push.push(self._seq, config, state, self.slots, groups)
+
+    async def collect_idle(self, send: SendConnections) -> int:
+        """An upgrade: the workers' idle keep-alive connections, passed on to ``send``."""
+        return await collect_idle(self.slots, send)
+
+    # --- a reload that changes `workers` (resize.py) --------------------------------------
+
+    def check_resize(self, config: Config) -> list[str]:
+        """What stands in the way of running ``config``'s number of workers (nothing changed)."""
+        target = worker_count(config, self._options.workers_override)
+        problems = resize.check(self._options.workers_override)
+        if not problems and target < len(self.slots):  # shrinking needs the BPF program
+            problems = resize.steer(self.runtime.listener_groups, len(self.slots))
+        return problems
+
+    async def resize(self, config: Config) -> list[str]:
+        """Start or retire workers to run ``config``'s number (resize.py, rules 1-3); the
+        problems met (the change is made as far as it can be)."""
+        running = len(self.slots)
+        target = worker_count(config, self._options.workers_override)
+        if target == running:
+            return []
+        if target > running:
+            problems = await resize.grow_workers(self, target)
+        else:
+            problems = await resize.shrink_workers(self, target)
+        self.runtime.workers = len(self.slots)  # a listener added later binds as many
+        self._seq += 1
+        groups = self.runtime.listener_groups
+        await resize.send_siblings(self.slots, self._seq, config.listeners, groups)
+        log.info("workers_resized old=%d new=%d", running, len(self.slots))
+        return problems
 
     # --- metrics ----------------------------------------------------------------------------
 
@@ -191,7 +201,8 @@ class Supervisor:
         return merge([own, *reports, *retired])
 
     def _reports(self) -> Iterable[ipc.StatsReport]:
-        return (slot.report for slot in self.slots if slot.report is not None)
+        slots = [*self.slots, *self.retiring]
+        return (slot.report for slot in slots if slot.report is not None)
 
     @property
     def is_stopping(self) -> bool:
@@ -207,7 +218,7 @@ class Supervisor:
         try:
             async with asyncio.timeout(READY_TIMEOUT_S):
                 for slot in self.slots:
-                    await _ready_or_exited(slot)
+                    await ready_or_exited(slot)
         except TimeoutError:
             late = [slot.index for slot in self.slots if not slot.ready.is_set()]
             raise ZdlbError(f"workers {late} not serving after {READY_TIMEOUT_S} s") from None
@@ -215,6 +226,7 @@ class Supervisor:
     async def run(self) -> None:
         """Push state changes, restart workers that exit; until cancelled."""
         async with asyncio.TaskGroup() as tasks:
+            self._tasks = tasks
             for slot in self.slots:
                 tasks.create_task(self._watch(slot), name=f"worker {slot.index}")
             tasks.create_task(self._push_forever(), name="state push")
@@ -225,7 +237,8 @@ class Supervisor:
         for socks in self._worker_socks:
             for sock in socks:
                 sock.close()  # else the kernel keeps queueing connections nobody will accept
-        procs = [slot.proc for slot in self.slots if slot.proc is not None]
+        slots = [*self.slots, *self.retiring]
+        procs = [slot.proc for slot in slots if slot.proc is not None]
         for proc in procs:
             if proc.returncode is None:
                 proc.send_signal(signal.SIGTERM)
@@ -239,12 +252,22 @@ class Supervisor:
                     log.warning("worker_killed pid=%d reason=drain overran", proc.pid)
                     proc.kill()
             await asyncio.gather(*(proc.wait() for proc in procs))
-        for slot in self.slots:
+        for slot in slots:
             if slot.writer is not None:
                 slot.writer.close()
+            if slot.fds is not None:
+                slot.fds.close()
+                slot.fds = None
+
+    async def add(self, slot: WorkerSlot) -> None:
+        """Start a worker in a new ``slot`` (resize.py) and watch it as the others."""
+        await self._spawn(slot)
+        if self._tasks is not None:
+            self._tasks.create_task(self._watch(slot), name=f"worker {slot.index}")
 
     async def _spawn(self, slot: WorkerSlot) -> None:
         master_end, worker_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        fds_ours, fds_theirs = fdchannel.socketpair()
         try:
             fds = tuple(sock.fileno() for sock in self._worker_socks[slot.index])
             shares = tuple(tuple(sock.fileno() for sock in socks) for socks in self._worker_socks)
@@ -256,19 +279,27 @@ class Supervisor:
                 self._options,
                 self.runtime.census_key,
                 shares,
+                fds_theirs.fileno(),
             )
+            passed = (worker_end.fileno(), fds_theirs.fileno())
             proc = await asyncio.create_subprocess_exec(
                 *spawn.worker_argv(),
                 stdin=asyncio.subprocess.PIPE,
                 env=spawn.child_environment(),
-                pass_fds=(*(fd for share in shares for fd in share), worker_end.fileno()),
+                pass_fds=(*(fd for share in shares for fd in share), *passed),
             )
         except BaseException:
             master_end.close()
+            fds_ours.close()
             raise
         finally:
             worker_end.close()
+            fds_theirs.close()
+        if slot.fds is not None:
+            slot.fds.close()
+        slot.fds = FdChannel(fds_ours)
         slot.proc, slot.report, slot.started_at = proc, None, time.monotonic()
+        slot.config = self.runtime.config
         slot.ready.clear()
         assert proc.stdin is not None
         proc.stdin.write(pickle.dumps(spec))
@@ -289,10 +320,15 @@ class Supervisor:
             assert proc is not None
             code = await proc.wait()
             slot.ready.clear()  # refresh() no longer waits for it, show info counts it out
-            if not self._is_stopping:
-                self._shares.hand_over(slot.index, self.slots)  # first: its clients wait
+            if not self._is_stopping and not slot.is_retiring:
+                self.shares.hand_over(slot.index, self.slots)  # first: its clients wait
             if slot.reader is not None:
                 await slot.reader  # its last report, if it sent one
+            if slot.is_retiring:
+                log.info("worker_retired worker=%d pid=%d code=%d", slot.index, proc.pid, code)
+                self._retire(slot)
+                self.retiring.remove(slot)
+                return
             if self._is_stopping:
                 log.info("worker_stopped worker=%d pid=%d code=%d", slot.index, proc.pid, code)
                 return
@@ -345,7 +381,11 @@ class Supervisor:
             case ipc.Ready(pid=pid):
                 slot.ready.set()
                 log.info("worker_started worker=%d pid=%d", slot.index, pid)
-                self._shares.give_back(slot.index, self.slots)
+                self.shares.give_back(slot.index, self.slots)
+                if slot.config is not self.runtime.config and slot.proc is not None:
+                    # Started just before a reload it missed: its restart takes the new one.
+                    log.warning("worker_config_stale worker=%d pid=%d", slot.index, pid)
+                    slot.proc.send_signal(signal.SIGTERM)
             case ipc.ObservedDown(server=key, reason=reason):
                 self._observed_down(key, reason)
             case ipc.Reloaded():
@@ -357,6 +397,8 @@ class Supervisor:
                 | ipc.Reload()
                 | ipc.Adopt()
                 | ipc.Release()
+                | ipc.HandOver()
+                | ipc.Siblings()
             ):
                 log.error("worker_channel_unexpected message=%s", type(message).__name__)
 
@@ -386,61 +428,3 @@ class Supervisor:
                 update = ipc.views_of(self._servers)
                 for slot in self.slots:
                     slot.send(update)
-
-
-async def _ready_or_exited(slot: WorkerSlot) -> None:
-    """Wait for the worker to serve. Raises ZdlbError if it exits first."""
-    assert slot.proc is not None
-    ready = asyncio.ensure_future(slot.ready.wait())
-    exited = asyncio.ensure_future(slot.proc.wait())
-    await asyncio.wait((ready, exited), return_when=asyncio.FIRST_COMPLETED)
-    ready.cancel()
-    exited.cancel()
-    if not slot.ready.is_set():
-        code = slot.proc.returncode
-        raise ZdlbError(f"worker {slot.index} exited with code {code} before serving")
-
-
-async def serve_master(
-    runtime: Runtime,
-    stop: asyncio.Event,
-    count: int,
-    options: WorkerOptions,
-    actions: ActionsFactory | None = None,
-) -> None:
-    """lifecycle.serve for ``count`` > 1 workers: the rules above, until ``stop`` is set."""
-    supervisor = Supervisor(runtime, count, options)
-    control = await start_control(runtime, supervisor)
-    metrics = await start_metrics(runtime, supervisor.snapshot, supervisor, control)
-    try:
-        await supervisor.start()
-    except BaseException:
-        await supervisor.stop(0.0)
-        raise
-    reloader = Reloader(runtime, control.controller if control else None, Role.MASTER)
-    reloader.push = supervisor.push_config
-    if actions is not None:
-        reloader.upgrade_action = actions(runtime, control, stop).upgrade
-    install_actions(reloader, control)
-    for route, sock in runtime.sockets:
-        log_listener_started(route.listener, sock, route.backend)
-    for tcp_route, sock in runtime.tcp_sockets:
-        log_listener_started(tcp_route.listener, sock, tcp_route.backend)
-    log.info("workers_started workers=%d", count)
-    runtime.start_health()
-    announce_ready(runtime)
-    async with asyncio.TaskGroup() as tasks:
-        supervising = tasks.create_task(supervisor.run())
-        await stop.wait()
-        if not runtime.handed_over:
-            notify.stopping()
-        if control is not None:
-            await control.close(unlink=not runtime.handed_over)
-        grace_s = max((route.timeouts.grace_s for route in runtime.all_routes), default=0.0)
-        await supervisor.stop(grace_s)
-        supervising.cancel()
-        await runtime.stop_health()
-    if metrics is not None:
-        metrics.close()
-        await metrics.wait_closed()
-    log.info("shutdown_finished workers=%d", count)

@@ -1,12 +1,16 @@
 """Listening sockets: bound and configured before the event loop serves them.
 
 Binding happens before anything else starts so that a bad or busy address fails the start-up
-with a clear error rather than half a daemon. No event loop here.
+with a clear error rather than half a daemon. A ``SO_REUSEPORT`` group (one socket per worker)
+can grow and, with ``steer_to_first``, shrink without resetting a queued client (a reload that
+changes ``workers``, daemon/resize.py). No event loop here.
 """
 
 from __future__ import annotations
 
+import ctypes
 import socket
+import struct
 
 from zdlb.config.model import Address
 from zdlb.errors import ListenerError
@@ -46,6 +50,54 @@ def bind_listener_group(address: Address, backlog: int, count: int) -> list[sock
             sock.close()
         raise
     return sockets
+
+
+def join_listener_group(group: list[socket.socket], backlog: int, count: int) -> None:
+    """Add ``count`` sockets to the ``SO_REUSEPORT`` group on ``group``'s address (appended: the
+    kernel numbers a group's sockets in the order they joined). Raises ListenerError; nothing
+    is added then."""
+    address = bound_address(group[0])
+    added: list[socket.socket] = []
+    try:
+        for _ in range(count):
+            added.append(_bind(address, backlog, reuse_port=True))
+    except ListenerError:
+        for sock in added:
+            sock.close()
+        raise
+    group.extend(added)
+
+
+# Linux's SO_ATTACH_REUSEPORT_CBPF (asm-generic/socket.h; the socket module lacks it), and the
+# classic BPF opcodes and ancillary offset (linux/filter.h) of the program below.
+SO_ATTACH_REUSEPORT_CBPF = 51
+_BPF_LD_W_ABS, _BPF_ALU_MOD_K, _BPF_RET_A = 0x20, 0x94, 0x16
+_SKF_AD_RANDOM = -0x1000 + 56
+
+
+def steer_to_first(sock: socket.socket, count: int) -> None:
+    """New connections to ``sock``'s ``SO_REUSEPORT`` group go to its first ``count`` sockets
+    only (a random one of them each): ``A = random; A %= count; return A``, attached to the
+    group. Sockets past ``count`` then receive nothing, so once their queue is served they can
+    close without resetting a client. Raises ListenerError (no BPF here: the caller decides)."""
+    program = [
+        (_BPF_LD_W_ABS, 0, 0, _SKF_AD_RANDOM & 0xFFFFFFFF),
+        (_BPF_ALU_MOD_K, 0, 0, count),
+        (_BPF_RET_A, 0, 0, 0),
+    ]
+    code = ctypes.create_string_buffer(b"".join(struct.pack("HBBI", *ins) for ins in program))
+    fprog = struct.pack("HL", len(program), ctypes.addressof(code))  # struct sock_fprog
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_REUSEPORT_CBPF, fprog)
+    except OSError as exc:
+        raise ListenerError(exc.errno, f"cannot steer new connections: {exc.strerror}") from None
+
+
+def accept_queue_length(sock: socket.socket) -> int:
+    """Connections waiting in a listening socket's accept queue (TCP_INFO ``tcpi_unacked``,
+    which Linux sets to the queue length for a listener)."""
+    info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 32)
+    return int(struct.unpack_from("I", info, 24)[0])
 
 
 def _bind(

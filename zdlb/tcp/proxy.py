@@ -139,6 +139,7 @@ class TcpRoute:
         self.bytes_down = 0
         self.loop: asyncio.AbstractEventLoop | None = None
         self._sock: socket.socket | None = None
+        self._adopted: list[socket.socket] = []  # sibling workers' shares (adopt_socket)
         self._resume_handle: asyncio.TimerHandle | None = None
         self._sockaddrs: dict[Address, tuple[int, tuple[Any, ...]] | None] = {}
         self._failures: dict[Server, tuple[int, float]] = {}
@@ -162,19 +163,37 @@ class TcpRoute:
         and ``stop_accepting`` closes it."""
         self.loop = asyncio.get_running_loop()
         self._sock = sock
-        self.loop.add_reader(sock.fileno(), self._accept_ready)
+        self.loop.add_reader(sock.fileno(), self._accept_ready, sock)
         self.gate.add(self)
 
     def pause(self) -> None:
         """The connection budget is spent (budget.py, rule 2): leave clients in the backlog."""
         self._is_paused = True
-        if self._sock is not None and self.loop is not None:
-            self.loop.remove_reader(self._sock.fileno())
+        if self.loop is not None and self._resume_handle is None:
+            for sock in self._listening():
+                self.loop.remove_reader(sock.fileno())
 
     def resume(self) -> None:
         self._is_paused = False
-        if self._sock is not None and self.loop is not None and self._resume_handle is None:
-            self.loop.add_reader(self._sock.fileno(), self._accept_ready)
+        if self._resume_handle is None:  # else resumed by _resume_accepting
+            self._resume_accepting()
+
+    def adopt_socket(self, sock: socket.socket) -> None:
+        """Accept on ``sock`` too (a dead sibling worker's share of the SO_REUSEPORT group,
+        daemon/worker.py), until ``release_socket``; the route owns it until then."""
+        if self.is_stopping:
+            sock.close()
+            return
+        self.loop = asyncio.get_running_loop()
+        self._adopted.append(sock)
+        if self._resume_handle is None and not self._is_paused:  # else resumed with the others
+            self.loop.add_reader(sock.fileno(), self._accept_ready, sock)
+
+    def release_socket(self, sock: socket.socket) -> None:
+        """Stop accepting on an adopted ``sock`` and close it; tunnels carry on."""
+        if sock in self._adopted:
+            self._adopted.remove(sock)
+            self._close_listening(sock)
 
     def stop_accepting(self) -> None:
         """Shutdown, step 1: close the listening socket. Tunnels run on until they end (there
@@ -185,12 +204,17 @@ class TcpRoute:
             self._resume_handle.cancel()
             self._resume_handle = None
         sock, self._sock = self._sock, None
-        if sock is not None:
-            if self.loop is not None:
-                self.loop.remove_reader(sock.fileno())
-            sock.close()
+        adopted, self._adopted = self._adopted, []
+        for listening in (sock, *adopted):
+            if listening is not None:
+                self._close_listening(listening)
         if not self.tunnels:
             self.drained.set()
+
+    def _close_listening(self, sock: socket.socket) -> None:
+        if self.loop is not None and sock.fileno() != -1:
+            self.loop.remove_reader(sock.fileno())
+        sock.close()
 
     def abort_all(self) -> None:
         """Shutdown, last step: reset every tunnel still open, close the idle pipes."""
@@ -198,9 +222,9 @@ class TcpRoute:
             tunnel.abort()
         self.pool.close()
 
-    def _accept_ready(self) -> None:
-        sock, loop = self._sock, self.loop
-        assert sock is not None and loop is not None
+    def _accept_ready(self, sock: socket.socket) -> None:
+        loop = self.loop
+        assert loop is not None
         for _ in range(ACCEPT_BATCH):
             try:
                 client, addr = sock.accept()
@@ -208,14 +232,15 @@ class TcpRoute:
                 return
             except ConnectionAbortedError:
                 continue  # the client reset before we accepted it
-            except OSError as exc:  # EMFILE, ENFILE, ENOBUFS, ENOMEM
+            except OSError as exc:  # EMFILE, ENFILE, ENOBUFS, ENOMEM: every socket pauses
                 log.warning(
                     "accept_paused listener=%s error=%s retry_s=%s",
                     self.listener.name,
                     exc,
                     ACCEPT_RETRY_S,
                 )
-                loop.remove_reader(sock.fileno())
+                for listening in self._listening():
+                    loop.remove_reader(listening.fileno())
                 self._resume_handle = loop.call_later(ACCEPT_RETRY_S, self._resume_accepting)
                 return
             client.setblocking(False)
@@ -228,10 +253,14 @@ class TcpRoute:
             if self._is_paused:  # that was the last one the budget allows
                 return
 
+    def _listening(self) -> list[socket.socket]:
+        return [sock for sock in (self._sock, *self._adopted) if sock is not None]
+
     def _resume_accepting(self) -> None:
         self._resume_handle = None
-        if self._sock is not None and self.loop is not None and not self._is_paused:
-            self.loop.add_reader(self._sock.fileno(), self._accept_ready)
+        if self.loop is not None and not self._is_paused:
+            for sock in self._listening():
+                self.loop.add_reader(sock.fileno(), self._accept_ready, sock)
 
     # --- shared by tunnels ---------------------------------------------------------------
 
