@@ -100,3 +100,8 @@ class ControlUsageError(ZdlbError):
 
 class ControlCommandError(ZdlbError):
     """A well-formed control command that cannot be carried out (no such server...)."""
+
+
+class CertificateError(ZdlbError):
+    """A TLS certificate or key file cannot be used: missing, not PEM, encrypted, or the key
+    does not belong to the certificate. The message names the file and the reason."""

@@ -38,6 +38,7 @@ from zdlb.metrics.endpoint import MetricsEndpoint
 from zdlb.metrics.status import StatusBoard
 from zdlb.tcp.listener import bound_address
 from zdlb.tcp.proxy import TcpRoute
+from zdlb.tls.listener import TerminatingContext
 
 log = logging.getLogger(__name__)
 
@@ -194,17 +195,34 @@ async def accept_http(runtime: Runtime, route: Route, sock: socket.socket) -> No
 
 
 async def accept_into(slot: RouteSlot, sock: socket.socket) -> asyncio.Server:
-    """An asyncio server accepting on ``sock``, its connections served by ``slot``'s route."""
+    """An asyncio server accepting on ``sock``, its connections served by ``slot``'s route.
+
+    A TLS listener's server gets a ``TerminatingContext`` reading the route's TLS config at
+    every handshake (tls/listener.py: a reload or a renewed file needs no re-listen), and a
+    handshake deadline: ClientConnection's own deadlines start only once it is done. Raises
+    CertificateError if a certificate cannot be loaded (config/tls.py checked them before).
+    """
     loop = asyncio.get_running_loop()
+    tls = slot.route.listener.tls
+    if tls is None:
+        return await loop.create_server(
+            lambda slot=slot: ClientConnection(slot.route, loop),  # type: ignore[misc]
+            sock=sock,
+            backlog=slot.route.listener.backlog,
+        )
+    context = TerminatingContext(slot.route.listener.name, lambda: slot.route.listener.tls)
     return await loop.create_server(
         lambda slot=slot: ClientConnection(slot.route, loop),  # type: ignore[misc]
         sock=sock,
         backlog=slot.route.listener.backlog,
+        ssl=context,
+        ssl_handshake_timeout=tls.handshake_s,
     )
 
 
 async def adopt_connection(slot: RouteSlot, sock: socket.socket) -> None:
-    """Serve a client connection another process accepted (an upgrade's idle ones)."""
+    """Serve a client connection another process accepted (an upgrade's idle ones; never a
+    TLS one: its session state cannot leave the process, ClientConnection.detach_idle)."""
     loop = asyncio.get_running_loop()
     await loop.connect_accepted_socket(
         lambda: ClientConnection(slot.route, loop),

@@ -65,10 +65,11 @@ from zdlb.http.exchange import (
 from zdlb.http.head import Framing, Headers, RequestHead, ResponseHead
 from zdlb.http.splice import BodyDetour
 from zdlb.http.stream import RequestReader
-from zdlb.http.upgrade import ProtocolSwitch, Tunnel
+from zdlb.http.upgrade import ProtocolSwitch, Tunnel, TunnelPump
 from zdlb.stats import RESPONSE_TIME_BOUNDS_S
 from zdlb.tcp.pipes import PipePool
 from zdlb.tcp.pump import Pump
+from zdlb.tls.relay import Relay
 
 if TYPE_CHECKING:
     from zdlb.balancer.server import Server
@@ -477,7 +478,7 @@ class ClientConnection(asyncio.Protocol):
         )
         exchange.status = head.status
         return rewrite.build_response_head(
-            head, framing, keep_alive, request.http_minor, exchange.set_cookie
+            head, framing, keep_alive, request.http_minor, exchange.set_cookie + self.route.hsts
         )
 
     def response_complete(self, head: ResponseHead, body: bytes) -> None:
@@ -615,6 +616,9 @@ class ClientConnection(asyncio.Protocol):
             return  # lost meanwhile: connection_lost or upstream_lost ends the exchange
         data = self.reader.take_held()
         upstream.pool.stats.bytes_in += len(data)
+        if self.route.is_tls:  # TLS: the sockets cannot leave their transports (issue 14)
+            self._start_relay(exchange, upstream, data)
+            return
         switch = ProtocolSwitch(self.transport, upstream.transport, self._tunnel_ready)
         self.detour = switch
         switch.start(data)
@@ -646,7 +650,24 @@ class ClientConnection(asyncio.Protocol):
         route.tunnels.add(self)
         pump.start()
 
-    def _tunnel_ended(self, pump: Pump) -> None:
+    def _start_relay(self, exchange: Exchange, upstream: UpstreamConnection, held: bytes) -> None:
+        """A 101 over TLS: both transports go to a ``Relay`` (tls/relay.py) instead of a pump.
+        The upstream connection's protocol is replaced, so its connection_lost never comes:
+        the server counts the connection until ``_tunnel_ended``, as for a pump."""
+        assert self.transport is not None and upstream.transport is not None
+        exchange.upstream = None
+        upstream.owner = None
+        relay = Relay(self.transport, upstream.transport, self._tunnel_ended)
+        upstream.is_closed, upstream.transport = True, None
+        route = self.route
+        self.tunnel = Tunnel(relay, self.loop.time() + route.tunnel.tunnel_s)
+        self.transport = None
+        self.phase = Phase.TUNNEL
+        self.deadline = math.inf
+        route.tunnels.add(self)
+        relay.start(held)
+
+    def _tunnel_ended(self, pump: TunnelPump) -> None:
         """Called once by the pump, both sockets closed: account the exchange and the client
         connection as ended, as connection_lost does for any other."""
         route = self.route
@@ -1017,8 +1038,8 @@ class ClientConnection(asyncio.Protocol):
         ):
             return None
         sock = transport.get_extra_info("socket")
-        if sock is None:
-            return None
+        if sock is None or transport.get_extra_info("ssl_object") is not None:
+            return None  # TLS: the session lives in this process; it ends here (issue 14)
         kept = socket.socket(fileno=os.dup(sock.fileno()))  # the socket outlives the abort
         self.phase = Phase.CLOSING
         transport.abort()  # closes this process's descriptor only: no FIN, no reset

@@ -56,6 +56,14 @@ def _splice_min_bytes(tunnel: TunnelSettings) -> float:
     return float(max(1, tunnel.splice_min_bytes))  # 0 bytes left: nothing to splice
 
 
+def _hsts_line(listener: ListenerConfig) -> bytes:
+    """The Strict-Transport-Security field a TLS listener adds to answers (RFC 6797), or b""."""
+    tls = listener.tls
+    if tls is None or tls.hsts_max_age is None:
+        return b""
+    return b"Strict-Transport-Security: max-age=%d\r\n" % tls.hsts_max_age
+
+
 class Route:
     """What every connection of one HTTP listener shares: its backend, pools and settings."""
 
@@ -104,7 +112,11 @@ class Route:
             )
         self.tunnel = tunnel
         self.tunnel_pool = tunnel.new_pool()
-        self.splice_min_bytes = _splice_min_bytes(tunnel)
+        # TLS (issue 14): TLS on either side keeps bytes in the ssl transports: no body splice,
+        # 101 tunnels relayed between transports (tls/relay.py), no idle handoff; HSTS added.
+        self.is_tls = listener.tls is not None or backend.config.tls is not None
+        self.hsts = _hsts_line(listener)
+        self.splice_min_bytes = math.inf if self.is_tls else _splice_min_bytes(tunnel)
         self.is_stopping = False
         self.drained = asyncio.Event()  # set once stopping and the last connection closed
         # Set by a reload (daemon/reload.py): connections move to it between requests.
@@ -121,7 +133,7 @@ class Route:
         self.tunnel = tunnel
         self.tunnel_pool.close()
         self.tunnel_pool = tunnel.new_pool()
-        self.splice_min_bytes = _splice_min_bytes(tunnel)
+        self.splice_min_bytes = math.inf if self.is_tls else _splice_min_bytes(tunnel)
 
     def sweep(self, now: float) -> None:
         """Enforce every connection's deadline and expire idle upstream connections."""
