@@ -308,3 +308,76 @@ async def test_thousand_handshakes_dropped(
     await eventually(lambda: not proxy.connections)
     await eventually(lambda: open_fds() <= before)
     assert not [r for r in caplog.records if r.exc_info is not None]
+
+
+# --- certificates replaced on disk ---------------------------------------------------------
+
+
+def serial_of(client: H11Client) -> str:
+    return str(client.writer.get_extra_info("peercert")["serialNumber"])
+
+
+async def new_connection_serial(proxy: RunningProxy, ca: CertAuthority) -> str:
+    async with await tls_client(proxy, ca.client_context(), "a.test") as client:
+        return serial_of(client)
+
+
+@pytest.fixture
+async def watching_proxy(echo_server: EchoServer, certs: Path) -> AsyncIterator[RunningProxy]:
+    async with ProxyStarter() as starter:
+        config = tls_config([server_entry("e1", echo_server.addr)], certs, watch_s=0.05)
+        yield await starter.start(config)
+
+
+async def test_replaced_certificate_serves_new_connections(
+    watching_proxy: RunningProxy,
+    ca: CertAuthority,
+    certs: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Within ``watch_s`` of a renewal, new handshakes get the new certificate; a keep-alive
+    connection made before goes on with the old session."""
+    proxy = watching_proxy
+    caplog.set_level("INFO", logger="zdlb.tls")
+    async with await tls_client(proxy, ca.client_context(), "a.test") as kept:
+        old_serial = serial_of(kept)
+        assert (await kept.request("GET", "/")).status == 200
+        CertAuthority(certs, ca.cert, ca.key).issue("a", ["a.test", "new.a.test"])
+        serials: list[str] = []
+
+        async def renewed() -> bool:
+            serials.append(await new_connection_serial(proxy, ca))
+            return serials[-1] != old_serial
+
+        async with asyncio.timeout(WAIT_S):
+            while not await renewed():  # noqa: ASYNC110  (each try is a real handshake)
+                await asyncio.sleep(0.02)
+        response = await kept.request("GET", "/")
+        assert response.status == 200 and response.header("x-conn-seq") == "1"
+        assert serial_of(kept) == old_serial
+    loaded = [r.getMessage() for r in caplog.records if "tls_certificates_loaded" in r.msg]
+    assert loaded and "reason=files changed" in loaded[-1] and "new.a.test" in loaded[-1]
+
+
+async def test_broken_replacement_keeps_the_served_certificate(
+    watching_proxy: RunningProxy,
+    ca: CertAuthority,
+    certs: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    proxy = watching_proxy
+    serial = await new_connection_serial(proxy, ca)
+    key = (certs / "a.key").read_bytes()
+    (certs / "a.key").write_bytes((certs / "wild.key").read_bytes())  # not a's key
+
+    def failed() -> bool:
+        return any("tls_reload_failed" in r.msg for r in caplog.records)
+
+    async with asyncio.timeout(WAIT_S):
+        while not failed():
+            assert await new_connection_serial(proxy, ca) == serial
+            await asyncio.sleep(0.02)
+    message = next(r.getMessage() for r in caplog.records if "tls_reload_failed" in r.msg)
+    assert "the key does not belong to the certificate" in message
+    assert await new_connection_serial(proxy, ca) == serial
+    (certs / "a.key").write_bytes(key)
