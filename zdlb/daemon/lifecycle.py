@@ -262,7 +262,9 @@ async def start_metrics(
         control.controller.status = board.document
     controller = control.controller if control is not None else new_controller(runtime, workers)
     endpoint = MetricsEndpoint(
-        new_registry(source, runtime.events, runtime.census, deploys),
+        new_registry(
+            source, runtime.events, runtime.census, deploys, lambda: runtime.config.listeners
+        ),
         runtime.metrics_socket,
         status=board,
         run_action=action_runner(controller) if admin else None,

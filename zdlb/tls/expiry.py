@@ -73,3 +73,17 @@ def log_expiring(listener: str, certificates: Iterable[CertificateConfig], now: 
                 ",".join(cert.names),
                 left_s / 86400,
             )
+
+
+def info_fields(listeners: Iterable[ListenerConfig], now: float) -> dict[str, object]:
+    """``show info``'s TLS lines: how many certificates are served, and which expire within
+    14 days (``none``); nothing at all without a TLS listener."""
+    found = ExpiryReader().read(listeners)
+    if not found:
+        return {}
+    expiring = [
+        f"{','.join(c.names)} ({c.listener}) in {c.left_s(now) / 86400:.1f} days"
+        for c in found
+        if c.is_expiring(now)
+    ]
+    return {"tls_certificates": len(found), "tls_expiring": "; ".join(expiring) or "none"}
