@@ -152,7 +152,8 @@ REJECTED = [
         [(("listeners", "web", "bad key"), 1)],
         [
             'listeners.web."bad key": unknown key (expected one of: bind, mode, backend, '
-            "backlog, x_forwarded_proto, splice, pipe_bytes, splice_min_bytes, timeouts, limits, tls)"
+            "backlog, x_forwarded_proto, splice, pipe_bytes, splice_min_bytes, timeouts, limits, "
+            "tls)"
         ],
         id="unknown-key-quoted-in-path",
     ),

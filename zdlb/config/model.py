@@ -192,6 +192,9 @@ class CertificateConfig:
     key_file: Path  # the cert file itself when the key is in it
     names: tuple[str, ...]  # DNS names it serves (subjectAltName, else the CN), lower case
     not_after: float  # expiry, seconds since the epoch
+    # (mtime_ns, size) of the cert and key files when read: a reload after a renewal is a
+    # change of config (the listener's contexts are rebuilt), as is the watcher's look.
+    files: tuple[tuple[int, int], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

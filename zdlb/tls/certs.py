@@ -53,11 +53,12 @@ def inspect_pair(cert_file: Path, key_file: Path) -> CertificateConfig:
     Raises CertificateError if a file is missing or unreadable, not PEM, the key is encrypted
     or does not match, or the certificate names no DNS name.
     """
+    files = file_signature(cert_file, key_file)  # before reading: a later write is a change
     load_pair(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER), cert_file, key_file)
     names, not_after = read_leaf(cert_file)
     if not names:
         raise CertificateError(f"{cert_file}: the certificate names no DNS name (SAN or CN)")
-    return CertificateConfig(cert_file, key_file, names, not_after)
+    return CertificateConfig(cert_file, key_file, names, not_after, files)
 
 
 def read_leaf(cert_file: Path) -> tuple[tuple[str, ...], float]:
@@ -77,11 +78,11 @@ def read_leaf(cert_file: Path) -> tuple[tuple[str, ...], float]:
     return names, float(ssl.cert_time_to_seconds(decoded["notAfter"]))
 
 
-def file_signature(cert: CertificateConfig) -> tuple[tuple[int, int], ...]:
-    """(mtime_ns, size) of the cert and key files: what the watcher compares. A missing file
-    gives (0, 0), so its return is a change too."""
+def file_signature(*paths: Path) -> tuple[tuple[int, int], ...]:
+    """(mtime_ns, size) of each file: what the watcher compares. A missing file gives (0, 0),
+    so its return is a change too."""
     signature = []
-    for path in (cert.cert_file, cert.key_file):
+    for path in paths:
         try:
             stat = path.stat()
         except OSError:

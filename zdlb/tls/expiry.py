@@ -49,7 +49,7 @@ class ExpiryReader:
         return found
 
     def _leaf(self, cert: CertificateConfig) -> tuple[tuple[str, ...], float]:
-        signature = file_signature(cert)[0]
+        signature = file_signature(cert.cert_file)
         cached = self._cache.get(cert.cert_file)
         if cached is not None and cached[0] == signature:
             return cached[1]
@@ -77,8 +77,12 @@ def log_expiring(listener: str, certificates: Iterable[CertificateConfig], now: 
 
 def info_fields(listeners: Iterable[ListenerConfig], now: float) -> dict[str, object]:
     """``show info``'s TLS lines: how many certificates are served, and which expire within
-    14 days (``none``); nothing at all without a TLS listener."""
-    found = ExpiryReader().read(listeners)
+    14 days (``none``); nothing at all without a TLS listener. A listener listed twice (a
+    route a reload retired, still draining) counts once, as its first entry."""
+    unique: dict[str, ListenerConfig] = {}
+    for listener in listeners:
+        unique.setdefault(listener.name, listener)
+    found = ExpiryReader().read(unique.values())
     if not found:
         return {}
     expiring = [

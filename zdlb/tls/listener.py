@@ -81,7 +81,7 @@ class TerminatingContext(ssl.SSLContext):
         self._source = source
         self._clock = clock
         self._config = config
-        self._signature = _signature(config.certificates)
+        self._signature = _loaded(config.certificates)
         self.current = CertificateSet(config, config.certificates)
         self._next_check_at = clock() + config.watch_s
         log_expiring(name, config.certificates, time.time())
@@ -96,7 +96,7 @@ class TerminatingContext(ssl.SSLContext):
     ) -> ssl.SSLObject:
         config = self._source()
         if config is not self._config and config is not None:
-            if config != self._config:
+            if config != self._config:  # certificates or policy: files are read again
                 self._apply(config, "reload")
             self._config = config
         if self._clock() >= self._next_check_at:
@@ -119,6 +119,7 @@ class TerminatingContext(ssl.SSLContext):
         try:
             certificates = tuple(inspect_pair(c.cert_file, c.key_file) for c in config.certificates)
             self.current = CertificateSet(config, certificates)
+            self._signature = _loaded(certificates)
         except CertificateError as exc:
             log.warning(
                 "tls_reload_failed listener=%s reason=%s error=%s kept=previous",
@@ -137,4 +138,10 @@ class TerminatingContext(ssl.SSLContext):
 
 
 def _signature(certificates: tuple[CertificateConfig, ...]) -> Signature:
-    return tuple(file_signature(cert) for cert in certificates)
+    """The files' (mtime, size) now."""
+    return tuple(file_signature(cert.cert_file, cert.key_file) for cert in certificates)
+
+
+def _loaded(certificates: tuple[CertificateConfig, ...]) -> Signature:
+    """The files' (mtime, size) when they were read and checked."""
+    return tuple(cert.files for cert in certificates)
