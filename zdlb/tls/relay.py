@@ -27,7 +27,16 @@ from collections.abc import Callable
 class Relay:
     """Two transports relaying to each other; ``client`` is downstream (bytes_up from it)."""
 
-    __slots__ = ("_client", "_on_end", "_open", "_upstream", "active", "bytes_down", "bytes_up")
+    __slots__ = (
+        "_client",
+        "_on_end",
+        "_open",
+        "_upstream",
+        "active",
+        "bytes_down",
+        "bytes_up",
+        "failed",
+    )
 
     def __init__(
         self,
@@ -42,19 +51,24 @@ class Relay:
         self.active = False  # bytes moved since the last take_activity
         self.bytes_up = 0  # client -> server
         self.bytes_down = 0  # server -> client
+        self.failed = ""  # "client" or "upstream": the first side lost with an error
 
     def __repr__(self) -> str:
         return f"<Relay up={self.bytes_up} down={self.bytes_down} open={self._open}>"
 
-    def start(self, held_up: bytes = b"") -> None:
+    def start(self, held_up: bytes = b"", held_down: bytes = b"") -> None:
         """Take both transports over (their protocols are replaced; no connection_lost reaches
-        the old ones), send ``held_up`` to the server, and read both sides."""
+        the old ones), send what was read before (``held_up`` to the server, ``held_down`` to
+        the client), and read both sides."""
         client, upstream = self._client, self._upstream
         client.set_protocol(_Side(self, upstream, True, _is_plain(client)))
         upstream.set_protocol(_Side(self, client, False, _is_plain(upstream)))
         if held_up:
             self.bytes_up += len(held_up)
             upstream.write(held_up)
+        if held_down:
+            self.bytes_down += len(held_down)
+            client.write(held_down)
         for transport in (client, upstream):
             if transport.is_closing():
                 self._open -= 1  # lost before the switch: its connection_lost went elsewhere
@@ -82,8 +96,10 @@ class Relay:
         self._client.abort()
         self._upstream.abort()
 
-    def side_lost(self, peer: asyncio.Transport, exc: Exception | None) -> None:
+    def side_lost(self, is_client: bool, peer: asyncio.Transport, exc: Exception | None) -> None:
         self._open -= 1
+        if exc is not None and not self.failed:
+            self.failed = "client" if is_client else "upstream"
         if not peer.is_closing():
             if exc is None:
                 peer.close()
@@ -135,7 +151,7 @@ class _Side(asyncio.Protocol):
             self._peer.resume_reading()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._relay.side_lost(self._peer, exc)
+        self._relay.side_lost(self._is_client, self._peer, exc)
 
 
 def _is_plain(transport: asyncio.Transport) -> bool:
