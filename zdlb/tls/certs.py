@@ -19,6 +19,7 @@ from zdlb.errors import CertificateError
 _REASONS = {
     "KEY_VALUES_MISMATCH": "the key does not belong to the certificate",
     "NO_START_LINE": "no PEM block found",
+    "PEM lib": "not a PEM certificate chain and key OpenSSL can read",
     "BAD_DECRYPT": "the key is encrypted (zdlb takes unencrypted PEM keys only)",
     "BAD_PASSWORD_READ": "the key is encrypted (zdlb takes unencrypted PEM keys only)",
 }
@@ -41,7 +42,9 @@ def load_pair(context: ssl.SSLContext, cert_file: Path, key_file: Path) -> None:
     except CertificateError:
         raise
     except ssl.SSLError as exc:
-        reason = _REASONS.get(exc.reason or "", exc.reason or str(exc))
+        # OpenSSL 3 leaves ``reason`` unset for some PEM failures ("[SSL] PEM lib").
+        code = exc.reason or ("PEM lib" if "PEM lib" in str(exc) else "")
+        reason = _REASONS.get(code, exc.reason or str(exc))
         raise CertificateError(f"{cert_file} + {key_file}: {reason}") from exc
     except OSError as exc:
         raise CertificateError(f"cannot read {exc.filename or cert_file}: {exc.strerror}") from exc
