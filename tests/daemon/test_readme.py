@@ -180,3 +180,14 @@ async def test_the_readme_rolling_deploys_work_verbatim_under_load(demo_dir: Pat
     front_1 = [u for u in users if u.versions[0][0] == "front-1"]
     assert all(u.versions[-1] == ("front-1", "v2") for u in front_1)
     assert all(version != "v4" for u in users for _, version in u.versions)  # nobody saw it
+
+
+async def test_the_readme_https_lines_work_verbatim(demo_dir: Path) -> None:
+    """The demo's HTTPS listener (issue 14): curl verifies the certificate ``zdlb demo`` made
+    at start against the CA it left in demo-tls/, and HSTS is on."""
+    lines = readme_block("### TLS (HTTPS)")
+    assert [line.split()[0] for line in lines] == ["curl", "curl"], lines
+    outputs = [await run_line(line, demo_dir) for line in lines]
+    assert outputs[0].startswith("host: front-")
+    assert outputs[1].lower().startswith("strict-transport-security: max-age=300")
+    assert not (demo_dir / "demo-tls" / "ca.key").exists()  # nothing more can be signed
