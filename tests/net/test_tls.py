@@ -24,6 +24,7 @@ from tests.net.proxy_harness import (
     BACKEND,
     LISTENER,
     WAIT_S,
+    GatedServer,
     ProxyStarter,
     RunningProxy,
     eventually,
@@ -241,6 +242,26 @@ async def test_plaintext_request_on_the_tls_port(proxy: RunningProxy) -> None:
     assert not data.startswith(b"HTTP/")
     writer.close()
     await eventually(lambda: not proxy.connections)
+
+
+async def test_close_notify_during_a_request_is_quiet(
+    bound_socket: socket.socket,
+    certs: Path,
+    ca: CertAuthority,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A TLS client that closes (close_notify) while its request is at the server: the
+    connection ends, and nothing is logged about eof_received (asyncio and uvloop warn when it
+    returns True on a TLS transport, as a plain half-close would)."""
+    async with GatedServer(bound_socket) as gated, ProxyStarter() as starter:
+        proxy = await starter.start(tls_config([server_entry("g1", gated.addr)], certs))
+        client = await tls_client(proxy, ca.client_context(), "a.test")
+        client.writer.write(b"GET /hold HTTP/1.1\r\nHost: a.test\r\n\r\n")
+        await gated.wait_until(lambda: gated.held == 1)
+        client.writer.close()
+        await eventually(lambda: not proxy.connections)
+        gated.release.set()
+    assert not [r for r in caplog.records if "eof_received" in r.getMessage()]
 
 
 async def test_truncated_handshake(proxy: RunningProxy, ca: CertAuthority) -> None:

@@ -79,7 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_demo_deploy_parser(commands)
 
     demo = commands.add_parser(
-        "demo", help="start two demo hosts (main + backup vhosts) behind zdlb on :8000"
+        "demo",
+        help="start two demo hosts (main + backup vhosts) behind zdlb on :8000 (HTTPS :8443)",
     )
     demo.add_argument("-c", "--config", type=Path, default=DEMO_CONFIG, metavar="FILE")
     _add_runtime_options(demo)

@@ -186,7 +186,9 @@ class ClientConnection(asyncio.Protocol):
         exchange = self.exchange
         if exchange is not None and exchange.request_done:
             self.client_done = True  # the answer is its last: Connection: close
-            return True
+            # TLS (issue 14): a close_notify ends the ssl transport whatever we answer, and
+            # True would only make asyncio and uvloop log a warning.
+            return self.route.listener.tls is None
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
