@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from tests.net.proxy_harness import (
@@ -194,6 +195,19 @@ async def test_sessions_resume(
     context.minimum_version = context.maximum_version = version
     reused = await asyncio.to_thread(resumed_handshakes, proxy.addr, context, 3)
     assert reused == [False, True, True]
+
+
+@pytest.mark.parametrize("sni", ["a.test", "x.b.test"])
+async def test_httpx_client(proxy: RunningProxy, ca: CertAuthority, sni: str) -> None:
+    """httpx (httpcore over anyio) verifies each certificate for the SNI name it sends, and
+    keeps its connection alive across requests."""
+    url = f"https://127.0.0.1:{proxy.addr[1]}/x"
+    async with httpx.AsyncClient(verify=ca.client_context(), timeout=WAIT_S) as client:
+        responses = [await client.get(url, extensions={"sni_hostname": sni}) for _ in range(3)]
+    assert [r.status_code for r in responses] == [200, 200, 200]
+    assert [r.headers["x-conn-seq"] for r in responses] == ["1", "1", "1"]
+    assert responses[0].http_version == "HTTP/1.1"
+    assert responses[0].headers["strict-transport-security"] == "max-age=600"
 
 
 async def test_curl_gets_each_certificate(proxy: RunningProxy, ca: CertAuthority) -> None:
