@@ -21,7 +21,7 @@ from zdlb.config.model import Config, TlsVersion
 from zdlb.config.tls import expiry_text
 from zdlb.errors import ConfigError
 from zdlb.metrics.tls import TlsCollector
-from zdlb.tls.expiry import info_fields
+from zdlb.tls.expiry import info_fields, log_expiring
 from zdlb.tls.names import NameTable
 
 
@@ -229,3 +229,17 @@ def test_expiry_lines_and_metric(ca: CertAuthority) -> None:
     text = generate_latest(registry).decode()
     assert 'zdlb_tls_certificate_expiry_seconds{cert="' in text
     assert 'names="a.test,*.a.test"' in text
+
+
+def test_expiring_is_logged_once_per_file(
+    ca: CertAuthority, caplog: pytest.LogCaptureFixture
+) -> None:
+    certificates = config(ca, {"certificates": [A, B]}).listeners[0].tls.certificates  # type: ignore[union-attr]
+    now = time.time()
+    assert log_expiring("web", certificates, now) == frozenset()  # 30 days left: quiet
+    later = now + 20 * 86400
+    warned = log_expiring("web", certificates, later)
+    assert warned == {c.cert_file for c in certificates}
+    assert log_expiring("web", certificates, later + 60, warned) == warned
+    lines = [r.getMessage() for r in caplog.records if "tls_certificate_expiring" in r.msg]
+    assert len(lines) == 2 and "names=a.test,*.a.test days_left=10.0" in lines[0]

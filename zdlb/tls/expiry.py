@@ -61,11 +61,19 @@ class ExpiryReader:
         return leaf
 
 
-def log_expiring(listener: str, certificates: Iterable[CertificateConfig], now: float) -> None:
-    """One WARNING per certificate that expires within 14 days (or has expired)."""
+def log_expiring(
+    listener: str,
+    certificates: Iterable[CertificateConfig],
+    now: float,
+    warned: frozenset[Path] = frozenset(),
+) -> frozenset[Path]:
+    """One WARNING per certificate that expires within 14 days (or has expired), unless its
+    file is in ``warned``; returns the files warned about, these included."""
+    done = set(warned)
     for cert in certificates:
         left_s = cert.not_after - now
-        if left_s < TLS_EXPIRY_WARNING_S:
+        if left_s < TLS_EXPIRY_WARNING_S and cert.cert_file not in done:
+            done.add(cert.cert_file)
             log.warning(
                 "tls_certificate_expiring listener=%s cert=%s names=%s days_left=%.1f",
                 listener,
@@ -73,6 +81,7 @@ def log_expiring(listener: str, certificates: Iterable[CertificateConfig], now: 
                 ",".join(cert.names),
                 left_s / 86400,
             )
+    return frozenset(done)
 
 
 def info_fields(listeners: Iterable[ListenerConfig], now: float) -> dict[str, object]:

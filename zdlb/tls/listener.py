@@ -11,9 +11,11 @@ Rules:
 2. Every ``watch_s`` the certificate and key files are stat()ed, at the first handshake after
    the interval (no timer: an idle listener costs nothing); a changed (mtime, size) rebuilds the
    contexts from the files. Established connections keep the SSLObject they have.
-3. A rebuild that fails (a half-written file, a key not matching yet) keeps the contexts that
+3. An expiring certificate (under 14 days) is logged when loaded, and once when it crosses
+   that line at a later look.
+4. A rebuild that fails (a half-written file, a key not matching yet) keeps the contexts that
    serve now, logs once, and is tried again after the next interval.
-4. Turning TLS off on a running listener is not possible without re-listening: the listener
+5. Turning TLS off on a running listener is not possible without re-listening: the listener
    then keeps its last TLS config (config/diff.py's reload refuses the change anyway).
 Blocking I/O: a stat() per file per interval, and reading the files on a change, on the loop.
 """
@@ -84,7 +86,7 @@ class TerminatingContext(ssl.SSLContext):
         self._signature = _loaded(config.certificates)
         self.current = CertificateSet(config, config.certificates)
         self._next_check_at = clock() + config.watch_s
-        log_expiring(name, config.certificates, time.time())
+        self._warned = log_expiring(name, config.certificates, time.time())
 
     def wrap_bio(  # the same call, delegated to the current default context
         self,
@@ -110,6 +112,10 @@ class TerminatingContext(ssl.SSLContext):
         self._next_check_at = self._clock() + config.watch_s
         if _signature(config.certificates) != self._signature:
             self._apply(config, "files changed")
+        else:  # a certificate that entered its last 14 days since it was loaded says so once
+            self._warned = log_expiring(
+                self.listener_name, self.current.certificates, time.time(), self._warned
+            )
 
     def _apply(self, config: ListenerTlsConfig, reason: str) -> None:
         """Rebuild from ``config``'s files, read again: names and expiry may have changed."""
@@ -134,7 +140,7 @@ class TerminatingContext(ssl.SSLContext):
             reason,
             ";".join(",".join(c.names) for c in certificates),
         )
-        log_expiring(self.listener_name, certificates, time.time())
+        self._warned = log_expiring(self.listener_name, certificates, time.time())
 
 
 def _signature(certificates: tuple[CertificateConfig, ...]) -> Signature:
