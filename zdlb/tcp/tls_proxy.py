@@ -27,6 +27,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from zdlb.config.model import BackendConfig, ListenerConfig
+from zdlb.errors import CertificateError, ListenerError
 from zdlb.tcp.pump import PumpEnd
 from zdlb.tls.context import Origination, originate
 from zdlb.tls.listener import TerminatingContext
@@ -43,14 +44,19 @@ class TlsSides:
 
 
 def tls_sides(listener: ListenerConfig, backend: BackendConfig) -> TlsSides | None:
-    """None when neither side speaks TLS (the splice pump serves). Raises CertificateError."""
+    """None when neither side speaks TLS (the splice pump serves). Raises ListenerError when a
+    certificate no longer loads (it did when the config was validated): a start fails, a
+    reload is refused and changes nothing."""
     if listener.tls is None and backend.tls is None:
         return None
     terminate = None
     handshake_s = listener.timeouts.http_request_s
     if listener.tls is not None:
         tls = listener.tls
-        terminate = TerminatingContext(listener.name, lambda: tls)
+        try:
+            terminate = TerminatingContext(listener.name, lambda: tls)
+        except CertificateError as exc:
+            raise ListenerError(0, f"listener {listener.name}: {exc}") from exc
         handshake_s = tls.handshake_s
     return TlsSides(terminate, handshake_s, backend)
 
