@@ -4,7 +4,7 @@ Each block is read from README.md at test time, so editing the README changes wh
 The commands run in a scratch directory holding a copy of config.toml and a ``.venv/bin/zdlb``
 that starts this checkout's zdlb, because the README tells a user to type ``.venv/bin/zdlb ...
 -c config.toml`` from the repository. The demo binds its fixed ports (8000, 8001, 8081/8082,
-8091/8092, 9100): the test is skipped when one is taken. Keep-alive clients with cookie jars
+8091/8092, 8443, 9100): the test is skipped when one is taken. Keep-alive clients with cookie jars
 load the listener meanwhile; none of their requests may fail.
 """
 
@@ -28,7 +28,7 @@ from tests.daemon.test_demo import EADDRINUSE_TEXT, parse_page, taken_ports
 from tests.servers import LOOPBACK, H11Client
 
 README = REPO_ROOT / "README.md"
-DEMO_PORTS = (8000, 8001, 8081, 8082, 8091, 8092, 9100)
+DEMO_PORTS = (8000, 8001, 8081, 8082, 8091, 8092, 8443, 9100)  # 8443: HTTPS (issue 14)
 LB_ADDR = (LOOPBACK, 8000)
 # One README line (a zdlb ctl call, a wait of up to 30 s) must finish within this.
 LINE_TIMEOUT_S = 45.0
