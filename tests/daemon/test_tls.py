@@ -7,19 +7,34 @@ certificates to new connections while a keep-alive connection goes on; ``show in
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
+import os
 import re
 import signal
 import ssl
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
 from tests.daemon.conftest import Daemon, ServerSpec, StartDaemon, render_config
 from tests.daemon.test_control import SOCKET_NAME, run_zdlb
+from tests.daemon.test_upgrade import EXIT_S, old_exits, upgrade
 from tests.servers import EchoServer, H11Client
 from tests.tls_certs import CertAuthority, make_ca
 
 WAIT_S = 5.0
+
+
+@pytest.fixture
+async def successors() -> AsyncIterator[list[int]]:
+    """Pids of upgraded processes (not the test's children), killed at teardown."""
+    pids: list[int] = []
+    yield pids
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
 
 
 @pytest.fixture
@@ -30,14 +45,14 @@ def ca(tmp_path: Path) -> CertAuthority:
     return authority
 
 
-def tls_config(echo: EchoServer, *, extra: str = "", workers: int = 1) -> str:
+def tls_config(echo: EchoServer, *, extra: str = "", workers: int = 1, grace_s: float = 5.0) -> str:
     tls = (
         "\n[listeners.web.tls]\n"
         'certificates = [{cert = "site.pem", key = "site.key"}, {cert = "other.pem"'
         ', key = "other.key"}]\n'
         f"{extra}"
     )
-    text = render_config([ServerSpec("s1", echo.addr)], listener_extra=tls)
+    text = render_config([ServerSpec("s1", echo.addr)], listener_extra=tls, grace_s=grace_s)
     return f'workers = {workers}\n[control]\nsocket = "{SOCKET_NAME}"\n' + text
 
 
@@ -154,6 +169,35 @@ async def test_workers_serve_tls_and_export_expiry(
     names = {re.search(r'names="([^"]*)"', labels)[1]: float(value) for labels, value in series}  # type: ignore[index]
     assert 9 * 86400 < names["site.test,*.site.test"] < 10 * 86400
     assert 29 * 86400 < names["other.test"] < 30 * 86400
+
+
+async def test_upgrade_leaves_idle_tls_connections_with_the_old_process(
+    start_daemon: StartDaemon,
+    echo_server: EchoServer,
+    ca: CertAuthority,
+    successors: list[int],
+) -> None:
+    """A TLS session cannot move to another process: after ``zdlb ctl upgrade`` the idle TLS
+    connection stays with the old process, whose answer to its next request says
+    ``Connection: close``; new connections reach the new process."""
+    config = ca.directory / "zdlb.toml"
+    config.write_text(tls_config(echo_server, grace_s=3.0))
+    daemon = await start(start_daemon, config)
+    addr = await daemon.listener_addr()
+    async with await tls_client(addr, ca, "site.test") as kept:
+        assert (await kept.request("GET", "/")).status == 200
+        code, out, err = await upgrade(config, successors)
+        assert code == 0, (out, err)
+        await daemon.wait_text("upgrade_connections_handed_over count=0")
+        response = await kept.request("GET", "/")
+        assert response.status == 200 and response.header("connection") == "close"
+    assert await old_exits(daemon) == 0
+    async with await tls_client(addr, ca, "site.test") as fresh:
+        assert (await fresh.request("GET", "/")).status == 200
+    info = await run_zdlb("ctl", "-c", str(config), "json", "show", "info")
+    assert json.loads(info.stdout)["pid"] == successors[-1]
+    os.kill(successors[-1], signal.SIGTERM)
+    await daemon.wait_text("INFO zdlb.daemon.cli stopped", timeout_s=EXIT_S)
 
 
 def test_ssl_module_has_no_ocsp_stapling() -> None:
