@@ -110,3 +110,8 @@ class ClusterUnavailable(ZdlbError):
 class ClusterConflict(ZdlbError):
     """A change lost a race: another instance changed the same server since this one last
     saw it (an etcd transaction's compare failed). Nothing changed."""
+
+
+class CertificateError(ZdlbError):
+    """A TLS certificate or key file cannot be used: missing, not PEM, encrypted, or the key
+    does not belong to the certificate. The message names the file and the reason."""

@@ -4,7 +4,7 @@ Each block is read from README.md at test time, so editing the README changes wh
 The commands run in a scratch directory holding a copy of config.toml and a ``.venv/bin/zdlb``
 that starts this checkout's zdlb, because the README tells a user to type ``.venv/bin/zdlb ...
 -c config.toml`` from the repository. The demo binds its fixed ports (8000, 8001, 8081/8082,
-8091/8092, 9100): the test is skipped when one is taken. Keep-alive clients with cookie jars
+8091/8092, 8443, 9100): the test is skipped when one is taken. Keep-alive clients with cookie jars
 load the listener meanwhile; none of their requests may fail.
 """
 
@@ -28,7 +28,7 @@ from tests.daemon.test_demo import EADDRINUSE_TEXT, parse_page, taken_ports
 from tests.servers import LOOPBACK, H11Client
 
 README = REPO_ROOT / "README.md"
-DEMO_PORTS = (8000, 8001, 8081, 8082, 8091, 8092, 9100)
+DEMO_PORTS = (8000, 8001, 8081, 8082, 8091, 8092, 8443, 9100)  # 8443: HTTPS (issue 14)
 LB_ADDR = (LOOPBACK, 8000)
 # One README line (a zdlb ctl call, a wait of up to 30 s) must finish within this.
 LINE_TIMEOUT_S = 45.0
@@ -180,3 +180,14 @@ async def test_the_readme_rolling_deploys_work_verbatim_under_load(demo_dir: Pat
     front_1 = [u for u in users if u.versions[0][0] == "front-1"]
     assert all(u.versions[-1] == ("front-1", "v2") for u in front_1)
     assert all(version != "v4" for u in users for _, version in u.versions)  # nobody saw it
+
+
+async def test_the_readme_https_lines_work_verbatim(demo_dir: Path) -> None:
+    """The demo's HTTPS listener (issue 14): curl verifies the certificate ``zdlb demo`` made
+    at start against the CA it left in demo-tls/, and HSTS is on."""
+    lines = readme_block("### TLS (HTTPS)")
+    assert [line.split()[0] for line in lines] == ["curl", "curl"], lines
+    outputs = [await run_line(line, demo_dir) for line in lines]
+    assert outputs[0].startswith("host: front-")
+    assert outputs[1].lower().startswith("strict-transport-security: max-age=300")
+    assert not (demo_dir / "demo-tls" / "ca.key").exists()  # nothing more can be signed

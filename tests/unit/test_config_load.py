@@ -179,7 +179,7 @@ REJECTED = [
         [
             'listeners.web."bad key": unknown key (expected one of: bind, mode, backend, '
             "backlog, x_forwarded_proto, splice, pipe_bytes, splice_min_bytes, maxconn, "
-            "timeouts, limits, routes, unmatched_status, request_headers, response_headers)"
+            "timeouts, limits, routes, unmatched_status, request_headers, response_headers, tls)"
         ],
         id="unknown-key-quoted-in-path",
     ),

@@ -104,6 +104,7 @@ def family_types(text: str) -> dict[str, str]:
 
 
 EXPECTED_FAMILIES = {
+    "zdlb_tls_certificate_expiry_seconds": "gauge",  # TLS listeners (issue 14)
     "zdlb_listener_connections_open": "gauge",
     "zdlb_listener_connections": "counter",
     "zdlb_listener_http_responses": "counter",

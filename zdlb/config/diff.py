@@ -98,6 +98,11 @@ def diff_configs(old: Config, new: Config) -> ConfigDiff:
             f"listeners.{name}.mode: a listener's mode is fixed at bind; "
             f"changing it {RESTART_HINT} (or a new listener name)"
         )
+    for name in _toggled_tls(old.listeners, new.listeners):  # TLS (issue 14)
+        refused.append(
+            f"listeners.{name}.tls: TLS is turned on or off when the listener starts; "
+            f"changing that {RESTART_HINT} (certificates and settings do reload)"
+        )
     changes += _diff_named("backend", old.backends, new.backends, skip=("servers",))
     old_backends = _by_name(old.backends)
     for backend in new.backends:
@@ -151,4 +156,15 @@ def _changed_modes(old: Iterable[ListenerConfig], new: Iterable[ListenerConfig])
         listener.name
         for listener in new
         if listener.name in before and before[listener.name].mode is not listener.mode
+    ]
+
+
+def _toggled_tls(old: Iterable[ListenerConfig], new: Iterable[ListenerConfig]) -> list[str]:
+    """Listeners whose ``[tls]`` table appeared or went: their asyncio listener was created
+    with or without TLS (daemon/lifecycle.py ``accept_into``)."""
+    before = _by_name(old)
+    return [
+        listener.name
+        for listener in new
+        if listener.name in before and (before[listener.name].tls is None) != (listener.tls is None)
     ]

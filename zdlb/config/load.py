@@ -41,11 +41,13 @@ from zdlb.config.model import (
     Reuse,
     ServerConfig,
     Timeouts,
+    UpstreamTlsConfig,
 )
 from zdlb.config.routing import LISTENER_KEYS as _ROUTING_KEYS
 from zdlb.config.routing import Routing, read_routing
 from zdlb.config.sticky import check_pairs, read_sticky
 from zdlb.config.table import NAME_RE, Table, join_path
+from zdlb.config.tls import BACKEND_TLS_KEYS, read_backend_tls, read_listener_tls
 from zdlb.errors import ConfigError, ConfigIssue
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -81,6 +83,7 @@ _LISTENER_KEYS = (
     "timeouts",
     "limits",
     *_ROUTING_KEYS,
+    "tls",
 )
 _HTTP_ONLY_KEYS = ("x_forwarded_proto", "limits", "splice_min_bytes", *_ROUTING_KEYS)
 _BACKEND_KEYS = (
@@ -92,6 +95,7 @@ _BACKEND_KEYS = (
     "check",
     "sticky",
     "servers",
+    *BACKEND_TLS_KEYS,
 )
 _SERVER_KEYS = ("name", "address", "weight", "pool", "max_idle", "check", "pair", "maxconn")
 _TIMEOUT_KEYS = tuple(f.name for f in dataclasses.fields(Timeouts))
@@ -142,14 +146,14 @@ def parse_config(data: Mapping[str, Any], source: str, base_dir: Path) -> Config
     workers = root.integer("workers", 1, 1, MAX_WORKERS) if root.has("workers") else None
     maxconn = root.integer("maxconn", 1, minimum=1) if root.has("maxconn") else None
     backends = [
-        _read_backend(table, name, default_timeouts)
+        _read_backend(table, name, default_timeouts, base_dir)
         for name, table in root.named_tables("backends", _BACKEND_KEYS)
     ]
     listener_tables = root.named_tables("listeners", _LISTENER_KEYS)
     if root.data.get("listeners", {}) == {}:
         issues.append(ConfigIssue("listeners", "at least one listener is required"))
     listeners = [
-        _read_listener(table, name, default_timeouts, default_limits)
+        _read_listener(table, name, default_timeouts, default_limits, base_dir)
         for name, table in listener_tables
     ]
     valid_listeners = tuple(item for item in listeners if item is not None)
@@ -260,7 +264,7 @@ def _read_logging(table: Table) -> LoggingConfig:
 
 
 def _read_listener(
-    table: Table, name: str, default_timeouts: Timeouts, default_limits: Limits
+    table: Table, name: str, default_timeouts: Timeouts, default_limits: Limits, base_dir: Path
 ) -> ListenerConfig | None:
     bind = _read_address(table, "bind", is_bind=True)
     mode = table.enum_choice("mode", ListenerMode, _LISTENER_DEFAULTS.mode)
@@ -274,16 +278,20 @@ def _read_listener(
     for key in _HTTP_ONLY_KEYS if mode is ListenerMode.TCP else ():
         if table.has(key):
             table.fail(key, f"not used by mode = {mode.value!r} listeners")
+    timeouts = _read_timeouts(table, default_timeouts)
+    tls = read_listener_tls(table, mode, timeouts.http_request_s, base_dir)
     listener = ListenerConfig(
         name=name,
         bind=bind or _NO_ADDRESS,
         backend=backend or "",
         mode=mode,
-        timeouts=_read_timeouts(table, default_timeouts),
+        timeouts=timeouts,
         limits=_read_limits(table, default_limits),
         backlog=table.integer("backlog", _LISTENER_DEFAULTS.backlog, minimum=1),
         x_forwarded_proto=table.choice(
-            "x_forwarded_proto", FORWARDED_PROTOS, _LISTENER_DEFAULTS.x_forwarded_proto
+            "x_forwarded_proto",
+            FORWARDED_PROTOS,
+            "https" if tls is not None else _LISTENER_DEFAULTS.x_forwarded_proto,
         ),
         splice=table.boolean("splice", _LISTENER_DEFAULTS.splice),
         pipe_bytes=table.integer(
@@ -294,11 +302,14 @@ def _read_listener(
         ),
         maxconn=table.integer("maxconn", 1, minimum=1) if table.has("maxconn") else None,
         routing=read_routing(table, bool(backend)) if mode is ListenerMode.HTTP else Routing(),
+        tls=tls,
     )
     return listener if bind is not None and backend is not None else None
 
 
-def _read_backend(table: Table, name: str, default_timeouts: Timeouts) -> BackendConfig:
+def _read_backend(
+    table: Table, name: str, default_timeouts: Timeouts, base_dir: Path
+) -> BackendConfig:
     balance = table.enum_choice("balance", Balance, _BACKEND_DEFAULTS.balance)
     retries = table.integer("retries", _BACKEND_DEFAULTS.retries, minimum=0)
     all_backups = table.boolean("all_backups", _BACKEND_DEFAULTS.all_backups)
@@ -309,7 +320,8 @@ def _read_backend(table: Table, name: str, default_timeouts: Timeouts) -> Backen
     server_tables = table.array_of_tables("servers", _SERVER_KEYS)
     check = read_check(table, None)
     sticky = read_sticky(table)
-    servers = [_read_server(server, check) for server in server_tables]
+    tls = read_backend_tls(table, base_dir)
+    servers = [_read_server(server, check, tls) for server in server_tables]
     _check_server_names(server_tables)
     check_pairs([(s, t) for s, t in zip(servers, server_tables, strict=True) if s is not None])
     valid = tuple(server for server in servers if server is not None)
@@ -318,10 +330,12 @@ def _read_backend(table: Table, name: str, default_timeouts: Timeouts) -> Backen
     is_complete = isinstance(raw_servers, list) and len(valid) == len(raw_servers) > 0
     if is_complete and all(server.pool is PoolName.BACKUP for server in valid):
         table.fail("servers", "every server is in the 'backup' pool; at least one must be 'main'")
-    return BackendConfig(name, valid, balance, retries, all_backups, timeouts, sticky, reuse)
+    return BackendConfig(name, valid, balance, retries, all_backups, timeouts, sticky, reuse, tls)
 
 
-def _read_server(table: Table, backend_check: CheckConfig | None) -> ServerConfig | None:
+def _read_server(
+    table: Table, backend_check: CheckConfig | None, tls: UpstreamTlsConfig | None
+) -> ServerConfig | None:
     name = _read_name(table, "name")
     address = _read_address(table, "address", is_bind=False)
     server = ServerConfig(
@@ -333,6 +347,7 @@ def _read_server(table: Table, backend_check: CheckConfig | None) -> ServerConfi
         check=read_check(table, backend_check),
         pair=_read_name(table, "pair") if table.has("pair") else None,
         maxconn=table.integer("maxconn", 1, minimum=1) if table.has("maxconn") else None,
+        tls=tls,
     )
     return server if name is not None and address is not None else None
 

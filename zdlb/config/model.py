@@ -118,6 +118,24 @@ DEFAULT_CHECK_FALL = 3
 DEFAULT_OBSERVE_ERRORS = 3
 
 
+class TlsVersion(enum.Enum):
+    """The oldest protocol a TLS listener accepts. 1.0 and 1.1 are not offered: RFC 8996
+    deprecated them, and every client of the last decade speaks 1.2."""
+
+    TLS1_2 = "1.2"
+    TLS1_3 = "1.3"
+
+
+# Mozilla's "intermediate" TLS 1.2 suites (ssl-config.mozilla.org, v5.7): forward secret AEAD
+# only. TLS 1.3 suites are OpenSSL's defaults (all AEAD); Python's ssl cannot set them.
+DEFAULT_TLS_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20"
+# Certificate files are checked for a new mtime this often (tls/listener.py): a renewal tool
+# (certbot, acme.sh) replacing them is picked up within a minute, at one stat() per file.
+DEFAULT_TLS_WATCH_S = 60.0
+# An expiring certificate is logged, shown in `show info` and flagged in metrics below this.
+TLS_EXPIRY_WARNING_S = 14 * 86400.0
+
+
 class LogFormat(enum.Enum):
     TEXT = "text"
     JSON = "json"
@@ -183,6 +201,44 @@ class CheckConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class CertificateConfig:
+    """One certificate of a TLS listener: a PEM chain (leaf first) and its key, and what
+    config/tls.py read from the leaf when it validated the pair."""
+
+    cert_file: Path
+    key_file: Path  # the cert file itself when the key is in it
+    names: tuple[str, ...]  # DNS names it serves (subjectAltName, else the CN), lower case
+    not_after: float  # expiry, seconds since the epoch
+    # (mtime_ns, size) of the cert and key files when read: a reload after a renewal is a
+    # change of config (the listener's contexts are rebuilt), as is the watcher's look.
+    files: tuple[tuple[int, int], ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class ListenerTlsConfig:
+    """``[listeners.NAME.tls]``: TLS termination. The first certificate is the default, served
+    to clients whose SNI name matches no other (or who send none)."""
+
+    certificates: tuple[CertificateConfig, ...]
+    min_version: TlsVersion = TlsVersion.TLS1_2
+    ciphers: str = DEFAULT_TLS_CIPHERS  # TLS 1.2 suites, OpenSSL syntax
+    alpn: tuple[str, ...] = ("http/1.1",)  # offered protocols; () for none (tcp listeners)
+    session_tickets: bool = True  # resumption by tickets (and by session id for TLS 1.2)
+    hsts_max_age: int | None = None  # http only: Strict-Transport-Security max-age; None: off
+    handshake_s: float = DEFAULT_HTTP_REQUEST_S  # a handshake not done within this is closed
+    watch_s: float = DEFAULT_TLS_WATCH_S  # certificate files' mtime checked this often
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamTlsConfig:
+    """``[backends.NAME] tls = true``: connect to the servers over TLS (checks too)."""
+
+    verify: bool = True  # the server's certificate must chain to ca_file and name sni
+    ca_file: Path | None = None  # None: the system's trust store
+    sni: str | None = None  # server name sent and verified; None: each server's host
+
+
+@dataclass(frozen=True, slots=True)
 class ServerConfig:
     name: str
     address: Address
@@ -196,6 +252,7 @@ class ServerConfig:
     # At most this many requests in flight to it at once (per process: workers share it out);
     # the next ones wait in a queue for up to queue_s (balancer/queue.py). None: no limit.
     maxconn: int | None = None
+    tls: UpstreamTlsConfig | None = None  # its backend's: connections and checks use TLS
 
 
 class SameSite(enum.Enum):
@@ -230,6 +287,7 @@ class BackendConfig:
     timeouts: Timeouts = field(default_factory=Timeouts)
     sticky: StickyConfig | None = None  # None: no sticky cookie
     reuse: Reuse = Reuse.SAFE  # which requests may use idle pooled upstream connections
+    tls: UpstreamTlsConfig | None = None  # None: plain TCP to the servers
 
 
 @dataclass(frozen=True, slots=True)
@@ -254,6 +312,7 @@ class ListenerConfig:
     maxconn: int | None = None
     # http only: routes choosing a backend per request, and header rules (config/routing.py).
     routing: Routing = field(default_factory=Routing)
+    tls: ListenerTlsConfig | None = None  # None: plain TCP; else TLS is terminated here
 
 
 @dataclass(frozen=True, slots=True)

@@ -6,6 +6,7 @@ nothing that a program should parse; the format may change between releases.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 
 from zdlb.config.model import (
@@ -23,6 +24,7 @@ from zdlb.config.routing import (
     reached_backends,
     shadowed,
 )
+from zdlb.config.tls import describe_certificates
 
 _INDENT = "  "
 _COLUMN_GAP = "  "
@@ -66,6 +68,7 @@ def describe(config: Config) -> str:
             for s in backend.servers
         ]
         lines.extend(_columns(rows, depth=2))
+    lines.extend(describe_certificates(config.listeners, time.time()))  # TLS: names, expiry
     workers = "one per usable core" if config.workers is None else str(config.workers)
     lines.append(f"workers: {workers}")
     if config.control.socket is not None:
@@ -137,6 +140,8 @@ def _edits_text(rules: HeaderRules) -> str:
 
 def _moves(listener: ListenerConfig) -> str:
     """How bytes that zdlb does not parse move: tunnels, and (http) large bodies."""
+    if listener.tls is not None:
+        return "TLS (copies: TLS bytes cannot be spliced)"
     if not listener.splice:
         return "copy"
     if listener.mode is ListenerMode.TCP or listener.splice_min_bytes is None:
@@ -159,6 +164,8 @@ def _backend_line(backend: BackendConfig, is_used: bool) -> str:
     if backend.sticky is not None:
         signed = ", signed" if backend.sticky.secret else ""
         parts.append(f"sticky=cookie {backend.sticky.cookie}{signed}")
+    if backend.tls is not None:
+        parts.append("tls" if backend.tls.verify else "tls (not verified)")
     if not is_used:
         parts.append("(no listener uses it)")
     return " ".join(parts)

@@ -62,6 +62,7 @@ from zdlb.events import EventKind, Timeline
 from zdlb.health.scheduler import HealthChecker
 from zdlb.http.route import Route
 from zdlb.tcp.proxy import TcpRoute
+from zdlb.tls.expiry import info_fields as tls_info
 
 log = logging.getLogger(__name__)
 
@@ -347,6 +348,7 @@ class Controller:
         }
         if self._workers is not None:
             data["workers"] = self._workers.workers_serving()
+        data.update(tls_info((route.listener for route in self._routes), time.time()))
         rows = [(key, value) for key, value in data.items()]
         return Reply(render_table(("info", "value"), rows), data)
 

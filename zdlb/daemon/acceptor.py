@@ -14,6 +14,7 @@ import asyncio
 import logging
 import os
 import socket
+import ssl
 from typing import Protocol
 
 from zdlb.http.connection import ClientConnection
@@ -31,8 +32,18 @@ class RouteSlot(Protocol):
 class HttpAcceptor:
     """Accepts on ``sock`` for ``slot``'s route (the slot a reload updates)."""
 
-    def __init__(self, slot: RouteSlot, sock: socket.socket, loop: asyncio.AbstractEventLoop):
+    def __init__(
+        self,
+        slot: RouteSlot,
+        sock: socket.socket,
+        loop: asyncio.AbstractEventLoop,
+        *,
+        tls_context: ssl.SSLContext | None = None,
+        ssl_handshake_timeout: float | None = None,
+    ) -> None:
         self.slot = slot
+        self.tls_context = tls_context  # a TLS listener's (tls/listener.py TerminatingContext)
+        self.ssl_handshake_timeout = ssl_handshake_timeout
         self.sock = sock  # owned: the server's while it serves, closed by ``close``
         self.loop = loop
         self._server: asyncio.Server | None = None
@@ -59,9 +70,11 @@ class HttpAcceptor:
         loop = self.loop
         slot = self.slot
         server = await loop.create_server(
-            lambda slot=slot: ClientConnection(slot.route, loop),  # type: ignore[misc]
+            lambda slot=slot: ClientConnection(slot.route, loop),
             sock=self.sock,
             backlog=slot.route.listener.backlog,
+            ssl=self.tls_context,
+            ssl_handshake_timeout=self.ssl_handshake_timeout,
         )
         self._server = server
         if self.is_paused or self.is_closed:  # paused or closed while it started

@@ -29,6 +29,7 @@ from zdlb.daemon.demo_app import DEMO_HOSTS, DemoVhost, start_demo_hosts, vhosts
 from zdlb.daemon.demo_deploy import add_parser as add_demo_deploy_parser
 from zdlb.daemon.demo_deploy import run_demo_deploy
 from zdlb.daemon.demo_fleet import fleet_count, run_fleet_demo_command
+from zdlb.daemon.demo_tls import with_https_listener
 from zdlb.daemon.lifecycle import (
     EXIT_OK,
     install_signal_handlers,
@@ -81,7 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_demo_deploy_parser(commands)
 
     demo = commands.add_parser(
-        "demo", help="start two demo hosts (main + backup vhosts) behind zdlb on :8000"
+        "demo",
+        help="start two demo hosts (main + backup vhosts) behind zdlb on :8000 (HTTPS :8443)",
     )
     demo.add_argument("-c", "--config", type=Path, default=DEMO_CONFIG, metavar="FILE")
     demo.add_argument(  # issue 16: zdlb/daemon/demo_fleet.py
@@ -194,7 +196,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         case "run":
             return _run(args, config, _run_daemon)
         case "demo":
-            return _run(args, config, _run_demo)
+            return _run(args, config, _run_demo)  # its HTTPS listener: _run_demo
         case "deploy":
             return run_deploy(args, config)
     raise AssertionError(args.command)  # argparse only accepts the commands above
@@ -293,6 +295,7 @@ async def _run_daemon(config: Config, workers: int, options: WorkerOptions, laun
 
 
 async def _run_demo(config: Config, workers: int, options: WorkerOptions, launch: Launch) -> None:
+    config = await asyncio.to_thread(with_https_listener, config)  # runs openssl: off the loop
     hosts = await start_demo_hosts()
     try:
         stop = asyncio.Event()
@@ -300,6 +303,8 @@ async def _run_demo(config: Config, workers: int, options: WorkerOptions, launch
         # The command as the user can type it: `make demo` runs .venv/bin/zdlb, not on PATH.
         program = sys.argv[0] if Path(sys.argv[0]).name == "zdlb" else "zdlb"
         help_text = DEMO_HELP.format(config=config.source, program=program)
+        if any(listener.name == "https" for listener in config.listeners):
+            help_text += DEMO_HTTPS_HELP.format(config=Path(config.source).parent)
         print(help_text, file=sys.stderr, flush=True)
         await _serve(config, stop, workers, options)
     finally:
@@ -323,6 +328,9 @@ A crash (POST /demo/stop?seconds=N: a vhost refuses connections for N s, 1..600,
   curl -s -X POST 'http://127.0.0.1:8081/demo/stop?seconds=30'  # front-1's v2 stands in
   {program} ctl -c {config} show servers
 Stop with Ctrl-C."""
+DEMO_HTTPS_HELP = """
+HTTPS on https://localhost:8443 (a certificate made at start, in {config}/demo-tls/):
+  curl -s --cacert {config}/demo-tls/ca.pem https://localhost:8443/"""
 
 
 # Loopback, as `zdlb demo` binds; a container passes --bind 0.0.0.0 so the balancer reaches it.

@@ -39,6 +39,7 @@ from zdlb.metrics.endpoint import MetricsEndpoint
 from zdlb.metrics.status import StatusBoard
 from zdlb.tcp.listener import bound_address
 from zdlb.tcp.proxy import TcpRoute
+from zdlb.tls.listener import TerminatingContext
 
 log = logging.getLogger(__name__)
 
@@ -196,14 +197,31 @@ async def accept_http(runtime: Runtime, route: Route, sock: socket.socket) -> No
 
 async def accept_into(slot: RouteSlot, sock: socket.socket) -> HttpAcceptor:
     """Accept on ``sock`` (owned from now on), the connections served by ``slot``'s route and
-    the accepting paused and resumed by the connection budget (budget.py)."""
-    acceptor = HttpAcceptor(slot, sock, asyncio.get_running_loop())
+    the accepting paused and resumed by the connection budget (budget.py).
+
+    A TLS listener's server gets a ``TerminatingContext`` reading the route's TLS config at
+    every handshake (tls/listener.py: a reload or a renewed file needs no re-listen), and a
+    handshake deadline: ClientConnection's own deadlines start only once it is done. Raises
+    CertificateError if a certificate cannot be loaded (config/tls.py checked them before).
+    """
+    tls = slot.route.listener.tls
+    context = None
+    if tls is not None:
+        context = TerminatingContext(slot.route.listener.name, lambda: slot.route.listener.tls)
+    acceptor = HttpAcceptor(
+        slot,
+        sock,
+        asyncio.get_running_loop(),
+        tls_context=context,
+        ssl_handshake_timeout=tls.handshake_s if tls is not None else None,
+    )
     await acceptor.start()
     return acceptor
 
 
 async def adopt_connection(slot: RouteSlot, sock: socket.socket) -> None:
-    """Serve a client connection another process accepted (an upgrade's idle ones)."""
+    """Serve a client connection another process accepted (an upgrade's idle ones; never a
+    TLS one: its session state cannot leave the process, ClientConnection.detach_idle)."""
     loop = asyncio.get_running_loop()
     await loop.connect_accepted_socket(
         lambda: ClientConnection(slot.route, loop),
@@ -244,7 +262,9 @@ async def start_metrics(
         control.controller.status = board.document
     controller = control.controller if control is not None else new_controller(runtime, workers)
     endpoint = MetricsEndpoint(
-        new_registry(source, runtime.events, runtime.census, deploys),
+        new_registry(
+            source, runtime.events, runtime.census, deploys, lambda: runtime.config.listeners
+        ),
         runtime.metrics_socket,
         status=board,
         run_action=action_runner(controller) if admin else None,

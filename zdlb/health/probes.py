@@ -15,12 +15,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import ssl
 from dataclasses import dataclass
 from typing import assert_never
 
 import h11
 
 from zdlb.config.model import Address, CheckConfig, CheckKind
+from zdlb.tls.context import Origination
 
 # How much body an HTTP probe reads while looking for ``expect_body``. Status pages are a few
 # hundred bytes; a health endpoint that streams megabytes must not make every probe read them.
@@ -66,10 +68,17 @@ def probe_target(server_address: Address, check: CheckConfig) -> Address:
     return target
 
 
-async def run_probe(check: CheckConfig, target: Address, server_host_header: str) -> ProbeResult:
+async def run_probe(
+    check: CheckConfig,
+    target: Address,
+    server_host_header: str,
+    tls: Origination | None = None,
+) -> ProbeResult:
     """Probe ``target`` once as ``check`` says, within ``check.timeout_s`` seconds.
 
     ``server_host_header`` is the Host header of an HTTP probe unless ``check.host`` is set.
+    ``tls``: the server's backend speaks TLS; a tcp check then passes once the handshake does
+    (the certificate verified as for traffic), an http check goes over it.
     Never raises for network or protocol trouble (that is a failed result); re-raises
     ``CancelledError``.
     """
@@ -78,19 +87,34 @@ async def run_probe(check: CheckConfig, target: Address, server_host_header: str
     progress = _Progress()
     try:
         async with asyncio.timeout(check.timeout_s):
-            passed, detail = await _probe(check, target, server_host_header, progress)
+            passed, detail = await _probe(check, target, server_host_header, progress, tls)
     except TimeoutError:
         passed, detail = False, f"timeout after {check.timeout_s} s ({progress.phase.value})"
     return ProbeResult(passed, detail, loop.time() - started)
 
 
 async def _probe(
-    check: CheckConfig, target: Address, server_host_header: str, progress: _Progress
+    check: CheckConfig,
+    target: Address,
+    server_host_header: str,
+    progress: _Progress,
+    tls: Origination | None,
 ) -> tuple[bool, str]:
     try:
-        reader, writer = await asyncio.open_connection(target.host, target.port)
+        if tls is None:
+            reader, writer = await asyncio.open_connection(target.host, target.port)
+        else:
+            reader, writer = await asyncio.open_connection(
+                target.host,
+                target.port,
+                ssl=tls.context,
+                server_hostname=tls.server_hostname,
+                ssl_handshake_timeout=check.timeout_s,
+            )
     except ConnectionRefusedError:
         return False, "connect refused"
+    except ssl.SSLError as exc:
+        return False, f"tls handshake failed: {exc.reason or exc}"
     except OSError as exc:
         return False, f"connect failed: {_describe(exc)}"
     progress.phase = Phase.RESPONSE

@@ -28,6 +28,7 @@ from zdlb.config.model import Address, CheckConfig
 from zdlb.events import EventKind, Timeline
 from zdlb.health.probes import ProbeResult, probe_target, run_probe
 from zdlb.health.verdict import Transition, Verdict
+from zdlb.tls.context import originate
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +48,7 @@ class _ServerCheck:
         "recent",
         "server",
         "target",
+        "tls",
         "verdict",
     )
 
@@ -58,6 +60,7 @@ class _ServerCheck:
         # The Host a proxied request without one gets (see http/upstream.py): the server's
         # own address, even when the probe goes to an override.
         self.host_header = str(server.address)
+        self.tls = originate(server.config.tls, server.address.host)  # checks over TLS too
         self.last_result: ProbeResult | None = None
         self.checked_at = 0.0  # wall clock (time.time()) of last_result, for people to read
         self.errors = 0  # consecutive errors seen on live traffic
@@ -170,7 +173,7 @@ class HealthChecker:
         await asyncio.sleep(delay_s)
         while True:
             started_at = loop.time()
-            result = await run_probe(check, entry.target, entry.host_header)
+            result = await run_probe(check, entry.target, entry.host_header, entry.tls)
             entry.last_result, entry.checked_at = result, time.time()
             entry.recent.append((started_at, result.passed))
             transition = entry.verdict.record(result.passed, result.detail)

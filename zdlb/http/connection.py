@@ -66,10 +66,11 @@ from zdlb.http.exchange import (
 from zdlb.http.head import Framing, Headers, RequestHead, ResponseHead
 from zdlb.http.splice import BodyDetour
 from zdlb.http.stream import RequestReader
-from zdlb.http.upgrade import ProtocolSwitch, Tunnel
+from zdlb.http.upgrade import ProtocolSwitch, Tunnel, TunnelPump
 from zdlb.stats import RESPONSE_TIME_BOUNDS_S
 from zdlb.tcp.pipes import PipePool
 from zdlb.tcp.pump import Pump
+from zdlb.tls.relay import Relay
 
 if TYPE_CHECKING:
     from zdlb.balancer.queue import Ticket, WaitQueues
@@ -193,7 +194,9 @@ class ClientConnection(asyncio.Protocol):
         exchange = self.exchange
         if exchange is not None and exchange.request_done:
             self.client_done = True  # the answer is its last: Connection: close
-            return True
+            # TLS (issue 14): a close_notify ends the ssl transport whatever we answer, and
+            # True would only make asyncio and uvloop log a warning.
+            return self.route.listener.tls is None
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -580,7 +583,7 @@ class ClientConnection(asyncio.Protocol):
             and exchange.request_done
         )
         exchange.status = head.status
-        added = exchange.set_cookie
+        added = exchange.set_cookie + self.route.hsts  # hsts: b"" unless a TLS listener asks
         if self.dest.response_edit is not None:
             added = self.dest.response_edit.apply_response(head, added)
         return rewrite.build_response_head(head, framing, keep_alive, request.http_minor, added)
@@ -726,6 +729,9 @@ class ClientConnection(asyncio.Protocol):
             return  # lost meanwhile: connection_lost or upstream_lost ends the exchange
         data = self.reader.take_held()
         upstream.pool.stats.bytes_in += len(data)
+        if self.route.is_tls:  # TLS: the sockets cannot leave their transports (issue 14)
+            self._start_relay(exchange, upstream, data)
+            return
         switch = ProtocolSwitch(self.transport, upstream.transport, self._tunnel_ready)
         self.detour = switch
         switch.start(data)
@@ -757,7 +763,24 @@ class ClientConnection(asyncio.Protocol):
         route.tunnels.add(self)
         pump.start()
 
-    def _tunnel_ended(self, pump: Pump) -> None:
+    def _start_relay(self, exchange: Exchange, upstream: UpstreamConnection, held: bytes) -> None:
+        """A 101 over TLS: both transports go to a ``Relay`` (tls/relay.py) instead of a pump.
+        The upstream connection's protocol is replaced, so its connection_lost never comes:
+        the server counts the connection until ``_tunnel_ended``, as for a pump."""
+        assert self.transport is not None and upstream.transport is not None
+        exchange.upstream = None
+        upstream.owner = None
+        relay = Relay(self.transport, upstream.transport, self._tunnel_ended)
+        upstream.is_closed, upstream.transport = True, None
+        route = self.route
+        self.tunnel = Tunnel(relay, self.loop.time() + route.tunnel.tunnel_s)
+        self.transport = None
+        self.phase = Phase.TUNNEL
+        self.deadline = math.inf
+        route.tunnels.add(self)
+        relay.start(held)
+
+    def _tunnel_ended(self, pump: TunnelPump) -> None:
         """Called once by the pump, both sockets closed: account the exchange and the client
         connection as ended, as connection_lost does for any other."""
         route = self.route
@@ -1157,8 +1180,8 @@ class ClientConnection(asyncio.Protocol):
         ):
             return None
         sock = transport.get_extra_info("socket")
-        if sock is None:
-            return None
+        if sock is None or transport.get_extra_info("ssl_object") is not None:
+            return None  # TLS: the session lives in this process; it ends here (issue 14)
         kept = socket.socket(fileno=os.dup(sock.fileno()))  # the socket outlives the abort
         self.phase = Phase.CLOSING
         transport.abort()  # closes this process's descriptor only: no FIN, no reset

@@ -183,6 +183,14 @@ def _outcome(
     )
 
 
+def _hsts_line(listener: ListenerConfig) -> bytes:
+    """The Strict-Transport-Security field a TLS listener adds to answers (RFC 6797), or b""."""
+    tls = listener.tls
+    if tls is None or tls.hsts_max_age is None:
+        return b""
+    return b"Strict-Transport-Security: max-age=%d\r\n" % tls.hsts_max_age
+
+
 class Route:
     """What every connection of one HTTP listener shares: where requests go, pools, settings.
 
@@ -245,7 +253,13 @@ class Route:
             )
         self.tunnel = tunnel
         self.tunnel_pool = tunnel.new_pool()
-        self.splice_min_bytes = _splice_min_bytes(tunnel)
+        # TLS (issue 14): TLS on either side keeps bytes in the ssl transports: no body splice,
+        # 101 tunnels relayed between transports (tls/relay.py), no idle handoff; HSTS added.
+        self.is_tls = listener.tls is not None or any(
+            link.backend.config.tls is not None for link in links
+        )
+        self.hsts = _hsts_line(listener)
+        self.splice_min_bytes = math.inf if self.is_tls else _splice_min_bytes(tunnel)
         self.is_stopping = False
         self.drained = asyncio.Event()  # set once stopping and the last connection closed
         # Set by a reload (daemon/reload.py): connections move to it between requests.
@@ -263,7 +277,7 @@ class Route:
         self.tunnel = tunnel
         self.tunnel_pool.close()
         self.tunnel_pool = tunnel.new_pool()
-        self.splice_min_bytes = _splice_min_bytes(tunnel)
+        self.splice_min_bytes = math.inf if self.is_tls else _splice_min_bytes(tunnel)
 
     def sweep(self, now: float) -> None:
         """Enforce every connection's deadline and expire idle upstream connections."""

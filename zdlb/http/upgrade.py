@@ -28,10 +28,11 @@ import os
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 from zdlb.config.model import DEFAULT_PIPE_BYTES, DEFAULT_TUNNEL_S
 from zdlb.tcp.pipes import BufferPool, PipePool
-from zdlb.tcp.pump import SPLICE_AVAILABLE, Pump
+from zdlb.tcp.pump import SPLICE_AVAILABLE
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,13 +148,28 @@ class ProtocolSwitch:
         return 0
 
 
+class TunnelPump(Protocol):
+    """What a tunnel moves bytes with: a ``Pump`` (raw sockets, splice or copy), or over TLS a
+    ``Relay`` between the two transports (tls/relay.py)."""
+
+    bytes_up: int
+    bytes_down: int
+
+    @property
+    def is_splicing(self) -> bool: ...  # bytes move in the kernel, not through Python
+
+    def take_activity(self) -> bool: ...
+    def close(self) -> None: ...
+    def abort(self) -> None: ...
+
+
 class Tunnel:
     """A running tunnel of an HTTP listener: its pump and the idle deadline the sweeper keeps
     (route.py), re-armed whenever the pump reports activity."""
 
     __slots__ = ("deadline", "pump")
 
-    def __init__(self, pump: Pump, deadline: float) -> None:
+    def __init__(self, pump: TunnelPump, deadline: float) -> None:
         self.pump = pump
         self.deadline = deadline
 

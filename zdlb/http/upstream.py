@@ -1,4 +1,5 @@
 """Connections to servers: one protocol object per TCP connection, a LIFO idle pool per server.
+A backend with ``tls = true`` opens them through the loop's TLS (tls/context.py).
 
 A pooled connection is reused for the requests that the backend's ``reuse`` policy allows
 (exchange.py, rule 3): a new upstream connection costs ~70 us of CPU here (PERFORMANCE.md)
@@ -22,6 +23,7 @@ from zdlb.balancer.server import Server
 from zdlb.errors import UpstreamConnectError, UpstreamProtocolError
 from zdlb.http.stream import ResponseReader, ResponseSink
 from zdlb.stats import ServerStats
+from zdlb.tls.context import originate
 
 if TYPE_CHECKING:
     from zdlb.http.head import Headers, ResponseHead
@@ -183,6 +185,7 @@ class ServerConnections:
         "host_header",
         "server",
         "stats",
+        "tls",
     )
 
     def __init__(
@@ -202,6 +205,8 @@ class ServerConnections:
         self._idle: list[UpstreamConnection] = []
         self._failures = 0  # failures since the last one logged
         self._failure_logged_at = -math.inf
+        # The backend's TLS to this server (its context shared by the backend), or None.
+        self.tls = originate(server.config.tls, server.address.host)
 
     def __repr__(self) -> str:
         return f"<ServerConnections {self.server.name} idle={len(self._idle)}>"
@@ -272,8 +277,19 @@ class ServerConnections:
         """
         factory: Callable[[], UpstreamConnection] = lambda: UpstreamConnection(self)  # noqa: E731
         address = self.server.address
+        tls = self.tls
         try:
-            _, conn = await loop.create_connection(factory, address.host, address.port)
+            if tls is None:
+                _, conn = await loop.create_connection(factory, address.host, address.port)
+            else:  # ssl.SSLError (a certificate not verified...) is an OSError too
+                _, conn = await loop.create_connection(
+                    factory,
+                    address.host,
+                    address.port,
+                    ssl=tls.context,
+                    server_hostname=tls.server_hostname,
+                    ssl_handshake_timeout=self.connect_s,
+                )
         except OSError as exc:
             raise UpstreamConnectError(f"connect to {address} failed: {exc}") from exc
         return conn

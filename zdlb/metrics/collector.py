@@ -35,6 +35,7 @@ from zdlb.config.model import PoolName
 from zdlb.deploy.plan import Step
 from zdlb.deploy.record import DeployRecord, DeployStatus, HostStatus
 from zdlb.events import Timeline
+from zdlb.metrics.tls import ListenerSource, TlsCollector
 from zdlb.stats import (
     RESPONSE_TIME_BOUNDS_S,
     STATUS_CLASSES,
@@ -200,6 +201,7 @@ def new_registry(
     events: Timeline | None = None,
     census: Mapping[str, Census] | None = None,
     deploy_source: DeploySource | None = None,
+    tls_listeners: ListenerSource = tuple,
 ) -> CollectorRegistry:
     """A dedicated registry holding one ``SnapshotCollector`` over ``source`` (and the events
     timeline and sticky census, when given), and the deploy metrics over ``deploy_source`` (the
@@ -208,6 +210,7 @@ def new_registry(
     registry.register(SnapshotCollector(source, events, census))
     if deploy_source is not None:
         registry.register(DeployCollector(deploy_source))
+    registry.register(TlsCollector(tls_listeners))  # certificate expiry (issue 14)
     return registry
 
 

@@ -54,6 +54,7 @@ from zdlb.config.model import (
 from zdlb.stats import ListenerStats
 from zdlb.tcp.pipes import BufferPool, PipePool
 from zdlb.tcp.pump import SPLICE_AVAILABLE, Pump
+from zdlb.tcp.tls_proxy import TlsPump, tls_sides
 
 if TYPE_CHECKING:
     from zdlb.balancer.queue import WaitQueues
@@ -132,6 +133,8 @@ class TcpRoute:
         self.pool: PipePool | BufferPool = (
             PipePool(settings.pipe_bytes) if self.is_splicing else BufferPool(settings.pipe_bytes)
         )
+        # TLS on either side (issue 14): tunnels copy between transports (tcp/tls_proxy.py).
+        self.tls = tls_sides(listener, backend.config)
         self.tunnels: set[Tunnel] = set()
         self.is_stopping = False
         self.drained = asyncio.Event()  # set once stopping and the last tunnel ended
@@ -366,7 +369,7 @@ class Tunnel:
         self.server_name = "-"  # the last server picked, for the access log
         self.upstream: socket.socket | None = None
         self.tried: list[Server] = []
-        self.pump: Pump | None = None
+        self.pump: Pump | TlsPump | None = None
         self._resolving: asyncio.Task[None] | None = None
         self.bytes_up = 0
         self.bytes_down = 0
@@ -475,7 +478,11 @@ class Tunnel:
         server.connection_opened()
         self.phase = Phase.PUMPING
         self.deadline = self.loop.time() + route.settings.tunnel_s
-        self.pump = Pump(self.loop, client, upstream, route.pool, self._pump_ended)
+        if route.tls is not None:  # TLS: no splice, a copy between transports (issue 14)
+            host = server.address.host
+            self.pump = TlsPump(self.loop, client, upstream, route.tls, host, self._pump_ended)
+        else:
+            self.pump = Pump(self.loop, client, upstream, route.pool, self._pump_ended)
         self.pump.start()
 
     def _drop_upstream(self) -> None:
@@ -504,7 +511,7 @@ class Tunnel:
 
     # --- pumping and ending --------------------------------------------------------------
 
-    def _pump_ended(self, pump: Pump) -> None:
+    def _pump_ended(self, pump: Pump | TlsPump) -> None:
         server, self.server = self.server, None
         assert server is not None and pump.end is not None
         server.connection_closed()
