@@ -21,6 +21,8 @@ from tests.net.proxy_harness import (
     server_entry,
 )
 from tests.servers import EchoServer, H11Client, UpstreamServer
+from zdlb.control.commands import Controller
+from zdlb.control.protocol import ShowBackends, ShowInfo, ShowServers
 
 SLOTS = 2
 CLIENTS = 20
@@ -116,6 +118,16 @@ async def test_queue_s_answers_the_surplus_503_with_retry_after_in_arrival_order
         async def answer(client: RawClient) -> tuple[float, int, str | None]:
             response = await client.read_response()
             return loop.time(), response.status, response.header("retry-after")
+
+        controller = Controller(proxy.runtime.backends, proxy.runtime.routes, proxy.runtime.health)
+        shown = await controller.execute(ShowServers(None), 0)
+        assert isinstance(shown.data, list)
+        assert (shown.data[0]["inflight"], shown.data[0]["maxconn"]) == (SLOTS, SLOTS)
+        backends = await controller.execute(ShowBackends(), 0)
+        assert isinstance(backends.data, list)
+        assert backends.data[0]["queue"] == len(clients) - SLOTS  # none pinned: the shared one
+        info = await controller.execute(ShowInfo(), 0)
+        assert isinstance(info.data, dict) and info.data["maxconn"] > 0
 
         surplus = await asyncio.gather(*(answer(c) for c in clients[SLOTS:]))
         assert [status for _, status, _ in surplus] == [503] * len(surplus)

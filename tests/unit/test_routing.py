@@ -617,7 +617,8 @@ def test_the_readme_routing_example_is_valid() -> None:
 def test_the_commented_routing_example_in_config_toml_is_valid() -> None:
     """config.toml's commented routes, uncommented, load (with an `api` backend added)."""
     text = (Path(__file__).parents[2] / "config.toml").read_text(encoding="utf-8")
-    lines = text[text.index("# unmatched_status") : text.index("# [listeners.web.tls]")].splitlines()
+    start, end = text.index("# unmatched_status"), text.index("# [listeners.web.tls]")
+    lines = text[start:end].splitlines()
     example = "\n".join(line.removeprefix("# ") for line in lines[1:] if line.startswith("# "))
     data = tomllib.loads('[listeners.web]\nbind = "127.0.0.1:0"\nbackend = "app"\n' + example)
     data["backends"] = {

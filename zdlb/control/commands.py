@@ -102,6 +102,19 @@ class WorkerLoad(Protocol):
 
     def client_connections(self) -> int: ...
 
+    def server_queue(self, server: Server) -> tuple[int, int | None]:
+        """(requests queued for ``server`` now, its maxconn) summed over the workers; the
+        maxconn is None when the server has none."""
+        ...
+
+    def connection_limits(self) -> tuple[int, int]:
+        """(the connection budget's maxconn, times it was reached), summed over the workers."""
+        ...
+
+    def shared_queue(self, backend: str) -> int:
+        """Requests waiting in ``backend``'s shared queue, summed over the workers."""
+        ...
+
     def workers_serving(self) -> int:
         """Worker processes serving now (a restarting one does not count)."""
         ...
@@ -314,6 +327,24 @@ class Controller:
                 inflight, conns = inflight + old.inflight, conns + old.conns
         return inflight, conns
 
+    def _queue(self, server: Server) -> tuple[int, int | None]:
+        """(requests queued for ``server``, its maxconn or None), here or over the workers."""
+        if self._workers is not None:
+            return self._workers.server_queue(server)
+        waitq = server.waitq
+        if waitq is None:
+            return 0, None
+        return waitq.queued(server), server.maxconn
+
+    def _connection_limits(self) -> tuple[int, int]:
+        """(maxconn, times reached) of this process's connection budget (budget.py)."""
+        if self._workers is not None:
+            return self._workers.connection_limits()
+        for route in self._routes:
+            budget = route.gate.budget
+            return budget.stats.maxconn, budget.stats.limit_hits
+        return 0, 0
+
     def _show_status(self) -> Reply:
         """The status page's own document (one source of truth), and a table of its hosts."""
         if self.status is None:
@@ -346,6 +377,7 @@ class Controller:
             "backends": len(self._backends),
             "client_connections": connections,
         }
+        data["maxconn"], data["maxconn_reached"] = self._connection_limits()
         if self._workers is not None:
             data["workers"] = self._workers.workers_serving()
         data.update(tls_info((route.listener for route in self._routes), time.time()))
@@ -364,9 +396,18 @@ class Controller:
                     "servers": len(servers),
                     "usable": len(usable),
                     "inflight": sum(self._load(s)[0] for s in servers),
+                    "queue": self._shared_queue(backend),
                 }
             )
-        return _table_reply(rows, ("backend", "balance", "servers", "usable", "inflight"))
+        columns = ("backend", "balance", "servers", "usable", "inflight", "queue")
+        return _table_reply(rows, columns)
+
+    def _shared_queue(self, backend: Backend) -> int:
+        """Requests waiting for any server of ``backend`` (balancer/queue.py, rule 2)."""
+        if self._workers is not None:
+            return self._workers.shared_queue(backend.name)
+        waitq = backend.servers[0].waitq if backend.servers else None
+        return waitq.queued(None) if waitq is not None else 0
 
     def _show_servers(self, backends: Sequence[Backend]) -> Reply:
         rows = []
@@ -374,6 +415,7 @@ class Controller:
             for server in backend.servers:
                 result = self._health.last_result(server)
                 inflight, conns = self._load(server)
+                queued, maxconn = self._queue(server)
                 rows.append(
                     {
                         "server": f"{backend.name}/{server.name}",
@@ -383,12 +425,25 @@ class Controller:
                         "weight": server.weight,
                         "pair": server.pair.name if server.pair else "-",
                         "inflight": inflight,
+                        "maxconn": maxconn if maxconn is not None else "-",
+                        "queue": queued,
                         "conns": conns,
                         "check": result.detail if result else "-",
                         "changed": _changes(server) or "-",
                     }
                 )
-        columns = ("server", "pool", "admin", "health", "weight", "pair", "inflight", "conns")
+        columns = (
+            "server",
+            "pool",
+            "admin",
+            "health",
+            "weight",
+            "pair",
+            "inflight",
+            "maxconn",
+            "queue",
+            "conns",
+        )
         return _table_reply(rows, (*columns, "check", "changed"))
 
     def _set_state(self, command: SetServerState, peer_uid: int) -> Reply:

@@ -123,6 +123,30 @@ class Supervisor:
     def client_connections(self) -> int:
         return sum(report.connections for report in self._reports())
 
+    def server_queue(self, server: Server) -> tuple[int, int | None]:
+        queued, maxconn = 0, None
+        for report in self._reports():
+            state = report.snapshot["servers"].get(server.backend, {}).get(server.name)
+            if state is not None and state["state"] is not None:
+                queued += state["state"]["queue_length"]
+                if state["state"]["maxconn"] is not None:
+                    maxconn = (maxconn or 0) + state["state"]["maxconn"]
+        return queued, maxconn
+
+    def shared_queue(self, backend: str) -> int:
+        return sum(
+            report.snapshot["backends"][backend]["queue_length"]
+            for report in self._reports()
+            if backend in report.snapshot["backends"]
+        )
+
+    def connection_limits(self) -> tuple[int, int]:
+        limit = hits = 0
+        for report in self._reports():
+            limit += report.snapshot["process"]["maxconn"]
+            hits += report.snapshot["process"]["limit_hits"]
+        return limit, hits
+
     def workers_serving(self) -> int:
         return sum(1 for slot in self.slots if slot.ready.is_set())
 
