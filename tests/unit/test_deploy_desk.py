@@ -9,10 +9,17 @@ import pytest
 from zdlb.balancer.pool import Backend
 from zdlb.balancer.server import AdminState, Health
 from zdlb.config.load import parse_config
-from zdlb.control.deploy_protocol import DeployBegin, DeployEnd, DeployStep, DeployTakeover
+from zdlb.control.deploy_protocol import (
+    DeployBegin,
+    DeployEnd,
+    DeployHost,
+    DeployRenew,
+    DeployStep,
+    DeployTakeover,
+)
 from zdlb.control.deploys import DeployDesk
 from zdlb.deploy.plan import Step, Target
-from zdlb.deploy.record import DEPLOY_LEASE_S, DeployStatus
+from zdlb.deploy.record import DEPLOY_LEASE_S, DeployStatus, HostStatus
 from zdlb.errors import ControlCommandError
 
 NOW = 1_800_000_000.0
@@ -141,3 +148,42 @@ def test_show_deploy_follows_steps_lease_and_takeover(
         ("f1", "wait-up"),
         (None, "takeover"),
     ]
+
+
+def test_a_follower_puts_another_instances_steps_on_its_timeline(
+    desk: tuple[DeployDesk, dict[str, Backend], Clock],
+) -> None:
+    """A fleet member sees another instance's deploy only as committed records; following
+    them records the same events the holder recorded, once each (a renewal is none)."""
+    holder, backends, clock = desk
+    follower = DeployDesk(backends, None, clock)
+    seen: list[tuple[str | None, str]] = []
+
+    def commit() -> None:
+        assert holder.record is not None
+        follower.follow(holder.record)
+        seen.extend((e.server, e.what) for e in follower.events if (e.server, e.what) not in seen)
+
+    _, data = holder.apply(DeployBegin("app", Target.BACKUP, 7), 0)
+    token = data["token"]
+    commit()
+    for step in (Step.FLIP, Step.WAIT_IDLE):
+        clock.now += 1
+        holder.apply(DeployStep(token, "f1", step), 0)
+        commit()
+    holder.apply(DeployRenew(token), 0)
+    commit()
+    holder.apply(DeployHost(token, "f1", HostStatus.DONE, ""), 0)
+    commit()
+    holder.apply(DeployEnd(token, DeployStatus.DONE), 0)
+    commit()
+    expected = [(e.server, e.what) for e in holder.events]
+    assert [(e.server, e.what) for e in follower.events] == expected
+    assert expected == [
+        (None, "begin"),
+        ("f1", "flip"),
+        ("f1", "wait-idle"),
+        ("f1", "done"),
+        (None, "end done"),
+    ]
+    assert follower.show() == holder.show()

@@ -627,7 +627,7 @@ class Controller:
             log.warning("cluster_deploy_record_ignored reason=%s", exc)
             return
         if record != self._deploys.record:
-            self._deploys.record = record
+            self._deploys.follow(record)  # its steps reach this status page's timeline too
             self._later.run_soon()
 
     def fleet_view(self) -> dict[str, dict[str, object]]:

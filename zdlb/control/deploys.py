@@ -131,6 +131,13 @@ class DeployDesk:
             if self._on_event is not None:
                 self._on_event(event)
 
+    def follow(self, new: record.DeployRecord) -> None:
+        """Another instance's deploy, as the fleet committed it: take its record, and put the
+        steps it made since the last record seen here on this timeline too."""
+        old, self.record = self.record, new
+        for server, what, reason in record.changes(old, new):
+            self._event(server, what, reason)
+
     def _apply(self, command: DeployCommand, peer_uid: int) -> tuple[str, dict[str, Any]]:
         now = self._clock()
         last = self.record

@@ -223,10 +223,11 @@ async def adopt_connection(slot: RouteSlot, sock: socket.socket) -> None:
     """Serve a client connection another process accepted (an upgrade's idle ones; never a
     TLS one: its session state cannot leave the process, ClientConnection.detach_idle)."""
     loop = asyncio.get_running_loop()
-    await loop.connect_accepted_socket(
+    _, conn = await loop.connect_accepted_socket(
         lambda: ClientConnection(slot.route, loop),
         sock=sock,
     )
+    conn.continue_keep_alive()
 
 
 def new_controller(runtime: Runtime, workers: WorkerLoad | None = None) -> Controller:

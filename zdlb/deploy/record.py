@@ -260,6 +260,33 @@ def end(
     return replace(held, status=result, reason=reason, lease_until=now, token="")
 
 
+def changes(old: DeployRecord | None, new: DeployRecord) -> list[tuple[str | None, str, str]]:
+    """What happened between two records of a deploy, as (server, what, reason) in the words
+    its holder's events use: "begin" (another deploy), "takeover" (a new holder), each host's
+    new step or result (by its main's name), "end RESULT". Another instance's deploy reaches a
+    fleet member only as records (cluster/fleet.py): this is how its steps get on the member's
+    timeline too. A renewed lease is no event."""
+    events: list[tuple[str | None, str, str]] = []
+    same = old is not None and (old.backend, old.started_at) == (new.backend, new.started_at)
+    if old is None or not same:
+        events.append((None, "begin", ""))
+    elif old.token and new.token and old.token != new.token:
+        events.append((None, "takeover", ""))
+    before = {host.main: host for host in old.hosts} if old is not None and same else {}
+    for host in new.hosts:
+        was = before.get(host.main)
+        if was is not None and (was.status, was.step) == (host.status, host.step):
+            continue
+        if host.status is HostStatus.RUNNING and host.step is not None:
+            events.append((host.main, host.step.value, ""))
+        elif host.status in HOST_RESULTS:
+            events.append((host.main, host.status.value, host.reason))
+    ended = new.status is not DeployStatus.RUNNING
+    if ended and (old is None or not same or old.status is not new.status):
+        events.append((None, f"end {new.status.value}", new.reason))
+    return events
+
+
 def _held(record: DeployRecord | None, token: str, now: float) -> DeployRecord:
     if record is None or not record.token or record.token != token:
         raise ControlCommandError("this client does not hold the deploy lock")

@@ -1187,6 +1187,13 @@ class ClientConnection(asyncio.Protocol):
         transport.abort()  # closes this process's descriptor only: no FIN, no reset
         return kept
 
+    def continue_keep_alive(self) -> None:
+        """An idle keep-alive connection another process served (an upgrade's): between
+        requests, not new, so it waits ``client_s`` and ends quietly (exchange.py, rule 7)."""
+        self.answered = max(1, self.answered)
+        if self.phase is Phase.IDLE:
+            self.deadline = self.loop.time() + self.route.timeouts.client_s
+
     def close_when_idle(self) -> None:
         if self.phase is Phase.IDLE:
             self._close_now()
