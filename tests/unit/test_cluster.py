@@ -22,6 +22,7 @@ from zdlb.cluster.state import ServerState
 from zdlb.config.cluster import ClusterAuth, ClusterConfig, ClusterTls
 from zdlb.config.load import parse_config
 from zdlb.config.model import Address, BackendConfig, PoolName, ServerConfig
+from zdlb.config.summary import describe
 from zdlb.control import fleet
 from zdlb.control.protocol import ShowServers, format_command, parse_command
 from zdlb.errors import ConfigError
@@ -59,6 +60,12 @@ def test_without_cluster_nothing_changes() -> None:
 def test_cluster_defaults() -> None:
     config = _parse(BASE["cluster"]).cluster
     assert config == ClusterConfig(("http://127.0.0.1:2379",), "/zdlb/prod", "lb-1", 10, 2.0)
+
+
+def test_zdlb_check_names_the_fleet() -> None:
+    text = describe(_parse(BASE["cluster"]))
+    assert "cluster: /zdlb/prod as lb-1 via http://127.0.0.1:2379 (lease 10s)" in text
+    assert "cluster:" not in describe(_parse(None))
 
 
 def test_tls_and_auth_files(tmp_path: Path) -> None:

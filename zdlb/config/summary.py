@@ -75,6 +75,14 @@ def describe(config: Config) -> str:
         lines.append(f"control socket: {config.control.socket}")
     if config.metrics.listen is not None:
         lines.append(f"metrics: http://{config.metrics.listen}/metrics")
+    cluster = config.cluster
+    if cluster is not None:  # a fleet sharing its runtime state in etcd (README, "A fleet")
+        secured = ", tls" if cluster.tls is not None else ""
+        secured += ", auth" if cluster.auth is not None else ""
+        lines.append(
+            f"cluster: {cluster.prefix} as {cluster.instance} via {', '.join(cluster.endpoints)}"
+            f" (lease {cluster.lease_s}s{secured})"
+        )
     return "\n".join(lines)
 
 
