@@ -26,25 +26,12 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
+from tests.daemon.fleet_support import control
 from zdlb.cluster.local import LocalEtcd
 
 POLL_S = 0.002
 CHANGE_TIMEOUT_S = 5.0
-_END = b"\n\n"
 _LISTENING_RE = re.compile(r"listener_started listener=web addr=\S+:(\d+)")
-
-
-async def control(path: Path, line: str) -> str:
-    """One command on the control socket at ``path``; its answer without the end mark."""
-    async with asyncio.timeout(CHANGE_TIMEOUT_S):
-        reader, writer = await asyncio.open_unix_connection(str(path))
-        try:
-            writer.write(line.encode() + b"\n")
-            answer = await reader.readuntil(_END)
-        finally:
-            writer.close()
-            await writer.wait_closed()
-    return answer[: -len(_END)].decode()
 
 
 async def _until_weight(path: Path, server: str, weight: int) -> float:

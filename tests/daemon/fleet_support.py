@@ -9,17 +9,32 @@ fleet shares the etcd ``prefix``, so tests on one etcd do not see each other.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from tests.daemon.conftest import Daemon, StartDaemon
+from zdlb.cluster.local import LocalEtcd
 
 # A control answer ends with an empty line (control/protocol.py's framing).
 _END = b"\n\n"
 CONTROL_TIMEOUT_S = 10.0
+
+
+@contextlib.contextmanager
+def running_etcd(data_dir: Path) -> Iterator[LocalEtcd]:
+    """A loopback etcd with its data under ``data_dir``, ready (its /health polled), stopped
+    on exit."""
+    server = LocalEtcd(data_dir)
+    server.start()
+    try:
+        server.wait_ready()
+        yield server
+    finally:
+        server.stop()
 
 
 def fleet_config(

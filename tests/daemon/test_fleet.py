@@ -17,7 +17,7 @@ import pytest
 
 from benchmarks.fleet_convergence import measure, p99, summary
 from tests.daemon.conftest import StartDaemon
-from tests.daemon.fleet_support import Instance, fleet_config, start_instance
+from tests.daemon.fleet_support import Instance, fleet_config, running_etcd, start_instance
 from zdlb.cluster.local import LocalEtcd
 
 pytestmark = pytest.mark.slow
@@ -36,13 +36,8 @@ CONVERGE_S = 5.0
 
 @pytest.fixture(scope="module")
 def etcd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalEtcd]:
-    server = LocalEtcd(tmp_path_factory.mktemp("etcd"))
-    server.start()
-    try:
-        server.wait_ready()
+    with running_etcd(tmp_path_factory.mktemp("etcd")) as server:
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture

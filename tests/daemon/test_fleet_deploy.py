@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from tests.daemon.conftest import ZDLB_CMD, StartDaemon
-from tests.daemon.fleet_support import Instance, fleet_config, start_instance
+from tests.daemon.fleet_support import Instance, fleet_config, running_etcd, start_instance
 from tests.daemon.test_zdlb_deploy import (
     DEPLOY_TIMEOUT_S,
     HOSTS,
@@ -52,13 +52,8 @@ secret = "fleet-deploy-secret-0123456789"
 
 @pytest.fixture
 def etcd(tmp_path: Path) -> Iterator[LocalEtcd]:
-    server = LocalEtcd(tmp_path / "etcd")
-    server.start()
-    try:
-        server.wait_ready()
+    with running_etcd(tmp_path / "etcd") as server:
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture

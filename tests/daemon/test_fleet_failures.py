@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests.daemon.conftest import StartDaemon
-from tests.daemon.fleet_support import Instance, fleet_config, start_instance
+from tests.daemon.fleet_support import Instance, fleet_config, running_etcd, start_instance
 from tests.daemon.test_fleet import CONVERGE_S, until_state
 from tests.servers import EchoServer, H11Client
 from zdlb.cluster.local import LocalEtcd, free_port
@@ -33,13 +33,8 @@ secret = "0123456789abcdef0123"
 
 @pytest.fixture
 def etcd(tmp_path: Path) -> Iterator[LocalEtcd]:
-    server = LocalEtcd(tmp_path / "etcd")
-    server.start()
-    try:
-        server.wait_ready()
+    with running_etcd(tmp_path / "etcd") as server:
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture
