@@ -267,16 +267,9 @@ class Controller:
                 | DeployStep()
                 | DeployHost()
                 | DeployEnd()
-            ) if self._fleet:
-                return await self._deploy_fleet(command, peer_uid)
-            case (
-                DeployBegin()
-                | DeployTakeover()
-                | DeployRenew()
-                | DeployStep()
-                | DeployHost()
-                | DeployEnd()
             ):
+                if self._fleet:
+                    return await self._deploy_fleet(command, peer_uid)
                 text, data = self._deploys.apply(command, peer_uid)
                 # Renewals too (one small fsync'ed write per 3 s): a daemon restarted during a
                 # long step finds the lease still held, and its live client goes on.
