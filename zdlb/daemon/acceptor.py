@@ -97,6 +97,16 @@ class HttpAcceptor:
             return
         if self._starting is None or self._starting.done():
             self._starting = self.loop.create_task(self._serve())
+            self._starting.add_done_callback(self._resumed)
+
+    def _resumed(self, task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            # Not expected (the socket is listening already); say so, and stay paused.
+            log.error("accept_resume_failed listener=%s error=%r", self._name, exc)
+
+    @property
+    def _name(self) -> str:
+        return self.slot.route.listener.name
 
     def close(self) -> None:
         """For good: stop accepting and close the listening socket."""
