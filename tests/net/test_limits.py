@@ -6,7 +6,8 @@ import asyncio
 import dataclasses
 import socket
 import struct
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 
 import h11
 import pytest
@@ -21,6 +22,7 @@ from tests.net.proxy_harness import (
     server_entry,
 )
 from tests.servers import EchoServer, H11Client, UpstreamServer
+from zdlb.config.load import parse_config
 from zdlb.control.commands import Controller
 from zdlb.control.protocol import ShowBackends, ShowInfo, ShowServers
 
@@ -271,3 +273,52 @@ async def test_at_maxconn_new_clients_wait_in_the_backlog_and_are_served_as_othe
     for client in held:
         await client.aclose()
     await eventually(lambda: not proxy.connections and not proxy.route.gate.is_paused)
+
+
+async def test_a_routed_backends_queue_holds_only_its_own_requests(
+    paced: PacedServer,
+    bound_socket_factory: Callable[[], socket.socket],
+    proxies: ProxyStarter,
+):
+    """Two backends behind one listener, routed by Host: the one at its maxconn queues its
+    requests; the other's go straight through meanwhile."""
+    async with EchoServer(bound_socket_factory(), name="echo") as echo_server:
+        await routed_queue_case(paced, echo_server, proxies)
+
+
+async def routed_queue_case(
+    paced: PacedServer, echo_server: EchoServer, proxies: ProxyStarter
+) -> None:
+    data = {
+        "listeners": {
+            "web": {
+                "bind": "127.0.0.1:0",
+                "backend": "fast",
+                "routes": [{"host": "slow.test", "backend": "slow"}],
+            }
+        },
+        "backends": {
+            "slow": {"servers": [server_entry("paced", paced.addr, maxconn=1)]},
+            "fast": {"servers": [server_entry("echo", echo_server.addr)]},
+        },
+    }
+    proxy = await proxies.start(parse_config(data, "test_limits", Path(".")))
+    slow_stats = proxy.link("slow").stats
+    holder, waiter = await RawClient.connect(proxy.addr), await RawClient.connect(proxy.addr)
+    try:
+        await holder.send(b"GET /hold HTTP/1.1\r\nHost: slow.test\r\n\r\n")
+        await paced.wait_until(lambda: paced.active == 1)
+        await waiter.send(b"GET /hold2 HTTP/1.1\r\nHost: slow.test\r\n\r\n")
+        await eventually(lambda: slow_stats.queued == 1)
+        async with await H11Client.connect(proxy.addr) as fast:
+            for _ in range(3):
+                response = await fast.request("GET", "/", [("host", "fast.test")])
+                assert response.header("x-echo-server") == "echo"
+        assert paced.most_active == 1
+        paced.release.set()
+        assert (await holder.read_response()).status == 200
+        assert (await waiter.read_response()).status == 200
+        assert proxy.link("fast").stats.queued == 0
+    finally:
+        await holder.aclose()
+        await waiter.aclose()
