@@ -434,10 +434,9 @@ class ClientConnection(asyncio.Protocol):
         dest = self.dest
         # may_reuse (exchange.py, rule 3), resolved for this backend once by the route.
         if (dest.reuse_later if self.answered else dest.reuse_first) and head.upgrade is None:
-            upstream = pool.acquire()
-            if upstream is not None:  # _attach, inlined: nothing is paused for a connect yet
+            upstream = pool.acquire(self, head.method == b"HEAD")
+            if upstream is not None:  # _attach's rest, inlined: nothing paused for a connect
                 exchange.upstream = upstream
-                upstream.attach(self, head.method == b"HEAD")
                 if self.writes_paused:
                     upstream.pause_reading()
                 return
