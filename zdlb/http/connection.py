@@ -563,13 +563,15 @@ class ClientConnection(asyncio.Protocol):
         framing = head.framing
         if framing is Framing.CHUNKED and request.http_minor == 0:
             framing = rewrite.downstream_framing(head, 0)
-        keep_alive = exchange.keep_alive = keeps_alive(
-            request,
-            exchange.request_done,
-            framing is Framing.CLOSE,
-            self.route.is_stopping,
-            self.client_done,
-            request.upgrade is not None and bool(self.reader.held),
+        # keeps_alive (exchange.py, rule 2), inlined: a call less per answer. Its other caller,
+        # _fail, calls it; tests/unit/test_exchange.py checks that the two agree.
+        keep_alive = exchange.keep_alive = (
+            request.keep_alive
+            and exchange.request_done
+            and framing is not Framing.CLOSE
+            and not self.route.is_stopping
+            and not self.client_done
+            and not (request.upgrade is not None and self.reader.held)
         )
         server = exchange.server
         if server is not None and server.is_observed:
@@ -586,6 +588,15 @@ class ClientConnection(asyncio.Protocol):
         added = exchange.set_cookie + self.route.hsts  # hsts: b"" unless a TLS listener asks
         if self.dest.response_edit is not None:
             added = self.dest.response_edit.apply_response(head, added)
+        elif (
+            head.is_plain
+            and keep_alive
+            and not added
+            and head.http_minor == request.http_minor == 1
+        ):
+            # build_response_head's first case, a head with nothing to change, without its
+            # call: the common answer to a returning user (tests/unit/test_exchange.py).
+            return head.raw
         return rewrite.build_response_head(head, framing, keep_alive, request.http_minor, added)
 
     def response_complete(self, head: ResponseHead, body: bytes) -> None:
