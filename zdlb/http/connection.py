@@ -395,7 +395,7 @@ class ClientConnection(asyncio.Protocol):
         head = exchange.request
         identity, stripped, token = sticky.extract(head.raw)
         if stripped is not None:
-            head.replace_raw(stripped)  # the server never sees zdlb's cookie
+            head.raw = stripped  # the server never sees zdlb's cookie
         dest = self.dest
         backend = dest.backend
         server = backend.select_sticky(identity, now) if identity is not None else None

@@ -88,25 +88,21 @@ def _codings(values: list[bytes]) -> list[bytes]:
 
 
 class _Head:
-    """What both heads share: the raw bytes, and the fields parsed from them on first use only
-    (the fast paths forward ``raw`` and never need them)."""
+    """What both heads share: the raw bytes, and the fields parsed from them when asked.
 
-    __slots__ = ("_headers", "raw")
+    ``raw`` may be replaced by an edit that keeps every notable field (a cookie cut, a header
+    rule): a plain attribute, so such an edit costs no call. ``headers`` is parsed from ``raw``
+    on every read, not cached (a cache would need invalidating on each edit): the fast paths
+    forward ``raw`` and never read it; the rebuilds read it once."""
+
+    __slots__ = ("raw",)
 
     def __init__(self, raw: bytes) -> None:
         self.raw = raw
-        self._headers: Headers | None = None
 
     @property
     def headers(self) -> Headers:
-        if self._headers is None:
-            self._headers = parse_fields(self.raw)
-        return self._headers
-
-    def replace_raw(self, raw: bytes) -> None:
-        """Use ``raw`` from now on (an edit that keeps every notable field, e.g. a cookie cut)."""
-        self.raw = raw
-        self._headers = None
+        return parse_fields(self.raw)
 
 
 class RequestHead(_Head):
@@ -148,10 +144,9 @@ class RequestHead(_Head):
         upgrade: bytes | None = None,
         host: bytes = b"",
     ) -> None:
-        # _Head's fields set here, not through _Head.__init__: one call less per request.
+        # _Head's field set here, not through _Head.__init__: one call less per request.
         self.raw = raw
         self.host = host  # the Host value as sent (trailing whitespace kept), b"" without one
-        self._headers: Headers | None = None
         self.upgrade = upgrade  # the Upgrade value when zdlb forwards the upgrade, else None
         self.method = method
         self.target = target
@@ -205,8 +200,7 @@ class ResponseHead(_Head):
         hop_lines_only: bool = False,
         line_end: int = -1,
     ) -> None:
-        self.raw = raw  # as RequestHead: _Head's fields set here
-        self._headers: Headers | None = None
+        self.raw = raw  # as RequestHead: _Head's field set here
         # Where the status line's CRLF starts (a cookie is inserted after it); -1: find it.
         self.line_end = line_end if line_end >= 0 else raw.find(b"\r\n")
         self.status = status

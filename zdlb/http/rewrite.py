@@ -78,13 +78,14 @@ def build_request_head(
             client_ip,
             proto,
         )
-    named = _connection_tokens(head.headers)
+    headers = head.headers  # parsed on each read: read once
+    named = _connection_tokens(headers)
     forwarded_for = b""
     lines = [b"%s %s HTTP/1.1\r\n" % (head.method, head.target)]
     append = lines.append
     if head.upgrade is not None:  # the only hop-by-hop field passed on, and what names it
         append(b"Connection: Upgrade\r\nUpgrade: %s\r\n" % head.upgrade)
-    for name, value in head.headers:
+    for name, value in headers:
         lname = name.lower()
         if lname in HOP_BY_HOP or lname == _X_FORWARDED_PROTO:
             continue
@@ -139,10 +140,11 @@ def build_response_head(
                 persistence = b"Connection: keep-alive\r\n"
         raw = _insert_after_status(head, added) if added else head.raw
         return b"%s%s\r\n" % (_HOP_LINE.sub(b"", raw[:-2]), persistence)
-    named = _connection_tokens(head.headers)
+    headers = head.headers  # parsed on each read: read once
+    named = _connection_tokens(headers)
     lines = [b"HTTP/1.1 %d %s\r\n" % (head.status, head.reason), added]
     append = lines.append
-    for name, value in head.headers:
+    for name, value in headers:
         lname = name.lower()
         if lname in HOP_BY_HOP or lname in named:
             continue
@@ -164,10 +166,11 @@ def build_response_head(
 def build_switch_head(head: ResponseHead, added: bytes = b"") -> bytes:
     """Serialise a ``101 Switching Protocols`` for the client: its Upgrade field kept, the
     other hop-by-hop fields dropped, ``Connection: Upgrade`` (RFC 9110 section 7.8)."""
-    named = _connection_tokens(head.headers)
+    headers = head.headers  # parsed on each read: read once
+    named = _connection_tokens(headers)
     lines = [b"HTTP/1.1 101 %s\r\n" % head.reason, added]
     append = lines.append
-    for name, value in head.headers:
+    for name, value in headers:
         lname = name.lower()
         if lname == b"upgrade" or not (lname in HOP_BY_HOP or lname in named):
             append(b"%s: %s\r\n" % (name, value))
