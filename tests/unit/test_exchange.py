@@ -46,7 +46,7 @@ from zdlb.http.head import (
     parse_response_head,
 )
 from zdlb.http.route import BackendLink, Route
-from zdlb.http.upstream import ServerConnections
+from zdlb.http.upstream import ServerConnections, UpstreamConnection
 
 # --- rule 2: keep-alive --------------------------------------------------------------------
 
@@ -285,3 +285,76 @@ def test_answer_head_decides_as_the_pure_functions(
     connection.route.is_stopping = False
     connection.client_done = False
     connection.reader.held = b""
+
+
+class RecordingTransport(asyncio.Transport):
+    """Keeps what is written to it: the bytes the peer would receive (as hotpath_micro's)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.data = bytearray()
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        self.data += data
+
+    def get_extra_info(self, name: str, default: object = None) -> object:
+        return ("127.0.0.1", 50000) if name == "peername" else default
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+    def abort(self) -> None:
+        pass
+
+
+FORWARDED = {
+    "plain": b"GET /p?q=1 HTTP/1.1\r\nHost: a\r\nAccept: */*\r\n\r\n",
+    "lower-host": b"GET / HTTP/1.1\r\nhost: a\r\n\r\n",
+    "http10": b"GET / HTTP/1.0\r\n\r\n",
+    "http10-host": b"GET / HTTP/1.0\r\nHost: a\r\nConnection: keep-alive\r\n\r\n",
+    "close": b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+    "forwarded": b"GET / HTTP/1.1\r\nHost: a\r\nX-Forwarded-For: 10.0.0.9\r\n\r\n",
+    "length": b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\n\r\nhi",
+    "chunked": (
+        b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nhi\r\n0\r\n\r\n"
+    ),
+}
+
+
+@pytest.mark.parametrize("raw", list(FORWARDED.values()), ids=list(FORWARDED))
+def test_request_head_forwards_what_build_request_head_builds(raw: bytes) -> None:
+    """request_head's inlined first case of build_request_head: what a pooled server
+    connection is sent starts with build_request_head's bytes for that head."""
+    config = parse_config(
+        {
+            "listeners": {"web": {"bind": "127.0.0.1:0", "backend": "app"}},
+            "backends": {"app": {**APP["app"], "reuse": "always"}},
+        },
+        "test",
+        Path("."),
+    )
+    backend = Backend(config.backends[0])
+    pool = ServerConnections(backend.servers[0], 1.0, 60.0)
+    route = Route(config.listeners[0], [BackendLink(backend, {"s1": pool})], log_access=False)
+    upstream = UpstreamConnection(pool)
+    to_server = RecordingTransport()
+    upstream.connection_made(to_server)
+    pool.release(upstream, 0.0)
+    loop = asyncio.new_event_loop()
+    try:
+        client = ClientConnection(route, loop)
+        client.connection_made(RecordingTransport())
+        client.data_received(raw)
+        head_end = raw.index(b"\r\n\r\n") + 4
+        parsed = RequestHeadParser(config.listeners[0].limits).parse(raw[:head_end], head_end)
+        expected = rewrite.build_request_head(parsed, b"127.0.0.1", b"http", pool.host_header)
+        assert bytes(to_server.data[: len(expected)]) == expected
+        assert len(to_server.data) > len(expected) or parsed.framing is Framing.NONE
+    finally:
+        loop.close()

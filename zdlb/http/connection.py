@@ -272,7 +272,10 @@ class ClientConnection(asyncio.Protocol):
         pool = dest.upstreams[server.name]
         if dest.request_edit is not None:
             dest.request_edit.apply_request(head)
-        data = rewrite.build_request_head(head, self.client_ip, route.proto, pool.host_header)
+        if head.is_plain and head.http_minor == 1:  # build_request_head's first case, inlined
+            data = rewrite.FORWARDED_LINES % (head.raw[:-2], self.client_ip, route.proto)
+        else:
+            data = rewrite.build_request_head(head, self.client_ip, route.proto, pool.host_header)
         exchange.ubuf = [data]
         exchange.ubuf_bytes = len(data)
         framing = head.framing
@@ -588,15 +591,13 @@ class ClientConnection(asyncio.Protocol):
         added = exchange.set_cookie + self.route.hsts  # hsts: b"" unless a TLS listener asks
         if self.dest.response_edit is not None:
             added = self.dest.response_edit.apply_response(head, added)
-        elif (
-            head.is_plain
-            and keep_alive
-            and not added
-            and head.http_minor == request.http_minor == 1
-        ):
-            # build_response_head's first case, a head with nothing to change, without its
-            # call: the common answer to a returning user (tests/unit/test_exchange.py).
-            return head.raw
+        elif head.is_plain and keep_alive and head.http_minor == request.http_minor == 1:
+            # build_response_head's first case without its call: the head as it came, with the
+            # cookie (if any) after the status line (tests/unit/test_exchange.py).
+            if not added:
+                return head.raw
+            cut = head.line_end + 2
+            return head.raw[:cut] + added + head.raw[cut:]
         return rewrite.build_response_head(head, framing, keep_alive, request.http_minor, added)
 
     def response_complete(self, head: ResponseHead, body: bytes) -> None:
