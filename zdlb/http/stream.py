@@ -236,14 +236,13 @@ class RequestReader:
         self._sink = _DETACHED
 
     def feed(self, data: bytes) -> None:
-        pos = 0
-        end = len(data)
-        self.bytes_read += end
         if self._state is _State.HEAD and self._partial is None:
-            # The common read: exactly one whole head, nothing before or after it.
-            head_end = data.find(_HEAD_END)
-            if head_end > 0 and head_end == end - 4 and data[0] != 0x0D:
-                head = self._head_parser.parse(data, end)
+            # The common read: exactly one whole head, nothing before or after it (a slice of
+            # at most one byte past it says so: no len() call).
+            size = data.find(_HEAD_END) + 4
+            if size > 4 and not data[size : size + 1] and data[0] != 0x0D:
+                self.bytes_read += size
+                head = self._head_parser.parse(data, size)
                 if head.framing is Framing.NONE:  # the whole request (_start_body, inlined)
                     if head.keep_alive or head.upgrade is not None:
                         self._state = _State.PAUSED
@@ -253,6 +252,9 @@ class RequestReader:
                 else:
                     self._start_body(head)
                 return
+        pos = 0
+        end = len(data)
+        self.bytes_read += end
         sink = self._sink
         while pos < end:
             state = self._state
