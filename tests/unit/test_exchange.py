@@ -234,14 +234,17 @@ def response(raw: bytes) -> ResponseHead:
     return parse_response_head(raw, len(raw), new_response_parser(), False)
 
 
-@pytest.fixture(scope="module")
-def connection() -> Iterator[ClientConnection]:
-    """A client connection with no transport: _answer_head does no I/O."""
-    config = parse_config(
-        {"listeners": {"web": {"bind": "127.0.0.1:0", "backend": "app"}}, "backends": APP},
-        "test",
-        Path("."),
-    )
+RESPONSE_RULES = {"set": {"X-Frame-Options": "DENY"}, "remove": ["Server"]}
+
+
+@pytest.fixture(scope="module", params=[False, True], ids=["no-rules", "header-rules"])
+def connection(request: pytest.FixtureRequest) -> Iterator[ClientConnection]:
+    """A client connection with no transport (_answer_head does no I/O), with or without
+    response header rules."""
+    listener: dict[str, object] = {"bind": "127.0.0.1:0", "backend": "app"}
+    if request.param:
+        listener["response_headers"] = RESPONSE_RULES
+    config = parse_config({"listeners": {"web": listener}, "backends": APP}, "test", Path("."))
     backend = Backend(config.backends[0])
     upstreams = {s.name: ServerConnections(s, 1.0, 60.0) for s in backend.servers}
     route = Route(config.listeners[0], [BackendLink(backend, upstreams)], log_access=False)
@@ -261,15 +264,17 @@ def test_answer_head_decides_as_the_pure_functions(
 ) -> None:
     """Every combination of rule 2's inputs: exchange.keep_alive is keeps_alive's answer and
     the head sent is build_response_head's bytes."""
-    head = response(RESPONSES[resp])
+    edit = connection.dest.response_edit
+    added = cookie if edit is None else cookie + edit.lines  # the rules' lines follow
     for done, stopping, client_done, held in itertools.product([True, False], repeat=4):
+        head = response(RESPONSES[resp])
         exchange = Exchange(request(REQUESTS[req]), 0.0)
         exchange.request_done = done
         exchange.set_cookie = cookie
         connection.route.is_stopping = stopping
         connection.client_done = client_done
         connection.reader.held = b"x" if held else b""
-        sent = connection._answer_head(exchange, head)
+        sent = connection._answer_head(exchange, head)  # rules edit head.raw in place
         minor = exchange.request.http_minor
         framing = rewrite.downstream_framing(head, minor)
         expected = keeps_alive(
@@ -281,7 +286,7 @@ def test_answer_head_decides_as_the_pure_functions(
             exchange.request.upgrade is not None and held,
         )
         assert exchange.keep_alive is expected
-        assert sent == rewrite.build_response_head(head, framing, expected, minor, cookie)
+        assert sent == rewrite.build_response_head(head, framing, expected, minor, added)
     connection.route.is_stopping = False
     connection.client_done = False
     connection.reader.held = b""

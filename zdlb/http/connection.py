@@ -593,7 +593,7 @@ class ClientConnection(asyncio.Protocol):
         added = exchange.set_cookie + self.route.hsts  # hsts: b"" unless a TLS listener asks
         if self.dest.response_edit is not None:
             added = self.dest.response_edit.apply_response(head, added)
-        elif head.is_plain and keep_alive and head.http_minor == request.http_minor == 1:
+        if head.is_plain and keep_alive and head.http_minor == request.http_minor == 1:
             # build_response_head's first case without its call: the head as it came, with the
             # cookie (if any) after the status line (tests/unit/test_exchange.py).
             if not added:
