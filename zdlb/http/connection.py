@@ -170,7 +170,9 @@ class ClientConnection(asyncio.Protocol):
             return  # the answer that closes this connection is already decided
         reader = self.reader
         try:
-            reader.feed(data)
+            # IDLE: the last exchange ended with nothing held, and the reader was left paused
+            # (_finish_exchange): this read resumes it.
+            reader.feed(data, phase is Phase.IDLE)
         except DownstreamProtocolError as exc:
             self._reject(exc)
             return
@@ -959,11 +961,10 @@ class ClientConnection(asyncio.Protocol):
             self.phase = Phase.HEAD
             self.deadline = self.loop.time() + route.timeouts.http_request_s
             self.loop.call_soon(self._next_request)
-        else:
+        else:  # the reader stays paused until the next read resumes it (data_received)
             self.exchange = None
             self.phase = Phase.IDLE
             self.deadline = self.loop.time() + route.timeouts.client_s
-            reader.resume()
         self._flush_client()
 
     def _next_request(self) -> None:

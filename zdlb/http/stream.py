@@ -163,7 +163,8 @@ class RequestReader:
 
     ``feed`` raises ``DownstreamProtocolError`` (400, 414, 431, 501 or 505) on the first
     violation; the connection must then be answered and closed, never fed again. After each
-    request's end the reader is paused (``is_paused``) and holds what follows until ``resume``.
+    request's end the reader is paused (``is_paused``) and holds what follows until ``resume``
+    (or a ``feed`` that resumes).
     Bytes after a request that closes the connection are ignored (RFC 9112 section 9.6).
     """
 
@@ -235,7 +236,13 @@ class RequestReader:
         """Forget the sink (the connection is gone): breaks the reader <-> sink cycle."""
         self._sink = _DETACHED
 
-    def feed(self, data: bytes) -> None:
+    def feed(self, data: bytes, resume: bool = False) -> None:
+        """Parse ``data``; events go to the sink. ``resume``: the caller is done with the last
+        request and nothing was held (``held`` is empty): ``resume()`` first, in the same call
+        (a keep-alive connection's next request costs one call, not two)."""
+        if resume:
+            assert not self.held, "resume() parses held bytes first"
+            self._state = _State.HEAD
         if self._state is _State.HEAD and self._partial is None:
             # The common read: exactly one whole head, nothing before or after it (a slice of
             # at most one byte past it says so: no len() call).
