@@ -600,7 +600,7 @@ class ClientConnection(asyncio.Protocol):
             # cookie (if any) after the status line (tests/unit/test_exchange.py).
             if not added:
                 return head.raw
-            cut = head.line_end + 2
+            cut = head.raw.find(b"\r\n") + 2  # after the status line
             return head.raw[:cut] + added + head.raw[cut:]
         return rewrite.build_response_head(head, framing, keep_alive, request.http_minor, added)
 

@@ -182,8 +182,6 @@ class ResponseHead(_Head):
         "http_minor",
         "is_plain",
         "keep_alive",
-        "line_end",
-        "reason",
         "status",
     )
 
@@ -191,26 +189,31 @@ class ResponseHead(_Head):
         self,
         raw: bytes,
         status: int,
-        reason: bytes,
         http_minor: int,
         framing: Framing,
         content_length: int | None,
         keep_alive: bool,
         is_plain: bool = False,
         hop_lines_only: bool = False,
-        line_end: int = -1,
     ) -> None:
         self.raw = raw  # as RequestHead: _Head's field set here
-        # Where the status line's CRLF starts (a cookie is inserted after it); -1: find it.
-        self.line_end = line_end if line_end >= 0 else raw.find(b"\r\n")
         self.status = status
-        self.reason = reason
         self.http_minor = http_minor
         self.framing = framing
         self.content_length = content_length
         self.keep_alive = keep_alive
         self.is_plain = is_plain
         self.hop_lines_only = hop_lines_only or is_plain
+
+    @property
+    def line_end(self) -> int:
+        """Where the status line's CRLF starts (a cookie is inserted after it). Searched on
+        each read, not at parse time: an answer forwarded as it came never needs it."""
+        return self.raw.find(b"\r\n")
+
+    @property
+    def reason(self) -> bytes:
+        return self.raw[13 : self.raw.find(b"\r\n")]  # llhttp proved a space before any reason
 
     @property
     def is_informational(self) -> bool:
@@ -474,8 +477,8 @@ def parse_response_head(
     a message start). ``answers_upgrade``: the request asked for an Upgrade, so 101 is a valid
     answer (after which ``parser`` is unusable). Raises UpstreamProtocolError (answer 502).
 
-    The hot path of every response, ~5 Python calls for a plain one: one llhttp pass, one
-    search for the status line's end, one regex pass over the fields."""
+    The hot path of every response, ~4 Python calls for a plain one: one llhttp pass and one
+    regex pass over the fields (the status line's end is searched only by what needs it)."""
     if size > DEFAULT_MAX_RESPONSE_HEAD_BYTES:
         raise UpstreamProtocolError("response head too large")
     try:
@@ -491,9 +494,7 @@ def parse_response_head(
         raise UpstreamProtocolError(f"invalid status code {status}")
     if status == 101 and not answers_upgrade:
         raise UpstreamProtocolError("server switched protocols without being asked")
-    line_end = raw.find(b"\r\n")
     http_minor = 1 if raw[:8] == b"HTTP/1.1" else 0
-    reason = raw[13:line_end]  # llhttp proved a space before any reason
     fields = _NOTABLE_FIELD.findall(raw)
     if http_minor and 200 <= status and status != 204 and status != 304 and not answers_head:
         # The common case: Content-Length and perhaps "Connection: keep-alive", nothing else.
@@ -506,16 +507,13 @@ def parse_response_head(
         else:
             if content_length is not None:
                 framing = Framing.LENGTH if content_length else Framing.NONE
-                return ResponseHead(
-                    raw, status, reason, 1, framing, content_length, True, True, True, line_end
-                )
-    return _parse_response_fields(raw, status, reason, http_minor, fields, answers_head)
+                return ResponseHead(raw, status, 1, framing, content_length, True, True, True)
+    return _parse_response_fields(raw, status, http_minor, fields, answers_head)
 
 
 def _parse_response_fields(
     raw: bytes,
     status: int,
-    reason: bytes,
     http_minor: int,
     fields: list[tuple[bytes, bytes]],
     answers_head: bool,
@@ -557,7 +555,6 @@ def _parse_response_fields(
     return ResponseHead(
         raw,
         status,
-        reason,
         http_minor,
         framing,
         content_length,
