@@ -486,7 +486,7 @@ class ClientConnection(asyncio.Protocol):
         """Send the request to another server (exchange.py, rule 5), or answer 502/504."""
         dest = self.dest
         self._end_server_request(exchange)
-        exchange.tried.append(server)
+        exchange.tried += (server,)
         now = self.loop.time()
         retry = retry_target(
             server,
