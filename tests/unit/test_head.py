@@ -1177,6 +1177,40 @@ def test_shared_parser_takes_a_plain_head_after_any_other(first: bytes) -> None:
         assert (head.target, head.keep_alive) == (b"/next", True)
 
 
+NEXT_READS = {
+    "get": b"GET /2 HTTP/1.1\r\nHost: a\r\n\r\n",
+    "post": b"POST /2 HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\n\r\nhi",
+    "chunked": (
+        b"POST /2 HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nhi\r\n0\r\n\r\n"
+    ),
+    "bad": b"BAD REQUEST\r\n\r\n",
+}
+
+
+@pytest.mark.parametrize("feed", list(Feed))
+@pytest.mark.parametrize("data", list(NEXT_READS.values()), ids=list(NEXT_READS))
+def test_feed_that_resumes_is_resume_then_feed(data: bytes, feed: Feed) -> None:
+    """feed(data, resume=True), as a keep-alive connection's first read after an answer:
+    the same events, state and error as resume() followed by feed(data), fed whole, byte by
+    byte and with a request after it."""
+    outcomes = []
+    for one_call in (False, True):
+        sink = Recorder()
+        reader = RequestReader(sink, LIMITS)
+        reader.feed(b"GET /1 HTTP/1.1\r\nHost: a\r\n\r\n")
+        assert reader.is_paused and not reader.held
+        if not one_call:
+            reader.resume()
+        error = None
+        try:
+            for i, piece in enumerate(pieces(data, feed, NEXT_REQUEST)):
+                reader.feed(piece, one_call and i == 0)
+        except DownstreamProtocolError as exc:
+            error = (exc.status, str(exc))
+        outcomes.append((sink.events, reader.is_paused, bytes(reader.held), error))
+    assert outcomes[0] == outcomes[1]
+
+
 def test_reader_pauses_after_each_request_until_resumed() -> None:
     """Pipelined requests wait in the reader as bytes, not events: the next head is parsed
     only once the connection is done with the previous request (and a bad one is refused

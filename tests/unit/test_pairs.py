@@ -293,6 +293,32 @@ def test_unknown_identities_are_not_routed(identity: str) -> None:
     assert paired_backend().select_sticky(identity, 0.0) is None
 
 
+@pytest.mark.parametrize(
+    ("main_admin", "main_health", "pair_admin", "pair_health", "weight"),
+    list(itertools.product(AdminState, Health, AdminState, Health, [0, 100])),
+)
+def test_sticky_routing_is_the_slot_table(
+    main_admin: AdminState,
+    main_health: Health,
+    pair_admin: AdminState,
+    pair_health: Health,
+    weight: int,
+) -> None:
+    """select_sticky answers a READY and UP main without asking slot_route (a fast path):
+    whatever the states, it routes as slot_route's sticky member says."""
+    backend = paired_backend()
+    main, pair = get(backend, "front-1"), get(backend, "front-1-backup")
+    main.set_admin(main_admin, now=0.0)
+    main.set_health(main_health)
+    main.weight = weight
+    pair.set_admin(pair_admin, now=0.0)
+    pair.set_health(pair_health)
+    for now in (0.0, HOLD_S):
+        _, member = slot_route(main, now)
+        expected = {MAIN: main, PAIR: pair, NONE: None}[member]
+        assert backend.select_sticky("front-1", now) is expected
+
+
 def test_a_weight_zero_server_keeps_its_sticky_users() -> None:
     backend = paired_backend()
     get(backend, "front-1").weight = 0

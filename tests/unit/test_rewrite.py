@@ -44,7 +44,7 @@ def make_response(
     length: int | None = None,
 ) -> ResponseHead:
     raw = b"HTTP/1.1 %d %s\r\n%s\r\n" % (status, reason, _field_block(headers))
-    return ResponseHead(raw, status, reason, 1, framing, length, True)
+    return ResponseHead(raw, status, 1, framing, length, True)
 
 
 def _field_block(headers: Headers) -> bytes:

@@ -7,6 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from zdlb.balancer.sticky import StickyCookie, encode_value, set_cookie_lines
+from zdlb.census import with_token
 from zdlb.config.model import SameSite, StickyConfig
 
 SECRET = "0123456789abcdef-secret"
@@ -199,3 +200,13 @@ def test_the_remembered_cookie_line_answers_as_the_full_scan(
     expected = sticky._extract_anywhere(raw)
     assert sticky.extract(raw) == expected
     assert sticky.extract(raw) == expected  # now from memory, if the shortcut applied
+
+
+@pytest.mark.parametrize("secret", [None, SECRET], ids=["unsigned", "signed"])
+def test_token_lines_pin_as_with_token_does(secret: str | None) -> None:
+    """The connection pins a user with ``token_lines`` (no call): the bytes with_token makes."""
+    sticky = cookie(secret, max_age=60, nocache=True)
+    token = b"0123456789abcdef"
+    for identity in IDS:
+        before, after = sticky.token_lines[identity]
+        assert before + token + after == with_token(sticky.lines[identity], token)

@@ -111,14 +111,18 @@ class Backend:
     def select_sticky(self, identity: str, now: float) -> Server | None:
         """The server for a client pinned to ``identity``, or None (unknown, or the host has
         no usable version: the caller balances and re-pins). Rule 2 and 3 of server.py."""
-        server = self._by_identity.get(identity)
-        if server is None:
+        if identity not in self._by_identity:  # `in` and `[]`, no call: once per request
             return None
+        server = self._by_identity[identity]
         pair = server.pair
         if pair is not None and pair._pool is PoolName.MAIN:
             server = pair  # after a swap the configured backup is the slot's main
         if server._pool is not PoolName.MAIN:  # an unpaired backup keeps its users while usable
             return server if server.holds_sticky(now) else None
+        # The common case, a main READY and UP, is slot_route's answer without its three calls:
+        # a main that holds its sticky users keeps them, paired or not (server.py, rule 3).
+        if server._admin is AdminState.READY and server._health is Health.UP:
+            return server
         _, member = slot_route(server, now)
         if member is Member.MAIN:
             return server

@@ -37,7 +37,7 @@ import time
 from bisect import bisect_left
 from typing import TYPE_CHECKING, Protocol, cast
 
-from zdlb.census import mint_token, with_token
+from zdlb.census import mint_token
 from zdlb.config.model import Reuse
 from zdlb.errors import (
     DownstreamProtocolError,
@@ -163,19 +163,23 @@ class ClientConnection(asyncio.Protocol):
         self.deadline = self.loop.time() + route.timeouts.http_request_s
 
     def data_received(self, data: bytes) -> None:
-        route = self.route
         phase = self.phase
         if phase is Phase.IDLE:
             self.phase = Phase.HEAD
-            self.deadline = self.loop.time() + route.timeouts.http_request_s
         elif phase is Phase.CLOSING:
             return  # the answer that closes this connection is already decided
         reader = self.reader
         try:
-            reader.feed(data)
+            # IDLE: the last exchange ended with nothing held, and the reader was left paused
+            # (_finish_exchange): this read resumes it.
+            reader.feed(data, phase is Phase.IDLE)
         except DownstreamProtocolError as exc:
             self._reject(exc)
             return
+        if phase is Phase.IDLE and self.phase is Phase.HEAD:  # a head began, and is not whole
+            # Its deadline, armed after the read: a whole head sets the exchange's own (one
+            # clock read less per request).
+            self.deadline = self.loop.time() + self.route.timeouts.http_request_s
         if phase is Phase.EXCHANGE:  # body bytes: the client's pace (exchange.py, rule 7)
             exchange = self.exchange
             if exchange is not None:
@@ -272,7 +276,10 @@ class ClientConnection(asyncio.Protocol):
         pool = dest.upstreams[server.name]
         if dest.request_edit is not None:
             dest.request_edit.apply_request(head)
-        data = rewrite.build_request_head(head, self.client_ip, route.proto, pool.host_header)
+        if head.is_plain and head.http_minor == 1:  # build_request_head's first case, inlined
+            data = rewrite.FORWARDED_LINES % (head.raw[:-2], self.client_ip, route.proto)
+        else:
+            data = rewrite.build_request_head(head, self.client_ip, route.proto, pool.host_header)
         exchange.ubuf = [data]
         exchange.ubuf_bytes = len(data)
         framing = head.framing
@@ -395,7 +402,7 @@ class ClientConnection(asyncio.Protocol):
         head = exchange.request
         identity, stripped, token = sticky.extract(head.raw)
         if stripped is not None:
-            head.replace_raw(stripped)  # the server never sees zdlb's cookie
+            head.raw = stripped  # the server never sees zdlb's cookie
         dest = self.dest
         backend = dest.backend
         server = backend.select_sticky(identity, now) if identity is not None else None
@@ -423,7 +430,8 @@ class ClientConnection(asyncio.Protocol):
         if census is not None and token != self.user_token:
             census.observe(identity, token)
         self.user_token = token
-        return with_token(sticky.lines[identity], token)
+        before, after = sticky.token_lines[identity]  # census.with_token's bytes, no call
+        return before + token + after
 
     def _use_server(self, exchange: Exchange, server: Server, pool: ServerConnections) -> None:
         exchange.server = server
@@ -433,10 +441,9 @@ class ClientConnection(asyncio.Protocol):
         dest = self.dest
         # may_reuse (exchange.py, rule 3), resolved for this backend once by the route.
         if (dest.reuse_later if self.answered else dest.reuse_first) and head.upgrade is None:
-            upstream = pool.acquire()
-            if upstream is not None:  # _attach, inlined: nothing is paused for a connect yet
+            upstream = pool.acquire(self, head.method == b"HEAD")
+            if upstream is not None:  # _attach's rest, inlined: nothing paused for a connect
                 exchange.upstream = upstream
-                upstream.attach(self, head.method == b"HEAD")
                 if self.writes_paused:
                     upstream.pause_reading()
                 return
@@ -479,7 +486,7 @@ class ClientConnection(asyncio.Protocol):
         """Send the request to another server (exchange.py, rule 5), or answer 502/504."""
         dest = self.dest
         self._end_server_request(exchange)
-        exchange.tried.append(server)
+        exchange.tried += (server,)
         now = self.loop.time()
         retry = retry_target(
             server,
@@ -563,13 +570,15 @@ class ClientConnection(asyncio.Protocol):
         framing = head.framing
         if framing is Framing.CHUNKED and request.http_minor == 0:
             framing = rewrite.downstream_framing(head, 0)
-        keep_alive = exchange.keep_alive = keeps_alive(
-            request,
-            exchange.request_done,
-            framing is Framing.CLOSE,
-            self.route.is_stopping,
-            self.client_done,
-            request.upgrade is not None and bool(self.reader.held),
+        # keeps_alive (exchange.py, rule 2), inlined: a call less per answer. Its other caller,
+        # _fail, calls it; tests/unit/test_exchange.py checks that the two agree.
+        keep_alive = exchange.keep_alive = (
+            request.keep_alive
+            and exchange.request_done
+            and framing is not Framing.CLOSE
+            and not self.route.is_stopping
+            and not self.client_done
+            and not (request.upgrade is not None and self.reader.held)
         )
         server = exchange.server
         if server is not None and server.is_observed:
@@ -586,6 +595,13 @@ class ClientConnection(asyncio.Protocol):
         added = exchange.set_cookie + self.route.hsts  # hsts: b"" unless a TLS listener asks
         if self.dest.response_edit is not None:
             added = self.dest.response_edit.apply_response(head, added)
+        if head.is_plain and keep_alive and head.http_minor == request.http_minor == 1:
+            # build_response_head's first case without its call: the head as it came, with the
+            # cookie (if any) after the status line (tests/unit/test_exchange.py).
+            if not added:
+                return head.raw
+            cut = head.raw.find(b"\r\n") + 2  # after the status line
+            return head.raw[:cut] + added + head.raw[cut:]
         return rewrite.build_response_head(head, framing, keep_alive, request.http_minor, added)
 
     def response_complete(self, head: ResponseHead, body: bytes) -> None:
@@ -945,11 +961,10 @@ class ClientConnection(asyncio.Protocol):
             self.phase = Phase.HEAD
             self.deadline = self.loop.time() + route.timeouts.http_request_s
             self.loop.call_soon(self._next_request)
-        else:
+        else:  # the reader stays paused until the next read resumes it (data_received)
             self.exchange = None
             self.phase = Phase.IDLE
             self.deadline = self.loop.time() + route.timeouts.client_s
-            reader.resume()
         self._flush_client()
 
     def _next_request(self) -> None:

@@ -137,7 +137,9 @@ class Exchange:
         # Bytes written to the server, kept for a replay (rule 4); None: not replayable.
         self.replay: list[bytes] | None = [] if request.method in IDEMPOTENT_METHODS else None
         self.replay_bytes = 0
-        self.tried: list[Server] = []  # servers that failed this request, in order
+        # Servers that failed this request, in order. A tuple: most requests never fail, and
+        # the empty one is shared (a list would be an allocation per request).
+        self.tried: tuple[Server, ...] = ()
         self.retried_stale = False  # replayed once already after a stale pooled connection
         self.request_done = False  # the whole request was read from the client
         self.is_chunked_up = False  # the request body is re-encoded chunked for the server

@@ -88,25 +88,21 @@ def _codings(values: list[bytes]) -> list[bytes]:
 
 
 class _Head:
-    """What both heads share: the raw bytes, and the fields parsed from them on first use only
-    (the fast paths forward ``raw`` and never need them)."""
+    """What both heads share: the raw bytes, and the fields parsed from them when asked.
 
-    __slots__ = ("_headers", "raw")
+    ``raw`` may be replaced by an edit that keeps every notable field (a cookie cut, a header
+    rule): a plain attribute, so such an edit costs no call. ``headers`` is parsed from ``raw``
+    on every read, not cached (a cache would need invalidating on each edit): the fast paths
+    forward ``raw`` and never read it; the rebuilds read it once."""
+
+    __slots__ = ("raw",)
 
     def __init__(self, raw: bytes) -> None:
         self.raw = raw
-        self._headers: Headers | None = None
 
     @property
     def headers(self) -> Headers:
-        if self._headers is None:
-            self._headers = parse_fields(self.raw)
-        return self._headers
-
-    def replace_raw(self, raw: bytes) -> None:
-        """Use ``raw`` from now on (an edit that keeps every notable field, e.g. a cookie cut)."""
-        self.raw = raw
-        self._headers = None
+        return parse_fields(self.raw)
 
 
 class RequestHead(_Head):
@@ -148,10 +144,9 @@ class RequestHead(_Head):
         upgrade: bytes | None = None,
         host: bytes = b"",
     ) -> None:
-        # _Head's fields set here, not through _Head.__init__: one call less per request.
+        # _Head's field set here, not through _Head.__init__: one call less per request.
         self.raw = raw
         self.host = host  # the Host value as sent (trailing whitespace kept), b"" without one
-        self._headers: Headers | None = None
         self.upgrade = upgrade  # the Upgrade value when zdlb forwards the upgrade, else None
         self.method = method
         self.target = target
@@ -187,8 +182,6 @@ class ResponseHead(_Head):
         "http_minor",
         "is_plain",
         "keep_alive",
-        "line_end",
-        "reason",
         "status",
     )
 
@@ -196,27 +189,31 @@ class ResponseHead(_Head):
         self,
         raw: bytes,
         status: int,
-        reason: bytes,
         http_minor: int,
         framing: Framing,
         content_length: int | None,
         keep_alive: bool,
         is_plain: bool = False,
         hop_lines_only: bool = False,
-        line_end: int = -1,
     ) -> None:
-        self.raw = raw  # as RequestHead: _Head's fields set here
-        self._headers: Headers | None = None
-        # Where the status line's CRLF starts (a cookie is inserted after it); -1: find it.
-        self.line_end = line_end if line_end >= 0 else raw.find(b"\r\n")
+        self.raw = raw  # as RequestHead: _Head's field set here
         self.status = status
-        self.reason = reason
         self.http_minor = http_minor
         self.framing = framing
         self.content_length = content_length
         self.keep_alive = keep_alive
         self.is_plain = is_plain
         self.hop_lines_only = hop_lines_only or is_plain
+
+    @property
+    def line_end(self) -> int:
+        """Where the status line's CRLF starts (a cookie is inserted after it). Searched on
+        each read, not at parse time: an answer forwarded as it came never needs it."""
+        return self.raw.find(b"\r\n")
+
+    @property
+    def reason(self) -> bytes:
+        return self.raw[13 : self.raw.find(b"\r\n")]  # llhttp proved a space before any reason
 
     @property
     def is_informational(self) -> bool:
@@ -480,8 +477,8 @@ def parse_response_head(
     a message start). ``answers_upgrade``: the request asked for an Upgrade, so 101 is a valid
     answer (after which ``parser`` is unusable). Raises UpstreamProtocolError (answer 502).
 
-    The hot path of every response, ~5 Python calls for a plain one: one llhttp pass, one
-    search for the status line's end, one regex pass over the fields."""
+    The hot path of every response, ~4 Python calls for a plain one: one llhttp pass and one
+    regex pass over the fields (the status line's end is searched only by what needs it)."""
     if size > DEFAULT_MAX_RESPONSE_HEAD_BYTES:
         raise UpstreamProtocolError("response head too large")
     try:
@@ -497,9 +494,7 @@ def parse_response_head(
         raise UpstreamProtocolError(f"invalid status code {status}")
     if status == 101 and not answers_upgrade:
         raise UpstreamProtocolError("server switched protocols without being asked")
-    line_end = raw.find(b"\r\n")
     http_minor = 1 if raw[:8] == b"HTTP/1.1" else 0
-    reason = raw[13:line_end]  # llhttp proved a space before any reason
     fields = _NOTABLE_FIELD.findall(raw)
     if http_minor and 200 <= status and status != 204 and status != 304 and not answers_head:
         # The common case: Content-Length and perhaps "Connection: keep-alive", nothing else.
@@ -512,16 +507,13 @@ def parse_response_head(
         else:
             if content_length is not None:
                 framing = Framing.LENGTH if content_length else Framing.NONE
-                return ResponseHead(
-                    raw, status, reason, 1, framing, content_length, True, True, True, line_end
-                )
-    return _parse_response_fields(raw, status, reason, http_minor, fields, answers_head)
+                return ResponseHead(raw, status, 1, framing, content_length, True, True, True)
+    return _parse_response_fields(raw, status, http_minor, fields, answers_head)
 
 
 def _parse_response_fields(
     raw: bytes,
     status: int,
-    reason: bytes,
     http_minor: int,
     fields: list[tuple[bytes, bytes]],
     answers_head: bool,
@@ -563,7 +555,6 @@ def _parse_response_fields(
     return ResponseHead(
         raw,
         status,
-        reason,
         http_minor,
         framing,
         content_length,

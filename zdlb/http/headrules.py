@@ -44,13 +44,11 @@ class HeadEdit:
         return b"%s%s\r\n" % (kept, self.lines)
 
     def apply_request(self, head: RequestHead) -> None:
-        """``edit``, in place on ``head`` (inlined: 3 calls per request, not 4); a set Host is
+        """``edit``, in place on ``head`` (inlined: 2 calls per request, not 4); a set Host is
         the one Host (``has_host``)."""
         drop = self.drop
         raw = head.raw[:-2]
-        head.replace_raw(
-            b"%s%s\r\n" % (drop.sub(b"", raw) if drop is not None else raw, self.lines)
-        )
+        head.raw = b"%s%s\r\n" % (drop.sub(b"", raw) if drop is not None else raw, self.lines)
         if self.sets_host:
             head.has_host = True
 
@@ -58,7 +56,7 @@ class HeadEdit:
         """Drop ``head``'s edited fields in place; return ``added`` (lines zdlb inserts after
         the status line, the sticky cookie) with the set and added lines."""
         if self.drop is not None:
-            head.replace_raw(self.drop.sub(b"", head.raw))
+            head.raw = self.drop.sub(b"", head.raw)
         return added + self.lines
 
 

@@ -33,6 +33,9 @@ HOP_BY_HOP = frozenset(
 # Fields zdlb sets itself; any copy from the client is dropped or merged, never trusted.
 # A Connection or Keep-Alive field line, with the CRLF before it: removed from raw heads.
 _HOP_LINE = re.compile(rb"\r\n(?:connection|keep-alive):[^\r]*", re.IGNORECASE)
+# What a request gains at its end: the format of build_request_head's common case, which
+# http/connection.py also applies inline (a call less per request).
+FORWARDED_LINES = b"%sX-Forwarded-For: %s\r\nX-Forwarded-Proto: %s\r\n\r\n"
 _X_FORWARDED_FOR = b"x-forwarded-for"
 _X_FORWARDED_PROTO = b"x-forwarded-proto"
 
@@ -63,28 +66,21 @@ def build_request_head(
     HTTP/1.1 requires it.
     """
     if head.is_plain and head.http_minor == 1:  # only Host is notable: append ours, forward
-        return b"%sX-Forwarded-For: %s\r\nX-Forwarded-Proto: %s\r\n\r\n" % (
-            head.raw[:-2],
-            client_ip,
-            proto,
-        )
+        return FORWARDED_LINES % (head.raw[:-2], client_ip, proto)
     if head.hop_lines_only:  # drop Connection/Keep-Alive lines from the raw head
         raw = head.raw
         if head.http_minor == 0:  # the server is spoken to in HTTP/1.1
             line_end = raw.find(b"\r\n")
             raw = raw[: line_end - 1] + b"1" + raw[line_end:]
-        return b"%sX-Forwarded-For: %s\r\nX-Forwarded-Proto: %s\r\n\r\n" % (
-            _HOP_LINE.sub(b"", raw[:-2]),
-            client_ip,
-            proto,
-        )
-    named = _connection_tokens(head.headers)
+        return FORWARDED_LINES % (_HOP_LINE.sub(b"", raw[:-2]), client_ip, proto)
+    headers = head.headers  # parsed on each read: read once
+    named = _connection_tokens(headers)
     forwarded_for = b""
     lines = [b"%s %s HTTP/1.1\r\n" % (head.method, head.target)]
     append = lines.append
     if head.upgrade is not None:  # the only hop-by-hop field passed on, and what names it
         append(b"Connection: Upgrade\r\nUpgrade: %s\r\n" % head.upgrade)
-    for name, value in head.headers:
+    for name, value in headers:
         lname = name.lower()
         if lname in HOP_BY_HOP or lname == _X_FORWARDED_PROTO:
             continue
@@ -139,10 +135,11 @@ def build_response_head(
                 persistence = b"Connection: keep-alive\r\n"
         raw = _insert_after_status(head, added) if added else head.raw
         return b"%s%s\r\n" % (_HOP_LINE.sub(b"", raw[:-2]), persistence)
-    named = _connection_tokens(head.headers)
+    headers = head.headers  # parsed on each read: read once
+    named = _connection_tokens(headers)
     lines = [b"HTTP/1.1 %d %s\r\n" % (head.status, head.reason), added]
     append = lines.append
-    for name, value in head.headers:
+    for name, value in headers:
         lname = name.lower()
         if lname in HOP_BY_HOP or lname in named:
             continue
@@ -164,10 +161,11 @@ def build_response_head(
 def build_switch_head(head: ResponseHead, added: bytes = b"") -> bytes:
     """Serialise a ``101 Switching Protocols`` for the client: its Upgrade field kept, the
     other hop-by-hop fields dropped, ``Connection: Upgrade`` (RFC 9110 section 7.8)."""
-    named = _connection_tokens(head.headers)
+    headers = head.headers  # parsed on each read: read once
+    named = _connection_tokens(headers)
     lines = [b"HTTP/1.1 101 %s\r\n" % head.reason, added]
     append = lines.append
-    for name, value in head.headers:
+    for name, value in headers:
         lname = name.lower()
         if lname == b"upgrade" or not (lname in HOP_BY_HOP or lname in named):
             append(b"%s: %s\r\n" % (name, value))

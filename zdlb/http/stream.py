@@ -163,7 +163,8 @@ class RequestReader:
 
     ``feed`` raises ``DownstreamProtocolError`` (400, 414, 431, 501 or 505) on the first
     violation; the connection must then be answered and closed, never fed again. After each
-    request's end the reader is paused (``is_paused``) and holds what follows until ``resume``.
+    request's end the reader is paused (``is_paused``) and holds what follows until ``resume``
+    (or a ``feed`` that resumes).
     Bytes after a request that closes the connection are ignored (RFC 9112 section 9.6).
     """
 
@@ -235,15 +236,20 @@ class RequestReader:
         """Forget the sink (the connection is gone): breaks the reader <-> sink cycle."""
         self._sink = _DETACHED
 
-    def feed(self, data: bytes) -> None:
-        pos = 0
-        end = len(data)
-        self.bytes_read += end
+    def feed(self, data: bytes, resume: bool = False) -> None:
+        """Parse ``data``; events go to the sink. ``resume``: the caller is done with the last
+        request and nothing was held (``held`` is empty): ``resume()`` first, in the same call
+        (a keep-alive connection's next request costs one call, not two)."""
+        if resume:
+            assert not self.held, "resume() parses held bytes first"
+            self._state = _State.HEAD
         if self._state is _State.HEAD and self._partial is None:
-            # The common read: exactly one whole head, nothing before or after it.
-            head_end = data.find(_HEAD_END)
-            if head_end > 0 and head_end == end - 4 and data[0] != 0x0D:
-                head = self._head_parser.parse(data, end)
+            # The common read: exactly one whole head, nothing before or after it (a slice of
+            # at most one byte past it says so: no len() call).
+            size = data.find(_HEAD_END) + 4
+            if size > 4 and not data[size : size + 1] and data[0] != 0x0D:
+                self.bytes_read += size
+                head = self._head_parser.parse(data, size)
                 if head.framing is Framing.NONE:  # the whole request (_start_body, inlined)
                     if head.keep_alive or head.upgrade is not None:
                         self._state = _State.PAUSED
@@ -253,6 +259,9 @@ class RequestReader:
                 else:
                     self._start_body(head)
                 return
+        pos = 0
+        end = len(data)
+        self.bytes_read += end
         sink = self._sink
         while pos < end:
             state = self._state

@@ -225,12 +225,19 @@ class ServerConnections:
     def idle_count(self) -> int:
         return len(self._idle)
 
-    def acquire(self) -> UpstreamConnection | None:
-        """The most recently used idle connection, or None if a new one is needed."""
+    def acquire(self, owner: UpstreamOwner, is_head: bool) -> UpstreamConnection | None:
+        """The most recently used idle connection, attached to ``owner`` for a request that is
+        not an upgrade (as ``UpstreamConnection.attach`` does), or None if a new one is needed."""
         idle = self._idle
         while idle:
-            conn = idle.pop()
+            conn = idle[-1]
+            del idle[-1]  # list.pop() without its call: this runs for every pooled request
             if not conn.is_closed:
+                conn.owner = owner  # attach(), inlined for the same reason
+                conn.got_data = False
+                reader = conn.reader
+                reader.sink = owner
+                reader.expect_response(is_head)
                 return conn
         return None
 
