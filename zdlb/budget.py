@@ -122,7 +122,8 @@ class ConnectionBudget:
         return cls(limit, stats)
 
     def configure(self, config: Config) -> None:
-        """A reload: the new process limit and listener limits apply from the next accept."""
+        """A reload switched to ``config``: its process and listener limits apply from the next
+        accept (daemon/reload.py ``switch``; until then the running config's stay)."""
         fresh = ConnectionBudget.for_config(config)
         self.limit, self._resume_at = fresh.limit, fresh._resume_at
         self.stats.maxconn = self.limit
@@ -132,12 +133,12 @@ class ConnectionBudget:
         self.rebalance()
 
     def gate(self, name: str, limit: int | None, stats: ListenerStats) -> ListenerGate:
-        """The gate of listener ``name`` (kept across reloads, so its count stays right)."""
+        """The gate of listener ``name``, made with ``limit`` the first time; a reload's routes
+        get the same one, so its count stays right (``configure`` changes its limit)."""
         gate = self.gates.get(name)
         if gate is None:
             gate = self.gates[name] = ListenerGate(self, name, stats)
-        gate.stats = stats
-        gate.set_limit(limit)
+            gate.set_limit(limit)
         return gate
 
     def reached(self, gate: ListenerGate) -> None:

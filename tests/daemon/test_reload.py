@@ -339,3 +339,33 @@ async def test_sighup_to_a_worker_is_ignored(
     await daemon.wait_text("signal_ignored signal=SIGHUP")
     assert "worker_exited" not in daemon.output
     await assert_clean(daemon)
+
+
+async def test_the_connection_budget_holds_across_a_reload_that_changes_it(
+    start_daemon: StartDaemon, tmp_path: Path, echoes: dict[str, EchoServer]
+) -> None:
+    """A reload keeps the process's one connection budget (its listeners' gates and counts)
+    and applies the new `maxconn`: at 3 open connections the fourth client waits in the
+    backlog, and is served once one of the three leaves."""
+    config = tmp_path / "zdlb.toml"
+    base = config_text(specs(echoes, "s1"))
+    config.write_text("maxconn = 2\n" + base, encoding="utf-8")
+    daemon = await start_daemon("run", "-c", str(config))
+    addr = await daemon.listener_addr()
+    config.write_text("maxconn = 3\n" + base, encoding="utf-8")
+    code, out, err = await reload(config)
+    assert (code, out.strip()) == (0, "setting maxconn changed"), err
+    held = [await H11Client.connect(addr) for _ in range(3)]
+    for client in held:
+        assert (await client.request("GET", "/")).status == 200
+    await daemon.wait_text("maxconn_reached open=3 limit=3")
+    late = await H11Client.connect(addr)  # the kernel completes its handshake...
+    waiting = asyncio.create_task(late.request("GET", "/late"))
+    info = await run_zdlb("ctl", "-c", str(config), "json", "show", "info")
+    assert json.loads(info.stdout)["client_connections"] == 3  # ...zdlb has not taken it
+    assert not waiting.done()
+    await held.pop().aclose()
+    assert (await waiting).status == 200
+    for client in (*held, late):
+        await client.aclose()
+    await assert_clean(daemon)

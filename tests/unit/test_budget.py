@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 from zdlb.budget import (
@@ -93,6 +94,18 @@ def test_a_gate_is_kept_by_name_and_an_acceptor_added_while_paused_starts_paused
     late = Acceptor()
     gate.add(late)
     assert late.calls == ["pause"]
+
+
+def test_a_reload_changes_the_limits_through_configure_only() -> None:
+    """A reload's routes get the running gates back unchanged (a plan that fails must change
+    nothing); the config it switches to sets the limits."""
+    budget = ConnectionBudget(limit=100)
+    gate = budget.gate("web", 3, ListenerStats())
+    assert budget.gate("web", 50, ListenerStats()) is gate and gate.limit == 3
+    cfg = config(servers=1)
+    listener = dataclasses.replace(cfg.listeners[0], maxconn=7)
+    budget.configure(dataclasses.replace(cfg, listeners=(listener,), maxconn=40))
+    assert (budget.limit, gate.limit, gate.stats.maxconn, budget.stats.maxconn) == (40, 7, 7, 40)
 
 
 def test_nothing_resumes_once_stopping() -> None:

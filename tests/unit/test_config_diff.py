@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from zdlb.config.cluster import ClusterConfig
 from zdlb.config.diff import Change, ChangeKind, diff_configs
 from zdlb.config.model import (
     Address,
@@ -110,6 +111,16 @@ CASES: list[tuple[str, Edit, list[Change], int]] = [
         ),
         [Change(CHANGED, "setting", "workers")],
         2,
+    ),
+    (
+        "the process maxconn reloads (budget.py); the fleet is joined at start",
+        lambda: dataclasses.replace(
+            BASE,
+            maxconn=500,
+            cluster=ClusterConfig(("http://127.0.0.1:2379",), "/zdlb/prod", "lb-1"),
+        ),
+        [Change(CHANGED, "setting", "maxconn")],
+        1,
     ),
 ]
 

@@ -30,6 +30,7 @@ RESTART_ONLY: Mapping[str, str] = {
     "control.state_file": "the journal is read once, at start",
     "metrics.listen": "the /metrics endpoint is bound once",
     "logging.format": "log handlers are installed once",
+    "cluster": "the fleet is joined once, at start",
 }
 RESTART_HINT = "needs a restart or `zdlb ctl upgrade`"
 
@@ -81,6 +82,8 @@ def diff_configs(old: Config, new: Config) -> ConfigDiff:
         "control.state_file": (old.control.state_file, new.control.state_file),
         "metrics.listen": (old.metrics.listen, new.metrics.listen),
         "workers": (old.workers, new.workers),
+        "maxconn": (old.maxconn, new.maxconn),
+        "cluster": (old.cluster, new.cluster),
         "logging.format": (old.logging.format, new.logging.format),
         "logging.level": (old.logging.level, new.logging.level),
         "logging.access_log": (old.logging.access_log, new.logging.access_log),

@@ -135,6 +135,7 @@ def build_plan(
     stats = Stats.from_config(config, running.stats)
     new = Runtime(config, backends, health, stats, on_health=running.on_health)
     new.events, new.census_key = running.events, running.census_key
+    new.budget = running.budget  # one per process: its listeners' gates and counts go on
     new.census = new_census(backends, running.census_key, running.census)
     plan = Plan(config, diff, new, socket_sources(running, config))
     old_sockets = _sockets_by_name(running)
@@ -232,6 +233,7 @@ async def switch(running: Runtime, plan: Plan, role: Role) -> list[Server]:
     running.census = new.census
     running.routes, running.sockets = new.routes, new.sockets
     running.tcp_routes, running.tcp_sockets = new.tcp_routes, new.tcp_sockets
+    running.budget.configure(plan.config)
     if role is not Role.WORKER:
         running.start_health()
     return predecessors
