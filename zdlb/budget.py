@@ -29,7 +29,7 @@ import logging
 import resource
 from typing import Protocol
 
-from zdlb.config.model import Config
+from zdlb.config.model import Config, ListenerConfig
 from zdlb.stats import ListenerStats, ProcessStats
 
 log = logging.getLogger(__name__)
@@ -169,6 +169,12 @@ class ConnectionBudget:
     def stop(self) -> None:
         """Shutdown: nothing resumes accepting any more."""
         self.is_stopped = True
+
+
+def lone_gate(listener: ListenerConfig, stats: ListenerStats) -> ListenerGate:
+    """A gate with a budget of its own and no process limit: for a route built without a
+    runtime (tests, benchmarks); the daemon's routes share the runtime's budget."""
+    return ConnectionBudget().gate(listener.name, listener.maxconn, stats)
 
 
 class ListenerGate:

@@ -398,15 +398,20 @@ class StreamingServer(UpstreamServer):
 
 
 class GatedServer(UpstreamServer):
-    """Keep-alive server: answers ``/hold...`` targets only after ``release`` is set.
+    """Keep-alive server: answers ``/hold...`` targets only after ``release`` is set, others
+    after ``delay_s`` (the server's own work, 0 by default).
 
-    ``held`` counts requests waiting at the gate. Answers are 200 with body ``ok <target>``.
+    ``held`` counts requests that waited at the gate; ``active`` the requests being worked on
+    now and ``most_active`` the most at once. Answers are 200 with body ``ok <target>``.
     """
 
-    def __init__(self, sock: socket.socket, *, name: str = "gated") -> None:
+    def __init__(self, sock: socket.socket, *, name: str = "gated", delay_s: float = 0.0) -> None:
         super().__init__(sock, name=name)
         self.release = asyncio.Event()
+        self.delay_s = delay_s
         self.held = 0
+        self.active = 0
+        self.most_active = 0
 
     async def handle(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, conn_seq: int
@@ -416,10 +421,18 @@ class GatedServer(UpstreamServer):
             request = await self.read_request(conn, reader, writer, conn_seq)
             if request is None:
                 return
-            if request.target.startswith(b"/hold"):
-                self.held += 1
-                self.changed()
-                await self.release.wait()
+            self.active += 1
+            self.most_active = max(self.most_active, self.active)
+            try:
+                if request.target.startswith(b"/hold"):
+                    self.held += 1
+                    self.changed()
+                    await self.release.wait()
+                elif self.delay_s:
+                    self.changed()
+                    await asyncio.sleep(self.delay_s)  # the work; nothing here waits on zdlb
+            finally:
+                self.active -= 1
             body = b"ok " + request.target
             headers = [("content-length", str(len(body)))]
             out = conn.send(h11.Response(status_code=200, headers=headers))

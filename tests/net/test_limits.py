@@ -9,11 +9,11 @@ import struct
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
-import h11
 import pytest
 
 from tests.net.proxy_harness import (
     WAIT_S,
+    GatedServer,
     ProxyStarter,
     RawClient,
     RunningProxy,
@@ -30,47 +30,9 @@ SLOTS = 2
 CLIENTS = 20
 
 
-class PacedServer(UpstreamServer):
-    """Answers each request after ``delay_s`` (the server's own work), or, for ``/hold``
-    targets, once ``release`` is set; records how many requests it held at once."""
-
-    def __init__(self, sock: socket.socket, *, delay_s: float) -> None:
-        super().__init__(sock, name="paced")
-        self.delay_s = delay_s
-        self.release = asyncio.Event()
-        self.active = 0
-        self.most_active = 0
-
-    async def handle(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, conn_seq: int
-    ) -> None:
-        conn = h11.Connection(h11.SERVER)
-        while True:
-            request = await self.read_request(conn, reader, writer, conn_seq)
-            if request is None:
-                return
-            self.active += 1
-            self.most_active = max(self.most_active, self.active)
-            self.changed()
-            try:
-                if request.target.startswith(b"/hold"):
-                    await self.release.wait()
-                else:
-                    await asyncio.sleep(self.delay_s)  # the work; nothing here waits on zdlb
-            finally:
-                self.active -= 1
-            body = b"ok " + request.target
-            out = conn.send(h11.Response(status_code=200, headers=[("content-length", "3")]))
-            out += conn.send(h11.Data(data=body[:3])) + conn.send(h11.EndOfMessage())
-            await self.send(writer, out)
-            if conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
-                return
-            conn.start_next_cycle()
-
-
 @pytest.fixture
-async def paced(bound_socket: socket.socket) -> AsyncIterator[PacedServer]:
-    async with PacedServer(bound_socket, delay_s=0.05) as server:
+async def paced(bound_socket: socket.socket) -> AsyncIterator[GatedServer]:
+    async with GatedServer(bound_socket, name="paced", delay_s=0.05) as server:
         yield server
 
 
@@ -85,7 +47,7 @@ async def start(
 
 
 async def test_server_never_sees_more_than_maxconn_and_every_request_succeeds(
-    paced: PacedServer, proxies: ProxyStarter
+    paced: GatedServer, proxies: ProxyStarter
 ):
     proxy = await start(proxies, paced)
 
@@ -102,7 +64,7 @@ async def test_server_never_sees_more_than_maxconn_and_every_request_succeeds(
 
 
 async def test_queue_s_answers_the_surplus_503_with_retry_after_in_arrival_order(
-    paced: PacedServer, proxies: ProxyStarter
+    paced: GatedServer, proxies: ProxyStarter
 ):
     queue_s = 0.3
     proxy = await start(proxies, paced, queue_s=queue_s)
@@ -148,7 +110,7 @@ async def test_queue_s_answers_the_surplus_503_with_retry_after_in_arrival_order
 
 
 async def test_a_client_that_leaves_the_queue_frees_its_place(
-    paced: PacedServer, proxies: ProxyStarter
+    paced: GatedServer, proxies: ProxyStarter
 ):
     proxy = await start(proxies, paced)
     stats = proxy.link().stats
@@ -276,7 +238,7 @@ async def test_at_maxconn_new_clients_wait_in_the_backlog_and_are_served_as_othe
 
 
 async def test_a_routed_backends_queue_holds_only_its_own_requests(
-    paced: PacedServer,
+    paced: GatedServer,
     bound_socket_factory: Callable[[], socket.socket],
     proxies: ProxyStarter,
 ):
@@ -287,7 +249,7 @@ async def test_a_routed_backends_queue_holds_only_its_own_requests(
 
 
 async def routed_queue_case(
-    paced: PacedServer, echo_server: EchoServer, proxies: ProxyStarter
+    paced: GatedServer, echo_server: EchoServer, proxies: ProxyStarter
 ) -> None:
     data = {
         "listeners": {

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable
-from typing import Protocol
+from typing import Protocol, cast
 
 from zdlb.balancer.pool import Backend
 from zdlb.balancer.server import UNLIMITED, Server
@@ -200,6 +200,14 @@ class WaitQueues:
         """True if a balanced pick could choose ``server`` now (it takes new traffic, itself
         or standing in for its main)."""
         return self.backend.takes_new_traffic(server, now)
+
+
+def slot_freed(server: Server, now: float) -> None:
+    """``server`` finished a request or a tunnel: its backend's queues, if it has any, hand the
+    slot to the oldest waiter (rule 3). One attribute read for a server without queues."""
+    waitq = server.waitq
+    if waitq is not None:
+        cast(WaitQueues, waitq).slot_freed(server, now)
 
 
 def attach_queues(

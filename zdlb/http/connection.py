@@ -37,6 +37,7 @@ import time
 from bisect import bisect_left
 from typing import TYPE_CHECKING, Protocol, cast
 
+from zdlb.balancer.queue import slot_freed
 from zdlb.census import mint_token
 from zdlb.config.model import Reuse
 from zdlb.errors import (
@@ -348,7 +349,9 @@ class ClientConnection(asyncio.Protocol):
         exchange = self.exchange
         server.inflight -= 1  # the reservation; _use_server counts the request again
         if exchange is None or exchange.ticket is not ticket or self.phase is not Phase.EXCHANGE:
-            self._slot_freed(server)  # the client left meanwhile: the next waiter gets it
+            slot_freed(
+                server, self.loop.time()
+            )  # the client left meanwhile: the next waiter gets it
             return
         exchange.ticket = None
         dest = self.dest
@@ -365,10 +368,6 @@ class ClientConnection(asyncio.Protocol):
         self._arm_exchange_deadline(exchange)
         self._use_server(exchange, server, pool)
         self._flush_upstream(exchange)
-
-    def _slot_freed(self, server: Server) -> None:
-        if server.waitq is not None:
-            cast("WaitQueues", server.waitq).slot_freed(server, self.loop.time())
 
     def _leave_queue(self, exchange: Exchange) -> None:
         ticket = exchange.ticket
@@ -939,7 +938,7 @@ class ClientConnection(asyncio.Protocol):
             exchange.server = None
             server.inflight -= 1  # Server.request_finished(), inlined: once per request
             if server.waitq is not None:
-                self._slot_freed(server)
+                slot_freed(server, self.loop.time())
         elif exchange.ticket is not None:
             self._leave_queue(exchange)
         self.answered += 1
@@ -995,7 +994,7 @@ class ClientConnection(asyncio.Protocol):
             exchange.server = None
             server.inflight -= 1  # Server.request_finished(), inlined: once per request
             if server.waitq is not None:
-                self._slot_freed(server)
+                slot_freed(server, self.loop.time())
         elif exchange.ticket is not None:
             self._leave_queue(exchange)
 

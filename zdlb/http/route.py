@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, ClassVar, Literal, Protocol
 
 from zdlb.balancer.queue import attach_queues
-from zdlb.budget import ConnectionBudget, ListenerGate
+from zdlb.budget import ListenerGate, lone_gate
 from zdlb.config.model import ListenerConfig, Reuse
 from zdlb.config.routing import HeaderRules, RouteRule, backends_of
 from zdlb.http.exchange import Phase, may_reuse
@@ -214,9 +214,7 @@ class Route:
         # Metrics: plain counters the hot path adds to (a scrape reads them; metrics/).
         self.stats = stats if stats is not None else ListenerStats()
         # The listener's share of the connection budget (budget.py), kept across reloads.
-        if gate is None:
-            gate = ConnectionBudget().gate(listener.name, listener.maxconn, self.stats)
-        self.gate = gate
+        self.gate = gate if gate is not None else lone_gate(listener, self.stats)
         self.observe = observe  # passive health: called for servers with is_observed only
         by_name = {link.backend.name: link for link in links}
         assert tuple(by_name) == backends_of(listener.backend, listener.routing), by_name

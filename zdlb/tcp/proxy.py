@@ -38,11 +38,12 @@ import struct
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, cast
+from typing import Any
 
 from zdlb.balancer.pool import Backend
+from zdlb.balancer.queue import slot_freed
 from zdlb.balancer.server import Server
-from zdlb.budget import ConnectionBudget, ListenerGate
+from zdlb.budget import ListenerGate, lone_gate
 from zdlb.config.model import (
     DEFAULT_CONNECT_S,
     DEFAULT_PIPE_BYTES,
@@ -55,9 +56,6 @@ from zdlb.stats import ListenerStats
 from zdlb.tcp.pipes import BufferPool, PipePool
 from zdlb.tcp.pump import SPLICE_AVAILABLE, Pump
 from zdlb.tcp.tls_proxy import TlsPump, tls_sides
-
-if TYPE_CHECKING:
-    from zdlb.balancer.queue import WaitQueues
 
 log = logging.getLogger(__name__)
 access_log = logging.getLogger("zdlb.access")
@@ -93,12 +91,6 @@ class Phase(enum.Enum):
     CLOSED = "closed"
 
 
-def _slot_freed(server: Server, now: float) -> None:
-    """A tunnel let go of its server: an HTTP request queued for it may go (balancer/queue.py)."""
-    if server.waitq is not None:
-        cast("WaitQueues", server.waitq).slot_freed(server, now)
-
-
 def _ignore_observation(server: Server, ok: bool) -> None:
     """The default when no health checker runs: live traffic reports to nobody."""
 
@@ -120,9 +112,7 @@ class TcpRoute:
         self.listener = listener
         self.stats = stats if stats is not None else ListenerStats()  # metrics
         # The listener's share of the connection budget (budget.py): pause/resume below.
-        if gate is None:
-            gate = ConnectionBudget().gate(listener.name, listener.maxconn, self.stats)
-        self.gate = gate
+        self.gate = gate if gate is not None else lone_gate(listener, self.stats)
         self._is_paused = False
         self.backend = backend
         self.settings = settings
@@ -498,7 +488,7 @@ class Tunnel:
         server, self.server = self.server, None
         if server is not None:
             server.request_finished()
-            _slot_freed(server, self.loop.time())
+            slot_freed(server, self.loop.time())
 
     def _give_up(self, end: str) -> None:
         """No server could be connected: reset the client (see the module docstring)."""
@@ -516,7 +506,7 @@ class Tunnel:
         assert server is not None and pump.end is not None
         server.connection_closed()
         server.request_finished()
-        _slot_freed(server, self.loop.time())
+        slot_freed(server, self.loop.time())
         self.bytes_up, self.bytes_down = pump.bytes_up, pump.bytes_down
         self._closed(self.end or pump.end.value)
 
