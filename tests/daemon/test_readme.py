@@ -158,6 +158,18 @@ async def page_version(port: int) -> str:
     return served_by.split("/")[2]
 
 
+async def test_the_readme_first_lines_work_verbatim_under_load(demo_dir: Path) -> None:
+    """The block a new user types after ``make demo``: front-1's main taken down, and nobody
+    sees it (its backup vhost, or front-2, answers)."""
+    lines = readme_block("Each\npage names the host")
+    assert [line.split()[0] for line in lines] == ["curl"] * 4, lines
+    outputs, _ = await run_block_under_load(lines, demo_dir)
+    assert "vhost: main" in outputs[0]
+    for answer in outputs[2:]:
+        served = (answer.split("host: ")[1].split()[0], answer.split("vhost: ")[1].split()[0])
+        assert served in {("front-1", "backup"), ("front-2", "main")}, answer
+
+
 async def test_the_readme_deploy_by_hand_works_verbatim_under_load(demo_dir: Path) -> None:
     lines = readme_block("A deploy by hand, one host at a time")
     assert any("wait app/front-1 up" in line for line in lines), lines
