@@ -32,6 +32,8 @@ _HASH_SCALE = 1.0 / (1 << _HASH_BITS)
 _HASH_SHIFT = 64 - _HASH_BITS
 # Per-server salt length; BLAKE2b accepts at most 16 bytes of salt.
 _SALT_BYTES = 16
+# What select_sticky tests for every pinned request, as globals (see _is_roundrobin).
+_MAIN, _READY, _UP = PoolName.MAIN, AdminState.READY, Health.UP
 
 
 class Backend:
@@ -42,9 +44,11 @@ class Backend:
     """
 
     __slots__ = (
+        "_balance",
         "_by_identity",
         "_by_name",
         "_current",
+        "_is_roundrobin",
         "_rng",
         "_rr_generation",
         "_rr_next",
@@ -52,7 +56,6 @@ class Backend:
         "_rr_schedule",
         "_rr_valid_until",
         "_salt",
-        "balance",
         "config",
         "name",
         "processes",
@@ -67,7 +70,7 @@ class Backend:
         # server's slots (balancer/queue.py, attach_queues).
         self.processes = processes
         self.name = config.name
-        self.balance: Balance = config.balance
+        self.balance = config.balance
         self.servers: tuple[Server, ...] = tuple(Server(s, config.name) for s in config.servers)
         self._by_name = {server.name: server for server in self.servers}
         for server in self.servers:
@@ -95,6 +98,17 @@ class Backend:
         self._rr_generation = -1
         self._rr_valid_until = math.inf  # a drain hold ending changes the candidates
 
+    @property
+    def balance(self) -> Balance:
+        return self._balance
+
+    @balance.setter
+    def balance(self, balance: Balance) -> None:
+        self._balance = balance
+        # Tested by every pick: a bool, not `balance is Balance.ROUNDROBIN` (an attribute of an
+        # Enum class costs ~60 ns on CPython 3.11; see http/exchange.py's phases).
+        self._is_roundrobin = balance is Balance.ROUNDROBIN
+
     def server(self, name: str) -> Server | None:
         """The server called ``name`` in this backend, or None."""
         return self._by_name.get(name)
@@ -115,13 +129,13 @@ class Backend:
             return None
         server = self._by_identity[identity]
         pair = server.pair
-        if pair is not None and pair._pool is PoolName.MAIN:
+        if pair is not None and pair._pool is _MAIN:
             server = pair  # after a swap the configured backup is the slot's main
-        if server._pool is not PoolName.MAIN:  # an unpaired backup keeps its users while usable
+        if server._pool is not _MAIN:  # an unpaired backup keeps its users while usable
             return server if server.holds_sticky(now) else None
         # The common case, a main READY and UP, is slot_route's answer without its three calls:
         # a main that holds its sticky users keeps them, paired or not (server.py, rule 3).
-        if server._admin is AdminState.READY and server._health is Health.UP:
+        if server._admin is _READY and server._health is _UP:
             return server
         _, member = slot_route(server, now)
         if member is Member.MAIN:
@@ -142,7 +156,7 @@ class Backend:
         BLAKE2b and one log each). Measured with 4 idle servers: ROUNDROBIN 1.2 us, LEASTCONN
         2 us, RANDOM 1.7 us, SOURCE 5 us per call.
         """
-        if not exclude and self.balance is Balance.ROUNDROBIN:
+        if not exclude and self._is_roundrobin:
             if self._rr_generation != Server.generation or now >= self._rr_valid_until:
                 self._build_schedule(now)
             schedule = self._rr_schedule

@@ -75,6 +75,11 @@ class Framing(enum.Enum):
     CLOSE = "close"  # responses only: the body ends when the server closes
 
 
+# The framings as module constants, for the hot paths: an attribute of an Enum class costs ~60
+# ns on CPython 3.11, a global ~3 ns (see exchange.py's phases).
+NO_BODY, BY_LENGTH, CHUNKED, BY_CLOSE = Framing
+
+
 def parse_fields(raw_head: bytes) -> Headers:
     """Every header field of a validated head, in wire order, names and values as sent."""
     start = raw_head.find(b"\r\n") + 2
@@ -320,19 +325,22 @@ class RequestHeadParser:
             http_minor = 1 if line[3] == b"1" else 0
             match fields:
                 case [(name, host)] if http_minor and name in _HOST_SPELLINGS:
-                    # The common case: only Host: nothing to edit, no body, persistent.
+                    # The common case: only Host: nothing to edit, no body, persistent. Every
+                    # argument positional: a keyword one cost 0.17 us a call (timeit).
                     return RequestHead(
                         raw,
                         method,
                         target,
                         1,
-                        Framing.NONE,
+                        NO_BODY,
                         None,
                         True,
                         False,
                         True,
                         True,
-                        host=host,
+                        True,
+                        None,
+                        host,
                     )
             return self._parse_fields(raw, method, target, http_minor, fields)
         except DownstreamProtocolError:
@@ -506,7 +514,7 @@ def parse_response_head(
                 break
         else:
             if content_length is not None:
-                framing = Framing.LENGTH if content_length else Framing.NONE
+                framing = BY_LENGTH if content_length else NO_BODY
                 return ResponseHead(raw, status, 1, framing, content_length, True, True, True)
     return _parse_response_fields(raw, status, http_minor, fields, answers_head)
 
