@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import uvloop
@@ -58,8 +59,10 @@ class CountingTransport(asyncio.Transport):
         pass
 
 
-def measure(sticky: bool) -> list[float]:
-    """Seconds per request (in us) of ``BATCHES`` batches through one client connection."""
+def build(sticky: bool) -> tuple[asyncio.AbstractEventLoop, Callable[[], None]]:
+    """A client connection with a pooled upstream connection per server, and a function that
+    runs one keep-alive request and its answer through them (benchmarks/opcodes.py uses it
+    too)."""
     data: dict[str, object] = {
         "logging": {"access_log": False},
         "listeners": {"web": {"bind": "127.0.0.1:0", "backend": "app"}},
@@ -95,6 +98,12 @@ def measure(sticky: bool) -> list[float]:
         assert exchange is not None and exchange.upstream is not None
         exchange.upstream.data_received(RESPONSE)
 
+    return loop, one_request
+
+
+def measure(sticky: bool) -> list[float]:
+    """Seconds per request (in us) of ``BATCHES`` batches through one client connection."""
+    loop, one_request = build(sticky)
     for _ in range(1000):  # warm up caches and the round-robin schedule
         one_request()
     batches = []
