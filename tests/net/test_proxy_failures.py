@@ -159,7 +159,7 @@ async def test_bad_request_is_logged_with_the_client_address_as_text(
     echo_server: EchoServer, proxies: ProxyStarter, caplog: pytest.LogCaptureFixture
 ):
     proxy = await start_for(proxies, echo_server)
-    with caplog.at_level(logging.INFO, logger="zdlb.http.connection"):
+    with caplog.at_level(logging.INFO, logger="zdlb.http.answers"):
         await assert_rejected(proxy, b"BAD REQUEST\r\n\r\n", 400)
     [line] = [r.getMessage() for r in caplog.records if r.getMessage().startswith("bad_request")]
     assert "client=127.0.0.1 " in line, line
@@ -333,7 +333,7 @@ async def test_all_servers_refusing_gets_502_after_trying_each(
     caplog: pytest.LogCaptureFixture,
 ):
     proxy = await start_for(proxies, ("one", refused_addr), ("two", second_refused_addr))
-    with caplog.at_level(logging.WARNING, logger="zdlb.http.connection"):
+    with caplog.at_level(logging.WARNING, logger="zdlb.http.recovery"):
         async with await H11Client.connect(proxy.addr) as client:
             response = await client.request()
     assert response.status == 502
