@@ -29,7 +29,6 @@ not timer handles: one ``deadline`` per connection, enforced by ``Route.sweep`` 
 from __future__ import annotations
 
 import asyncio
-import os
 import socket
 import time
 from bisect import bisect_left
@@ -37,7 +36,7 @@ from typing import TYPE_CHECKING, cast
 
 from zdlb.balancer.queue import slot_freed
 from zdlb.errors import DownstreamProtocolError
-from zdlb.http import rewrite
+from zdlb.http import handover, rewrite
 from zdlb.http.answers import fail, log_access, reject
 from zdlb.http.exchange import (
     CLOSING,
@@ -51,12 +50,11 @@ from zdlb.http.exchange import (
     PAUSED_NEXT_REQUEST,
     PAUSED_UPSTREAM_FULL,
     Exchange,
-    Phase,
     body_deadline,
 )
 from zdlb.http.head import BY_CLOSE, BY_LENGTH, CHUNKED, NO_BODY, Headers, RequestHead, ResponseHead
 from zdlb.http.pinning import pin, select_sticky
-from zdlb.http.recovery import connect, exchange_timed_out, upstream_lost
+from zdlb.http.recovery import connect, deadline_passed, upstream_lost
 from zdlb.http.splicing import Detour, count_request_splice, splice_request, splice_response
 from zdlb.http.stream import RequestReader
 from zdlb.http.switch import start_switch, switch_protocols
@@ -689,69 +687,24 @@ class ClientConnection(asyncio.Protocol):
 
     def deadline_passed(self) -> None:
         """Called by ``Route.sweep``: the current wait took longer than its timeout."""
-        match self.phase:
-            case Phase.IDLE if self.answered or self.route.is_stopping:
-                self._close_now()  # keep-alive: a quiet close (exchange.py, rule 7)
-            case Phase.IDLE:
-                reject(self, DownstreamProtocolError("no request", 408))
-            case Phase.CLOSING:
-                self.abort()
-            case Phase.TUNNEL:
-                pass  # its deadline is the tunnel's, enforced by Route.sweep
-            case Phase.HEAD:
-                reject(self, DownstreamProtocolError("request head timed out", 408))
-            case Phase.EXCHANGE:
-                assert self.exchange is not None
-                exchange_timed_out(self, self.exchange)
+        deadline_passed(self)  # recovery.py, rule 4
+
+    # --- changing hands (handover.py): Route's and the daemon's calls -------------------------
 
     def move_to(self, route: Route) -> None:
-        """Between exchanges: serve the next requests by ``route`` (the newest of a chain of
-        reloads), counted there; nothing is closed."""
-        while route.successor is not None:
-            route = route.successor
-        old = self.route
-        old.forget(self)
-        old.stats.connections_open -= 1
-        self.route = route
-        route.connections.add(self)
-        route.stats.connections_open += 1
-        if route.gate is not old.gate:  # another listener's (an upgrade's adoption)
-            old.gate.closed()
-            route.gate.opened()
+        handover.move_to(self, route)
 
     def detach_idle(self) -> socket.socket | None:
-        """An upgrade (daemon/upgrade.py): between requests, with nothing buffered either way,
-        give up the client's socket (a duplicate, for another process) and forget it here
-        without a FIN; None when it is not idle so (it then stays here)."""
-        transport = self.transport
-        if (
-            self.phase is not IDLE
-            or transport is None
-            or not self.reader.is_idle
-            or self.wbuf
-            or transport.get_write_buffer_size()
-        ):
-            return None
-        sock = transport.get_extra_info("socket")
-        if sock is None or transport.get_extra_info("ssl_object") is not None:
-            return None  # TLS: the session lives in this process; it ends here (issue 14)
-        kept = socket.socket(fileno=os.dup(sock.fileno()))  # the socket outlives the abort
-        self.phase = CLOSING
-        transport.abort()  # closes this process's descriptor only: no FIN, no reset
-        return kept
+        return handover.detach_idle(self)
 
     def continue_keep_alive(self) -> None:
-        """An idle keep-alive connection another process served (an upgrade's): between
-        requests, not new, so it waits ``client_s`` and ends quietly (exchange.py, rule 7)."""
-        self.answered = max(1, self.answered)
-        if self.phase is IDLE:
-            self.deadline = self.loop.time() + self.route.timeouts.client_s
+        handover.continue_keep_alive(self)
 
     def close_when_idle(self) -> None:
         if self.phase is IDLE:
-            self._close_now()
+            self.close_now()
 
-    def _close_now(self) -> None:
+    def close_now(self) -> None:
         self.phase = CLOSING
         if self.transport is not None:
             self.transport.close()

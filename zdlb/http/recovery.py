@@ -9,17 +9,20 @@ an explicit argument. The rules of application:
    exchange that is gone, or went elsewhere, leaves its connection in the pool, warm.
 2. A failed connect, or a connect past ``connect_s``, counts against the server (its
    ``connect_errors``, its health observation) and the request goes to the retry target, else
-   502 (504 for a server that took longer than ``server_s``).
-3. An upstream connection lost before any byte of answer: the request is replayed if rule 4
-   allows (on the same server for a stale pooled connection, else elsewhere as a failed
+   502.
+3. An upstream connection lost before any byte of answer: the request is replayed if
+   exchange.py's rule 4 allows (on the same server for a stale pooled connection, else elsewhere as a failed
    connect), else answered 502 (or an upstream protocol error's status). Lost during the
    answer: the client learns it by a close, unless the body was close-delimited (its end).
-4. A timed-out exchange is judged by whose turn it was: the queue's (503 with Retry-After),
-   the client's body (408), a splice still moving bytes (re-armed), the server's (504, or a
-   close once the answer began).
+4. A passed deadline is judged by the phase (exchange.py, rule 7): an idle keep-alive
+   connection closes quietly, a new one or an incomplete head gets 408. A timed-out exchange
+   by whose turn it was: the queue's (503 with Retry-After), the client's body (408), a
+   splice still moving bytes (re-armed), the server's (504, or a close once the answer
+   began).
 5. Failures are logged once per burst per server (``ServerConnections.failures_to_log``).
 
-Nothing here runs on the keep-alive path: only on a new upstream connection and on failures.
+Nothing here runs on the keep-alive path: only for a new upstream connection, a failure, or a
+passed deadline.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ from zdlb.http.answers import Answering, fail, reject
 from zdlb.http.exchange import (
     MAX_PENDING_BYTES,
     PAUSED_CONNECTING,
+    Phase,
     Replay,
     replay_after_loss,
     retry_target,
@@ -68,9 +72,12 @@ class Recovering(Answering, Protocol):
     deadline: float
     paused: int
     detour: Detour | None
+    phase: Phase
+    answered: int
 
     def pause(self, reason: int) -> None: ...
     def abort(self) -> None: ...
+    def close_now(self) -> None: ...
     def arm_exchange_deadline(self, exchange: Exchange) -> None: ...
     def attach(self, exchange: Exchange, upstream: UpstreamConnection) -> None: ...
     def use_server(self, exchange: Exchange, server: Server, pool: ServerConnections) -> None: ...
@@ -196,8 +203,26 @@ def upstream_lost(
     fail(conn, exchange, status)
 
 
-def exchange_timed_out(conn: Recovering, exchange: Exchange) -> None:
-    """The exchange's current wait passed its deadline (rule 4)."""
+def deadline_passed(conn: Recovering) -> None:
+    """The connection's current wait passed its deadline (exchange.py, rule 7)."""
+    match conn.phase:
+        case Phase.IDLE if conn.answered or conn.route.is_stopping:
+            conn.close_now()  # keep-alive: a quiet close
+        case Phase.IDLE:
+            reject(conn, DownstreamProtocolError("no request", 408))
+        case Phase.CLOSING:
+            conn.abort()
+        case Phase.TUNNEL:
+            pass  # its deadline is the tunnel's, enforced by Route.sweep
+        case Phase.HEAD:
+            reject(conn, DownstreamProtocolError("request head timed out", 408))
+        case Phase.EXCHANGE:
+            assert conn.exchange is not None
+            _exchange_timed_out(conn, conn.exchange)
+
+
+def _exchange_timed_out(conn: Recovering, exchange: Exchange) -> None:
+    """An exchange's wait passed its deadline: whose turn it was decides (rule 4)."""
     if exchange.ticket is not None:  # queue_s passed (exchange.py, rule 7)
         leave_queue(exchange)
         dest = conn.dest
