@@ -11,9 +11,10 @@ an explicit argument. The rules of application:
    ``connect_errors``, its health observation) and the request goes to the retry target, else
    502.
 3. An upstream connection lost before any byte of answer: the request is replayed if
-   exchange.py's rule 4 allows (on the same server for a stale pooled connection, else elsewhere as a failed
-   connect), else answered 502 (or an upstream protocol error's status). Lost during the
-   answer: the client learns it by a close, unless the body was close-delimited (its end).
+   exchange.py's rule 4 allows (on the same server for a stale pooled connection, else
+   elsewhere as a failed connect), else answered 502 (or an upstream protocol error's
+   status). Lost during the answer: the client learns it by a close, unless the body was
+   close-delimited (then that was its end).
 4. A passed deadline is judged by the phase (exchange.py, rule 7): an idle keep-alive
    connection closes quietly, a new one or an incomplete head gets 408. A timed-out exchange
    by whose turn it was: the queue's (503 with Retry-After), the client's body (408), a
