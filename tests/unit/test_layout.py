@@ -71,3 +71,12 @@ def test_the_data_plane_imports_nothing_above_it(layer: str) -> None:
         if dep.startswith(above)
     }
     assert not wrong
+
+
+def test_the_http_connection_is_imported_by_no_module_it_uses() -> None:
+    """connection.py's helpers (answers, pinning, waiting, recovery, splicing, switch, handover)
+    take the connection as an argument typed by a Protocol of their own: none imports it, so
+    each reads without it and none can call back into its private methods."""
+    importers = {name for name, deps in GRAPH.items() if "zdlb.http.connection" in deps}
+    assert not {name for name in importers if name.startswith("zdlb.http")}
+    assert importers <= {"zdlb.daemon.acceptor", "zdlb.daemon.lifecycle"}

@@ -73,7 +73,14 @@ _FIRST_BOUND_S = RESPONSE_TIME_BOUNDS_S[0]
 
 
 class ClientConnection(asyncio.Protocol):
-    """One client (downstream) connection: reads requests, forwards them, relays answers."""
+    """One client (downstream) connection: reads requests, forwards them, relays answers.
+
+    Its callbacks are the ones asyncio (``asyncio.Protocol``), its reader (``RequestSink``), its
+    upstream connection (``UpstreamOwner``), its route (``ListenedConnection``) and a queue
+    (``Waiter``) call. The helper modules use its slots and its public methods; the Protocol
+    on top of each (``Answering``, ``Pinned``, ``Waiting``, ``Recovering``, ``Splicing``,
+    ``Switching``, ``Handed``) lists what it uses, and mypy checks that this class fits them.
+    """
 
     # Slots, not a __dict__: an idle keep-alive connection holds only these and its reader.
     __slots__ = (
@@ -269,7 +276,7 @@ class ClientConnection(asyncio.Protocol):
                 exchange.is_chunked_up = True
             elif (head.content_length or 0) >= route.splice_min_bytes:
                 # Read no more of the body: once the head and what came with it reach the
-                # server, the rest goes by splice (_start_request_detour).
+                # server, the rest goes by splice (splicing.py, rule 2).
                 exchange.splice_request = True
                 self.pause(PAUSED_DETOUR)
         if server.inflight >= server.maxconn:  # at its maxconn: wait (balancer/queue.py)
@@ -317,13 +324,6 @@ class ClientConnection(asyncio.Protocol):
                 route.listener.limits.min_body_rate,
             )
 
-    # --- waiting for a server slot (balancer/queue.py) ----------------------------------------
-
-    def queue_granted(self, ticket: Ticket, server: Server) -> None:
-        """The queue reserved a slot on ``server`` for this connection (its I/O comes later:
-        this runs inside another connection's callback)."""
-        self.loop.call_soon(slot_granted, self, ticket, server)
-
     def request_body(self, data: bytes) -> None:
         exchange = self.exchange
         if exchange is not None:
@@ -344,7 +344,14 @@ class ClientConnection(asyncio.Protocol):
 
     # --- choosing a server and connecting ----------------------------------------------------
 
+    def queue_granted(self, ticket: Ticket, server: Server) -> None:
+        """balancer/queue.py reserved a slot on ``server`` for this connection: take it in a
+        callback of its own (waiting.py, rule 2)."""
+        self.loop.call_soon(slot_granted, self, ticket, server)
+
     def use_server(self, exchange: Exchange, server: Server, pool: ServerConnections) -> None:
+        """Send ``exchange`` to ``server``: an idle pooled connection if reuse allows, else a
+        new one (recovery.py)."""
         exchange.server = server
         server.inflight += 1  # Server.request_started(), inlined: once per request
         pool.stats.requests += 1
@@ -361,6 +368,7 @@ class ClientConnection(asyncio.Protocol):
         connect(self, exchange, pool)
 
     def attach(self, exchange: Exchange, upstream: UpstreamConnection) -> None:
+        """``upstream``, newly connected, carries ``exchange``."""
         head = exchange.request
         exchange.upstream = upstream
         upstream.attach(self, head.method == b"HEAD", head.upgrade is not None)
@@ -376,6 +384,7 @@ class ClientConnection(asyncio.Protocol):
             self.pause(PAUSED_CONNECTING)
 
     def flush_upstream(self, exchange: Exchange) -> None:
+        """Write what ``exchange`` holds for its server, kept for a replay (exchange.py, rule 4)."""
         upstream = exchange.upstream
         ubuf = exchange.ubuf
         if upstream is None or upstream.transport is None or not ubuf:
@@ -421,7 +430,7 @@ class ClientConnection(asyncio.Protocol):
         if framing is CHUNKED and request.http_minor == 0:
             framing = rewrite.downstream_framing(head, 0)
         # keeps_alive (exchange.py, rule 2), inlined: a call less per answer. Its other caller,
-        # _fail, calls it; tests/unit/test_exchange.py checks that the two agree.
+        # answers.fail, calls it; tests/unit/test_exchange.py checks that the two agree.
         keep_alive = exchange.keep_alive = (
             request.keep_alive
             and exchange.request_done
@@ -545,15 +554,11 @@ class ClientConnection(asyncio.Protocol):
         if exchange is not None:
             self.arm_exchange_deadline(exchange)
 
-    # --- detours: a switch to a tunnel, a spliced body -------------------------------------
-
-    def _poll_detour(self) -> None:
-        if self.detour is not None:
-            self.detour.poll()
-
     # --- ending an exchange ------------------------------------------------------------------
 
     def finish_exchange(self, exchange: Exchange) -> None:
+        """``exchange`` is answered (or cut): count it, free its server, and go on to the next
+        request, idle, or close (its ``keep_alive``)."""
         route = self.route
         detour = self.detour
         if detour is not None:  # answered before the request body was all spliced
@@ -635,6 +640,7 @@ class ClientConnection(asyncio.Protocol):
             self.flush_client()
 
     def end_server_request(self, exchange: Exchange) -> None:
+        """Give back ``exchange``'s server slot (or its place in a queue)."""
         server = exchange.server
         if server is not None:
             exchange.server = None
@@ -645,6 +651,7 @@ class ClientConnection(asyncio.Protocol):
             leave_queue(exchange)
 
     def drop_upstream(self, exchange: Exchange) -> None:
+        """Abort ``exchange``'s upstream connection: what it carried is unusable."""
         upstream = exchange.upstream
         if upstream is not None:
             exchange.upstream = None
@@ -652,6 +659,7 @@ class ClientConnection(asyncio.Protocol):
             upstream.abort()
 
     def close_when_written(self) -> None:
+        """The connection's last answer is decided: close once it is written."""
         self.phase = CLOSING
         self.close_after_write = True
         # transport.close() still flushes: bound how long a client that does not read may hold
@@ -659,6 +667,7 @@ class ClientConnection(asyncio.Protocol):
         self.deadline = self.loop.time() + self.route.timeouts.client_s
 
     def flush_client(self) -> None:
+        """Write what is queued for the client in one piece (then close, if decided)."""
         transport = self.transport
         if transport is None:
             return
@@ -673,12 +682,18 @@ class ClientConnection(asyncio.Protocol):
 
     # --- flow control, deadlines, shutdown -------------------------------------------------
 
+    def _poll_detour(self) -> None:
+        if self.detour is not None:
+            self.detour.poll()
+
     def pause(self, reason: int) -> None:
+        """Stop reading the client for ``reason`` (a ``PAUSED_*`` bit)."""
         if not self.paused and self.transport is not None:
             self.transport.pause_reading()
         self.paused |= reason
 
     def resume(self, reason: int) -> None:
+        """``reason`` is gone: read the client again if no other reason is left."""
         if not self.paused & reason:
             return
         self.paused &= ~reason
@@ -705,11 +720,13 @@ class ClientConnection(asyncio.Protocol):
             self.close_now()
 
     def close_now(self) -> None:
+        """Close, flushing what the transport holds."""
         self.phase = CLOSING
         if self.transport is not None:
             self.transport.close()
 
     def abort(self) -> None:
+        """Reset the client connection (or its tunnel), now."""
         tunnel = self.tunnel
         if tunnel is not None:
             tunnel.pump.abort()

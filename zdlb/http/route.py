@@ -307,7 +307,7 @@ class Route:
 
     def retire(self, successor: Route) -> None:
         """A reload replaced this route: idle connections move to ``successor`` now, busy ones
-        when their exchange ends (connection.py ``_finish_exchange``); none is closed."""
+        when their exchange ends (connection.py ``finish_exchange``); none is closed."""
         self.successor = successor
         for conn in list(self.connections):
             if conn.phase is Phase.IDLE:
