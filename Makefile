@@ -6,7 +6,7 @@ VENV := .venv
 VENV_PY := $(VENV)/bin/python
 PIP := $(VENV_PY) -m pip --disable-pip-version-check --quiet
 
-.PHONY: test demo bench venv clean
+.PHONY: test demo bench venv clean native native-clean
 
 test: $(VENV)/.installed-test
 	scripts/check
@@ -39,6 +39,15 @@ $(VENV)/.installed-test: pyproject.toml | $(VENV_PY)
 	$(PIP) install -e '.[test]'
 	@touch $@ $(VENV)/.installed
 
-clean:
+# Experimental (wip-mypyc): the hot path compiled by mypyc, in place (~20 s, gcc and Python
+# headers needed). A compiled module is imported instead of its .py until `make native-clean`.
+native: $(VENV)/.installed-test
+	ZDLB_MYPYC=1 $(VENV_PY) setup.py --quiet build_ext --inplace
+
+native-clean:
+	find zdlb -name '*.so' -delete
+	rm -rf build
+
+clean: native-clean
 	rm -rf $(VENV) build *.egg-info .mypy_cache .ruff_cache .pytest_cache .hypothesis
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +

@@ -31,7 +31,7 @@ import enum
 import math
 import sys
 from dataclasses import dataclass
-from typing import Protocol
+from typing import ClassVar, Protocol
 
 from zdlb.config.model import Address, PoolName, ServerConfig
 
@@ -96,7 +96,7 @@ class Server:
 
     # Bumped by every change of pool, admin state, health or weight, in any server: balancers
     # cache what they derive from those (the round-robin schedule) and compare this number.
-    generation = 0
+    generation: ClassVar[int] = 0
 
     def __init__(self, config: ServerConfig, backend: str) -> None:
         self.config = config

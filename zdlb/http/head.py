@@ -218,7 +218,11 @@ class ResponseHead(_Head):
 
     @property
     def reason(self) -> bytes:
-        return self.raw[13 : self.raw.find(b"\r\n")]  # llhttp proved a space before any reason
+        # llhttp proved a space before any reason. No empty slice with end < start: mypyc's
+        # bytes slice passes end - start unclamped to PyBytes_FromStringAndSize (SystemError).
+        raw = self.raw
+        end = raw.find(b"\r\n")
+        return raw[13:end] if end > 13 else b""
 
     @property
     def is_informational(self) -> bool:
@@ -423,7 +427,8 @@ def _request_line_error(raw: bytes) -> DownstreamProtocolError:
     1.1 (llhttp also takes "GET /", HTTP/0.9, and "HTTP/2.0": RFC 9112 section 2.3), or an
     ambiguous shape (runs of spaces, a stray CR before the method: section 3)."""
     line_end = raw.find(b"\r\n")
-    if raw[line_end - 9 : line_end] not in (b" HTTP/1.1", b" HTTP/1.0"):
+    # line_end < 9 first: a slice with end < start raises SystemError under mypyc (see reason).
+    if line_end < 9 or raw[line_end - 9 : line_end] not in (b" HTTP/1.1", b" HTTP/1.0"):
         return DownstreamProtocolError("only HTTP/1.0 and HTTP/1.1 are supported", 505)
     return DownstreamProtocolError("malformed request line")
 

@@ -1,0 +1,36 @@
+"""Opt-in mypyc build of the HTTP hot path (experimental, branch wip-mypyc).
+
+Everything is in pyproject.toml; this file only adds compiled modules when ZDLB_MYPYC=1:
+
+    ZDLB_MYPYC=1 .venv/bin/python setup.py build_ext --inplace    # in place, for a checkout
+    ZDLB_MYPYC=1 pip install --no-build-isolation .               # a wheel (needs mypy in the env)
+
+Without ZDLB_MYPYC the package stays pure Python, as before.
+"""
+
+import os
+
+from setuptools import setup
+
+HOT_PATH = [
+    "zdlb/http/head.py",
+    "zdlb/http/stream.py",
+    "zdlb/http/chunked.py",
+    "zdlb/http/rewrite.py",
+    "zdlb/http/exchange.py",
+    "zdlb/http/connection.py",
+    "zdlb/http/upstream.py",
+    "zdlb/balancer/pool.py",
+    "zdlb/balancer/server.py",
+    "zdlb/stats.py",
+]
+
+ext_modules = []
+if os.environ.get("ZDLB_MYPYC") == "1":
+    from mypyc.build import mypycify
+
+    extra = [p for p in os.environ.get("ZDLB_MYPYC_EXTRA", "").split() if p]
+    only = os.environ.get("ZDLB_MYPYC_ONLY", "").split()
+    ext_modules = mypycify(only or HOT_PATH + extra, opt_level="3", group_name="zdlb.native")
+
+setup(ext_modules=ext_modules)
