@@ -39,7 +39,7 @@ $(VENV)/.installed-test: pyproject.toml | $(VENV_PY)
 	$(PIP) install -e '.[test]'
 	@touch $@ $(VENV)/.installed
 
-# Experimental (wip-mypyc): the hot path compiled by mypyc, in place (~20 s, gcc and Python
+# Opt-in: the hot path compiled by mypyc (setup.py), in place (~20 s, gcc and Python
 # headers needed). A compiled module is imported instead of its .py until `make native-clean`.
 native: $(VENV)/.installed-test
 	ZDLB_MYPYC=1 $(VENV_PY) setup.py --quiet build_ext --inplace
