@@ -6,7 +6,7 @@ VENV := .venv
 VENV_PY := $(VENV)/bin/python
 PIP := $(VENV_PY) -m pip --disable-pip-version-check --quiet
 
-.PHONY: test demo bench venv clean native native-clean
+.PHONY: test test-native demo bench venv clean native native-clean
 
 test: $(VENV)/.installed-test
 	scripts/check
@@ -43,6 +43,12 @@ $(VENV)/.installed-test: pyproject.toml | $(VENV_PY)
 # headers needed). A compiled module is imported instead of its .py until `make native-clean`.
 native: $(VENV)/.installed-test
 	ZDLB_MYPYC=1 $(VENV_PY) setup.py --quiet build_ext --inplace
+
+# The pure-Python default stays what `make test` checks; this runs the unit and network tests
+# again with the hot path compiled, then removes the build.
+test-native: native
+	$(VENV_PY) -m pytest -q -p no:cacheprovider tests/unit tests/net; status=$$?; \
+	$(MAKE) -s native-clean; exit $$status
 
 native-clean:
 	find zdlb -name '*.so' -delete

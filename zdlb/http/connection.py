@@ -254,7 +254,12 @@ class ClientConnection(asyncio.Protocol):
         else:
             server = dest.backend.select(now, self.client_ip)
             if sticky is not None and server is not None:
-                exchange.set_cookie = pin(self, sticky, server.identity, None)
+                token = self.user_token
+                if token:  # pin()'s common case, inlined: this connection's user is known
+                    before, after = sticky.token_lines[server.identity]
+                    exchange.set_cookie = before + token + after
+                else:
+                    exchange.set_cookie = pin(self, sticky, server.identity, None)
         if server is None:
             fail(self, exchange, 503)
             return

@@ -181,6 +181,7 @@ class ServerConnections:
         "_idle",
         "_idle_s",
         "_max_idle",
+        "_room",
         "connect_s",
         "host_header",
         "server",
@@ -203,6 +204,9 @@ class ServerConnections:
         self._idle_s = idle_s
         self._max_idle = server.config.max_idle
         self._idle: list[UpstreamConnection] = []
+        # max_idle - len(_idle), kept: release() tests it for every pooled request, and a
+        # len() there was one of a keep-alive request's ~30 Python calls.
+        self._room = self._max_idle
         self._failures = 0  # failures since the last one logged
         self._failure_logged_at = -math.inf
         # The backend's TLS to this server (its context shared by the backend), or None.
@@ -232,6 +236,7 @@ class ServerConnections:
         while idle:
             conn = idle[-1]
             del idle[-1]  # list.pop() without its call: this runs for every pooled request
+            self._room += 1
             if not conn.is_closed:
                 conn.owner = owner  # attach(), inlined for the same reason
                 conn.got_data = False
@@ -247,18 +252,20 @@ class ServerConnections:
         conn.reader.sink = _IDLE_SINK
         if conn.is_closed:
             return
-        if len(self._idle) >= self._max_idle:
+        if self._room <= 0:
             conn.close()
             return
         conn.reused = True
         conn.idle_deadline = now + self._idle_s
         self._idle.append(conn)
+        self._room -= 1
 
     def discard(self, conn: UpstreamConnection) -> None:
         try:
             self._idle.remove(conn)
         except ValueError:
-            pass
+            return
+        self._room += 1
 
     def close_expired(self, now: float) -> int:
         """Close idle connections past their deadline (oldest first); returns how many."""
@@ -267,10 +274,12 @@ class ServerConnections:
         while idle and idle[0].idle_deadline <= now:
             idle.pop(0).close()
             count += 1
+        self._room += count
         return count
 
     def close_idle(self) -> None:
         idle, self._idle = self._idle, []
+        self._room = self._max_idle
         for conn in idle:
             conn.close()
 
