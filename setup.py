@@ -14,7 +14,7 @@ import os
 
 from setuptools import setup
 
-# What a request runs through, and the modules connection.py hands its rare paths to (calls
+# What a request runs through (routing and header rules included), and the modules connection.py hands its rare paths to (calls
 # between compiled modules are C calls). Not here: config/model.py (its frozen dataclasses
 # would not unpickle compiled, and workers receive configs pickled), census.py and errors.py
 # (mypyc refuses them).
@@ -33,6 +33,8 @@ HOT_PATH = [
     "zdlb/http/splicing.py",
     "zdlb/http/switch.py",
     "zdlb/http/handover.py",
+    "zdlb/http/routing.py",
+    "zdlb/http/headrules.py",
     "zdlb/balancer/pool.py",
     "zdlb/balancer/server.py",
     "zdlb/stats.py",
