@@ -15,9 +15,9 @@ import os
 from setuptools import setup
 
 # What a request runs through (routing and header rules included), and the modules
-# connection.py hands its rare paths to (calls between compiled modules are C calls). Not here: config/model.py (its frozen dataclasses
-# would not unpickle compiled, and workers receive configs pickled), census.py and errors.py
-# (mypyc refuses them).
+# connection.py hands its rare paths to (calls between compiled modules are C calls). Not
+# here: config/model.py (its frozen dataclasses would not unpickle compiled, and workers
+# receive configs pickled), census.py and errors.py (mypyc refuses them).
 HOT_PATH = [
     "zdlb/http/head.py",
     "zdlb/http/stream.py",
