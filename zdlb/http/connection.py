@@ -484,6 +484,8 @@ class ClientConnection(asyncio.Protocol):
         else:
             self.route.stats.bytes_out += len(out)
             transport.write(out)
+        # response_end's pooling, repeated rather than called: a call here is one of a request's
+        # ~30 and ~0.2 us of CPU under load (README, Performance). Keep the two in step.
         upstream = exchange.upstream
         exchange.upstream = None
         if upstream is not None:
