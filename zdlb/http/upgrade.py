@@ -1,7 +1,7 @@
 """Switching protocols: after a ``101`` an HTTP client connection becomes a tunnel. A
 ``ProtocolSwitch`` waits until neither transport holds a byte, takes both sockets out of them
-(``detach_sockets``) and hands them back to the connection, which starts a pump
-(``TunnelSettings`` says how) and tracks it as a ``Tunnel``.
+(``detach_sockets``) and hands them back through its callback: http/switch.py then starts a
+pump (``TunnelSettings`` says how) and the connection tracks it as a ``Tunnel``.
 
 An upgrade (WebSocket) is an exchange like any other until the server answers ``101``. From
 then on both connections carry another protocol (WebSocket, h2c...) that zdlb does not parse:
